@@ -1,0 +1,91 @@
+"""One save = encode -> write -> commit; one load = read -> verify -> decode.
+
+These functions are the whole checkpoint API outside Lightning; the Lightning adapters call them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lightning_ckpt.format import Manifest, decode_state, device_from_map_location, encode_state
+from lightning_ckpt.format.manifest import FileEntry
+from lightning_ckpt.store import locate, read_verified, verify
+
+_VERSIONED_PACKAGES = ("lightning-ckpt", "torch", "safetensors", "lightning", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shaped a checkpoint, recorded in its manifest."""
+    versions = {}
+    for package in _VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_pickle: bool = False,
+                    run_id: str | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
+    """Save a state (e.g. a Lightning checkpoint dict) as a checkpoint directory, atomically.
+
+    Args:
+        state: nested dict of tensors, numpy arrays and plain values.
+        path: the checkpoint directory; an existing checkpoint there is replaced once the new one is whole.
+        allow_pickle: pickle values of unsupported types instead of refusing them.
+        run_id: the run lineage this checkpoint belongs to.
+        meta: small JSON facts to record in the manifest (metrics, the save's reason).
+
+    Returns:
+        The committed manifest.
+
+    Raises:
+        UnsupportedTypeError: a value cannot be stored without pickling.
+        StorageError: the write failed; nothing was committed.
+    """
+    files = encode_state(state, allow_pickle=allow_pickle)
+    manifest = Manifest(
+        files={name: FileEntry(size=blob.size, digest=blob.digest()) for name, blob in files.items()},
+        step=_int_or_none(state.get("global_step")), epoch=_int_or_none(state.get("epoch")), run_id=run_id,
+        versions=library_versions(), meta=dict(meta or {}),
+    )
+    store, name = locate(path)
+    store.write(name, files, manifest.to_bytes())
+    return manifest
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None,
+                    allow_pickle: bool = False) -> dict[str, Any]:
+    """Load a checkpoint directory, verifying every file first; nothing is unpickled by default.
+
+    Args:
+        path: the checkpoint directory (``name`` or Lightning's ``name.ckpt``).
+        map_location: a device (or its name) to put the tensors on; CPU otherwise.
+        allow_pickle: allow values that were pickled with ``allow_pickle=True`` at save time.
+
+    Raises:
+        NotACheckpointError: no committed checkpoint at ``path``.
+        IncompleteCheckpointError, CorruptCheckpointError: a file is missing, short or changed.
+        UnsafeCheckpointError: it holds pickled values and ``allow_pickle`` is False.
+    """
+    store, name = locate(path)
+    _, files = read_verified(store, name)
+    return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
+                        where=store.location(name))
+
+
+def verify_checkpoint(path: str | os.PathLike) -> Manifest:
+    """Check every file of a checkpoint against its manifest; returns the manifest if all match."""
+    store, name = locate(path)
+    return verify(store, name)
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None

@@ -1,0 +1,38 @@
+"""One exception tree for everything that can go wrong with a checkpoint.
+
+Every error names what happened, where (the checkpoint directory and file) and what to do.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error lightning-ckpt raises about a checkpoint."""
+
+
+class NotACheckpointError(CheckpointError, FileNotFoundError):
+    """The path is not a committed checkpoint (missing, or a directory without a manifest)."""
+
+
+class IncompleteCheckpointError(CheckpointError):
+    """A file the manifest lists is missing or shorter/longer than recorded (torn write, truncation)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A file's bytes changed after commit (checksum mismatch) or cannot be parsed."""
+
+
+class UnsupportedFormatError(CheckpointError):
+    """The manifest was written by a format version this library cannot read."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Loading would need unpickling, which is off unless ``allow_pickle=True`` is passed."""
+
+
+class UnsupportedTypeError(CheckpointError, TypeError):
+    """A value in the state cannot be stored without pickling it."""
+
+
+class StorageError(CheckpointError, OSError):
+    """The storage refused a write (disk full, permission denied, ...); nothing was committed."""

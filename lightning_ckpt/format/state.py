@@ -1,0 +1,191 @@
+"""A training state <-> the bytes of a checkpoint's files (no I/O here).
+
+Layout (documented in docs/FORMAT.md):
+
+- ``model.safetensors``: the tensors of ``state_dict``, keyed exactly as the state_dict is, so a
+  user can ship or load the weights alone with stock ``safetensors``.
+- ``optimizer.safetensors``: the tensors of ``optimizer_states``.
+- ``state.safetensors``: every other tensor (schedulers, loops, callbacks, numpy arrays).
+- ``state.json``: the rest of the state, type-exact, with references to the tensors.
+
+Tensors that are the same view of the same storage (tied weights) are stored once and come back as
+one tensor object, so the sharing survives; any other view is stored as its own values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from lightning_ckpt.errors import CorruptCheckpointError, UnsupportedTypeError
+from lightning_ckpt.format.blob import SUPPORTED_DTYPES, Blob, safetensors_blob
+from lightning_ckpt.format.codec import Decoder, Encoder, describe_path
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+EXTRA_TENSORS_FILE = "state.safetensors"
+STATE_FILE = "state.json"
+# The top-level key of the checkpoint dict whose tensors go to each file; the rest go to EXTRA.
+_FILE_FOR_TOP_KEY = {"state_dict": MODEL_FILE, "optimizer_states": OPTIMIZER_FILE}
+_REF_SEP = ":"  # a reference is "<file>:<tensor key>"; file names never hold a colon
+_META_ALIASES = "aliases"
+_K_SKELETON = "state"
+_K_PICKLED = "pickled"
+
+
+
+@dataclass
+class _TensorTable:
+    """Collects tensors into per-file tables, storing each distinct view once."""
+
+    files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    aliases: dict[str, dict[str, str]] = field(default_factory=dict)
+    _seen: dict[tuple, str] = field(default_factory=dict)
+
+    def add(self, path: tuple, tensor: torch.Tensor) -> str:
+        _check_storable(path, tensor)
+        file = _FILE_FOR_TOP_KEY.get(path[0], EXTRA_TENSORS_FILE) if path else EXTRA_TENSORS_FILE
+        table = self.files.setdefault(file, {})
+        key = _unique_key(table, _tensor_key(path, file))
+        identity = _view_identity(tensor)
+        if identity in self._seen:
+            first = self._seen[identity]
+            self.aliases.setdefault(file, {})[key] = first
+            return first
+        ref = f"{file}{_REF_SEP}{key}"
+        table[key] = _standalone(tensor)
+        self._seen[identity] = ref
+        return ref
+
+
+def _check_storable(path: tuple, tensor: torch.Tensor) -> None:
+    problem = None
+    if tensor.layout != torch.strided:
+        problem = f"a {tensor.layout} tensor"
+    elif tensor.is_meta:
+        problem = "a meta tensor (no data)"
+    elif tensor.dtype not in SUPPORTED_DTYPES:
+        problem = f"of dtype {tensor.dtype}, which safetensors cannot store"
+    elif type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        problem = f"a tensor subclass ({type(tensor).__qualname__})"
+    if problem:
+        raise UnsupportedTypeError(f"{describe_path(path)} is {problem}; convert it to a dense tensor of a "
+                                   "standard dtype in on_save_checkpoint, or leave it out of the checkpoint")
+
+
+def _tensor_key(path: tuple, file: str) -> str:
+    if file == MODEL_FILE and len(path) == 2:  # state_dict keys stay as they are, for loading weights alone
+        return str(path[1])
+    return ".".join(str(part) for part in path)
+
+
+def _unique_key(table: Mapping[str, Any], key: str) -> str:
+    candidate, n = key, 1
+    while candidate in table:
+        n += 1
+        candidate = f"{key}#{n}"
+    return candidate
+
+
+def _view_identity(tensor: torch.Tensor) -> tuple:
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tensor.stride(), tensor.dtype)
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with the same values (the writer reads its memory as it is)."""
+    return tensor.detach().to("cpu").contiguous()
+
+
+def encode_state(state: Mapping[str, Any], *, allow_pickle: bool = False) -> dict[str, Blob]:
+    """Turn a checkpoint dict into the bytes of its files (manifest excluded).
+
+    Args:
+        state: the nested checkpoint dict (a Lightning checkpoint, or any state).
+        allow_pickle: pickle leaves of unsupported types instead of refusing them.
+
+    Returns:
+        File name -> its bytes, for every file of the checkpoint but the manifest. The safetensors
+        blobs point into the tensors' memory (CPU tensors are not copied): write them before the
+        tensors change.
+
+    Raises:
+        UnsupportedTypeError: a leaf cannot be stored without pickling (the message names its key path).
+    """
+    table = _TensorTable()
+    encoder = Encoder(sink=table.add, allow_pickle=allow_pickle)
+    skeleton = encoder.encode(dict(state) if type(state) is not dict else state)
+    doc = {_K_SKELETON: skeleton, _K_PICKLED: encoder.pickled_paths}
+    files = {STATE_FILE: Blob([json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()])}
+    for name, tensors in table.files.items():
+        files[name] = safetensors_blob(tensors, {_META_ALIASES: json.dumps(table.aliases.get(name, {}))})
+    return files
+
+
+def decode_state(files: Mapping[str, bytes], *, allow_pickle: bool = False,
+                 device: torch.device | str | None = None, where: str = "") -> dict[str, Any]:
+    """Rebuild a checkpoint dict from the bytes of its files; the inverse of :func:`encode_state`.
+
+    Args:
+        files: file name -> bytes (verified against the manifest by the caller).
+        allow_pickle: unpickle leaves saved with ``allow_pickle=True``.
+        device: where to put the tensors (CPU when None).
+        where: the checkpoint location, for error messages.
+
+    Raises:
+        CorruptCheckpointError: a file cannot be parsed or a reference points nowhere.
+        UnsafeCheckpointError: the state holds pickled leaves and ``allow_pickle`` is False.
+    """
+    try:
+        doc = json.loads(files[STATE_FILE])
+        skeleton = doc[_K_SKELETON]
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{where}/{STATE_FILE}: unreadable ({err!r})") from err
+    source = _TensorSource(files, device, where)
+    return Decoder(source=source, allow_pickle=allow_pickle, where=f"{where}/{STATE_FILE}").decode(skeleton)
+
+
+@dataclass
+class _TensorSource:
+    """Loads each safetensors file once, on first use, and hands out one object per reference."""
+
+    files: Mapping[str, bytes]
+    device: torch.device | str | None
+    where: str
+    _tables: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def __call__(self, ref: str) -> torch.Tensor:
+        if not isinstance(ref, str) or _REF_SEP not in ref:
+            raise CorruptCheckpointError(f"{self.where}/{STATE_FILE}: bad tensor reference {ref!r}")
+        file, _, key = ref.partition(_REF_SEP)
+        table = self._tables.get(file)
+        if table is None:
+            table = self._tables[file] = self._load(file)
+        if key not in table:
+            raise CorruptCheckpointError(f"{self.where}/{file}: tensor {key!r} is missing (referenced by state.json)")
+        return table[key]
+
+    def _load(self, file: str) -> dict[str, torch.Tensor]:
+        if file not in self.files:
+            raise CorruptCheckpointError(f"{self.where}/{STATE_FILE}: references {file}, which is not in the manifest")
+        try:
+            tensors = safetensors.torch.load(self.files[file])
+        except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
+            raise CorruptCheckpointError(f"{self.where}/{file}: not a valid safetensors file ({err})") from err
+        if self.device is not None and torch.device(self.device).type != "cpu":
+            tensors = {k: t.to(self.device) for k, t in tensors.items()}
+        return tensors
+
+
+def device_from_map_location(map_location: Any) -> torch.device | None:
+    """The device Lightning's ``map_location`` asks for, or None (CPU) for callables and dicts."""
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    return None
+

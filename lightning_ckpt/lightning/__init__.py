@@ -1,0 +1,1 @@
+"""Thin adapters between Lightning and the engine: the CheckpointIO plugin and the callbacks."""

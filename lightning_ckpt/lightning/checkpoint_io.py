@@ -1,0 +1,50 @@
+"""The CheckpointIO plugin: every checkpoint the Trainer writes becomes a safetensors checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.fabric.plugins import CheckpointIO
+
+from lightning_ckpt import engine
+from lightning_ckpt.store import locate
+
+_OPTION_KEYS = frozenset({"run_id", "meta"})
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Save and load Lightning checkpoints as safetensors + JSON directories, committed atomically.
+
+    Works with ``ModelCheckpoint``, ``trainer.save_checkpoint`` and ``ckpt_path=...``. The directory
+    keeps the name Lightning asks for (``epoch=0-step=50.ckpt/``), so ``ModelCheckpoint``'s
+    ``last``, top-k deletion and version counter work unchanged; ``ckpt_path`` accepts the name
+    with or without ``.ckpt``.
+
+    Args:
+        allow_pickle: pickle values that have no safe representation (and allow unpickling them on
+            load). Off by default: nothing is ever pickled or unpickled.
+    """
+
+    def __init__(self, *, allow_pickle: bool = False) -> None:
+        self.allow_pickle = allow_pickle
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Mapping[str, Any] | None = None) -> None:
+        """Commit ``checkpoint`` at ``path``. ``storage_options`` may carry ``run_id`` and ``meta``."""
+        options = dict(storage_options or {})
+        if not set(options) <= _OPTION_KEYS:
+            raise TypeError(f"{type(self).__name__} takes storage_options keys {sorted(_OPTION_KEYS)}, "
+                            f"got {sorted(options)}")
+        engine.save_checkpoint(checkpoint, path, allow_pickle=self.allow_pickle, **options)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Load and verify the checkpoint at ``path``; ``weights_only`` is moot, nothing is unpickled."""
+        return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle)
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        """Delete the checkpoint at ``path`` (it disappears from listings at once)."""
+        store, name = locate(path)
+        store.delete(name)

@@ -1,0 +1,94 @@
+"""Finding, verifying and reading committed checkpoints in a store."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightning_ckpt.errors import CheckpointError, NotACheckpointError
+from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest
+from lightning_ckpt.store.local import LocalStore
+
+LIGHTNING_SUFFIX = ".ckpt"
+
+
+def locate(path: str | os.PathLike) -> tuple[LocalStore, str]:
+    """Split a checkpoint path into its store (the parent directory) and its name.
+
+    A Lightning-style ``name.ckpt`` and the bare ``name`` both find a checkpoint saved under either.
+
+    Raises:
+        NotImplementedError: a remote URL (remote stores come with the tiered-storage work).
+    """
+    text = os.fspath(path)
+    if "://" in text and not text.startswith("file://"):
+        raise NotImplementedError(f"{text}: remote checkpoint locations are not supported yet; use a local path")
+    p = Path(text.removeprefix("file://")).expanduser()
+    if not p.exists():
+        alternative = p.with_name(p.name.removesuffix(LIGHTNING_SUFFIX)) if p.suffix == LIGHTNING_SUFFIX else (
+            p.with_name(p.name + LIGHTNING_SUFFIX))
+        p = alternative if alternative.exists() else p
+    return LocalStore(p.parent), p.name
+
+
+def read_manifest(store: LocalStore, name: str) -> Manifest:
+    """The manifest of a committed checkpoint.
+
+    Raises:
+        NotACheckpointError: no manifest (never committed, or not a checkpoint at all).
+        CorruptCheckpointError, UnsupportedFormatError: the manifest is damaged or too new.
+    """
+    where = store.location(name)
+    data = store.read(name, MANIFEST_FILE)
+    if data is None:
+        if Path(where).is_file():
+            raise NotACheckpointError(f"{where}: a file, not a lightning-ckpt checkpoint directory; to read a "
+                                      "Lightning .ckpt use torch.load(..., weights_only=True) or convert it")
+        raise missing_manifest(where)
+    return Manifest.from_bytes(data, where)
+
+
+def read_verified(store: LocalStore, name: str) -> tuple[Manifest, dict[str, bytes]]:
+    """Read every file of a checkpoint, checking each against the manifest (one read per file).
+
+    Raises:
+        CheckpointError: a subclass naming the first file that is missing, short or changed.
+    """
+    manifest = read_manifest(store, name)
+    where = store.location(name)
+    files = {}
+    for file in manifest.files:
+        data = store.read(name, file)
+        manifest.check_file(file, data, where)
+        files[file] = data
+    return manifest, files
+
+
+def verify(store: LocalStore, name: str) -> Manifest:
+    """Check a checkpoint's files against its manifest; returns the manifest when all match."""
+    return read_verified(store, name)[0]
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A committed checkpoint as listing finds it: its manifest, or why it cannot be used."""
+
+    name: str
+    manifest: Manifest | None
+    error: CheckpointError | None = None
+
+
+def list_checkpoints(store: LocalStore, *, check: bool = False) -> list[Listed]:
+    """Every committed checkpoint in the store, sorted by step (then name).
+
+    Args:
+        check: verify every file's checksum, not only read the manifest.
+    """
+    listed = []
+    for name in store.names():
+        try:
+            listed.append(Listed(name, verify(store, name) if check else read_manifest(store, name)))
+        except CheckpointError as err:
+            listed.append(Listed(name, None, err))
+    return sorted(listed, key=lambda x: (x.manifest.step if x.manifest and x.manifest.step is not None else -1, x.name))

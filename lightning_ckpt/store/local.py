@@ -1,0 +1,168 @@
+"""Checkpoints in a local directory, committed atomically.
+
+A save writes every file into a hidden temporary sibling, fsyncs each file, writes the manifest
+last, fsyncs the directory, renames it into place and fsyncs the parent. A crash at any moment
+leaves either the old state or the new one; hidden leftovers are never listed as checkpoints and
+are removed by :meth:`LocalStore.clean_leftovers`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lightning_ckpt.errors import StorageError
+from lightning_ckpt.format.blob import Blob, Buffer
+from lightning_ckpt.format.manifest import MANIFEST_FILE
+
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+class LocalStore:
+    """A directory of checkpoints, one subdirectory each.
+
+    Args:
+        root: the directory; created on the first save.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def location(self, name: str) -> str:
+        """Where checkpoint ``name`` lives, for messages and for users."""
+        return str(self.root / name)
+
+    def write(self, name: str, files: Mapping[str, Blob], manifest: bytes) -> None:
+        """Commit a checkpoint atomically, replacing one of the same name only once the new one is whole.
+
+        Raises:
+            StorageError: a write failed (disk full, permissions); nothing is left behind.
+        """
+        self._check_free_space(name, sum(blob.size for blob in files.values()) + len(manifest))
+        tmp = self.root / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+            for file, blob in files.items():
+                _write_synced(tmp / file, blob.chunks)
+            # The manifest is written last: a directory without one is a save that never finished.
+            _write_synced(tmp / MANIFEST_FILE, [manifest])
+            _fsync_dir(tmp)
+            self._move_into_place(tmp, self.root / name)
+            _fsync_dir(self.root)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StorageError(err.errno, f"{self.location(name)}: save failed, nothing was committed ({err}); "
+                               "older checkpoints are untouched") from err
+
+    def _check_free_space(self, name: str, needed: int) -> None:
+        probe = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if probe is None:
+            return
+        free = shutil.disk_usage(probe).free
+        if free < needed:
+            raise StorageError(errno.ENOSPC, f"{self.location(name)}: the checkpoint needs {needed} bytes but only "
+                               f"{free} are free on {probe}; free space or lower keep_last/top_k")
+
+    def _move_into_place(self, tmp: Path, target: Path) -> None:
+        if not target.exists():
+            os.rename(tmp, target)
+            return
+        if _exchange(tmp, target):  # the old checkpoint now sits at tmp
+            _remove(tmp)
+            return
+        # No atomic exchange on this filesystem: park the old one where clean_leftovers restores it.
+        trash = self.root / f"{TRASH_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}"
+        os.rename(target, trash)
+        os.rename(tmp, target)
+        _remove(trash)
+
+    def read(self, name: str, file: str) -> bytes | None:
+        """The bytes of one file of a checkpoint, or None when it does not exist."""
+        try:
+            return (self.root / name / file).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def names(self) -> list[str]:
+        """Names of the committed checkpoints (those with a manifest), sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
+
+    def delete(self, name: str) -> None:
+        """Remove a checkpoint; it stops being listed at once, even if the removal is cut short."""
+        target = self.root / name
+        if not target.exists():
+            return
+        trash = self.root / f"{TRASH_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
+        os.rename(target, trash)
+        _fsync_dir(self.root)
+        _remove(trash)
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove what interrupted saves and deletions left; restore a parked checkpoint whose
+        replacement never landed. Returns the names removed."""
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for p in sorted(self.root.iterdir()):
+            if not p.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                continue
+            original = p.name.removeprefix(TRASH_PREFIX).rsplit(".", 1)[0]
+            if p.name.startswith(TRASH_PREFIX) and (p / MANIFEST_FILE).is_file() and not (self.root / original).exists():
+                os.rename(p, self.root / original)
+                continue
+            _remove(p)
+            removed.append(p.name)
+        return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _write_synced(path: Path, chunks: Sequence[Buffer]) -> None:
+    with open(path, "wb", buffering=0) as f:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:  # a raw write may take fewer bytes than asked
+                view = view[f.write(view):]
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically with Linux's renameat2(RENAME_EXCHANGE).
+
+    Hand-written because neither the standard library nor a maintained package exposes it; returns
+    False where the call or the flag is unavailable, and the caller falls back to two renames.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
