@@ -3,6 +3,7 @@
 from lightning_ckpt.engine import load_checkpoint, save_checkpoint, verify_checkpoint
 from lightning_ckpt.errors import (
     CheckpointError,
+    CheckpointWarning,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     NotACheckpointError,
@@ -12,11 +13,13 @@ from lightning_ckpt.errors import (
     UnsupportedTypeError,
 )
 from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
+from lightning_ckpt.lightning.checkpointer import Checkpointer
+from lightning_ckpt.manager import best_checkpoint, latest_checkpoint
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "CheckpointError", "CorruptCheckpointError", "IncompleteCheckpointError", "NotACheckpointError",
+    "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError", "NotACheckpointError",
     "SafetensorsCheckpointIO", "StorageError", "UnsafeCheckpointError", "UnsupportedFormatError",
-    "UnsupportedTypeError", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
+    "UnsupportedTypeError", "best_checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
 ]

@@ -36,3 +36,8 @@ class UnsupportedTypeError(CheckpointError, TypeError):
 
 class StorageError(CheckpointError, OSError):
     """The storage refused a write (disk full, permission denied, ...); nothing was committed."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something was skipped or could not be honoured, and training goes on (a damaged checkpoint
+    passed over by ``ckpt_path="last"``, a disk budget the protected checkpoints exceed, ...)."""

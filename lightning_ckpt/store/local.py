@@ -54,9 +54,9 @@ class LocalStore:
                 _write_synced(tmp / file, blob.chunks)
             # The manifest is written last: a directory without one is a save that never finished.
             _write_synced(tmp / MANIFEST_FILE, [manifest])
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             self._move_into_place(tmp, self.root / name)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StorageError(err.errno, f"{self.location(name)}: save failed, nothing was committed ({err}); "
@@ -105,7 +105,7 @@ class LocalStore:
             return
         trash = self.root / f"{TRASH_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
         os.rename(target, trash)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         _remove(trash)
 
     def clean_leftovers(self) -> list[str]:
@@ -142,7 +142,8 @@ def _write_synced(path: Path, chunks: Sequence[Buffer]) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename or a new entry in it survives a power cut."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)

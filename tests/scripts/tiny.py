@@ -73,3 +73,24 @@ def every_type_hparams() -> dict:
         pure=pathlib.PurePosixPath("a/b"), color=Color.BLUE, arr=np.arange(6, dtype=np.int16).reshape(2, 3),
         npf=np.float64(2.5), blob=b"\x00\x01", tags={"x"}, device=torch.device("cpu"),
     )
+
+
+class TinyDataModule(L.LightningDataModule):
+    """Train and validation loaders of ``tiny_loader``, for LightningCLI."""
+
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return tiny_loader(batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return tiny_loader(batch_size=self.batch_size, seed=1)
+
+
+class CliModel(TinyModel):
+    """TinyModel with a plain signature, as LightningCLI wants."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__(lr=lr)

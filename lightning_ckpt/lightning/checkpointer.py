@@ -1,0 +1,280 @@
+"""The Checkpointer callback: when to save (policy.triggers), what to keep (manager + policy.retention)."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
+from lightning_ckpt.manager import CheckpointManager, best_entry, latest_checkpoint, new_run_id
+from lightning_ckpt.policy import RetentionConfig, SaveSchedule
+from lightning_ckpt.store import LocalStore
+from lightning_ckpt.store.ledger import COMMITTED, META_METRICS, META_REASON, Entry, Ledger, clean_metrics
+
+TRAIN_END = "train_end"
+_K_RUN_ID = "run_id"
+
+
+class Checkpointer(ModelCheckpoint):
+    """Save every N steps / epochs / seconds, keep the K newest + top-K + milestones, resume exactly.
+
+    A drop-in for ``ModelCheckpoint``: ``trainer.fit(ckpt_path="last")`` resumes from the newest
+    checkpoint that verifies (passing over damaged ones with a warning) and
+    ``trainer.test(ckpt_path="best")`` loads the best by ``monitor``, in a fresh process too.
+    Checkpoints are directories named ``step=000001200`` (sorting by step), written with
+    ``SafetensorsCheckpointIO`` (installed if the Trainer has the default CheckpointIO); every
+    save is recorded in ``dirpath/ledger.json``.
+
+    Args:
+        dirpath: where checkpoints go; default ``<default_root_dir>/checkpoints``.
+        every_n_steps: save every N optimizer steps (``trainer.global_step``).
+        every_n_epochs: save at the end of every N-th training epoch.
+        every_seconds: save when this much wall-clock time passed since the last save.
+        at_steps: also save at these optimizer steps. Triggers combine as a union; with no trigger
+            and no ``monitor``, a checkpoint is saved every epoch.
+        keep_last: keep the N newest checkpoints (None: no recency rule). The newest checkpoint is
+            always kept, and a save never deletes anything before it is committed.
+        monitor: a logged metric; saves at each validation end and ranks checkpoints for ``top_k``.
+        mode: ``"min"`` or ``"max"``: which ``monitor`` values are better.
+        top_k: keep the K best by ``monitor`` (default 1 with a monitor, else 0).
+        keep_every_n_steps: keep checkpoints at multiples of this step forever (milestones).
+        max_total_bytes: disk budget: delete the oldest unprotected checkpoints beyond it.
+        save_on_train_end: save the final state when training ends (unless that step is saved).
+        exact_resume: add :class:`~lightning_ckpt.ExactResume` (RNG, data position, metrics) if
+            the Trainer does not have it already.
+    """
+
+    clock = staticmethod(time.monotonic)  # a seam: tests set an instance attribute instead of sleeping
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        every_seconds: float | None = None,
+        at_steps: Sequence[int] = (),
+        keep_last: int | None = 2,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        top_k: int | None = None,
+        keep_every_n_steps: int | None = None,
+        max_total_bytes: int | None = None,
+        save_on_train_end: bool = True,
+        exact_resume: bool = True,
+    ) -> None:
+        # ModelCheckpoint.__init__ is deliberately not called: we subclass it only so that Lightning
+        # treats this callback as one (ckpt_path="last" asks ModelCheckpoint instances, loggers read
+        # best_model_path); every hook and attribute Lightning uses is defined here.
+        if every_n_steps is every_n_epochs is every_seconds is monitor is None and not at_steps:
+            every_n_epochs = 1
+        self._schedule = SaveSchedule(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
+                                      every_seconds=every_seconds, at_steps=tuple(at_steps))
+        top_k = (1 if monitor else 0) if top_k is None else top_k
+        self._retention = RetentionConfig(keep_last=keep_last, top_k=top_k, monitor=monitor, mode=mode,
+                                          keep_every_n_steps=keep_every_n_steps, max_total_bytes=max_total_bytes)
+        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self.monitor, self.mode, self.save_top_k = monitor, mode, top_k
+        self.save_on_train_end, self.exact_resume = save_on_train_end, exact_resume
+        self._manager: CheckpointManager | None = None
+        self._best_override: str | None = None
+        self._last_saved_step: int | None = None
+        self._last_save_time: float | None = None
+        self._start_time = 0.0
+        self._last_step_seen: int | None = None
+        self._warned_monitor = False
+        self._validated_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.dirpath = self._resolve_dirpath(trainer)
+        self._manager = CheckpointManager(self.dirpath, self._retention, run_id=new_run_id())
+        if trainer.is_global_zero:
+            self._manager.store.clean_leftovers()
+        self._manager.refresh()
+        _ensure_safetensors_io(trainer)
+        if self.exact_resume and stage == "fit":
+            _ensure_exact_resume(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_time, self._last_step_seen = self.clock(), trainer.global_step
+        if trainer.ckpt_path is not None:  # resumed: the step we start from is saved already
+            self._last_saved_step = trainer.global_step
+        foreign = self._manager.foreign_runs()
+        if foreign and trainer.is_global_zero:
+            warnings.warn(f"{self.dirpath} holds checkpoints of other runs ({', '.join(sorted(foreign))}); this run "
+                          f"({self._manager.run_id}) keeps to its own and never deletes theirs", CheckpointWarning,
+                          stacklevel=2)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        stepped, self._last_step_seen = step != self._last_step_seen, step  # no save mid-accumulation
+        reason = self._schedule.on_step(step, now=self.clock(), start_time=self._start_time,
+                                        last_saved_step=self._last_saved_step, last_save_time=self._last_save_time)
+        if stepped and reason:
+            self._save(trainer, reason)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reason = self._schedule.on_epoch_end(trainer.current_epoch, trainer.global_step,
+                                             last_saved_step=self._last_saved_step)
+        if reason:
+            self._save(trainer, reason)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._warn_if_monitor_missing(trainer)
+        self._validated_step = trainer.global_step
+        reason = self._schedule.on_validation_end(trainer.global_step, last_saved_step=self._last_saved_step,
+                                                  monitor_set=self.monitor is not None)
+        if reason:
+            self._save(trainer, reason)
+        elif trainer.is_global_zero and self._manager.add_metrics(trainer.global_step, trainer.callback_metrics):
+            self._manager.prune()  # a later metric can change the top-k
+            self._manager.commit_ledger()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_on_train_end and trainer.global_step != self._last_saved_step and trainer.global_step > 0:
+            self._save(trainer, TRAIN_END)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Nothing to do: what was committed is safe, and a torn save is never listed."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {_K_RUN_ID: self._manager.run_id if self._manager else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run inherits the lineage of the checkpoint it resumes from."""
+        if self._manager is not None and state_dict.get(_K_RUN_ID):
+            self._manager.run_id = state_dict[_K_RUN_ID]
+
+    # -- what Lightning asks of a ModelCheckpoint -----------------------------------------------
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        path = latest_checkpoint(self._resolve_dirpath(trainer))
+        return {path} if path else set()
+
+    @property
+    def best_model_path(self) -> str:
+        if self._best_override is not None:
+            return self._best_override
+        entry = self._best_entry()
+        return self._manager_or_store().location(entry.name) if entry else ""
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:  # Lightning's spawn launchers copy it back from workers
+        self._best_override = value
+
+    @property
+    def best_model_score(self) -> torch.Tensor | None:
+        entry = self._best_entry()
+        value = entry.metrics.get(self.monitor) if entry and self.monitor else None
+        return torch.tensor(value) if value is not None else None
+
+    @property
+    def last_model_path(self) -> str:
+        entries = self._entries()
+        own = [e for e in entries if e.status == COMMITTED and (self._manager is None or e.run_id == self._manager.run_id)]
+        return self._manager_or_store().location(own[-1].name) if own else ""
+
+    @property
+    def current_score(self) -> torch.Tensor | None:
+        entries = [e for e in self._entries() if e.status == COMMITTED]
+        value = entries[-1].metrics.get(self.monitor) if entries and self.monitor else None
+        return torch.tensor(value) if value is not None else None
+
+    @property
+    def best_k_models(self) -> dict[str, torch.Tensor]:
+        if not self.monitor:
+            return {}
+        kept = [e for e in self._entries() if e.status == COMMITTED and e.metrics.get(self.monitor) is not None]
+        kept.sort(key=lambda e: e.metrics[self.monitor], reverse=self.mode == "max")
+        store = self._manager_or_store()
+        return {store.location(e.name): torch.tensor(e.metrics[self.monitor]) for e in kept[: self.save_top_k]}
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _save(self, trainer: L.Trainer, reason: str) -> None:
+        manager = self._manager
+        name = manager.name_for(trainer.global_step)
+        meta = {META_REASON: reason, META_METRICS: clean_metrics(self._fresh_metrics(trainer))}
+        trainer.save_checkpoint(manager.path(name), weights_only=False,
+                                storage_options={"run_id": manager.run_id, "meta": meta})
+        self._last_saved_step, self._last_save_time = trainer.global_step, self.clock()
+        if trainer.is_global_zero:
+            manager.record_save(name)
+            manager.prune()
+            manager.commit_ledger()
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(self)
+
+    def _fresh_metrics(self, trainer: L.Trainer) -> dict[str, Any]:
+        """The logged metrics, less a monitored value from an earlier validation: it would rank this
+        checkpoint by another step's score. A validation at this step attaches the value later."""
+        metrics = dict(trainer.callback_metrics)
+        if self.monitor and self._validated_step != trainer.global_step:
+            metrics.pop(self.monitor, None)
+        return metrics
+
+    def _resolve_dirpath(self, trainer: L.Trainer) -> str:
+        return self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def _manager_or_store(self) -> LocalStore:
+        return self._manager.store if self._manager else LocalStore(self.dirpath or ".")
+
+    def _entries(self) -> list[Entry]:
+        """This process's view of the ledger; before setup (ckpt_path="best" in a fresh process), the file's."""
+        if self._manager is not None:
+            return self._manager.entries
+        return Ledger(LocalStore(self.dirpath)).load() if self.dirpath and Path(self.dirpath).is_dir() else []
+
+    def _best_entry(self) -> Entry | None:
+        entries = self._entries()
+        if not self.monitor:
+            committed = [e for e in entries if e.status == COMMITTED]
+            return committed[-1] if committed else None
+        return best_entry(entries, self._manager_or_store(), self.monitor, self.mode)
+
+    def _warn_if_monitor_missing(self, trainer: L.Trainer) -> None:
+        if self.monitor and self.monitor not in trainer.callback_metrics and not self._warned_monitor:
+            self._warned_monitor = True
+            logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
+            warnings.warn(f"Checkpointer(monitor={self.monitor!r}): that metric was not logged by this validation "
+                          f"(logged: {logged}); checkpoints cannot be ranked by it. Log it with self.log("
+                          f"{self.monitor!r}, ...) or fix monitor=", CheckpointWarning, stacklevel=2)
+
+
+def _ensure_safetensors_io(trainer: L.Trainer) -> None:
+    io = trainer.strategy.checkpoint_io
+    if isinstance(io, SafetensorsCheckpointIO):
+        return
+    if type(io) is not TorchCheckpointIO:
+        raise ValueError(f"Checkpointer writes with SafetensorsCheckpointIO, but the Trainer has {type(io).__name__}; "
+                         "pass plugins=[SafetensorsCheckpointIO()] to the Trainer")
+    trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
+    rank_zero_info("Checkpointer: using SafetensorsCheckpointIO for this Trainer's checkpoints")
+
+
+def _ensure_exact_resume(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    from lightning_ckpt.lightning.exact_resume import ExactResume
+
+    if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
+        callback = ExactResume()
+        trainer.callbacks.append(callback)
+        callback.setup(trainer, pl_module, stage)  # its own setup hook has already been called for the others

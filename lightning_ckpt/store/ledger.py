@@ -1,0 +1,112 @@
+"""The ledger: one JSON file per checkpoint directory recording every checkpoint ever saved there.
+
+It is a cache, not the truth: the checkpoints' own manifests are. Loading it reconciles the two,
+so a missing or damaged ledger is rebuilt and a checkpoint deleted by hand is marked so. It also
+holds what no manifest can: metrics logged after a save (a validation that ran after a step-based
+save still ranks that checkpoint) and why a checkpoint was deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lightning_ckpt.store.committed import list_checkpoints
+from lightning_ckpt.store.local import TMP_PREFIX, LocalStore, fsync_dir
+
+LEDGER_FILE = "ledger.json"
+LEDGER_VERSION = 1
+COMMITTED = "committed"
+DELETED = "deleted"
+META_METRICS = "metrics"
+META_REASON = "reason"
+_K_VERSION = "ledger_version"
+_K_ENTRIES = "checkpoints"
+
+
+def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """Scalar metrics as JSON-safe floats; NaN and inf become None (they never rank)."""
+    out: dict[str, float | None] = {}
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):  # a non-scalar tensor or a string
+            continue
+        out[str(key)] = number if math.isfinite(number) else None
+    return out
+
+
+@dataclass(kw_only=True)
+class Entry:
+    """One checkpoint as the ledger records it."""
+
+    name: str
+    step: int
+    epoch: int | None = None
+    wall_time: float = 0.0
+    run_id: str | None = None
+    reason: str = ""
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    size: int = 0
+    status: str = COMMITTED
+    deleted_reason: str | None = None
+
+
+class Ledger:
+    """Reads, reconciles and atomically rewrites ``ledger.json`` in a store's root.
+
+    Args:
+        store: the checkpoint directory.
+    """
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+        self.path = Path(store.root) / LEDGER_FILE
+
+    def load(self) -> list[Entry]:
+        """The entries, reconciled with the committed checkpoints on disk (rebuilt if unreadable)."""
+        entries = {e.name: e for e in self._read()}
+        on_disk = {x.name: x for x in list_checkpoints(self.store) if x.manifest is not None}
+        for name, entry in entries.items():
+            if entry.status == COMMITTED and name not in on_disk:
+                entries[name] = replace(entry, status=DELETED, deleted_reason="missing on disk")
+        for name, listed in on_disk.items():
+            if name not in entries or entries[name].status != COMMITTED:
+                m = listed.manifest
+                entries[name] = Entry(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created,
+                                      run_id=m.run_id, reason=str(m.meta.get(META_REASON, "")),
+                                      metrics=clean_metrics(m.meta.get(META_METRICS) or {}), size=m.total_bytes)
+        return sorted(entries.values(), key=lambda e: (e.step, e.wall_time, e.name))
+
+    def _read(self) -> list[Entry]:
+        try:
+            doc = json.loads(self.path.read_bytes())
+            if doc.get(_K_VERSION) != LEDGER_VERSION:
+                raise ValueError(f"ledger version {doc.get(_K_VERSION)!r}")
+            return [Entry(**e) for e in doc[_K_ENTRIES]]
+        except FileNotFoundError:
+            return []
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            warnings.warn(f"{self.path}: damaged ledger ({err!r}); rebuilding it from the checkpoints' manifests "
+                          "(metrics logged after a save are lost)", stacklevel=3)
+            return []
+
+    def save(self, entries: list[Entry]) -> None:
+        """Rewrite the ledger atomically (temporary file, fsync, rename, fsync of the directory)."""
+        doc = {_K_VERSION: LEDGER_VERSION, "updated": time.time(), _K_ENTRIES: [asdict(e) for e in entries]}
+        tmp = self.path.with_name(f"{TMP_PREFIX}{LEDGER_FILE}.{uuid.uuid4().hex[:8]}")  # cleaned like any leftover
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
