@@ -38,6 +38,10 @@ class StorageError(CheckpointError, OSError):
     """The storage refused a write (disk full, permission denied, ...); nothing was committed."""
 
 
+class DirectoryInUseError(CheckpointError):
+    """Another live run is writing checkpoints to the same directory."""
+
+
 class CheckpointWarning(UserWarning):
     """Something was skipped or could not be honoured, and training goes on (a damaged checkpoint
     passed over by ``ckpt_path="last"``, a disk budget the protected checkpoints exceed, ...)."""

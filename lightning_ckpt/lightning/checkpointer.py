@@ -15,14 +15,17 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.errors import CheckpointWarning, StorageError
 from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
+from lightning_ckpt.lightning.preemption import SignalFlag, defer_lightning_sigterm
 from lightning_ckpt.manager import CheckpointManager, best_entry, latest_checkpoint, new_run_id
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store import LocalStore
+from lightning_ckpt.store.local import DirectoryLock
 from lightning_ckpt.store.ledger import COMMITTED, META_METRICS, META_REASON, Entry, Ledger, clean_metrics
 
 TRAIN_END = "train_end"
+PREEMPTED = "preempted"
 _K_RUN_ID = "run_id"
 
 
@@ -53,6 +56,12 @@ class Checkpointer(ModelCheckpoint):
         save_on_train_end: save the final state when training ends (unless that step is saved).
         exact_resume: add :class:`~lightning_ckpt.ExactResume` (RNG, data position, metrics) if
             the Trainer does not have it already.
+        on_save_error: ``"raise"`` stops training when a save fails (disk full, ...); ``"warn"``
+            warns and trains on. Either way nothing partial is left and nothing older is deleted.
+        preemption_signals: on these signals, save at the next optimizer-step boundary, wait for the
+            commit and stop training cleanly (add ``"SIGUSR1"`` for SLURM's ``--signal``).
+        preemption_exit_code: after a preemption save, exit the process with this code once the
+            Trainer has torn down; None lets ``trainer.fit`` return instead.
     """
 
     clock = staticmethod(time.monotonic)  # a seam: tests set an instance attribute instead of sleeping
@@ -73,6 +82,9 @@ class Checkpointer(ModelCheckpoint):
         max_total_bytes: int | None = None,
         save_on_train_end: bool = True,
         exact_resume: bool = True,
+        on_save_error: Literal["raise", "warn"] = "raise",
+        preemption_signals: Sequence[str] = ("SIGTERM",),
+        preemption_exit_code: int | None = 0,
     ) -> None:
         # ModelCheckpoint.__init__ is deliberately not called: we subclass it only so that Lightning
         # treats this callback as one (ckpt_path="last" asks ModelCheckpoint instances, loggers read
@@ -87,6 +99,11 @@ class Checkpointer(ModelCheckpoint):
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
         self.monitor, self.mode, self.save_top_k = monitor, mode, top_k
         self.save_on_train_end, self.exact_resume = save_on_train_end, exact_resume
+        if on_save_error not in ("raise", "warn"):
+            raise ValueError(f"on_save_error={on_save_error!r}; use 'raise' (stop training) or 'warn' (train on)")
+        self.on_save_error, self.preemption_exit_code = on_save_error, preemption_exit_code
+        self._preemption = SignalFlag(preemption_signals)
+        self._lock: DirectoryLock | None = None
         self._manager: CheckpointManager | None = None
         self._best_override: str | None = None
         self._last_saved_step: int | None = None
@@ -105,11 +122,16 @@ class Checkpointer(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self._resolve_dirpath(trainer)
         self._manager = CheckpointManager(self.dirpath, self._retention, run_id=new_run_id())
+        _ensure_safetensors_io(trainer)
+        if stage != "fit":
+            self._manager.refresh()
+            return
         if trainer.is_global_zero:
+            self._lock = self._manager.store.lock()
             self._manager.store.clean_leftovers()
         self._manager.refresh()
-        _ensure_safetensors_io(trainer)
-        if self.exact_resume and stage == "fit":
+        self._preemption.install()
+        if self.exact_resume:
             _ensure_exact_resume(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -129,6 +151,12 @@ class Checkpointer(ModelCheckpoint):
                                         last_saved_step=self._last_saved_step, last_save_time=self._last_save_time)
         if stepped and reason:
             self._save(trainer, reason)
+        if self._preemption.received:
+            defer_lightning_sigterm(trainer)
+            if stepped:  # a step boundary: the state resumes exactly from here
+                if step != self._last_saved_step:
+                    self._save(trainer, PREEMPTED)
+                trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reason = self._schedule.on_epoch_end(trainer.current_epoch, trainer.global_step,
@@ -150,11 +178,26 @@ class Checkpointer(ModelCheckpoint):
             self._manager.commit_ledger()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.save_on_train_end and trainer.global_step != self._last_saved_step and trainer.global_step > 0:
+        preempted = self._preemption.received
+        if self.save_on_train_end and not preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, TRAIN_END)
+        if preempted and self.preemption_exit_code is not None:
+            self._release()
+            rank_zero_info(f"Checkpointer: stopped on {preempted.name} after saving step {self._last_saved_step}")
+            raise SystemExit(self.preemption_exit_code)  # Lightning tears down, then the process exits
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._release()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Nothing to do: what was committed is safe, and a torn save is never listed."""
+        """Only let go: what was committed is safe, and a torn save is never listed."""
+        self._release()
+
+    def _release(self) -> None:
+        self._preemption.restore()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def state_dict(self) -> dict[str, Any]:
         return {_K_RUN_ID: self._manager.run_id if self._manager else None}
@@ -214,13 +257,19 @@ class Checkpointer(ModelCheckpoint):
         manager = self._manager
         name = manager.name_for(trainer.global_step)
         meta = {META_REASON: reason, META_METRICS: clean_metrics(self._fresh_metrics(trainer))}
-        trainer.save_checkpoint(manager.path(name), weights_only=False,
-                                storage_options={"run_id": manager.run_id, "meta": meta})
-        self._last_saved_step, self._last_save_time = trainer.global_step, self.clock()
-        if trainer.is_global_zero:
-            manager.record_save(name)
-            manager.prune()
-            manager.commit_ledger()
+        try:
+            trainer.save_checkpoint(manager.path(name), weights_only=False,
+                                    storage_options={"run_id": manager.run_id, "meta": meta})
+            self._last_saved_step, self._last_save_time = trainer.global_step, self.clock()
+            if trainer.is_global_zero:  # retention runs only once the new checkpoint is committed
+                manager.record_save(name)
+                manager.prune()
+                manager.commit_ledger()
+        except StorageError as err:
+            if self.on_save_error == "raise":
+                raise
+            warnings.warn(f"Checkpointer: {err}; training goes on", CheckpointWarning, stacklevel=2)
+            return
         for logger in trainer.loggers:
             logger.after_save_checkpoint(self)
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lightning_ckpt.errors import StorageError
 from lightning_ckpt.store.committed import list_checkpoints
 from lightning_ckpt.store.local import TMP_PREFIX, LocalStore, fsync_dir
 
@@ -103,10 +104,14 @@ class Ledger:
         """Rewrite the ledger atomically (temporary file, fsync, rename, fsync of the directory)."""
         doc = {_K_VERSION: LEDGER_VERSION, "updated": time.time(), _K_ENTRIES: [asdict(e) for e in entries]}
         tmp = self.path.with_name(f"{TMP_PREFIX}{LEDGER_FILE}.{uuid.uuid4().hex[:8]}")  # cleaned like any leftover
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fsync_dir(self.path.parent)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1, allow_nan=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(err.errno, f"{self.path}: could not update the ledger ({err}); the checkpoints are "
+                               "safe and the ledger is rebuilt from their manifests on the next start") from err

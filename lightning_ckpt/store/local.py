@@ -9,6 +9,7 @@ are removed by :meth:`LocalStore.clean_leftovers`.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import errno
 import os
 import shutil
@@ -16,12 +17,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lightning_ckpt.errors import StorageError
+from lightning_ckpt.errors import DirectoryInUseError, StorageError
 from lightning_ckpt.format.blob import Blob, Buffer
 from lightning_ckpt.format.manifest import MANIFEST_FILE
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+LOCK_FILE = ".lightning-ckpt.lock"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -51,9 +53,9 @@ class LocalStore:
         try:
             tmp.mkdir(parents=True)
             for file, blob in files.items():
-                _write_synced(tmp / file, blob.chunks)
+                self._write_file(tmp / file, blob.chunks)
             # The manifest is written last: a directory without one is a save that never finished.
-            _write_synced(tmp / MANIFEST_FILE, [manifest])
+            self._write_file(tmp / MANIFEST_FILE, [manifest])
             fsync_dir(tmp)
             self._move_into_place(tmp, self.root / name)
             fsync_dir(self.root)
@@ -62,6 +64,15 @@ class LocalStore:
             raise StorageError(err.errno, f"{self.location(name)}: save failed, nothing was committed ({err}); "
                                "older checkpoints are untouched") from err
 
+    def _write_file(self, path: Path, chunks: Sequence[Buffer]) -> None:
+        """Write and fsync one file (a seam: fault-injection tests override it)."""
+        with open(path, "wb", buffering=0) as f:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:  # a raw write may take fewer bytes than asked
+                    view = view[f.write(view):]
+            os.fsync(f.fileno())
+
     def _check_free_space(self, name: str, needed: int) -> None:
         probe = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
         if probe is None:
@@ -69,7 +80,7 @@ class LocalStore:
         free = shutil.disk_usage(probe).free
         if free < needed:
             raise StorageError(errno.ENOSPC, f"{self.location(name)}: the checkpoint needs {needed} bytes but only "
-                               f"{free} are free on {probe}; free space or lower keep_last/top_k")
+                               f"{free} are free on {probe}; nothing was committed. Free space, or lower keep_last/top_k")
 
     def _move_into_place(self, tmp: Path, target: Path) -> None:
         if not target.exists():
@@ -108,6 +119,14 @@ class LocalStore:
         fsync_dir(self.root)
         _remove(trash)
 
+    def lock(self) -> DirectoryLock:
+        """Claim the directory for one writing run (released by ``DirectoryLock.release`` or process exit).
+
+        Raises:
+            DirectoryInUseError: another live process holds it.
+        """
+        return DirectoryLock(self.root)
+
     def clean_leftovers(self) -> list[str]:
         """Remove what interrupted saves and deletions left; restore a parked checkpoint whose
         replacement never landed. Returns the names removed."""
@@ -126,20 +145,37 @@ class LocalStore:
         return removed
 
 
+class DirectoryLock:
+    """An advisory ``flock`` on ``root/.lightning-ckpt.lock``; the kernel drops it when the process dies,
+    so a crashed run never blocks its own resume."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / LOCK_FILE
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            os.close(self._fd)
+            self._fd = None
+            raise DirectoryInUseError(f"{root}: another run ({holder}) is writing checkpoints here; two runs in one "
+                                      "directory could overwrite each other's. Use another dirpath, or stop the "
+                                      "other run first.") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"pid {os.getpid()}".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _write_synced(path: Path, chunks: Sequence[Buffer]) -> None:
-    with open(path, "wb", buffering=0) as f:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:  # a raw write may take fewer bytes than asked
-                view = view[f.write(view):]
-        os.fsync(f.fileno())
 
 
 def fsync_dir(path: Path) -> None:

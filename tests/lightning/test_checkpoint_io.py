@@ -5,20 +5,17 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors import safe_open
 
 from lightning_ckpt import SafetensorsCheckpointIO, load_checkpoint
+from childproc import run_fit
 from tiny import TinyModel, every_type_hparams, tiny_loader
 
-SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
 class RecordingIO(SafetensorsCheckpointIO):
@@ -87,11 +84,6 @@ def test_validate_and_test_from_ckpt_path(tmp_path):
     fresh = trainer(tmp_path, plugins=[SafetensorsCheckpointIO()])
     assert fresh.validate(TinyModel(), tiny_loader(seed=1), ckpt_path=mc.best_model_path)[0]["val_loss"] == expected
     assert "test_loss" in fresh.test(TinyModel(), tiny_loader(seed=1), ckpt_path=tmp_path / "mc" / "last")[0]
-
-
-def run_fit(**opts) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPTS / "fit.py"), json.dumps(opts, default=str)],
-                          capture_output=True, text=True, timeout=240)
 
 
 def test_resume_in_a_new_process_continues_at_the_step_with_the_same_optimizer(tmp_path, same):

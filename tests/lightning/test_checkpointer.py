@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 
 from lightning_ckpt import (
     Checkpointer,
@@ -21,6 +20,7 @@ from lightning_ckpt import (
 )
 from lightning_ckpt.format import MODEL_FILE
 from lightning_ckpt.store.ledger import LEDGER_FILE
+from childproc import run_fit
 from tiny import TinyModel, tiny_loader
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
@@ -84,11 +84,6 @@ def test_every_seconds_uses_the_injected_clock(tmp_path):
     trainer_ref["t"] = trainer
     trainer.fit(TinyModel(), tiny_loader())
     assert [e["step"] for e in ledger(tmp_path / "c")] == [3, 6, 9]
-
-
-def run_fit(**opts) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPTS / "fit.py"), json.dumps(opts, default=str)],
-                          capture_output=True, text=True, timeout=240)
 
 
 def test_crash_then_last_in_a_new_process_resumes_from_the_newest_committed_step(tmp_path):

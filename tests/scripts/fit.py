@@ -3,13 +3,17 @@
 Usage: python fit.py '<json options>'. Options: dirpath, max_steps, ckpt_path, ref_dir (dump the
 model and optimizer state with torch.save at every save step and at train start), crash_at (end the
 process with os._exit(3) after that optimizer step), every (save every N steps), checkpointer
-(use lightning_ckpt.Checkpointer with these keyword arguments instead of ModelCheckpoint).
+(use lightning_ckpt.Checkpointer with these keyword arguments instead of ModelCheckpoint), hidden
+(model width), ready_after (print READY <step> that many steps after the start), sigterm_at (send itself SIGTERM after
+that step), sigterm_in_save_at (send itself SIGTERM in the middle of the save at that step),
+out (write the per-step losses as JSON there, and the final weights to <out>.pt).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,13 +38,32 @@ class Probe(Callback):
             torch.save(state, Path(self.opts["ref_dir"]) / f"{tag}.pt")
 
     def on_train_start(self, trainer, module):
+        self.start_step = trainer.global_step
         self._dump(trainer, module, "start")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step % self.opts.get("every", 4) == 0:
-            self._dump(trainer, module, f"step{trainer.global_step}")
-        if trainer.global_step == self.opts.get("crash_at"):
+        step = trainer.global_step
+        if step % self.opts.get("every", 4) == 0:
+            self._dump(trainer, module, f"step{step}")
+        if step == self.opts.get("crash_at"):
             os._exit(3)
+        if step - self.start_step == self.opts.get("ready_after"):
+            print(f"READY {step}", flush=True)
+        if step == self.opts.get("sigterm_at"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SignalDuringSave(SafetensorsCheckpointIO):
+    """Sends SIGTERM to its own process while a save is in flight (between encoding and commit)."""
+
+    def __init__(self, at_step: int | None) -> None:
+        super().__init__()
+        self.at_step = at_step
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if checkpoint.get("global_step") == self.at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().save_checkpoint(checkpoint, path, storage_options)
 
 
 def main(opts: dict) -> None:
@@ -50,14 +73,16 @@ def main(opts: dict) -> None:
     else:
         ckpt = ModelCheckpoint(dirpath=opts["dirpath"], every_n_train_steps=opts.get("every", 4), save_top_k=-1)
     L.seed_everything(0)
-    trainer = L.Trainer(max_steps=opts["max_steps"], plugins=[SafetensorsCheckpointIO()],
+    io = SignalDuringSave(opts.get("sigterm_in_save_at"))
+    trainer = L.Trainer(max_steps=opts["max_steps"], plugins=[io],
                         callbacks=[Probe(opts), ckpt], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, val_check_interval=opts.get("val_every"),
                         limit_val_batches=2, num_sanity_val_steps=0)
-    model = TinyModel()
+    model = TinyModel(hidden=opts.get("hidden", 16))
     trainer.fit(model, tiny_loader(shuffle=True), tiny_loader(seed=1), ckpt_path=opts.get("ckpt_path"))
     if opts.get("out"):
         Path(opts["out"]).write_text(json.dumps({"losses": model.losses, "global_step": trainer.global_step}))
+        torch.save(model.state_dict(), opts["out"] + ".pt")
 
 
 if __name__ == "__main__":

@@ -19,15 +19,15 @@ class Color(enum.Enum):
 class TinyModel(L.LightningModule):
     """8 -> 16 -> 4 classifier with dropout, AdamW and a per-step StepLR; optional tied layers."""
 
-    def __init__(self, lr: float = 0.05, tied: bool = False, **extra_hparams: object) -> None:
+    def __init__(self, lr: float = 0.05, tied: bool = False, hidden: int = 16, **extra_hparams: object) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.inp = torch.nn.Linear(8, 16)
-        self.mid = torch.nn.Linear(16, 16)
-        self.mid2 = torch.nn.Linear(16, 16)
+        self.inp = torch.nn.Linear(8, hidden)
+        self.mid = torch.nn.Linear(hidden, hidden)
+        self.mid2 = torch.nn.Linear(hidden, hidden)
         if tied:
             self.mid2.weight = self.mid.weight
-        self.out = torch.nn.Linear(16, 4)
+        self.out = torch.nn.Linear(hidden, 4)
         self.drop = torch.nn.Dropout(0.2)
         self.losses: list[tuple[int, float]] = []
 

@@ -1,0 +1,56 @@
+"""Preemption signals: the handler only sets a flag; the Checkpointer saves at the next step boundary."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import warnings
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import lightning as L
+
+from lightning_ckpt.errors import CheckpointWarning
+
+
+class SignalFlag:
+    """Catches the given signals while installed and remembers the first one received.
+
+    Args:
+        signals: names (``"SIGTERM"``, ``"SIGUSR1"``) or numbers.
+    """
+
+    def __init__(self, signals: Sequence[str | int]) -> None:
+        self.signals = [signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals]
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn("Checkpointer: not in the main thread, so preemption signals are not caught",
+                          CheckpointWarning, stacklevel=2)
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Only a flag: saving from inside a signal handler could interleave with a save in progress.
+        self.received = self.received or signal.Signals(signum)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+
+def defer_lightning_sigterm(trainer: L.Trainer) -> None:
+    """Keep Lightning from ending the run on its own SIGTERM flag; the Checkpointer stops it instead.
+
+    Lightning (2.2-2.6 checked) raises ``SIGTERMException`` at the end of the batch in which SIGTERM
+    arrived, even mid gradient accumulation, where no checkpoint can resume exactly. Its flag lives
+    on the private ``_signal_connector``; this is the one place we touch it.
+    """
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is not None and getattr(connector, "received_sigterm", False):
+        connector.received_sigterm = False

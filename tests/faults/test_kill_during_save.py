@@ -1,0 +1,70 @@
+"""SIGKILL at random moments over the save path: what was committed always survives, whole.
+
+Seeded, so a failure replays: LIGHTNING_CKPT_FAULT_SEED=<seed> pytest tests/faults/test_kill_during_save.py.
+The default run kills 3 times; `pytest -m slow` runs LIGHTNING_CKPT_KILLS (default 30) kills.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import time
+
+import pytest
+
+from childproc import run_fit, start_fit, wait_ready
+from lightning_ckpt import latest_checkpoint, load_checkpoint
+from lightning_ckpt.store import LocalStore, list_checkpoints
+
+SEED = int(os.environ.get("LIGHTNING_CKPT_FAULT_SEED", "20261128"))
+
+
+def _where_killed(root) -> str:
+    names = os.listdir(root)
+    if any(n.startswith(".tmp-step") for n in names):
+        return "mid-write"
+    if any(n.startswith(".trash-") for n in names):
+        return "mid-delete"
+    if any(n.startswith(".tmp-ledger") for n in names):
+        return "mid-ledger"
+    return "between saves"
+
+
+def kill_rounds(tmp_path, kills: int, seed: int) -> collections.Counter:
+    rng = random.Random(seed)
+    root = tmp_path / "c"
+    opts = {"dirpath": root, "hidden": 256, "ready_after": 2,
+            "checkpointer": {"every_n_steps": 1, "keep_last": 2, "exact_resume": False}}
+    seen, newest_step = collections.Counter(), 0
+    for round_ in range(kills):
+        child = start_fit(max_steps=10**6, ckpt_path="last" if round_ else None, **opts)
+        wait_ready(child)
+        time.sleep(rng.uniform(0.0, 0.3))
+        child.kill()
+        child.wait()
+        seen[_where_killed(root)] += 1
+        context = f"seed={seed} round={round_}"
+        listed = list_checkpoints(LocalStore(root), check=True)
+        assert listed and all(x.error is None for x in listed), f"{context}: a committed checkpoint is damaged {listed}"
+        latest = latest_checkpoint(root)
+        state = load_checkpoint(latest)
+        assert state["global_step"] >= newest_step, f"{context}: progress went backwards"
+        newest_step = state["global_step"]
+    finished = run_fit(max_steps=newest_step + 3, ckpt_path="last", **opts)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert not [n for n in os.listdir(root) if n.startswith((".tmp-", ".trash-"))], "leftovers were not cleaned"
+    assert load_checkpoint(latest_checkpoint(root))["global_step"] == newest_step + 3
+    return seen
+
+
+def test_random_kills_fast_subset(tmp_path):
+    kill_rounds(tmp_path, kills=3, seed=SEED)
+
+
+@pytest.mark.slow
+def test_random_kills_full(tmp_path):
+    kills = int(os.environ.get("LIGHTNING_CKPT_KILLS", "30"))
+    seen = kill_rounds(tmp_path, kills=kills, seed=SEED)
+    print(f"kill moments: {dict(seen)}")
+    assert seen["mid-write"] > 0, f"no kill landed inside a save: {dict(seen)}"

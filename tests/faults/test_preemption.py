@@ -1,0 +1,56 @@
+"""SIGTERM during training: save at the next step boundary, wait for the commit, stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from childproc import run_fit, start_fit, stderr_of, wait_ready
+from lightning_ckpt import latest_checkpoint, load_checkpoint
+from lightning_ckpt.store.ledger import LEDGER_FILE
+
+
+def ledger(root) -> list[dict]:
+    return json.loads((root / LEDGER_FILE).read_text())["checkpoints"]
+
+
+def opts(tmp_path, **checkpointer):
+    return {"dirpath": tmp_path / "c", "checkpointer": {"every_n_steps": 1000, "exact_resume": False, **checkpointer}}
+
+
+def test_sigterm_from_outside_saves_and_exits_zero(tmp_path):
+    child = start_fit(max_steps=10**6, ready_after=3, **opts(tmp_path))
+    step = wait_ready(child)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=120) == 0, stderr_of(child)
+    entries = ledger(tmp_path / "c")
+    assert [e["reason"] for e in entries] == ["preempted"] and entries[0]["step"] > step
+    assert load_checkpoint(latest_checkpoint(tmp_path / "c"))["global_step"] == entries[0]["step"]
+    assert "stopped on SIGTERM after saving step" in stderr_of(child)
+
+
+@pytest.mark.parametrize(("exit_code", "expected_rc"), [(143, 143), (None, 0)])
+def test_exit_code_is_configurable(tmp_path, exit_code, expected_rc):
+    out = tmp_path / "out.json"
+    result = run_fit(max_steps=50, sigterm_at=5, out=out, **opts(tmp_path, preemption_exit_code=exit_code))
+    assert result.returncode == expected_rc, result.stderr[-3000:]
+    assert [(e["step"], e["reason"]) for e in ledger(tmp_path / "c")] == [(5, "preempted")]
+    assert out.exists() == (exit_code is None)  # None: trainer.fit returned and the script went on
+
+
+def test_signal_during_an_in_flight_save(tmp_path):
+    result = run_fit(max_steps=50, sigterm_in_save_at=4, **opts(tmp_path, every_n_steps=4))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the save in flight committed; no second save of the same step, and training stopped there
+    assert [(e["step"], e["reason"]) for e in ledger(tmp_path / "c")] == [(4, "every_n_steps")]
+    assert load_checkpoint(latest_checkpoint(tmp_path / "c"))["global_step"] == 4
+
+
+def test_sigusr1_when_configured(tmp_path):
+    child = start_fit(max_steps=10**6, ready_after=2, **opts(tmp_path, preemption_signals=["SIGTERM", "SIGUSR1"]))
+    wait_ready(child)
+    child.send_signal(signal.SIGUSR1)
+    assert child.wait(timeout=120) == 0, stderr_of(child)
+    assert [e["reason"] for e in ledger(tmp_path / "c")] == ["preempted"]
