@@ -12,11 +12,23 @@ from lightning_ckpt.errors import (
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
-from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
-from lightning_ckpt.lightning.checkpointer import Checkpointer
 from lightning_ckpt.manager import best_checkpoint, latest_checkpoint
 
 __version__ = "0.1.0.dev0"
+
+# The Lightning adapters load on first use, so the CLI and plain-PyTorch users never import Lightning.
+_LAZY = {
+    "Checkpointer": "lightning_ckpt.lightning.checkpointer",
+    "SafetensorsCheckpointIO": "lightning_ckpt.lightning.checkpoint_io",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_ckpt' has no attribute {name!r}")
 
 __all__ = [
     "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError", "NotACheckpointError",

@@ -1,0 +1,53 @@
+"""The lightning-ckpt command, run as a user runs it: the installed console script, exit codes, output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from lightning_ckpt import save_checkpoint
+from lightning_ckpt.format import MODEL_FILE
+
+COMMAND = str(Path(sys.executable).parent / "lightning-ckpt")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([COMMAND, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def make(root: Path, steps=(10, 20, 30)) -> None:
+    for step in steps:
+        save_checkpoint({"state_dict": {"w": torch.full((100,), float(step))}, "global_step": step, "epoch": 0},
+                        root / f"step={step:09d}", run_id="r1")
+
+
+def test_list_shows_every_committed_checkpoint_by_step(tmp_path):
+    make(tmp_path)
+    (tmp_path / ".tmp-step=000000040.abcd1234").mkdir()
+    result = run("list", tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()[1:]
+    assert [r.split()[:3] for r in rows] == [[f"step={s:09d}", str(s), "0"] for s in (10, 20, 30)]
+    assert all(r.split()[-1] == "r1" for r in rows)
+
+
+def test_verify_exits_1_and_names_the_damaged_file(tmp_path):
+    make(tmp_path)
+    target = tmp_path / "step=000000020" / MODEL_FILE
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.write_bytes(bytes(data))
+    result = run("verify", tmp_path)
+    assert result.returncode == 1
+    assert "DAMAGED  step=000000020  CorruptCheckpointError" in result.stdout and MODEL_FILE in result.stdout
+    assert result.stdout.count("ok ") == 2
+    assert run("verify", tmp_path / "step=000000010").returncode == 0
+
+
+def test_verify_a_path_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "half").mkdir()
+    result = run("verify", tmp_path / "half")
+    assert result.returncode == 1 and "NotACheckpointError" in result.stdout
