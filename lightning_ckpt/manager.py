@@ -139,7 +139,14 @@ def latest_checkpoint(dirpath: str | os.PathLike) -> str | None:
         Its path, or None when the directory holds no good checkpoint.
     """
     store = LocalStore(dirpath)
-    listed = [x for x in list_checkpoints(store) if x.manifest is not None]
+    listed = list_checkpoints(store)
+    for item in listed:
+        if item.error is not None:  # its manifest is unreadable, so its step is unknown: always say so
+            warnings.warn(f"skipping unreadable checkpoint: {item.error}", CheckpointWarning, stacklevel=2)
+    for name in store.uncommitted():  # saves commit through hidden temp dirs: a visible one is damage
+        warnings.warn(f"skipping {store.location(name)}: no manifest (never committed, or its manifest was "
+                      "deleted)", CheckpointWarning, stacklevel=2)
+    listed = [x for x in listed if x.manifest is not None]
     for item in sorted(listed, key=lambda x: (x.manifest.step or 0, x.manifest.created), reverse=True):
         if _verifies(store, item.name):
             return store.location(item.name)

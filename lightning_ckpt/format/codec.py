@@ -191,9 +191,9 @@ class Decoder:
                                          "or was written by a newer lightning-ckpt (upgrade it)")
         try:
             return handler(self, node)
-        except CorruptCheckpointError:
+        except (CorruptCheckpointError, RecursionError):
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as err:
             raise CorruptCheckpointError(f"{self.where}: malformed {tag} entry in the state JSON ({err})") from err
 
     def _dict(self, node: dict) -> dict:
@@ -217,10 +217,11 @@ class Decoder:
 
     def _enum(self, node: dict) -> enum.Enum:
         module_name, _, qualname = node[TAG_ENUM].partition(":")
-        module = sys.modules.get(module_name)  # never import on load: only classes already in the process
-        cls: Any = module
-        for part in qualname.split(".") if module is not None else ():
-            cls = getattr(cls, part, None)
+        # Never import on load: only classes already in the process, looked up in __dict__ (a module's
+        # __getattr__ may import submodules, as torch's does).
+        cls: Any = sys.modules.get(module_name)
+        for part in qualname.split(".") if cls is not None else ():
+            cls = vars(cls).get(part) if hasattr(cls, "__dict__") else None
         if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
             raise CorruptCheckpointError(
                 f"{self.where}: enum {node[TAG_ENUM]} is not available; import {module_name} before loading"
@@ -247,6 +248,16 @@ def _float(node: dict) -> float:
     return _NONFINITE[text]
 
 
+def _npscalar(dec: Decoder, node: dict) -> np.generic:
+    dtype, value = np.dtype(node[TAG_NPSCALAR]), dec.decode(node["value"])
+    # np.void(n) and np.bytes_(n) allocate n bytes, np.int64([...]) is an array: a scalar is built
+    # from a number, and a string-like one from a string.
+    string_like = dtype.kind in "SUV"
+    if dtype.kind not in "biufcmMSUV" or not isinstance(value, (str, bytes) if string_like else (int, float)):
+        raise ValueError(f"{dtype.str} scalar from a {type(value).__name__}")
+    return dtype.type(value)
+
+
 def _ndarray(dec: Decoder, node: dict) -> np.ndarray:
     array = dec.source(node[TAG_NDARRAY]).numpy()
     return array.view(np.dtype(node["dtype"])) if array.dtype != np.dtype(node["dtype"]) else array
@@ -263,7 +274,7 @@ def _path(node: dict) -> pathlib.PurePath:
 _DECODERS: dict[str, Callable[[Decoder, dict], Any]] = {
     TAG_TENSOR: lambda d, n: d.source(n[TAG_TENSOR]),
     TAG_NDARRAY: _ndarray,
-    TAG_NPSCALAR: lambda d, n: np.dtype(n[TAG_NPSCALAR]).type(d.decode(n["value"])),
+    TAG_NPSCALAR: _npscalar,
     TAG_TUPLE: lambda d, n: tuple(d.decode(v) for v in n[TAG_TUPLE]),
     TAG_SET: lambda d, n: {d.decode(v) for v in n[TAG_SET]},
     TAG_FROZENSET: lambda d, n: frozenset(d.decode(v) for v in n[TAG_FROZENSET]),
@@ -271,12 +282,18 @@ _DECODERS: dict[str, Callable[[Decoder, dict], Any]] = {
     TAG_FLOAT: lambda d, n: _float(n),
     TAG_BYTES: lambda d, n: base64.b64decode(n[TAG_BYTES], validate=True),
     TAG_DTYPE: lambda d, n: _dtype(n[TAG_DTYPE]),
-    TAG_SIZE: lambda d, n: torch.Size([int(x) for x in n[TAG_SIZE]]),
+    TAG_SIZE: lambda d, n: torch.Size([_int64(x) for x in n[TAG_SIZE]]),
     TAG_DEVICE: lambda d, n: torch.device(n[TAG_DEVICE]),
     TAG_PATH: lambda d, n: _path(n),
     TAG_ENUM: Decoder._enum,
     TAG_PICKLE: Decoder._pickle,
 }
+
+
+def _int64(value: Any) -> int:
+    if type(value) is not int or not -(2**63) <= value < 2**63:
+        raise ValueError(f"{value!r} is not a 64-bit integer")
+    return value
 
 
 def _dtype(name: str) -> torch.dtype:

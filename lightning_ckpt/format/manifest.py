@@ -2,12 +2,16 @@
 
 A directory without a valid manifest is a save that never finished and is never loaded. The
 manifest lists every other file with its size and checksum, so a reader can tell a torn write
-(missing or short file) from a changed one (checksum mismatch) before it parses anything.
+(missing or short file) from a changed one (checksum mismatch) before it parses anything. Its last
+key is a checksum of its own bytes, so a changed byte anywhere in a checkpoint is refused, even one
+that leaves the manifest valid JSON (a flipped digit in a size or a step).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import reprlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +44,10 @@ _K_RUN_ID = "run_id"
 _K_CREATED = "created"
 _K_VERSIONS = "versions"
 _K_META = "meta"
+_K_SELF_DIGEST = "manifest_digest"  # always the last key; the digest is taken with its value zeroed
+_UNSET_DIGEST = "0" * 32
+# A listed file is a plain name inside the checkpoint directory: no path, no hidden file, no NUL.
+_FILE_NAME = re.compile(r"[\w-][\w.-]{0,127}", re.ASCII)
 
 
 def digest(data: bytes | memoryview) -> str:
@@ -85,7 +93,7 @@ class Manifest:
             _K_META: dict(self.meta),
             _K_FILES: {name: {_K_SIZE: e.size, _K_DIGEST: e.digest} for name, e in sorted(self.files.items())},
         }
-        return json.dumps(doc, indent=1, allow_nan=False).encode()
+        return sealed(doc)
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
@@ -99,18 +107,22 @@ class Manifest:
             doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get(_K_FORMAT) != FORMAT_NAME:
                 raise ValueError(f"not a {FORMAT_NAME} manifest")
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise CorruptCheckpointError(f"{where}/{MANIFEST_FILE}: unreadable manifest ({err}); "
                                          "this checkpoint cannot be trusted, resume from an older one") from err
         version = doc.get(_K_VERSION)
         if version != FORMAT_VERSION or doc.get(_K_HASH) != HASH_ALGORITHM:
             raise UnsupportedFormatError(
-                f"{where}/{MANIFEST_FILE}: format version {version!r} ({doc.get(_K_HASH)!r} checksums); this "
-                f"lightning-ckpt reads version {FORMAT_VERSION}. Install the lightning-ckpt that wrote it."
+                f"{where}/{MANIFEST_FILE}: format version {reprlib.repr(version)} ({reprlib.repr(doc.get(_K_HASH))} "
+                f"checksums); this lightning-ckpt reads version {FORMAT_VERSION}. Install the lightning-ckpt that "
+                "wrote it."
             )
+        if not _self_digest_matches(data, doc.get(_K_SELF_DIGEST)):
+            raise CorruptCheckpointError(f"{where}/{MANIFEST_FILE}: its own {HASH_ALGORITHM} ({_K_SELF_DIGEST}) does "
+                                         "not match (the manifest changed after commit); resume from an older one")
         try:
             return cls._from_doc(doc)
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
             raise CorruptCheckpointError(f"{where}/{MANIFEST_FILE}: malformed manifest ({err!r})") from err
 
     @classmethod
@@ -118,7 +130,7 @@ class Manifest:
         files = {}
         for name, entry in doc[_K_FILES].items():
             size, dig = entry[_K_SIZE], entry[_K_DIGEST]
-            if not (isinstance(size, int) and size >= 0 and isinstance(dig, str)) or "/" in name or name.startswith("."):
+            if not (type(size) is int and size >= 0 and isinstance(dig, str) and _FILE_NAME.fullmatch(name)):
                 raise ValueError(f"bad file entry {name!r}")
             files[name] = FileEntry(size=size, digest=dig)
         step, epoch, run_id = doc.get(_K_STEP), doc.get(_K_EPOCH), doc.get(_K_RUN_ID)
@@ -126,8 +138,11 @@ class Manifest:
             raise ValueError("step/epoch must be integers")
         if run_id is not None and not isinstance(run_id, str):
             raise ValueError("run_id must be a string")
+        versions, meta = doc.get(_K_VERSIONS) or {}, doc.get(_K_META) or {}
+        if not (isinstance(versions, dict) and isinstance(meta, dict)):
+            raise ValueError("versions/meta must be objects")
         return cls(files=files, step=step, epoch=epoch, run_id=run_id, created=float(doc.get(_K_CREATED, 0.0)),
-                   versions=dict(doc.get(_K_VERSIONS) or {}), meta=dict(doc.get(_K_META) or {}))
+                   versions=versions, meta=meta)
 
     def check_file(self, name: str, data: bytes | None, where: str) -> None:
         """Check one file's bytes against this manifest (``None``: the file is missing).
@@ -146,6 +161,30 @@ class Manifest:
         if digest(data) != entry.digest:
             raise CorruptCheckpointError(f"{where}/{name}: {HASH_ALGORITHM} mismatch (file changed after commit); "
                                          "resume from an older checkpoint or run 'lightning-ckpt verify'")
+
+
+def sealed(doc: Mapping[str, Any]) -> bytes:
+    """The bytes of a manifest document, ending with ``manifest_digest``: the checksum of these
+    same bytes with that value zeroed. Any other change to the file then fails the check."""
+    doc = {k: v for k, v in doc.items() if k != _K_SELF_DIGEST} | {_K_SELF_DIGEST: _UNSET_DIGEST}
+    text = json.dumps(doc, indent=1, allow_nan=False).encode()
+    return _with_digest_field(text, _UNSET_DIGEST, digest(text))
+
+
+def _digest_field(value: str) -> bytes:
+    return json.dumps({_K_SELF_DIGEST: value})[1:-1].encode()  # '"manifest_digest": "<value>"'
+
+
+def _with_digest_field(data: bytes, old: str, new: str) -> bytes:
+    field = _digest_field(old)
+    at = data.rindex(field)  # the last key: nothing in meta can come after it
+    return data[:at] + _digest_field(new) + data[at + len(field):]
+
+
+def _self_digest_matches(data: bytes, claimed: Any) -> bool:
+    if not isinstance(claimed, str) or _digest_field(claimed) not in data:
+        return False
+    return digest(_with_digest_field(data, claimed, _UNSET_DIGEST)) == claimed
 
 
 def missing_manifest(where: str) -> NotACheckpointError:

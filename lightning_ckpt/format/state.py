@@ -145,10 +145,14 @@ def decode_state(files: Mapping[str, bytes], *, allow_pickle: bool = False,
     try:
         doc = json.loads(files[STATE_FILE])
         skeleton = doc[_K_SKELETON]
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, RecursionError) as err:
         raise CorruptCheckpointError(f"{where}/{STATE_FILE}: unreadable ({err!r})") from err
     source = _TensorSource(files, device, where)
-    return Decoder(source=source, allow_pickle=allow_pickle, where=f"{where}/{STATE_FILE}").decode(skeleton)
+    decoder = Decoder(source=source, allow_pickle=allow_pickle, where=f"{where}/{STATE_FILE}")
+    try:
+        return decoder.decode(skeleton)
+    except RecursionError:  # a real state is a few levels deep; only a damaged or hostile file gets here
+        raise CorruptCheckpointError(f"{where}/{STATE_FILE}: nested too deeply to decode") from None
 
 
 @dataclass
@@ -176,8 +180,10 @@ class _TensorSource:
             raise CorruptCheckpointError(f"{self.where}/{STATE_FILE}: references {file}, which is not in the manifest")
         try:
             tensors = safetensors.torch.load(self.files[file])
-        except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
+        except (SafetensorError, ValueError, RuntimeError, OverflowError, TypeError) as err:
             raise CorruptCheckpointError(f"{self.where}/{file}: not a valid safetensors file ({err})") from err
+        except KeyError as err:  # a dtype the safetensors format knows but torch has no type for (F4, ...)
+            raise CorruptCheckpointError(f"{self.where}/{file}: dtype {err} cannot be loaded into torch") from err
         if self.device is not None and torch.device(self.device).type != "cpu":
             tensors = {k: t.to(self.device) for k, t in tensors.items()}
         return tensors

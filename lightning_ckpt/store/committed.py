@@ -11,6 +11,7 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_mani
 from lightning_ckpt.store.local import LocalStore
 
 LIGHTNING_SUFFIX = ".ckpt"
+MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a larger one is damaged
 
 
 def locate(path: str | os.PathLike) -> tuple[LocalStore, str]:
@@ -40,7 +41,7 @@ def read_manifest(store: LocalStore, name: str) -> Manifest:
         CorruptCheckpointError, UnsupportedFormatError: the manifest is damaged or too new.
     """
     where = store.location(name)
-    data = store.read(name, MANIFEST_FILE)
+    data = store.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES)
     if data is None:
         if Path(where).is_file():
             raise NotACheckpointError(f"{where}: a file, not a lightning-ckpt checkpoint directory; to read a "
@@ -59,7 +60,7 @@ def read_verified(store: LocalStore, name: str) -> tuple[Manifest, dict[str, byt
     where = store.location(name)
     files = {}
     for file in manifest.files:
-        data = store.read(name, file)
+        data = store.read(name, file, manifest.files[file].size + 1)  # +1: a longer file is caught, not cut
         manifest.check_file(file, data, where)
         files[file] = data
     return manifest, files

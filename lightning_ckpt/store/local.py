@@ -95,12 +95,24 @@ class LocalStore:
         os.rename(tmp, target)
         _remove(trash)
 
-    def read(self, name: str, file: str) -> bytes | None:
-        """The bytes of one file of a checkpoint, or None when it does not exist."""
+    def read(self, name: str, file: str, limit: int) -> bytes | None:
+        """The bytes of one file of a checkpoint (at most ``limit``), or None when it does not exist.
+
+        The limit keeps a damaged checkpoint (a file replaced by a link to an endless device, say)
+        from being read without bound; callers ask for one byte more than they expect.
+        """
         try:
-            return (self.root / name / file).read_bytes()
+            with open(self.root / name / file, "rb") as f:
+                return f.read(limit)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+
+    def uncommitted(self) -> list[str]:
+        """Visible directories without a manifest: saves that never finished, or damaged checkpoints."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if not p.name.startswith(".") and p.is_dir() and not (p / MANIFEST_FILE).exists())
 
     def names(self) -> list[str]:
         """Names of the committed checkpoints (those with a manifest), sorted."""

@@ -19,6 +19,7 @@ from lightning_ckpt import (
     verify_checkpoint,
 )
 from lightning_ckpt.format import MANIFEST_FILE, MODEL_FILE, STATE_FILE
+from lightning_ckpt.format.manifest import sealed
 from lightning_ckpt.store import LocalStore, list_checkpoints
 
 STATE = {"state_dict": {"w": torch.arange(1000, dtype=torch.float32)}, "global_step": 7, "epoch": 0, "note": "x"}
@@ -91,8 +92,10 @@ def test_missing_path_and_plain_file(tmp_path):
     (lambda m: [m], CorruptCheckpointError),
 ])
 def test_bad_manifest(ckpt, edit, error):
+    """Well-sealed manifests (their self-checksum matches) whose fields are wrong."""
     manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
-    (ckpt / MANIFEST_FILE).write_text(json.dumps(edit(manifest)))
+    edited = edit(manifest)
+    (ckpt / MANIFEST_FILE).write_bytes(sealed(edited) if isinstance(edited, dict) else json.dumps(edited).encode())
     with pytest.raises(error, match=MANIFEST_FILE):
         load_checkpoint(ckpt)
 
