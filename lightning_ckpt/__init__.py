@@ -18,7 +18,10 @@ __version__ = "0.1.0.dev0"
 
 # The Lightning adapters load on first use, so the CLI and plain-PyTorch users never import Lightning.
 _LAZY = {
+    "AuditReport": "lightning_ckpt.lightning.resume_audit",
     "Checkpointer": "lightning_ckpt.lightning.checkpointer",
+    "ExactResume": "lightning_ckpt.lightning.exact_resume",
+    "ResumeAuditWarning": "lightning_ckpt.lightning.resume_audit",
     "SafetensorsCheckpointIO": "lightning_ckpt.lightning.checkpoint_io",
 }
 
@@ -31,6 +34,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'lightning_ckpt' has no attribute {name!r}")
 
 __all__ = [
+    "AuditReport", "ExactResume", "ResumeAuditWarning",
     "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError", "NotACheckpointError",
     "SafetensorsCheckpointIO", "StorageError", "UnsafeCheckpointError", "UnsupportedFormatError",
     "UnsupportedTypeError", "best_checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "verify_checkpoint",

@@ -132,7 +132,7 @@ class Checkpointer(ModelCheckpoint):
         self._manager.refresh()
         self._preemption.install()
         if self.exact_resume:
-            _ensure_exact_resume(trainer, pl_module, stage)
+            _ensure_exact_resume(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_time, self._last_step_seen = self.clock(), trainer.global_step
@@ -320,10 +320,9 @@ def _ensure_safetensors_io(trainer: L.Trainer) -> None:
     rank_zero_info("Checkpointer: using SafetensorsCheckpointIO for this Trainer's checkpoints")
 
 
-def _ensure_exact_resume(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+def _ensure_exact_resume(trainer: L.Trainer) -> None:
     from lightning_ckpt.lightning.exact_resume import ExactResume
 
     if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
-        callback = ExactResume()
-        trainer.callbacks.append(callback)
-        callback.setup(trainer, pl_module, stage)  # its own setup hook has already been called for the others
+        # Appended while Lightning runs the setup hooks: the loop reaches it and calls its setup too.
+        trainer.callbacks.append(ExactResume())

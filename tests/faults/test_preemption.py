@@ -54,3 +54,21 @@ def test_sigusr1_when_configured(tmp_path):
     child.send_signal(signal.SIGUSR1)
     assert child.wait(timeout=120) == 0, stderr_of(child)
     assert [e["reason"] for e in ledger(tmp_path / "c")] == ["preempted"]
+
+
+def test_resume_after_sigterm_is_bit_identical_to_a_run_never_stopped(tmp_path):
+    import torch
+
+    exact = {"checkpointer": {"every_n_steps": 1000}}  # exact_resume is on by default
+    straight = run_fit(dirpath=tmp_path / "a", max_steps=20, out=tmp_path / "a.json", **exact)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = run_fit(dirpath=tmp_path / "b", max_steps=20, sigterm_at=11, **exact)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    resumed = run_fit(dirpath=tmp_path / "b", max_steps=20, ckpt_path="last", out=tmp_path / "b.json", **exact)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((tmp_path / "a.json").read_text())["losses"]
+    got = json.loads((tmp_path / "b.json").read_text())["losses"]
+    assert [s for s, _ in got] == list(range(11, 20)) and got == expected[11:]  # every loss, bit for bit
+    a = torch.load(tmp_path / "a.json.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.json.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -86,17 +86,21 @@ def test_every_seconds_uses_the_injected_clock(tmp_path):
     assert [e["step"] for e in ledger(tmp_path / "c")] == [3, 6, 9]
 
 
-def test_crash_then_last_in_a_new_process_resumes_from_the_newest_committed_step(tmp_path):
-    opts = {"dirpath": tmp_path / "c", "checkpointer": {"every_n_steps": 4, "keep_last": 2, "exact_resume": False}}
-    crashed = run_fit(max_steps=30, crash_at=10, **opts)
+def test_crash_then_last_in_a_new_process_resumes_exactly_from_the_newest_committed_step(tmp_path):
+    opts = {"checkpointer": {"every_n_steps": 4, "keep_last": 2}}  # ExactResume is added by default
+    straight = run_fit(dirpath=tmp_path / "straight", max_steps=20, out=tmp_path / "straight.json", **opts)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    crashed = run_fit(dirpath=tmp_path / "c", max_steps=30, crash_at=16, **opts)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
-    assert on_disk(tmp_path / "c") == ["step=000000004", "step=000000008"]
-    resumed = run_fit(max_steps=16, ckpt_path="last", out=tmp_path / "out.json", **opts)
+    assert on_disk(tmp_path / "c") == ["step=000000008", "step=000000012"]
+    resumed = run_fit(dirpath=tmp_path / "c", max_steps=20, ckpt_path="last", out=tmp_path / "out.json", **opts)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Restoring states from the checkpoint path at " + str(tmp_path / "c" / "step=000000008") in resumed.stderr
+    assert "Restoring states from the checkpoint path at " + str(tmp_path / "c" / "step=000000012") in resumed.stderr
+    assert "resume from step 12 verified exact over 3 steps" in resumed.stderr
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["losses"][0][0] == 8 and out["global_step"] == 16
-    assert on_disk(tmp_path / "c") == ["step=000000012", "step=000000016"]
+    assert out["losses"] == json.loads((tmp_path / "straight.json").read_text())["losses"][12:]
+    assert out["losses"][0][0] == 12 and out["global_step"] == 20
+    assert on_disk(tmp_path / "c") == ["step=000000016", "step=000000020"]
     assert len({e["run_id"] for e in ledger(tmp_path / "c")}) == 1  # the resumed run kept the lineage
 
 

@@ -1,0 +1,202 @@
+"""Where a plain ``torch.utils.data.DataLoader`` is within an epoch, and how to start there again.
+
+The batch sampler of the train loader is wrapped by :class:`ResumableBatchSampler`, which
+
+- makes an epoch's batch order a function of ``(order seed, epoch)`` alone: the inner sampler is run
+  on private random streams, so its shuffle neither depends on nor disturbs the training RNG;
+- starts a resumed epoch ``k`` batches in by skipping indices, without loading the skipped samples;
+- tags each batch with a seed that dataloader workers apply before loading it, so a batch's random
+  augmentations do not depend on which worker loads it or on what that worker loaded before.
+
+Nothing here imports Lightning; the callback decides when to install and where to resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sized
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+from lightning_ckpt.rng import derive_seed, fork_cpu_rngs, seed_cpu_rngs
+
+_GENERATOR_ATTR = "generator"
+# Salts keep the seeds of the epoch order and of the batches apart from each other.
+_ORDER_SALT = 0x0D4E
+_BATCH_SALT = 0xBA7C
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """The next batch to train: batch ``batch`` (0-based) of epoch ``epoch``."""
+
+    epoch: int
+    batch: int
+
+
+class SeededBatch(list):  # type: ignore[type-arg]
+    """The indices of one batch, carrying the seed its worker applies before loading them.
+
+    DataLoader workers read the indices by iterating them (``[dataset[i] for i in indices]``), which
+    is the one moment a worker is known to start a batch; the main process iterates them unchanged,
+    because its streams are restored by the callback before every fetch.
+    """
+
+    def __init__(self, indices: Iterable[int], seed: int) -> None:
+        super().__init__(indices)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[int]:
+        if get_worker_info() is not None:
+            seed_cpu_rngs(self.seed)
+        return super().__iter__()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default list pickling iterates the list, which would run the reseeding above.
+        return (SeededBatch, (list.copy(self), self.seed))
+
+
+class ResumableBatchSampler:
+    """Wraps a batch sampler: same batches, an order fixed per epoch, and a start point for resuming.
+
+    Args:
+        inner: the loader's batch sampler (e.g. a ``BatchSampler`` over a ``RandomSampler`` or a
+            ``DistributedSampler``).
+        order_seed: the seed every epoch's order is derived from.
+        rank: this process's global rank, mixed into the batch seeds so ranks augment differently.
+        epoch_fn: returns the epoch that an iteration starting now belongs to.
+    """
+
+    def __init__(self, inner: Iterable[list[int]], *, order_seed: int, rank: int,
+                 epoch_fn: Callable[[], int]) -> None:
+        self.inner = inner
+        self.order_seed = order_seed
+        self._rank = rank
+        self._epoch_fn = epoch_fn
+        self._resume_at: DataPosition | None = None
+
+    @property
+    def sampler(self) -> object:
+        """The inner index sampler, where Lightning looks for ``set_epoch``."""
+        return getattr(self.inner, "sampler", None)
+
+    @property
+    def batch_size(self) -> int | None:
+        return getattr(self.inner, "batch_size", None)
+
+    @property
+    def drop_last(self) -> bool:
+        return bool(getattr(self.inner, "drop_last", False))
+
+    def resume_at(self, position: DataPosition) -> None:
+        """Make the next iteration start at ``position`` instead of the start of the current epoch."""
+        self._resume_at = position
+
+    @property
+    def pending_resume(self) -> DataPosition | None:
+        """Where the next iteration starts, if not at the start of the current epoch."""
+        return self._resume_at
+
+    def __len__(self) -> int:
+        assert isinstance(self.inner, Sized)
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the position is read when the first batch is asked for, not when iter() is called.
+        position = self._resume_at or DataPosition(self._epoch_fn(), 0)
+        self._resume_at = None
+        batches = self.epoch_batches(position.epoch)
+        for index in range(position.batch, len(batches)):
+            yield SeededBatch(batches[index], derive_seed(_BATCH_SALT, self.order_seed, position.epoch, index,
+                                                          self._rank))
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch`` in order, computed without loading any data."""
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        seed = derive_seed(_ORDER_SALT, self.order_seed, epoch)
+        with fork_cpu_rngs(seed), _private_generators([self.inner, self.sampler], seed):
+            return [list(batch) for batch in self.inner]
+
+
+def unsupported_reason(loader: object) -> str | None:
+    """Why ``loader``'s position cannot be tracked by index, or None if it can."""
+    if not isinstance(loader, DataLoader):
+        return f"{type(loader).__name__} is not a torch.utils.data.DataLoader"
+    if isinstance(loader.dataset, IterableDataset):
+        return "its dataset is an IterableDataset, which has no indices to skip"
+    if loader.batch_sampler is None:
+        return "it has no batch sampler (batch_size=None)"
+    return None
+
+
+def is_stateful(loader: object) -> bool:
+    """Loaders with their own ``state_dict``/``load_state_dict`` (torchdata's StatefulDataLoader) keep their state."""
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
+def default_order_seed(loader: DataLoader) -> int:
+    """The user's seed for the loader's order: its sampler's generator's seed, else torch's global seed."""
+    for owner in (loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None), loader):
+        generator = getattr(owner, _GENERATOR_ATTR, None)
+        if isinstance(generator, torch.Generator):
+            return generator.initial_seed()
+    return torch.initial_seed()
+
+
+def install(loader: DataLoader, *, order_seed: int, rank: int, epoch_fn: Callable[[], int]) -> ResumableBatchSampler:
+    """Replace ``loader``'s batch sampler by a :class:`ResumableBatchSampler` (idempotent).
+
+    Must run before the loader's next ``iter()``; an iterator that exists already keeps the old sampler.
+    """
+    current = loader.batch_sampler
+    inner = current.inner if isinstance(current, ResumableBatchSampler) else current
+    assert inner is not None
+    wrapper = ResumableBatchSampler(inner, order_seed=order_seed, rank=rank, epoch_fn=epoch_fn)
+    if isinstance(current, ResumableBatchSampler) and current.pending_resume is not None:
+        wrapper.resume_at(current.pending_resume)  # a second install must not lose a pending resume
+    # DataLoader refuses to swap the batch sampler after __init__ because a live iterator would keep
+    # the old one; here no iterator exists yet, and a persistent one is shut down first.
+    _drop_persistent_iterator(loader)
+    object.__setattr__(loader, "batch_sampler", wrapper)
+    return wrapper
+
+
+def uninstall(loader: DataLoader) -> None:
+    """Give ``loader`` its own batch sampler back (after ``fit``, so later uses see the loader unchanged)."""
+    current = loader.batch_sampler
+    if isinstance(current, ResumableBatchSampler):
+        _drop_persistent_iterator(loader)
+        object.__setattr__(loader, "batch_sampler", current.inner)
+
+
+def _drop_persistent_iterator(loader: DataLoader) -> None:
+    iterator = getattr(loader, "_iterator", None)
+    if isinstance(iterator, _MultiProcessingDataLoaderIter):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
+@contextmanager
+def _private_generators(owners: Iterable[object], seed: int) -> Iterator[None]:
+    """Give samplers that hold their own ``torch.Generator`` a fresh one seeded with ``seed`` for a while."""
+    with ExitStack() as stack:
+        for owner in owners:
+            if isinstance(getattr(owner, _GENERATOR_ATTR, None), torch.Generator):
+                stack.enter_context(_swapped_generator(owner, torch.Generator().manual_seed(seed)))
+        yield
+
+
+@contextmanager
+def _swapped_generator(owner: object, generator: torch.Generator) -> Iterator[None]:
+    original = getattr(owner, _GENERATOR_ATTR)
+    setattr(owner, _GENERATOR_ATTR, generator)
+    try:
+        yield
+    finally:
+        setattr(owner, _GENERATOR_ATTR, original)
