@@ -112,6 +112,7 @@ class Checkpointer(ModelCheckpoint):
         self._last_step_seen: int | None = None
         self._warned_monitor = False
         self._validated_step: int | None = None
+        self._preempted = False
 
     @property
     def state_key(self) -> str:
@@ -130,7 +131,10 @@ class Checkpointer(ModelCheckpoint):
             self._lock = self._manager.store.lock()
             self._manager.store.clean_leftovers()
         self._manager.refresh()
-        self._preemption.install()
+        if trainer.world_size == 1:
+            self._preemption.install()
+        else:  # Lightning's own SIGTERM handler runs a collective inside the handler; two would deadlock
+            rank_zero_info("Checkpointer: with several ranks, preemption signals are left to Lightning's handler")
         if self.exact_resume:
             _ensure_exact_resume(trainer)
 
@@ -149,14 +153,16 @@ class Checkpointer(ModelCheckpoint):
         stepped, self._last_step_seen = step != self._last_step_seen, step  # no save mid-accumulation
         reason = self._schedule.on_step(step, now=self.clock(), start_time=self._start_time,
                                         last_saved_step=self._last_saved_step, last_save_time=self._last_save_time)
+        if self._schedule.every_seconds is not None:
+            reason = _from_rank_zero(trainer, reason)  # clocks differ across ranks; a save is collective
         if stepped and reason:
             self._save(trainer, reason)
-        if self._preemption.received:
+        if self._preemption_requested(trainer):
             defer_lightning_sigterm(trainer)
             if stepped:  # a step boundary: the state resumes exactly from here
                 if step != self._last_saved_step:
                     self._save(trainer, PREEMPTED)
-                trainer.should_stop = True
+                self._preempted, trainer.should_stop = True, True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reason = self._schedule.on_epoch_end(trainer.current_epoch, trainer.global_step,
@@ -176,14 +182,15 @@ class Checkpointer(ModelCheckpoint):
         elif trainer.is_global_zero and self._manager.add_metrics(trainer.global_step, trainer.callback_metrics):
             self._manager.prune()  # a later metric can change the top-k
             self._manager.commit_ledger()
+        self._manager.entries = _from_rank_zero(trainer, self._manager.entries)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        preempted = self._preemption.received
-        if self.save_on_train_end and not preempted and trainer.global_step not in (self._last_saved_step, 0):
+        if self.save_on_train_end and not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, TRAIN_END)
-        if preempted and self.preemption_exit_code is not None:
+        if self._preempted and self.preemption_exit_code is not None:
+            signal_name = self._preemption.received.name if self._preemption.received else "a signal to another rank"
             self._release()
-            rank_zero_info(f"Checkpointer: stopped on {preempted.name} after saving step {self._last_saved_step}")
+            rank_zero_info(f"Checkpointer: stopped on {signal_name} after saving step {self._last_saved_step}")
             raise SystemExit(self.preemption_exit_code)  # Lightning tears down, then the process exits
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -265,6 +272,7 @@ class Checkpointer(ModelCheckpoint):
                 manager.record_save(name)
                 manager.prune()
                 manager.commit_ledger()
+            manager.entries = _from_rank_zero(trainer, manager.entries)  # every rank answers "best" alike
         except StorageError as err:
             if self.on_save_error == "raise":
                 raise
@@ -272,6 +280,10 @@ class Checkpointer(ModelCheckpoint):
             return
         for logger in trainer.loggers:
             logger.after_save_checkpoint(self)
+
+    def _preemption_requested(self, trainer: L.Trainer) -> bool:
+        """Whether a preemption signal was caught (single process only, see ``setup``)."""
+        return self._preemption.received is not None
 
     def _fresh_metrics(self, trainer: L.Trainer) -> dict[str, Any]:
         """The logged metrics, less a monitored value from an earlier validation: it would rank this
@@ -307,6 +319,10 @@ class Checkpointer(ModelCheckpoint):
             warnings.warn(f"Checkpointer(monitor={self.monitor!r}): that metric was not logged by this validation "
                           f"(logged: {logged}); checkpoints cannot be ranked by it. Log it with self.log("
                           f"{self.monitor!r}, ...) or fix monitor=", CheckpointWarning, stacklevel=2)
+
+
+def _from_rank_zero(trainer: L.Trainer, value: Any) -> Any:
+    return trainer.strategy.broadcast(value, src=0) if trainer.world_size > 1 else value
 
 
 def _ensure_safetensors_io(trainer: L.Trainer) -> None:
