@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.errors import CheckpointWarning, StorageError
 from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
-from lightning_ckpt.lightning.preemption import SignalFlag, defer_lightning_sigterm
+from lightning_ckpt.lightning.preemption import SignalFlag
 from lightning_ckpt.manager import CheckpointManager, best_entry, latest_checkpoint, new_run_id
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store import LocalStore
@@ -131,15 +131,17 @@ class Checkpointer(ModelCheckpoint):
             self._lock = self._manager.store.lock()
             self._manager.store.clean_leftovers()
         self._manager.refresh()
-        if trainer.world_size == 1:
-            self._preemption.install()
-        else:  # Lightning's own SIGTERM handler runs a collective inside the handler; two would deadlock
-            rank_zero_info("Checkpointer: with several ranks, preemption signals are left to Lightning's handler")
         if self.exact_resume:
             _ensure_exact_resume(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_time, self._last_step_seen = self.clock(), trainer.global_step
+        # Installed after Lightning's own handlers, in their place until training ends: Lightning would
+        # stop at the end of the batch the signal arrives in, before (or without) our save.
+        if trainer.world_size == 1:
+            self._preemption.install()
+        else:  # Lightning's SIGTERM handler runs a collective inside the handler; ours must not replace it
+            rank_zero_info("Checkpointer: with several ranks, preemption signals are left to Lightning's handler")
         if trainer.ckpt_path is not None:  # resumed: the step we start from is saved already
             self._last_saved_step = trainer.global_step
         foreign = self._manager.foreign_runs()
@@ -157,8 +159,7 @@ class Checkpointer(ModelCheckpoint):
             reason = _from_rank_zero(trainer, reason)  # clocks differ across ranks; a save is collective
         if stepped and reason:
             self._save(trainer, reason)
-        if self._preemption_requested(trainer):
-            defer_lightning_sigterm(trainer)
+        if self._preemption.received is not None:
             if stepped:  # a step boundary: the state resumes exactly from here
                 if step != self._last_saved_step:
                     self._save(trainer, PREEMPTED)
@@ -185,12 +186,13 @@ class Checkpointer(ModelCheckpoint):
         self._manager.entries = _from_rank_zero(trainer, self._manager.entries)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._preemption.restore()  # before Lightning restores the handlers it replaced
         if self.save_on_train_end and not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, TRAIN_END)
         if self._preempted and self.preemption_exit_code is not None:
-            signal_name = self._preemption.received.name if self._preemption.received else "a signal to another rank"
+            received = self._preemption.received
             self._release()
-            rank_zero_info(f"Checkpointer: stopped on {signal_name} after saving step {self._last_saved_step}")
+            rank_zero_info(f"Checkpointer: stopped on {received.name} after saving step {self._last_saved_step}")
             raise SystemExit(self.preemption_exit_code)  # Lightning tears down, then the process exits
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -280,10 +282,6 @@ class Checkpointer(ModelCheckpoint):
             return
         for logger in trainer.loggers:
             logger.after_save_checkpoint(self)
-
-    def _preemption_requested(self, trainer: L.Trainer) -> bool:
-        """Whether a preemption signal was caught (single process only, see ``setup``)."""
-        return self._preemption.received is not None
 
     def _fresh_metrics(self, trainer: L.Trainer) -> dict[str, Any]:
         """The logged metrics, less a monitored value from an earlier validation: it would rank this

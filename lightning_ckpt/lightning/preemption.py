@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-import lightning as L
-
 from lightning_ckpt.errors import CheckpointWarning
 
 
@@ -27,6 +25,7 @@ class SignalFlag:
         self._previous: dict[signal.Signals, Any] = {}
 
     def install(self) -> None:
+        self.received = None
         if threading.current_thread() is not threading.main_thread():
             warnings.warn("Checkpointer: not in the main thread, so preemption signals are not caught",
                           CheckpointWarning, stacklevel=2)
@@ -43,14 +42,3 @@ class SignalFlag:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
-
-def defer_lightning_sigterm(trainer: L.Trainer) -> None:
-    """Keep Lightning from ending the run on its own SIGTERM flag; the Checkpointer stops it instead.
-
-    Lightning (2.2-2.6 checked) raises ``SIGTERMException`` at the end of the batch in which SIGTERM
-    arrived, even mid gradient accumulation, where no checkpoint can resume exactly. Its flag lives
-    on the private ``_signal_connector``; this is the one place we touch it.
-    """
-    connector = getattr(trainer, "_signal_connector", None)
-    if connector is not None and getattr(connector, "received_sigterm", False):
-        connector.received_sigterm = False
