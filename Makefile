@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test quick-test fuzz bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,16 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python examples/quickstart.py
 
+# What CI runs: the whole suite, the long fault runs (marker `slow`) included; the long fuzz run is `make fuzz`.
 test: install
+	$(BIN)/python -m pytest -q -m "not fuzz" $(PYTEST_ARGS)
+
+# The suite without the long fault runs (what a bare `pytest` runs).
+quick-test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-slow: install
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+fuzz: install
+	$(BIN)/python -m pytest -q -m fuzz tests/faults/test_fuzz_reader.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_save_load.py

@@ -7,11 +7,11 @@ to match, so that the checksums pass and only the parsers stand in the way. The 
 capped a few GiB above its size, so a size claimed by a file cannot be allocated quietly.
 
 The default run tries 200 cases per property, the same ones each time. The long run (marked
-``slow``) draws fresh random cases each time, 5000 per property by default, about 2 minutes on 2
+``fuzz``, ``make fuzz``) draws fresh random cases each time, 5000 per property by default, about 2 minutes on 2
 cores; ``LIGHTNING_CKPT_FUZZ_EXAMPLES`` sets the number (20000: about 8 minutes):
 
-    python -m pytest tests/faults/test_fuzz_reader.py -m slow -p no:warnings
-    LIGHTNING_CKPT_FUZZ_EXAMPLES=20000 python -m pytest tests/faults/test_fuzz_reader.py -m slow -p no:warnings
+    python -m pytest tests/faults/test_fuzz_reader.py -m fuzz -p no:warnings
+    LIGHTNING_CKPT_FUZZ_EXAMPLES=20000 python -m pytest tests/faults/test_fuzz_reader.py -m fuzz -p no:warnings
 
 A failure prints the smallest input found and a ``@reproduce_failure`` line to replay it.
 """
@@ -368,7 +368,7 @@ def test_fuzz_reader(prop: str, pristine: Path, tmp_path: Path) -> None:
     SHORT(PROPERTIES[prop](pristine, tmp_path / "work"))()
 
 
-@pytest.mark.slow
+@pytest.mark.fuzz
 @pytest.mark.parametrize("prop", list(PROPERTIES))
 def test_fuzz_reader_long(prop: str, pristine: Path, tmp_path: Path) -> None:
     LONG(PROPERTIES[prop](pristine, tmp_path / "work"))()

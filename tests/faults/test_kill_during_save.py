@@ -5,7 +5,7 @@ within the next few milliseconds: while files are written, between them, around 
 during retention. The others strike at a random moment of training.
 
 Seeded, so a failure replays: LIGHTNING_CKPT_FAULT_SEED=<seed> pytest tests/faults/test_kill_during_save.py.
-The default run kills 3 times; `pytest -m slow` runs LIGHTNING_CKPT_KILLS (default 30) kills.
+A bare `pytest` kills 3 times; `make test` (and CI) also runs the `slow` one: LIGHTNING_CKPT_KILLS (default 30) kills.
 """
 
 from __future__ import annotations
