@@ -16,7 +16,7 @@ from typing import Any
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
 from lightning_ckpt.policy import Record, RetentionConfig, RetentionPlan, best_record
 from lightning_ckpt.store import LocalStore, list_checkpoints, read_manifest, verify
-from lightning_ckpt.store.ledger import COMMITTED, DELETED, META_METRICS, META_REASON, Entry, Ledger, clean_metrics
+from lightning_ckpt.store.ledger import COMMITTED, DELETED, Entry, Ledger, clean_metrics
 
 NAME_FORMAT = "step={step:09d}"  # zero-padded: a directory listing sorts by step
 
@@ -71,10 +71,7 @@ class CheckpointManager:
 
     def record_save(self, name: str) -> Entry:
         """Add a just-committed checkpoint to the ledger (from its manifest)."""
-        m = read_manifest(self.store, name)
-        entry = Entry(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created, run_id=m.run_id,
-                      reason=str(m.meta.get(META_REASON, "")), metrics=clean_metrics(m.meta.get(META_METRICS) or {}),
-                      size=m.total_bytes)
+        entry = Entry.from_manifest(name, read_manifest(self.store, name))
         self.entries = [e for e in self.entries if e.name != name] + [entry]
         return entry
 
@@ -102,10 +99,6 @@ class CheckpointManager:
 
     def commit_ledger(self) -> None:
         self.ledger.save(self.entries)
-
-    def best(self, monitor: str, mode: str) -> Entry | None:
-        """The best committed checkpoint by ``monitor`` that verifies (any lineage)."""
-        return best_entry(self.entries, self.store, monitor, mode)
 
 
 def best_entry(entries: list[Entry], store: LocalStore, monitor: str, mode: str) -> Entry | None:

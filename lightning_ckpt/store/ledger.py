@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lightning_ckpt.errors import StorageError
+from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.format.manifest import Manifest
 from lightning_ckpt.store.committed import list_checkpoints
-from lightning_ckpt.store.local import TMP_PREFIX, LocalStore, fsync_dir
+from lightning_ckpt.store.local import LocalStore
 
 LEDGER_FILE = "ledger.json"
 LEDGER_VERSION = 1
@@ -60,6 +59,13 @@ class Entry:
     status: str = COMMITTED
     deleted_reason: str | None = None
 
+    @classmethod
+    def from_manifest(cls, name: str, m: Manifest) -> Entry:
+        """The entry of a committed checkpoint, from what its manifest records."""
+        return cls(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created, run_id=m.run_id,
+                   reason=str(m.meta.get(META_REASON, "")), metrics=clean_metrics(m.meta.get(META_METRICS) or {}),
+                   size=m.total_bytes)
+
 
 class Ledger:
     """Reads, reconciles and atomically rewrites ``ledger.json`` in a store's root.
@@ -81,10 +87,7 @@ class Ledger:
                 entries[name] = replace(entry, status=DELETED, deleted_reason="missing on disk")
         for name, listed in on_disk.items():
             if name not in entries or entries[name].status != COMMITTED:
-                m = listed.manifest
-                entries[name] = Entry(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created,
-                                      run_id=m.run_id, reason=str(m.meta.get(META_REASON, "")),
-                                      metrics=clean_metrics(m.meta.get(META_METRICS) or {}), size=m.total_bytes)
+                entries[name] = Entry.from_manifest(name, listed.manifest)
         return sorted(entries.values(), key=lambda e: (e.step, e.wall_time, e.name))
 
     def _read(self) -> list[Entry]:
@@ -97,21 +100,15 @@ class Ledger:
             return []
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             warnings.warn(f"{self.path}: damaged ledger ({err!r}); rebuilding it from the checkpoints' manifests "
-                          "(metrics logged after a save are lost)", stacklevel=3)
+                          "(metrics logged after a save are lost)", CheckpointWarning, stacklevel=3)
             return []
 
     def save(self, entries: list[Entry]) -> None:
-        """Rewrite the ledger atomically (temporary file, fsync, rename, fsync of the directory)."""
+        """Rewrite the ledger atomically.
+
+        Raises:
+            StorageError: the write failed; the checkpoints are safe and the ledger is rebuilt from
+                their manifests on the next start.
+        """
         doc = {_K_VERSION: LEDGER_VERSION, "updated": time.time(), _K_ENTRIES: [asdict(e) for e in entries]}
-        tmp = self.path.with_name(f"{TMP_PREFIX}{LEDGER_FILE}.{uuid.uuid4().hex[:8]}")  # cleaned like any leftover
-        try:
-            with open(tmp, "w") as f:
-                json.dump(doc, f, indent=1, allow_nan=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise StorageError(err.errno, f"{self.path}: could not update the ledger ({err}); the checkpoints are "
-                               "safe and the ledger is rebuilt from their manifests on the next start") from err
+        self.store.replace_file(LEDGER_FILE, json.dumps(doc, indent=1, allow_nan=False).encode())

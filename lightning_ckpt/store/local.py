@@ -64,6 +64,24 @@ class LocalStore:
             raise StorageError(err.errno, f"{self.location(name)}: save failed, nothing was committed ({err}); "
                                "older checkpoints are untouched") from err
 
+    def replace_file(self, file: str, data: bytes) -> None:
+        """Atomically replace a small file in the store's root (the ledger): temporary file, fsync,
+        rename, fsync of the directory.
+
+        Raises:
+            StorageError: the write failed; the previous file is untouched.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{TMP_PREFIX}{file}.{uuid.uuid4().hex[:8]}"  # cleaned like any leftover
+        try:
+            self._write_file(tmp, [data])
+            os.replace(tmp, self.root / file)
+            fsync_dir(self.root)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(err.errno, f"{self.root / file}: could not update it ({err}); the checkpoints are "
+                               "safe, and the ledger is rebuilt from their manifests on the next start") from err
+
     def _write_file(self, path: Path, chunks: Sequence[Buffer]) -> None:
         """Write and fsync one file (a seam: fault-injection tests override it)."""
         with open(path, "wb", buffering=0) as f:
