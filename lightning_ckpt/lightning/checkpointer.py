@@ -21,7 +21,7 @@ from lightning_ckpt.lightning.preemption import SignalFlag
 from lightning_ckpt.manager import CheckpointManager, best_entry, latest_checkpoint, new_run_id
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store import LocalStore
-from lightning_ckpt.store.local import DirectoryLock
+from lightning_ckpt.store.local import DirectoryLock, local_path
 from lightning_ckpt.store.ledger import COMMITTED, META_METRICS, META_REASON, Entry, Ledger, clean_metrics
 
 TRAIN_END = "train_end"
@@ -40,7 +40,9 @@ class Checkpointer(ModelCheckpoint):
     save is recorded in ``dirpath/ledger.json``.
 
     Args:
-        dirpath: where checkpoints go; default ``<default_root_dir>/checkpoints``.
+        dirpath: where checkpoints go: a local directory (or a ``file://`` URL); default
+            ``<default_root_dir>/checkpoints``. Other URLs (``s3://``, ...) raise ``ValueError``
+            until remote stores exist.
         every_n_steps: save every N optimizer steps (``trainer.global_step``).
         every_n_epochs: save at the end of every N-th training epoch.
         every_seconds: save when this much wall-clock time passed since the last save.
@@ -96,7 +98,7 @@ class Checkpointer(ModelCheckpoint):
         top_k = (1 if monitor else 0) if top_k is None else top_k
         self._retention = RetentionConfig(keep_last=keep_last, top_k=top_k, monitor=monitor, mode=mode,
                                           keep_every_n_steps=keep_every_n_steps, max_total_bytes=max_total_bytes)
-        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self.dirpath = str(local_path(dirpath)) if dirpath is not None else None  # a URL is refused here
         self.monitor, self.mode, self.save_top_k = monitor, mode, top_k
         self.save_on_train_end, self.exact_resume = save_on_train_end, exact_resume
         if on_save_error not in ("raise", "warn"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest
-from lightning_ckpt.store.local import LocalStore
+from lightning_ckpt.store.local import LocalStore, local_path
 
 LIGHTNING_SUFFIX = ".ckpt"
 MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a larger one is damaged
@@ -20,12 +20,9 @@ def locate(path: str | os.PathLike) -> tuple[LocalStore, str]:
     A Lightning-style ``name.ckpt`` and the bare ``name`` both find a checkpoint saved under either.
 
     Raises:
-        NotImplementedError: a remote URL (remote stores come with the tiered-storage work).
+        ValueError: a remote URL (remote stores come with the tiered-storage work).
     """
-    text = os.fspath(path)
-    if "://" in text and not text.startswith("file://"):
-        raise NotImplementedError(f"{text}: remote checkpoint locations are not supported yet; use a local path")
-    p = Path(text.removeprefix("file://")).expanduser()
+    p = local_path(path, what="path")
     if not p.exists():
         alternative = p.with_name(p.name.removesuffix(LIGHTNING_SUFFIX)) if p.suffix == LIGHTNING_SUFFIX else (
             p.with_name(p.name + LIGHTNING_SUFFIX))

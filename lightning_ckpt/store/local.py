@@ -12,6 +12,7 @@ import ctypes
 import fcntl
 import errno
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,8 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 LOCK_FILE = ".lightning-ckpt.lock"
+FILE_SCHEME = "file"
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # "s3://", "gs://", "memory://", ...
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -36,7 +39,7 @@ class LocalStore:
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+        self.root = local_path(root)
 
     def location(self, name: str) -> str:
         """Where checkpoint ``name`` lives, for messages and for users."""
@@ -199,6 +202,24 @@ class DirectoryLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def local_path(location: str | os.PathLike, *, what: str = "dirpath") -> Path:
+    """A local path from a plain path or a ``file://`` URL.
+
+    Raises:
+        ValueError: any other URL scheme; without this, ``s3://b/x`` would quietly become a local
+            folder named ``s3:``.
+    """
+    text = os.fspath(location)
+    match = _URL.match(text)
+    if match is None:
+        return Path(text).expanduser()
+    if match[1].lower() == FILE_SCHEME:
+        return Path(text[match.end():]).expanduser()
+    raise ValueError(f"{what}={text!r} is a {match[1]}:// URL, but lightning-ckpt reads and writes local "
+                     "directories only (remote storage tiers are coming); pass a local path, e.g. a mounted "
+                     "bucket, or a local directory that you sync yourself")
 
 
 def _remove(path: Path) -> None:
