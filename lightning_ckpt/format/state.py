@@ -53,12 +53,17 @@ class _TensorTable:
         file = _FILE_FOR_TOP_KEY.get(path[0], EXTRA_TENSORS_FILE) if path else EXTRA_TENSORS_FILE
         table = self.files.setdefault(file, {})
         key = _unique_key(table, _tensor_key(path, file))
+        ref = f"{file}{_REF_SEP}{key}"
+        # An empty tensor holds no values to share, and every empty storage has data pointer 0:
+        # tracking them would tie distinct empty tensors together (safetensors skips them too).
+        if tensor.numel() == 0:
+            table[key] = _standalone(tensor)
+            return ref
         identity = _view_identity(tensor)
         if identity in self._seen:
             first = self._seen[identity]
             self.aliases.setdefault(file, {})[key] = first
             return first
-        ref = f"{file}{_REF_SEP}{key}"
         table[key] = _standalone(tensor)
         self._seen[identity] = ref
         return ref
