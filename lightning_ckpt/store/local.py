@@ -18,12 +18,17 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lightning_ckpt.errors import DirectoryInUseError, StorageError
+from lightning_ckpt.errors import CheckpointError, DirectoryInUseError, StorageError
 from lightning_ckpt.format.blob import Blob, Buffer
 from lightning_ckpt.format.manifest import MANIFEST_FILE
 
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
+# Hidden leftovers, one prefix per meaning, so that the next start knows what to do with each:
+TMP_PREFIX = ".tmp-"  # a save being written: removed
+PARKED_PREFIX = ".parked-"  # the old copy during a swap without RENAME_EXCHANGE: restored if its name is free
+DELETING_PREFIX = ".deleting-"  # being deleted, perhaps half-removed: removed, never restored
+# Earlier development builds used one prefix for both "parked" and "being deleted"; see _restorable.
+LEGACY_TRASH_PREFIX = ".trash-"
+LEFTOVER_PREFIXES = (TMP_PREFIX, PARKED_PREFIX, DELETING_PREFIX, LEGACY_TRASH_PREFIX)
 LOCK_FILE = ".lightning-ckpt.lock"
 FILE_SCHEME = "file"
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # "s3://", "gs://", "memory://", ...
@@ -105,16 +110,35 @@ class LocalStore:
 
     def _move_into_place(self, tmp: Path, target: Path) -> None:
         if not target.exists():
-            os.rename(tmp, target)
+            self._rename(tmp, target)
             return
         if _exchange(tmp, target):  # the old checkpoint now sits at tmp
-            _remove(tmp)
+            self._discard(tmp, target.name)
             return
-        # No atomic exchange on this filesystem: park the old one where clean_leftovers restores it.
-        trash = self.root / f"{TRASH_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}"
-        os.rename(target, trash)
-        os.rename(tmp, target)
-        _remove(trash)
+        # No atomic exchange on this filesystem: park the old one where clean_leftovers restores it
+        # if the new one never lands; once it has landed, the parked copy is discarded.
+        parked = self._hidden(PARKED_PREFIX, target.name)
+        self._rename(target, parked)
+        self._rename(tmp, target)
+        self._discard(parked, target.name)
+
+    def _discard(self, path: Path, name: str) -> None:
+        """Remove a directory so that no moment of it reads as a checkpoint: it is renamed to a
+        ``.deleting-`` name first (made durable before any file goes), which is only ever removed."""
+        doomed = self._hidden(DELETING_PREFIX, name)
+        self._rename(path, doomed)
+        fsync_dir(self.root)
+        self._remove_tree(doomed)
+
+    def _hidden(self, prefix: str, name: str) -> Path:
+        return self.root / f"{prefix}{name}.{uuid.uuid4().hex[:8]}"
+
+    # Seams: fault-injection tests override these to stop an operation between two of its steps.
+    def _rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def _remove_tree(self, path: Path) -> None:
+        _remove(path)
 
     def read(self, name: str, file: str, limit: int) -> bytes | None:
         """The bytes of one file of a checkpoint (at most ``limit``), or None when it does not exist.
@@ -143,14 +167,10 @@ class LocalStore:
                       if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
 
     def delete(self, name: str) -> None:
-        """Remove a checkpoint; it stops being listed at once, even if the removal is cut short."""
+        """Remove a checkpoint; it stops being listed at once, and a removal cut short stays deleted."""
         target = self.root / name
-        if not target.exists():
-            return
-        trash = self.root / f"{TRASH_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
-        os.rename(target, trash)
-        fsync_dir(self.root)
-        _remove(trash)
+        if target.exists():
+            self._discard(target, name)
 
     def lock(self) -> DirectoryLock:
         """Claim the directory for one writing run (released by ``DirectoryLock.release`` or process exit).
@@ -167,15 +187,26 @@ class LocalStore:
             return []
         removed = []
         for p in sorted(self.root.iterdir()):
-            if not p.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            prefix = next((x for x in LEFTOVER_PREFIXES if p.name.startswith(x)), None)
+            if prefix is None:
                 continue
-            original = p.name.removeprefix(TRASH_PREFIX).rsplit(".", 1)[0]
-            if p.name.startswith(TRASH_PREFIX) and (p / MANIFEST_FILE).is_file() and not (self.root / original).exists():
-                os.rename(p, self.root / original)
+            original = self.root / p.name.removeprefix(prefix).rsplit(".", 1)[0]
+            if not original.exists() and self._restorable(p, prefix):
+                self._rename(p, original)
                 continue
-            _remove(p)
+            self._remove_tree(p)
             removed.append(p.name)
         return removed
+
+    def _restorable(self, leftover: Path, prefix: str) -> bool:
+        if prefix == PARKED_PREFIX:  # never partly removed: a removal renames it to .deleting- first
+            return True
+        if prefix == LEGACY_TRASH_PREFIX:
+            # Ambiguous: a copy parked by a swap that never finished (whole, and the only copy left)
+            # or a deletion cut short (perhaps half-removed). Restore it only if every file verifies:
+            # a whole deleted one comes back and retention deletes it again, a damaged one never does.
+            return _verifies(self, leftover.name)
+        return False
 
 
 class DirectoryLock:
@@ -220,6 +251,16 @@ def local_path(location: str | os.PathLike, *, what: str = "dirpath") -> Path:
     raise ValueError(f"{what}={text!r} is a {match[1]}:// URL, but lightning-ckpt reads and writes local "
                      "directories only (remote storage tiers are coming); pass a local path, e.g. a mounted "
                      "bucket, or a local directory that you sync yourself")
+
+
+def _verifies(store: LocalStore, name: str) -> bool:
+    from lightning_ckpt.store.committed import verify  # committed imports this module
+
+    try:
+        verify(store, name)
+    except (CheckpointError, OSError):
+        return False
+    return True
 
 
 def _remove(path: Path) -> None:

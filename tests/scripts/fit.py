@@ -6,7 +6,8 @@ process with os._exit(3) after that optimizer step), every (save every N steps),
 (use lightning_ckpt.Checkpointer with these keyword arguments instead of ModelCheckpoint), hidden
 (model width), ready_after (print READY <step> that many steps after the start), sigterm_at (send itself SIGTERM after
 that step), sigterm_in_save_at (send itself SIGTERM in the middle of the save at that step),
-out (write the per-step losses as JSON there, and the final weights to <out>.pt).
+out (write the per-step losses as JSON there, and the final weights to <out>.pt), kill_mid_delete (the
+first checkpoint removal deletes one file, then the process SIGKILLs itself).
 """
 
 from __future__ import annotations
@@ -66,7 +67,21 @@ class SignalDuringSave(SafetensorsCheckpointIO):
         super().save_checkpoint(checkpoint, path, storage_options)
 
 
+def die_mid_delete() -> None:
+    """Stop the first checkpoint removal half-way, as a preemption would: one file gone, then SIGKILL."""
+    from lightning_ckpt.format import MODEL_FILE
+    from lightning_ckpt.store import LocalStore
+
+    def remove_one_file_then_die(store: LocalStore, path: Path) -> None:
+        (path / MODEL_FILE).unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    LocalStore._remove_tree = remove_one_file_then_die  # the store's fault-injection seam
+
+
 def main(opts: dict) -> None:
+    if opts.get("kill_mid_delete"):
+        die_mid_delete()
     if opts.get("checkpointer") is not None:
         from lightning_ckpt import Checkpointer
         ckpt = Checkpointer(dirpath=opts["dirpath"], **opts["checkpointer"])
