@@ -56,13 +56,14 @@ class SafetensorsCheckpointIO(CheckpointIO):
             NotACheckpointError: nothing is there (a ``FileNotFoundError``, worded as Lightning's).
             UnsafeCheckpointError: a ``.ckpt`` file that only a full unpickle could read.
         """
-        if Path(os.fspath(path)).is_file():
-            return engine.load_torch_file(path, map_location=map_location)
+        store, name = locate(path)
+        found = Path(store.location(name))
+        if found.is_file():
+            return engine.load_torch_file(found, map_location=map_location)
         try:
             return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle)
         except NotACheckpointError:
-            store, name = locate(path)
-            if Path(store.location(name)).exists():
+            if found.exists():
                 raise
             raise NotACheckpointError(
                 f"{NOT_FOUND_PREFIX}: {os.fspath(path)}: no checkpoint directory there (with or without .ckpt) and "

@@ -51,9 +51,10 @@ def _lightning_saving_module() -> ModuleType:
 
 def is_checkpoint_directory(path: object) -> bool:
     """Whether ``path`` names a local directory (with or without ``.ckpt``): ours to load."""
-    if not isinstance(path, (str, os.PathLike)) or "://" in os.fspath(path):
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str) or ("://" in text and not text.startswith("file://")):
         return False
-    store, name = locate(path)
+    store, name = locate(text)
     return Path(store.location(name)).is_dir()
 
 

@@ -131,30 +131,41 @@ def test_bare_import_is_enough_in_a_fresh_process(trained: dict) -> None:
 
 # -- stock .ckpt files under the plugin ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def stock_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _stock_checkpoint(dirpath: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath, save_last=True, every_n_train_steps=4)
+
+
+@pytest.fixture
+def stock_run(tmp_path: Path) -> Path:
     """A run checkpointed by stock Lightning (TorchCheckpointIO): dirpath holds step 4's .ckpt and last.ckpt."""
-    root = tmp_path_factory.mktemp("stock")
-    mc = ModelCheckpoint(root / "ckpts", save_last=True, every_n_train_steps=4)
-    _trainer(root, callbacks=[mc]).fit(TinyModel(), tiny_loader())
-    assert (root / "ckpts" / "last.ckpt").is_file()
-    return root / "ckpts"
+    _trainer(tmp_path, callbacks=[_stock_checkpoint(tmp_path / "ckpts")]).fit(TinyModel(), tiny_loader())
+    assert (tmp_path / "ckpts" / "last.ckpt").is_file()
+    return tmp_path / "ckpts"
 
 
 def test_stock_ckpt_resumes_validates_and_tests_under_the_plugin(stock_run: Path, tmp_path: Path) -> None:
     old = next(p for p in stock_run.glob("epoch=*.ckpt"))
-    for ckpt_path, callbacks in ((old, []), ("last", [ModelCheckpoint(stock_run, save_last=True, save_top_k=0)])):
-        model = TinyModel()
-        trainer = _trainer(tmp_path, max_steps=7, plugins=[SafetensorsCheckpointIO()], callbacks=callbacks,
-                           enable_checkpointing=bool(callbacks))
-        trainer.fit(model, tiny_loader(), ckpt_path=ckpt_path)
-        assert [s for s, _ in model.losses] == [4, 5, 6]  # resumed at step 4, not from scratch
+    model = TinyModel()
+    _trainer(tmp_path, max_steps=7, plugins=[SafetensorsCheckpointIO()], enable_checkpointing=False).fit(
+        model, tiny_loader(), ckpt_path=old)
+    assert [s for s, _ in model.losses] == [4, 5, 6]  # resumed at step 4, not from scratch
     old_weights = torch.load(old, weights_only=True)["state_dict"]
     model = TinyModel()
     trainer = _trainer(tmp_path, plugins=[SafetensorsCheckpointIO()], enable_checkpointing=False)
     trainer.validate(model, tiny_loader(seed=1), ckpt_path=old)
     assert all(torch.equal(model.state_dict()[k], old_weights[k]) for k in old_weights)
     assert "test_loss" in trainer.test(model, tiny_loader(seed=1), ckpt_path=old)[0]
+
+
+def test_stock_last_ckpt_is_found_resumed_and_replaced_by_a_directory(stock_run: Path, tmp_path: Path) -> None:
+    for max_steps, expected_steps in ((8, [4, 5, 6, 7]), (12, [8, 9, 10, 11])):
+        model = TinyModel()
+        _trainer(tmp_path, max_steps=max_steps, plugins=[SafetensorsCheckpointIO()],
+                 callbacks=[_stock_checkpoint(stock_run)]).fit(model, tiny_loader(), ckpt_path="last")
+        assert [s for s, _ in model.losses] == expected_steps  # the old file first, then our directory
+        assert (stock_run / "last.ckpt").is_dir()  # replaced in place, as stock Lightning overwrites it
+        assert lightning_ckpt.load_checkpoint(stock_run / "last.ckpt")["global_step"] == max_steps
+    assert sorted(p.name for p in stock_run.iterdir()) == ["epoch=1-step=12.ckpt", "last.ckpt"]  # top-1 pruned
 
 
 def test_hostile_ckpt_is_refused_without_running(tmp_path: Path) -> None:
