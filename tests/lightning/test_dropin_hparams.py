@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
+import subprocess
 import sys
 import types
 import warnings
@@ -203,3 +205,17 @@ def test_allow_pickle_conflicting_with_the_trainers_plugin_fails_naming_the_fix(
                         callbacks=[Checkpointer(tmp_path / "c", allow_pickle=True)])
     with pytest.raises(ValueError, match=r"pass SafetensorsCheckpointIO\(allow_pickle=True\)"):
         trainer.fit(TinyModel(), tiny_loader())
+
+
+def test_ddp_every_rank_refuses_before_training(tmp_path: Path) -> None:
+    """Every rank raises the same error at setup; none hangs waiting for the other."""
+    script = Path(__file__).parents[1] / "scripts" / "ddp_hparams.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpts")], capture_output=True, text=True,
+                          timeout=240)
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode != 0
+    assert sorted(r["rank"] for r in reports) == [0, 1], done.stderr[-2000:]
+    for report in reports:
+        assert report["error"] == "UnsupportedTypeError" and report["steps"] == 0
+        assert "checkpoint['hyper_parameters']['backbone']" in report["message"]
+    assert not any((tmp_path / "ckpts").glob("step=*"))

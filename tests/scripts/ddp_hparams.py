@@ -1,0 +1,39 @@
+"""Fit on 2 CPU ranks (DDP, gloo) with an nn.Module in the hyper-parameters; print what each rank raised.
+
+Usage: python ddp_hparams.py DIRPATH
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import TinyModel, tiny_loader  # noqa: E402
+
+from lightning_ckpt import Checkpointer  # noqa: E402
+
+
+def main(dirpath: str) -> None:
+    warnings.simplefilter("ignore")
+    trainer = L.Trainer(max_steps=4, strategy="ddp", devices=2, accelerator="cpu",
+                        callbacks=[Checkpointer(dirpath, every_n_steps=1)], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    model = TinyModel(backbone=torch.nn.Linear(2, 2))
+    try:
+        trainer.fit(model, tiny_loader())
+    except Exception as err:  # noqa: BLE001 - reported for the test to check, then re-raised
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        print(json.dumps({"rank": rank, "error": type(err).__name__, "message": str(err),
+                          "steps": len(model.losses)}), flush=True)
+        raise
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
