@@ -210,9 +210,9 @@ def test_allow_pickle_conflicting_with_the_trainers_plugin_fails_naming_the_fix(
 def test_ddp_every_rank_refuses_before_training(tmp_path: Path) -> None:
     """Every rank raises the same error at setup; none hangs waiting for the other."""
     script = Path(__file__).parents[1] / "scripts" / "ddp_hparams.py"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpts")], capture_output=True, text=True,
-                          timeout=240)
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpts"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=240)
+    reports = [json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")]
     assert done.returncode != 0
     assert sorted(r["rank"] for r in reports) == [0, 1], done.stderr[-2000:]
     for report in reports:
