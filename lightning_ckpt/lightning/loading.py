@@ -30,6 +30,7 @@ from lightning_ckpt.store import locate
 
 HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
 _LOADER_ATTR = "pl_load"
+_ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
 _allow_pickle: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_ckpt_allow_pickle", default=False)
 _Loadable = TypeVar("_Loadable", L.LightningModule, L.LightningDataModule)
 
@@ -64,7 +65,7 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
             return engine.load_checkpoint(path_or_url, map_location=map_location, allow_pickle=_allow_pickle.get())
         return original(path_or_url, map_location=map_location, weights_only=weights_only)
 
-    load.lightning_ckpt_original = original  # type: ignore[attr-defined]
+    setattr(load, _ORIGINAL_ATTR, original)
     return load
 
 
@@ -73,12 +74,15 @@ def install_load_hook() -> bool:
 
     Returns:
         True when the hook is in place (False only when ``LIGHTNING_CKPT_LOAD_HOOK=0``).
+
+    Raises:
+        CheckpointError: this Lightning release no longer reads checkpoints through ``pl_load``.
     """
     if os.environ.get(HOOK_ENV, "1") == "0":
         return False
     saving = _lightning_saving_module()
     current = getattr(saving, _LOADER_ATTR)
-    if not hasattr(current, "lightning_ckpt_original"):
+    if not hasattr(current, _ORIGINAL_ATTR):
         setattr(saving, _LOADER_ATTR, _wrap(current))
     return True
 
@@ -88,7 +92,7 @@ def _hooked(allow_pickle: bool) -> Iterator[None]:
     saving = _lightning_saving_module()
     before = getattr(saving, _LOADER_ATTR)
     token = _allow_pickle.set(allow_pickle)
-    if not hasattr(before, "lightning_ckpt_original"):
+    if not hasattr(before, _ORIGINAL_ATTR):
         setattr(saving, _LOADER_ATTR, _wrap(before))
     try:
         yield

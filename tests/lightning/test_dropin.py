@@ -108,6 +108,8 @@ def test_explicit_function_needs_no_hook(trained: dict, monkeypatch: pytest.Monk
     loaded = lightning_ckpt.load_from_checkpoint(TinyModel, path, map_location="cpu", lr=0.7)
     _same_weights(loaded, model)
     assert loaded.hparams.lr == 0.7
+    dm = lightning_ckpt.load_from_checkpoint(ScaledData, path)
+    assert (dm.hparams.scale, dm.batches_served) == (2.5, 7)
     assert saving.pl_load is original  # left as it was found
 
 
