@@ -133,6 +133,19 @@ def encode_state(state: Mapping[str, Any], *, allow_pickle: bool = False) -> dic
     return files
 
 
+def check_encodable(state: Mapping[str, Any], *, allow_pickle: bool = False) -> None:
+    """Raise what :func:`encode_state` would raise for ``state``, without building any file.
+
+    Raises:
+        UnsupportedTypeError: a leaf cannot be stored without pickling (the message names its key path).
+    """
+    def check_tensor(path: tuple, tensor: torch.Tensor) -> str:
+        _check_storable(path, tensor)
+        return ""
+
+    Encoder(sink=check_tensor, allow_pickle=allow_pickle).encode(dict(state))
+
+
 def decode_state(files: Mapping[str, bytes], *, allow_pickle: bool = False,
                  device: torch.device | str | None = None, where: str = "") -> dict[str, Any]:
     """Rebuild a checkpoint dict from the bytes of its files; the inverse of :func:`encode_state`.

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.errors import CheckpointWarning, StorageError
 from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
+from lightning_ckpt.lightning.hparams_check import check_hparams_storable
 from lightning_ckpt.lightning.preemption import SignalFlag
 from lightning_ckpt.manager import CheckpointManager, best_entry, latest_checkpoint, new_run_id
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
@@ -64,6 +65,9 @@ class Checkpointer(ModelCheckpoint):
             commit and stop training cleanly (add ``"SIGUSR1"`` for SLURM's ``--signal``).
         preemption_exit_code: after a preemption save, exit the process with this code once the
             Trainer has torn down; None lets ``trainer.fit`` return instead.
+        allow_pickle: pickle values that have no safe representation (an object in the
+            hyper-parameters), passed to the ``SafetensorsCheckpointIO`` this callback installs.
+            Off by default; hyper-parameters that need it are refused when ``fit`` starts.
     """
 
     clock = staticmethod(time.monotonic)  # a seam: tests set an instance attribute instead of sleeping
@@ -87,6 +91,7 @@ class Checkpointer(ModelCheckpoint):
         on_save_error: Literal["raise", "warn"] = "raise",
         preemption_signals: Sequence[str] = ("SIGTERM",),
         preemption_exit_code: int | None = 0,
+        allow_pickle: bool = False,
     ) -> None:
         # ModelCheckpoint.__init__ is deliberately not called: we subclass it only so that Lightning
         # treats this callback as one (ckpt_path="last" asks ModelCheckpoint instances, loggers read
@@ -105,6 +110,7 @@ class Checkpointer(ModelCheckpoint):
             raise ValueError(f"on_save_error={on_save_error!r}; use 'raise' (stop training) or 'warn' (train on)")
         self.on_save_error, self.preemption_exit_code = on_save_error, preemption_exit_code
         self._preemption = SignalFlag(preemption_signals)
+        self.allow_pickle = allow_pickle
         self._lock: DirectoryLock | None = None
         self._manager: CheckpointManager | None = None
         self._best_override: str | None = None
@@ -125,10 +131,11 @@ class Checkpointer(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self._resolve_dirpath(trainer)
         self._manager = CheckpointManager(self.dirpath, self._retention, run_id=new_run_id())
-        _ensure_safetensors_io(trainer)
+        io = _ensure_safetensors_io(trainer, self.allow_pickle)
         if stage != "fit":
             self._manager.refresh()
             return
+        check_hparams_storable(trainer, pl_module, allow_pickle=io.allow_pickle)
         if trainer.is_global_zero:
             self._lock = self._manager.store.lock()
             self._manager.store.clean_leftovers()
@@ -325,15 +332,19 @@ def _from_rank_zero(trainer: L.Trainer, value: Any) -> Any:
     return trainer.strategy.broadcast(value, src=0) if trainer.world_size > 1 else value
 
 
-def _ensure_safetensors_io(trainer: L.Trainer) -> None:
+def _ensure_safetensors_io(trainer: L.Trainer, allow_pickle: bool) -> SafetensorsCheckpointIO:
     io = trainer.strategy.checkpoint_io
     if isinstance(io, SafetensorsCheckpointIO):
-        return
+        if allow_pickle and not io.allow_pickle:
+            raise ValueError("Checkpointer(allow_pickle=True), but the Trainer's SafetensorsCheckpointIO has "
+                             "allow_pickle=False; pass SafetensorsCheckpointIO(allow_pickle=True) to the Trainer")
+        return io
     if type(io) is not TorchCheckpointIO:
         raise ValueError(f"Checkpointer writes with SafetensorsCheckpointIO, but the Trainer has {type(io).__name__}; "
                          "pass plugins=[SafetensorsCheckpointIO()] to the Trainer")
-    trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
+    trainer.strategy.checkpoint_io = io = SafetensorsCheckpointIO(allow_pickle=allow_pickle)
     rank_zero_info("Checkpointer: using SafetensorsCheckpointIO for this Trainer's checkpoints")
+    return io
 
 
 def _ensure_exact_resume(trainer: L.Trainer) -> None:
