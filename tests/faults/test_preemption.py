@@ -48,6 +48,14 @@ def test_signal_during_an_in_flight_save(tmp_path):
     assert load_checkpoint(latest_checkpoint(tmp_path / "c"))["global_step"] == 4
 
 
+@pytest.mark.parametrize("signals", [["SIGFOO"], ["SIGKILL"], [-3], "SIGTERM"])
+def test_unknown_or_uncatchable_signal_fails_at_construction(signals):
+    from lightning_ckpt import Checkpointer
+
+    with pytest.raises(ValueError, match=r"preemption_signals.*(SIGTERM|\[)"):
+        Checkpointer(preemption_signals=signals)
+
+
 def test_sigusr1_when_configured(tmp_path):
     child = start_fit(max_steps=10**6, ready_after=2, **opts(tmp_path, preemption_signals=["SIGTERM", "SIGUSR1"]))
     wait_ready(child)
