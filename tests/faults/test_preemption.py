@@ -119,3 +119,24 @@ def test_resume_after_sigterm_is_bit_identical_to_a_run_never_stopped(tmp_path):
     a = torch.load(tmp_path / "a.json.pt", weights_only=True)
     b = torch.load(tmp_path / "b.json.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_signal_during_a_validation_saves_at_its_end_and_resumes_exactly(tmp_path):
+    import torch
+
+    exact = {"checkpointer": {"every_n_steps": 1000}, "val_every": 3}
+    straight = run_fit(dirpath=tmp_path / "a", max_steps=12, out=tmp_path / "a.json", **exact)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    report = tmp_path / "report.json"
+    stopped = run_fit(dirpath=tmp_path / "b", max_steps=12, sigterm_at=6, sigterm_in="on_validation_start",
+                      report=report, **exact)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert [(e["step"], e["reason"]) for e in ledger(tmp_path / "b")] == [(6, "preempted")]  # not one step later
+    assert report_of(report)["val_steps"] == [3, 6]  # the validation in progress finished, no other ran
+    resumed = run_fit(dirpath=tmp_path / "b", max_steps=12, ckpt_path="last", out=tmp_path / "b.json", **exact)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((tmp_path / "a.json").read_text())["losses"]
+    assert json.loads((tmp_path / "b.json").read_text())["losses"] == expected[6:]
+    a = torch.load(tmp_path / "a.json.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.json.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
