@@ -36,8 +36,9 @@ class ExitInTeardown(Callback):
 
 
 def trainer_with(*callbacks: Callback, **kw) -> L.Trainer:
+    kw.setdefault("enable_checkpointing", False)
     return L.Trainer(callbacks=list(callbacks), logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     enable_checkpointing=False, limit_val_batches=2, num_sanity_val_steps=0, **kw)
+                     limit_val_batches=2, num_sanity_val_steps=0, **kw)
 
 
 @pytest.mark.parametrize("minimum", [{"min_steps": 40}, {"min_epochs": 3}])
@@ -72,3 +73,23 @@ def test_no_exit_hook_over_an_installed_profiler():
     finally:
         sys.setprofile(None)
     assert exit_cb.armed is False
+
+
+def test_the_handlers_found_before_fit_are_back_after_it(tmp_path):
+    import signal
+
+    from lightning_ckpt import Checkpointer
+
+    def mine(signum, frame):  # a handler the user had before fit
+        return None
+
+    before, term = signal.signal(signal.SIGUSR1, mine), signal.getsignal(signal.SIGTERM)
+    try:
+        for _ in range(2):  # and a second fit does not leave Lightning's or our handler behind either
+            ckpt = Checkpointer(tmp_path / "c", every_n_steps=2, exact_resume=False,
+                                preemption_signals=["SIGTERM", "SIGUSR1"])
+            trainer_with(ckpt, max_steps=3, enable_checkpointing=True).fit(TinyModel(), tiny_loader())
+            assert signal.getsignal(signal.SIGUSR1) is mine and signal.getsignal(signal.SIGTERM) == term
+            assert ckpt.preempted is None
+    finally:
+        signal.signal(signal.SIGUSR1, before)
