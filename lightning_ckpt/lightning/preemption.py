@@ -115,8 +115,8 @@ def finish_preemption(trainer: L.Trainer, received: signal.Signals, saved_step: 
     rank_zero_info(f"Checkpointer: stopped on {received.name} {done}")
     if code is not None and not exit_when_fit_returns(trainer, code):
         warnings.warn(f"Checkpointer: preempted, but cannot exit with preemption_exit_code={code} as trainer.fit "
-                      "returns (a profiler is installed), so trainer.fit returns: check checkpointer.preempted "
-                      "and exit yourself", CheckpointWarning, stacklevel=2)
+                      "returns (a profiler is installed, or fit runs elsewhere), so trainer.fit returns: check "
+                      "checkpointer.preempted and exit yourself", CheckpointWarning, stacklevel=2)
 
 
 def exit_when_fit_returns(trainer: L.Trainer, code: int) -> bool:
