@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_ckpt.errors import CheckpointWarning, StorageError
 from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.lightning.hparams_check import check_hparams_storable
-from lightning_ckpt.lightning.preemption import SignalFlag
+from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.manager import CheckpointManager, best_entry, latest_checkpoint, new_run_id
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store import LocalStore
@@ -61,10 +61,13 @@ class Checkpointer(ModelCheckpoint):
             the Trainer does not have it already.
         on_save_error: ``"raise"`` stops training when a save fails (disk full, ...); ``"warn"``
             warns and trains on. Either way nothing partial is left and nothing older is deleted.
-        preemption_signals: on these signals, save at the next optimizer-step boundary, wait for the
-            commit and stop training cleanly (add ``"SIGUSR1"`` for SLURM's ``--signal``).
-        preemption_exit_code: after a preemption save, exit the process with this code once the
-            Trainer has torn down; None lets ``trainer.fit`` return instead.
+        preemption_signals: on these signals, save at the next optimizer-step boundary (or at the end
+            of the validation or training the signal arrives in), wait for the commit and stop training
+            now, before any further validation and whatever ``min_steps`` says (add ``"SIGUSR1"`` for
+            SLURM's ``--signal``). After training ended, the final save stands for it.
+        preemption_exit_code: after a preemption, exit the process with this code as ``trainer.fit``
+            returns, the run having finished normally; None lets ``trainer.fit`` return instead (see
+            :attr:`preempted`).
         allow_pickle: pickle values that have no safe representation (an object in the
             hyper-parameters), passed to the ``SafetensorsCheckpointIO`` this callback installs.
             Off by default; hyper-parameters that need it are refused when ``fit`` starts.
@@ -121,6 +124,15 @@ class Checkpointer(ModelCheckpoint):
         self._warned_monitor = False
         self._validated_step: int | None = None
         self._preempted = False
+        self._catching = False  # our signal handlers are installed for this fit
+        self._at_step_boundary = False  # the last training batch ended an optimizer step
+        self._val_limit: float | int | None = None  # limit_val_batches, set aside while stopping
+
+    @property
+    def preempted(self) -> str | None:
+        """The signal (``"SIGTERM"``) that stopped the last ``fit``, or None: with ``preemption_exit_code=None``,
+        how a script learns that ``trainer.fit`` returned early."""
+        return self._preemption.received.name if self._preempted and self._preemption.received else None
 
     @property
     def state_key(self) -> str:
@@ -145,10 +157,12 @@ class Checkpointer(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_time, self._last_step_seen = self.clock(), trainer.global_step
-        # Installed after Lightning's own handlers, in their place until training ends: Lightning would
+        # Installed after Lightning's own handlers, in their place until our teardown: Lightning would
         # stop at the end of the batch the signal arrives in, before (or without) our save.
+        self._preempted, self._at_step_boundary = False, False
         if trainer.world_size == 1:
             self._preemption.install()
+            self._catching = True
         else:  # Lightning's SIGTERM handler runs a collective inside the handler; ours must not replace it
             rank_zero_info("Checkpointer: with several ranks, preemption signals are left to Lightning's handler")
         if trainer.ckpt_path is not None:  # resumed: the step we start from is saved already
@@ -168,11 +182,9 @@ class Checkpointer(ModelCheckpoint):
             reason = _from_rank_zero(trainer, reason)  # clocks differ across ranks; a save is collective
         if stepped and reason:
             self._save(trainer, reason)
-        if self._preemption.received is not None:
-            if stepped:  # a step boundary: the state resumes exactly from here
-                if step != self._last_saved_step:
-                    self._save(trainer, PREEMPTED)
-                self._preempted, trainer.should_stop = True, True
+        self._at_step_boundary = stepped
+        if stepped and self._save_if_preempted(trainer):  # a step boundary: the state resumes exactly from here
+            self._stop_now(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reason = self._schedule.on_epoch_end(trainer.current_epoch, trainer.global_step,
@@ -193,19 +205,26 @@ class Checkpointer(ModelCheckpoint):
             self._manager.prune()  # a later metric can change the top-k
             self._manager.commit_ledger()
         self._manager.entries = _from_rank_zero(trainer, self._manager.entries)
+        if self._at_step_boundary and self._save_if_preempted(trainer):  # a signal during this validation
+            self._stop_now(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._preemption.restore()  # before Lightning restores the handlers it replaced
+        self._save_if_preempted(trainer)  # a signal after the last training batch (the final validation)
         if self.save_on_train_end and not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, TRAIN_END)
-        if self._preempted and self.preemption_exit_code is not None:
-            received = self._preemption.received
-            self._release()
-            rank_zero_info(f"Checkpointer: stopped on {received.name} after saving step {self._last_saved_step}")
-            raise SystemExit(self.preemption_exit_code)  # Lightning tears down, then the process exits
+        if self._val_limit is not None:  # set aside by _stop_now; a later trainer.validate() needs it
+            trainer.limit_val_batches, self._val_limit = self._val_limit, None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._catching:  # Lightning's teardown has just put back the handlers it found; catch until ours
+            self._preemption.resume()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._catching and self._preemption.received is not None:
+            self._preempted = True  # after training ended: the final save (save_on_train_end) stands for it
         self._release()
+        if self._preempted and stage == "fit":
+            finish_preemption(trainer, self._preemption.received, self._last_saved_step, self.preemption_exit_code)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Only let go: what was committed is safe, and a torn save is never listed."""
@@ -213,6 +232,7 @@ class Checkpointer(ModelCheckpoint):
 
     def _release(self) -> None:
         self._preemption.restore()
+        self._catching = False
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -270,6 +290,19 @@ class Checkpointer(ModelCheckpoint):
         return {store.location(e.name): torch.tensor(e.metrics[self.monitor]) for e in kept[: self.save_top_k]}
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _save_if_preempted(self, trainer: L.Trainer) -> bool:
+        """Once a preemption signal was received, save this step (once, unless saved already); True then."""
+        if self._preemption.received is None:
+            return False
+        if not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
+            self._save(trainer, PREEMPTED)
+        self._preempted = True
+        return True
+
+    def _stop_now(self, trainer: L.Trainer) -> None:
+        if self._val_limit is None:
+            self._val_limit = stop_training_now(trainer)
 
     def _save(self, trainer: L.Trainer, reason: str) -> None:
         manager = self._manager
