@@ -33,6 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
@@ -53,6 +54,7 @@ from lightning_ckpt.lightning.resume_audit import (
 from lightning_ckpt.rng import RNGSnapshot
 
 STATE_VERSION = 1
+CHECKPOINT_KEY = "exact_resume"  # the checkpoint's top-level entry that holds the state
 K_VERSION = "version"
 K_ORDER_SEED = "order_seed"
 K_EPOCH = "next_epoch"
@@ -151,9 +153,7 @@ class ExactResume(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if K_LOGGED in self._pending:
-            # The first batch after the resume has logged its values: add what the epoch had before.
-            training_state.merge_epoch_logged_states(trainer, self._pending.pop(K_LOGGED))
+        self._merge_logged_once(trainer)
         if self._batch_idx is not None:
             self._anchor = self._capture_anchor(trainer)
         if self._recorder is not None or self._verifier is not None:
@@ -166,9 +166,30 @@ class ExactResume(Callback):
 
     # ---------------------------------------------------------------- checkpoint state
 
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self._trainer
-        if trainer is None or trainer.lightning_module is None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # A top-level entry, not a callback state: outside fit the state is not needed, and a callback
+        # state without its callback makes test/validate(ckpt_path=...) ask for the callback.
+        state = self._checkpoint_state(trainer)
+        if state:
+            checkpoint[CHECKPOINT_KEY] = state
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        version = state.get(K_VERSION)
+        if version != STATE_VERSION:
+            raise ValueError(f"ExactResume state version {version!r} is not {STATE_VERSION}; this checkpoint was "
+                             "written by another version of lightning-ckpt")
+        self._loaded, self._resumed = state, True
+
+    # ---------------------------------------------------------------- checkpoint state
+
+    def _checkpoint_state(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What a checkpoint saved now needs to resume exactly (a collective under DDP)."""
+        if trainer.lightning_module is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
         if self._anchor is None or self._batch_idx is not None:
             # Saved before our batch-end hook ran (or before any batch): the state is the one of now.
@@ -182,13 +203,6 @@ class ExactResume(Callback):
             K_WORLD_SIZE: trainer.world_size, K_AUDIT_DIR: None if audit_dir is None else str(audit_dir),
             K_RANKS: training_state.gather(self._rank_state(trainer, anchor)),
         }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get(K_VERSION)
-        if version != STATE_VERSION:
-            raise ValueError(f"ExactResume state version {version!r} is not {STATE_VERSION}; this checkpoint was "
-                             "written by another version of lightning-ckpt")
-        self._loaded, self._resumed = state_dict, True
 
     # ---------------------------------------------------------------- internals
 
@@ -259,6 +273,11 @@ class ExactResume(Callback):
             rank_zero_info(f"ExactResume: the train dataloader resumes at epoch {position.epoch}, "
                            f"batch {position.batch}")
             self._undo.append(_silence_not_resumable_warning())
+
+    def _merge_logged_once(self, trainer: pl.Trainer) -> None:
+        """Once the first batch after a resume has logged its values, add what the epoch had before."""
+        if K_LOGGED in self._pending:
+            training_state.merge_epoch_logged_states(trainer, self._pending.pop(K_LOGGED))
 
     def _before_fetch(self) -> None:
         """Seam: a training batch is about to be fetched; start it from the state after the last batch."""

@@ -126,7 +126,7 @@ def test_checkpoint_state_is_plain_data(runner: Runner, name: str) -> None:
     scenario = SCENARIO_BY_NAME[name]
     (crashed,) = runner.run({**scenario.opts, **scenario.crash_opts, "crash_at_batch": scenario.crash_at_batch})
     checkpoint = torch.load(crashed.ckpt_dir / scenario.resume_from, weights_only=True)
-    state = checkpoint["callbacks"]["ExactResume"]
+    state = checkpoint["exact_resume"]
     odd = [(path, type(leaf).__name__) for path, leaf in _leaves(state) if not isinstance(leaf, ALLOWED_LEAVES)]
     assert not odd
     (rank_state,) = state["ranks"]
