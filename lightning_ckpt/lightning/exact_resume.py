@@ -191,6 +191,8 @@ class ExactResume(Callback):
         """What a checkpoint saved now needs to resume exactly (a collective under DDP)."""
         if trainer.lightning_module is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
+        if self._batch_idx is not None:
+            self._merge_logged_once(trainer)  # a saver whose batch-end hook runs before ours
         if self._anchor is None or self._batch_idx is not None:
             # Saved before our batch-end hook ran (or before any batch): the state is the one of now.
             self._anchor = self._capture_anchor(trainer)

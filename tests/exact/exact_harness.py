@@ -88,7 +88,7 @@ def merged_records(crashed: Run, resumed: Run, rank: int = 0) -> dict[str, Any]:
     batches_per_epoch = before["batches_per_epoch"]
     trained_epochs = {str((int(n) - 1) // batches_per_epoch) for n in after["losses"]}
     resumed_epochs = {k: v for k, v in after["epoch_metrics"].items() if k in trained_epochs}
-    return {"losses": {**before["losses"], **after["losses"]},
+    return {"losses": {**before["losses"], **after["losses"]}, "lrs": {**before["lrs"], **after["lrs"]},
             "epoch_metrics": {**before["epoch_metrics"], **resumed_epochs},
             "val_metrics": {**before["val_metrics"], **after["val_metrics"]}}
 
