@@ -129,7 +129,11 @@ def unsupported_reason(loader: object) -> str | None:
     if not isinstance(loader, DataLoader):
         return f"{type(loader).__name__} is not a torch.utils.data.DataLoader"
     if isinstance(loader.dataset, IterableDataset):
-        return "its dataset is an IterableDataset, which has no indices to skip"
+        if is_stateful(loader.dataset):
+            return ("its dataset is an IterableDataset whose state_dict a plain DataLoader does not save "
+                    "(torchdata's StatefulDataLoader does)")
+        return ("its dataset is an IterableDataset without state_dict, so its position cannot be restored (give it "
+                "state_dict/load_state_dict and load it with torchdata's StatefulDataLoader)")
     if loader.batch_sampler is None:
         return "it has no batch sampler (batch_size=None)"
     return None

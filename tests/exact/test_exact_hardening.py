@@ -10,9 +10,10 @@ import lightning as L
 import pytest
 import torch
 from exact_harness import Run, Runner, assert_same_training
+from lightning.pytorch.callbacks import ModelCheckpoint
 from tiny import TinyModel, tiny_loader
 
-from lightning_ckpt import Checkpointer, SafetensorsCheckpointIO, latest_checkpoint, load_checkpoint
+from lightning_ckpt import Checkpointer, ExactResume, SafetensorsCheckpointIO, latest_checkpoint, load_checkpoint
 
 # Checkpointer saves at steps 7 and 14 (epoch 1, batch 2) and at step 15, the first step after a resume from 14.
 _CHECKPOINTER = {"save_every_n_steps": 0,
@@ -96,3 +97,101 @@ def test_test_and_validate_from_an_exact_checkpoint_do_not_ask_for_the_callback(
     assert "test_loss" in tested[0] and "val_loss" in validated[0]
     # (Without the Checkpointer Lightning still asks for it; that callback state is its own, not ours.)
     assert not [str(w.message) for w in caught if "ExactResume" in str(w.message)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scheduler", ["plateau", "step"])
+def test_epoch_interval_schedulers_resume_exactly(runner: Runner, scheduler: str) -> None:
+    """A mid-epoch resume steps ReduceLROnPlateau (on a logged train metric) and an epoch StepLR at the end of
+    the resumed epoch as the uninterrupted run does: same learning rates, losses and final weights."""
+    opts = {"epoch_scheduler": scheduler}
+    reference, crashed = runner.run(opts, {**opts, "crash_at_batch": 19})
+    (resumed,) = runner.run({**opts, "ckpt_path": str(crashed.ckpt_dir / "step=14.ckpt")})
+    lr = {n: float.fromhex(v) for n, v in reference.records()["lrs"].items()}
+    assert lr["25"] / lr["23"] < 0.5, "the per-step StepLR alone gives 0.8: the epoch scheduler halved it too"
+    assert_same_training(reference, crashed, resumed)
+    assert resumed.records()["audit"]["status"] == "exact"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("broken", [False, True], ids=["exact", "scheduler_skipped_after_resume"])
+def test_the_audit_covers_the_epoch_end(runner: Runner, broken: bool) -> None:
+    """The audit compares the hyper-parameters at the end of the resumed epoch, where only an epoch-interval
+    scheduler differs: skipping ReduceLROnPlateau there after the resume (as stock Lightning does) is caught.
+    The crashed run saved at step 21 (epoch 1, batch 8) and recorded steps 22-24 and the end of epoch 1."""
+    (crashed,) = runner.run({"epoch_scheduler": "plateau", "crash_at_batch": 27})
+    (resumed,) = runner.run({"epoch_scheduler": "plateau", "ckpt_path": str(crashed.ckpt_dir / "step=21.ckpt"),
+                             "skip_epoch_scheduler_after_resume": broken})
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    audit = resumed.records()["audit"]
+    if not broken:
+        assert audit["message"] == "resume from step 21 verified exact over 3 steps and the end of epoch 1"
+        return
+    assert audit["status"] == "mismatch"
+    assert audit["message"].startswith("resume from step 21 is NOT exact: at the end of epoch 1 (step 24) the "
+                                       "optimizer and scheduler hyper-parameters differ")
+    assert "after 3 steps matched" in audit["message"]
+    assert f"ResumeAuditWarning: {audit['message']}" in resumed.records()["warnings"]
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The points of ``tiny_loader`` as a stream, without ``state_dict``."""
+
+    def __init__(self) -> None:
+        self.data = tiny_loader().dataset
+
+    def __iter__(self) -> Any:
+        return iter(self.data)
+
+
+class _FirstOfSeveral(TinyModel):
+    """Trains on the first of several train loaders' batches."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return super().training_step(batch[0], batch_idx)
+
+
+_LIMITS = {
+    "iterable_dataset": (TinyModel, lambda: torch.utils.data.DataLoader(_Stream(), batch_size=8),
+                         "its dataset is an IterableDataset without state_dict"),
+    "two_train_loaders": (_FirstOfSeveral, lambda: [tiny_loader(), tiny_loader(seed=2)],
+                          "there are 2 train dataloaders and only a single one's position is restored"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("limit", list(_LIMITS))
+def test_a_resume_that_cannot_be_exact_says_why_once(tmp_path: Path, limit: str) -> None:
+    model_type, loaders, reason = _LIMITS[limit]
+
+    def fit(root: Path, ckpt_path: Path | None = None) -> tuple[ExactResume, list[str]]:
+        L.seed_everything(0, verbose=False)
+        exact = ExactResume(audit_dir=tmp_path)
+        saver = ModelCheckpoint(dirpath=tmp_path / "c", filename="{step}", save_top_k=-1, every_n_train_steps=5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _quiet_trainer(root, max_steps=8, callbacks=[exact, saver], limit_val_batches=0).fit(
+                model_type(), loaders(), ckpt_path=ckpt_path)
+        return exact, [str(w.message) for w in caught if "ExactResume" in str(w.message)]
+
+    fit(tmp_path / "first")
+    exact, said = fit(tmp_path / "resumed", ckpt_path=tmp_path / "c" / "step=5.ckpt")
+    assert len(said) == 1 and said[0].startswith(f"ExactResume: the resume from {tmp_path / 'c' / 'step=5.ckpt'} "
+                                                 "(step 5) cannot be exact: ") and reason in said[0], said
+    assert exact.last_audit is not None and exact.last_audit.status == "mismatch"
+    assert f"Likely cause: {reason}" in exact.last_audit.message
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_on_another_world_size_says_why_once(runner: Runner) -> None:
+    """Saved by 2 gloo ranks, resumed by 1 process."""
+    (crashed,) = runner.run({"ddp": True, "save_every_n_steps": 4, "crash_at_batch": 10})
+    assert crashed.returncode == 1, crashed.output[-3000:]
+    (resumed,) = runner.run({"save_every_n_steps": 4, "ckpt_path": str(crashed.ckpt_dir / "step=8.ckpt")})
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    records = resumed.records()
+    said = [w for w in records["warnings"] if "cannot be exact" in w]
+    reason = "the world size changed from 2 to 1 ranks"
+    assert len(said) == 1 and reason in said[0], records["warnings"]
+    assert records["audit"]["status"] == "mismatch"
+    assert f"Likely cause: {reason}" in records["audit"]["message"]
