@@ -277,20 +277,17 @@ class ExactResume(Callback):
         """Seam: the train loaders exist and no iterator over them does yet."""
         trainer = self._trainer
         assert trainer is not None
-        plain = [loader for loader in loaders if not data_position.is_stateful(loader)]
-        reason = None if not plain else data_position.unsupported_reason(plain[0]) if len(loaders) == 1 else (
-            f"there are {len(loaders)} train dataloaders and only a single one's position is restored")
+        loader, reason = data_position.trackable(loaders)
         if reason is not None and reason not in self._limits:
             self._limits[reason] = None
             if self._loaded is None:  # not resuming: a resume of this run's checkpoints will say so too
                 rank_zero_warn(f"ExactResume cannot restore the position of the train dataloader: {reason}")
         self._apply_loaded_state()
-        if plain and reason is None:
-            self._track(trainer, plain[0])
+        if loader is not None:
+            self._track(trainer, loader)
 
-    def _track(self, trainer: pl.Trainer, loader: object) -> None:
+    def _track(self, trainer: pl.Trainer, loader: torch.utils.data.DataLoader) -> None:
         """Make the position of ``loader`` a function of the epoch; start a resumed epoch where it stopped."""
-        assert isinstance(loader, torch.utils.data.DataLoader)
         if self._order_seed is None:
             self._order_seed = data_position.default_order_seed(loader)
         sampler = data_position.install(loader, order_seed=self._order_seed, rank=trainer.global_rank,

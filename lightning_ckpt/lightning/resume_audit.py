@@ -2,8 +2,9 @@
 
 After a checkpoint is saved, the training that goes on records a fingerprint of each of the next
 few batches, its loss and the optimizer and scheduler hyper-parameters after it, and those
-hyper-parameters again at the end of the epoch (where epoch-interval schedulers step), in a side file next to the checkpoints (one JSON file per rank, replaced
-atomically after every recorded step, so a crash keeps what was recorded). A run resumed from that
+hyper-parameters again at the end of the epoch (where epoch-interval schedulers step), in a side
+file next to the checkpoints (one JSON file per rank, replaced atomically after every recorded
+step, so a crash keeps what was recorded). A run resumed from that
 checkpoint replays the same steps and compares: equal fingerprints prove the resume exact, over
 what was compared, without a second run. Nothing here imports Lightning.
 """

@@ -1,4 +1,4 @@
-"""The Lightning internals ExactResume touches (checked with Lightning 2.6.6): this fails loudly if a release moves one."""
+"""The Lightning internals ExactResume touches (checked with Lightning 2.6.6): fails loudly if a release moves one."""
 
 from __future__ import annotations
 

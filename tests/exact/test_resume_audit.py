@@ -58,7 +58,8 @@ def test_the_epoch_end_is_compared_after_the_steps(tmp_path: Path) -> None:
     _record(path, [_step(11), _step(12)], epoch_end="after-epoch-0")
     verifier = AuditVerifier.load([path], global_step=10, save_id="s1")
     assert verifier.check(_step(11)) is None and verifier.check(_step(12)) is None  # waits for the epoch end
-    assert verifier.finish().message == "resume from step 10 verified exact over 2 steps (the end of epoch 0: not reached)"
+    assert verifier.finish().message == ("resume from step 10 verified exact over 2 steps "
+                                         "(the end of epoch 0: not reached)")
     report = verifier.check_epoch_end("after-epoch-0", global_step=24)
     assert report.status == "exact"
     assert report.message == "resume from step 10 verified exact over 2 steps and the end of epoch 0"
@@ -129,7 +130,8 @@ def test_training_that_ends_early_reports_what_it_compared(tmp_path: Path) -> No
     verifier = AuditVerifier.load([path], global_step=10, save_id="s1")
     assert verifier.finish().status == "not_audited"
     verifier.check(_step(11))
-    assert verifier.finish().message == "resume from step 10 verified exact over 1 step (the end of epoch 0: not recorded)"
+    assert verifier.finish().message == ("resume from step 10 verified exact over 1 step "
+                                         "(the end of epoch 0: not recorded)")
 
 
 def test_old_records_are_pruned(tmp_path: Path) -> None:
