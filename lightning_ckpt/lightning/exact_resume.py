@@ -158,7 +158,9 @@ class ExactResume(Callback):
         self._merge_logged_once(trainer)
         if self._batch_idx is not None:
             self._anchor = self._capture_anchor(trainer)
-        if self._recorder is not None or self._verifier is not None:
+        recorder, verifier = self._recorder, self._verifier
+        # Fingerprints cost a pass over the batch: only while steps are left to record or compare.
+        if (recorder is not None and not recorder.steps_done) or (verifier is not None and verifier.steps_left):
             self._audit_step(trainer, outputs, batch, batch_idx)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -206,9 +206,13 @@ class AuditVerifier:
         where = ", ".join(str(p) for p in paths) or "no audit directory"
         return _not_audited(global_step, f"no audit record found ({where})")
 
+    @property
+    def steps_left(self) -> bool:
+        return self._compared < len(self._recorded)
+
     def check(self, replayed: StepFingerprint) -> AuditReport | None:
         """Compare the next replayed step; returns the report once there is a verdict."""
-        if self._compared >= len(self._recorded):
+        if not self.steps_left:
             return None  # every step compared; the epoch end is still to come
         recorded = self._recorded[self._compared]
         self._compared += 1
