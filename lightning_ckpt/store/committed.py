@@ -58,12 +58,17 @@ def read_verified(store: LocalStore, name: str) -> tuple[Manifest, dict[str, byt
     """
     manifest = read_manifest(store, name)
     where = store.location(name)
-    files = {}
-    for file in manifest.files:
-        data = store.read(name, file, manifest.files[file].size + 1)  # +1: a longer file is caught, not cut
-        manifest.check_file(file, data, where)
-        files[file] = data
-    return manifest, files
+    return manifest, {file: _read_file(store, name, file, manifest, where) for file in manifest.files}
+
+
+def _read_file(store: LocalStore, name: str, file: str, manifest: Manifest, where: str) -> bytes:
+    opened = store.open(name, file)
+    manifest.check_size(file, None if opened is None else opened[1], where)
+    f, size = opened  # type: ignore[misc]  # None was refused above
+    with f:
+        data = f.read(size + 1)  # +1: a file that grew since it was opened is caught, not cut
+    manifest.check_file(file, data, where)
+    return data
 
 
 def verify(store: LocalStore, name: str) -> Manifest:

@@ -16,6 +16,7 @@ import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from lightning_ckpt.errors import DirectoryInUseError, StorageError
 from lightning_ckpt.format.blob import Blob, Buffer
@@ -124,6 +125,19 @@ class LocalStore:
                 return f.read(limit)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+
+    def open(self, name: str, file: str) -> tuple[BinaryIO, int] | None:
+        """One file of a checkpoint opened for reading, with its real size (from the open handle, so
+        it is the size of what will be read), or None when it does not exist."""
+        try:
+            f = open(self.root / name / file, "rb")  # noqa: SIM115 - the caller closes it
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        try:
+            return f, os.fstat(f.fileno()).st_size
+        except OSError:
+            f.close()
+            raise
 
     def uncommitted(self) -> list[str]:
         """Visible directories without a manifest: saves that never finished, or damaged checkpoints."""

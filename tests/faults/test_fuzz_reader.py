@@ -289,6 +289,19 @@ def rewrite(ckpt: Path, files: dict[str, bytes]) -> None:
     (ckpt / MANIFEST_FILE).write_bytes(dataclasses.replace(manifest, files=entries).to_bytes())
 
 
+CLAIMED_SIZE = "a size claimed by a sealed manifest"
+# A manifest whose own checksum passes may still claim any size: a reader must check the claim
+# against the file before it allocates (2**45 once raised MemoryError, 2**63 OverflowError).
+claimed_sizes = st.sampled_from([2**45, 2**63, 2**63 - 1, 2**64, *HUGE[:5]]) | st.integers(0, 2**70)
+
+
+def claim_size(ckpt: Path, file: str, size: int) -> None:
+    """Re-seal a checkpoint's manifest with another size for one file."""
+    manifest = Manifest.from_bytes((ckpt / MANIFEST_FILE).read_bytes(), str(ckpt))
+    entries = {**manifest.files, file: FileEntry(size=size, digest=manifest.files[file].digest)}
+    (ckpt / MANIFEST_FILE).write_bytes(dataclasses.replace(manifest, files=entries).to_bytes())
+
+
 # ---------------------------------------------------------------------------------------------
 # Properties: each takes the pristine checkpoint and a workspace, and returns a hypothesis test.
 
@@ -329,12 +342,16 @@ def _manifest_property(pristine: Path, work: Path) -> Callable[..., None]:
 
 
 def _load_property(pristine: Path, work: Path) -> Callable[..., None]:
-    @given(target=st.sampled_from([MODEL_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE, STATE_FILE, MANIFEST_FILE]),
+    @given(target=st.sampled_from([MODEL_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE, STATE_FILE, MANIFEST_FILE,
+                                   CLAIMED_SIZE]),
            data=st.data())
     def check(target: str, data: st.DataObject) -> None:
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(pristine, work)
-        if target == MANIFEST_FILE:
+        if target == CLAIMED_SIZE:
+            claim_size(work, data.draw(st.sampled_from(sorted(Manifest.from_bytes(
+                (work / MANIFEST_FILE).read_bytes(), str(work)).files))), data.draw(claimed_sizes))
+        elif target == MANIFEST_FILE:
             (work / MANIFEST_FILE).write_bytes(data.draw(manifest_files()))
         elif target == STATE_FILE:
             rewrite(work, {STATE_FILE: data.draw(state_files())})
