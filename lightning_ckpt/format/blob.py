@@ -21,16 +21,16 @@ import xxhash
 
 Buffer = bytes | memoryview
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {
+DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 # Dtypes the installed safetensors knows beyond the common set above (uint16/32/64, complex64, ...).
-_DTYPE_NAMES.update({dtype: name for name, dtype in getattr(safetensors.torch, "_TYPES", {}).items()
-                     if dtype not in _DTYPE_NAMES})
-SUPPORTED_DTYPES = frozenset(_DTYPE_NAMES)
-_METADATA_KEY = "__metadata__"
+DTYPE_NAMES.update({dtype: name for name, dtype in getattr(safetensors.torch, "_TYPES", {}).items()
+                     if dtype not in DTYPE_NAMES})
+SUPPORTED_DTYPES = frozenset(DTYPE_NAMES)
+METADATA_KEY = "__metadata__"
 _ALIGN = 8
 
 
@@ -64,14 +64,14 @@ def safetensors_blob(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
         raise RuntimeError("lightning-ckpt writes safetensors on little-endian machines only")
     # Largest items first, so every tensor starts at an offset aligned to its element size.
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, object] = {_METADATA_KEY: dict(metadata)} if metadata else {}
+    header: dict[str, object] = {METADATA_KEY: dict(metadata)} if metadata else {}
     chunks: list[Buffer] = [b"", b""]
     offset = 0
     for key in order:
         tensor = tensors[key]
         data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
         size = memoryview(data).nbytes
-        header[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+        header[key] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                        "data_offsets": [offset, offset + size]}
         offset += size
         chunks.append(data)

@@ -55,6 +55,11 @@ def digest(data: bytes | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def new_hasher() -> Any:
+    """An incremental hasher (``update``, ``hexdigest``) giving the same checksum as :func:`digest`."""
+    return xxhash.xxh3_128()
+
+
 @dataclass(frozen=True, kw_only=True)
 class FileEntry:
     """One file of a checkpoint as the manifest records it."""

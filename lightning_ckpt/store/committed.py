@@ -6,12 +6,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError
-from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest
+from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest, new_hasher
 from lightning_ckpt.store.local import LocalStore
 
 LIGHTNING_SUFFIX = ".ckpt"
 MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a larger one is damaged
+# Large enough that system calls cost nothing next to the copy, small enough to hash a chunk while
+# it is still in cache.
+READ_CHUNK = 8 * 2**20
 
 
 def locate(path: str | os.PathLike) -> tuple[LocalStore, str]:
@@ -50,8 +55,12 @@ def read_manifest(store: LocalStore, name: str) -> Manifest:
     return Manifest.from_bytes(data, where)
 
 
-def read_verified(store: LocalStore, name: str) -> tuple[Manifest, dict[str, bytes]]:
-    """Read every file of a checkpoint, checking each against the manifest (one read per file).
+def read_verified(store: LocalStore, name: str) -> tuple[Manifest, dict[str, memoryview]]:
+    """Read every file of a checkpoint, checking each against the manifest as it is read.
+
+    Each file is read once, into one buffer of its own that nothing else maps (so the verified
+    bytes cannot change afterwards, as those of a file mapping could), hashed chunk by chunk while
+    the chunk is still in cache.
 
     Raises:
         CheckpointError: a subclass naming the first file that is missing, short or changed.
@@ -61,19 +70,42 @@ def read_verified(store: LocalStore, name: str) -> tuple[Manifest, dict[str, byt
     return manifest, {file: _read_file(store, name, file, manifest, where) for file in manifest.files}
 
 
-def _read_file(store: LocalStore, name: str, file: str, manifest: Manifest, where: str) -> bytes:
+def verify(store: LocalStore, name: str) -> Manifest:
+    """Check a checkpoint's files against its manifest; returns the manifest when all match.
+
+    Streams every file through one reused chunk: verifying needs no memory the size of the checkpoint.
+    """
+    manifest = read_manifest(store, name)
+    where = store.location(name)
+    chunk = memoryview(np.empty(READ_CHUNK, dtype=np.uint8))
+    for file in manifest.files:
+        _read_file(store, name, file, manifest, where, into=chunk)
+    return manifest
+
+
+def _read_file(store: LocalStore, name: str, file: str, manifest: Manifest, where: str, *,
+               into: memoryview | None = None) -> memoryview:
+    """One file's verified bytes: in a new buffer of the file's size, or streamed through ``into``."""
     opened = store.open(name, file)
+    # The real size is checked before anything is allocated: a claim in the manifest is not trusted.
     manifest.check_size(file, None if opened is None else opened[1], where)
     f, size = opened  # type: ignore[misc]  # None was refused above
+    # np.empty, not bytearray: the pages are first touched by the read itself, not zeroed before it.
+    buffer = memoryview(np.empty(size, dtype=np.uint8)) if into is None else into
+    hasher = new_hasher()
+    done = 0
     with f:
-        data = f.read(size + 1)  # +1: a file that grew since it was opened is caught, not cut
-    manifest.check_file(file, data, where)
-    return data
-
-
-def verify(store: LocalStore, name: str) -> Manifest:
-    """Check a checkpoint's files against its manifest; returns the manifest when all match."""
-    return read_verified(store, name)[0]
+        while done < size:
+            at = 0 if into is not None else done
+            got = f.readinto(buffer[at:at + min(READ_CHUNK, size - done)])
+            if not got:
+                break  # the file shrank since it was opened
+            hasher.update(buffer[at:at + got])
+            done += got
+        extra = len(f.read(1)) if done == size else 0  # it grew since it was opened
+    manifest.check_size(file, done + extra, where)
+    manifest.check_digest(file, hasher.hexdigest(), where)
+    return buffer
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import io
 import errno
 import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 from lightning_ckpt.errors import DirectoryInUseError, StorageError
 from lightning_ckpt.format.blob import Blob, Buffer
@@ -126,11 +126,11 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
-    def open(self, name: str, file: str) -> tuple[BinaryIO, int] | None:
+    def open(self, name: str, file: str) -> tuple[io.RawIOBase, int] | None:
         """One file of a checkpoint opened for reading, with its real size (from the open handle, so
         it is the size of what will be read), or None when it does not exist."""
         try:
-            f = open(self.root / name / file, "rb")  # noqa: SIM115 - the caller closes it
+            f = open(self.root / name / file, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         try:

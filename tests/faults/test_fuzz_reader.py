@@ -33,7 +33,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors import SafetensorError
 
 from lightning_ckpt import CheckpointError, CorruptCheckpointError, load_checkpoint, save_checkpoint
 from lightning_ckpt.format import (
@@ -427,8 +426,8 @@ def test_malformed_safetensors_is_refused_naming_the_file(case: str, pristine: P
     state = json.dumps({"state": {"w": {"$tensor": f"{MODEL_FILE}:w"}}, "pickled": []}).encode()
     err = only_checkpoint_errors(lambda: decode_state({STATE_FILE: state, MODEL_FILE: model}, where=WHERE))
     assert isinstance(err, CorruptCheckpointError) and f"{WHERE}/{MODEL_FILE}" in str(err)
-    if "shape" in case:  # refused by the header's validation, before any allocation
-        assert isinstance(err.__cause__, SafetensorError)
+    if "shape" in case:  # refused by the header's validation, naming the shape, before any allocation
+        assert "shape" in str(err) and err.__cause__ is None
     work = Path(shutil.copytree(pristine, tmp_path / "c"))
     rewrite(work, {MODEL_FILE: model})
     with pytest.raises(CorruptCheckpointError, match=MODEL_FILE):
