@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import safetensors.torch
 import torch
-import xxhash
 
 Buffer = bytes | memoryview
 
@@ -43,13 +42,6 @@ class Blob:
     @property
     def size(self) -> int:
         return sum(memoryview(c).nbytes for c in self.chunks)
-
-    def digest(self) -> str:
-        """The xxh3-128 checksum of the bytes (the manifest's ``digest``)."""
-        h = xxhash.xxh3_128()
-        for chunk in self.chunks:
-            h.update(chunk)
-        return h.hexdigest()
 
     def tobytes(self) -> bytes:
         return b"".join(bytes(c) for c in self.chunks)
