@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +19,7 @@ MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a larger one is 
 # Large enough that system calls cost nothing next to the copy, small enough to hash a chunk while
 # it is still in cache.
 READ_CHUNK = 8 * 2**20
+READ_THREADS = min(4, os.cpu_count() or 1)
 
 
 def locate(path: str | os.PathLike) -> tuple[LocalStore, str]:
@@ -90,22 +93,61 @@ def _read_file(store: LocalStore, name: str, file: str, manifest: Manifest, wher
     # The real size is checked before anything is allocated: a claim in the manifest is not trusted.
     manifest.check_size(file, None if opened is None else opened[1], where)
     f, size = opened  # type: ignore[misc]  # None was refused above
-    # np.empty, not bytearray: the pages are first touched by the read itself, not zeroed before it.
-    buffer = memoryview(np.empty(size, dtype=np.uint8)) if into is None else into
     hasher = new_hasher()
-    done = 0
     with f:
-        while done < size:
-            at = 0 if into is not None else done
-            got = f.readinto(buffer[at:at + min(READ_CHUNK, size - done)])
-            if not got:
-                break  # the file shrank since it was opened
-            hasher.update(buffer[at:at + got])
-            done += got
-        extra = len(f.read(1)) if done == size else 0  # it grew since it was opened
+        if into is None:
+            # np.empty, not bytearray: the pages are first touched by the read itself, not zeroed before it.
+            buffer = memoryview(np.empty(size, dtype=np.uint8))
+            done = _read_parallel(f.fileno(), buffer, hasher)
+        else:
+            buffer, done = into, _read_through(f.fileno(), size, into, hasher)
+        extra = len(os.pread(f.fileno(), 1, done)) if done == size else 0  # it grew since it was opened
     manifest.check_size(file, done + extra, where)
     manifest.check_digest(file, hasher.hexdigest(), where)
     return buffer
+
+
+def _read_parallel(fd: int, buffer: memoryview, hasher: Any) -> int:
+    """Fill ``buffer`` from the file, hashing it in order; returns the bytes read (fewer: it shrank).
+
+    A read is a copy out of the page cache that releases the GIL, so a few threads copy chunks at
+    once while this thread hashes the finished ones in order (the hash holds the GIL).
+    """
+    spans = [(at, min(READ_CHUNK, buffer.nbytes - at)) for at in range(0, buffer.nbytes, READ_CHUNK)]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        pending = [pool.submit(_pread_full, fd, buffer[at:at + n], at) for at, n in spans]
+        done = 0
+        for (at, n), future in zip(spans, pending):
+            got = future.result()
+            hasher.update(buffer[at:at + got])
+            done += got
+            if got < n:
+                for rest in pending:
+                    rest.cancel()
+                break
+    return done
+
+
+def _read_through(fd: int, size: int, chunk: memoryview, hasher: Any) -> int:
+    done = 0
+    while done < size:
+        got = _pread_full(fd, chunk[:min(chunk.nbytes, size - done)], done)
+        hasher.update(chunk[:got])
+        done += got
+        if not got:
+            break
+    return done
+
+
+def _pread_full(fd: int, into: memoryview, offset: int) -> int:
+    """Read into all of ``into`` from ``offset``, unless the file ends first; returns the bytes read."""
+    got = 0
+    while got < into.nbytes:
+        n = os.preadv(fd, [into[got:]], offset + got)
+        if not n:
+            break
+        got += n
+    return got
 
 
 @dataclass(frozen=True)
