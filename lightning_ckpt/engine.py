@@ -5,6 +5,7 @@ These functions are the whole checkpoint API outside Lightning; the Lightning ad
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import pickle
@@ -15,7 +16,6 @@ import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from lightning_ckpt.format import Manifest, decode_state, device_from_map_location, encode_state
-from lightning_ckpt.format.manifest import FileEntry
 from lightning_ckpt.store import locate, read_verified, verify
 
 _VERSIONED_PACKAGES = ("lightning-ckpt", "torch", "safetensors", "lightning", "numpy")
@@ -51,14 +51,14 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_
         StorageError: the write failed; nothing was committed.
     """
     files = encode_state(state, allow_pickle=allow_pickle)
-    manifest = Manifest(
-        files={name: FileEntry(size=blob.size, digest=blob.digest()) for name, blob in files.items()},
-        step=_int_or_none(state.get("global_step")), epoch=_int_or_none(state.get("epoch")), run_id=run_id,
+    unsealed = Manifest(
+        files={}, step=_int_or_none(state.get("global_step")), epoch=_int_or_none(state.get("epoch")), run_id=run_id,
         versions=library_versions(), meta=dict(meta or {}),
     )
     store, name = locate(path)
-    store.write(name, files, manifest.to_bytes())
-    return manifest
+    # The checksums are taken while the files are written, so the manifest is sealed by the store.
+    written = store.write(name, files, lambda entries: dataclasses.replace(unsealed, files=entries).to_bytes())
+    return dataclasses.replace(unsealed, files=written)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None,
