@@ -6,6 +6,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,14 +16,16 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ckpt.errors import CheckpointWarning, StorageError
+from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.lightning.preemption import SignalFlag
-from lightning_ckpt.manager import CheckpointManager, best_entry, latest_checkpoint, new_run_id
+from lightning_ckpt.lightning.trainer_io import StrategyAgree, snapshot, write
+from lightning_ckpt.lineage import newest_lineage
+from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_checkpoint, new_run_id
+from lightning_ckpt.pipeline import SavePipeline
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
-from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.local import DirectoryLock
-from lightning_ckpt.store.ledger import COMMITTED, META_METRICS, META_REASON, Entry, Ledger, clean_metrics
+from lightning_ckpt.store.ledger import Entry
 
 TRAIN_END = "train_end"
 PREEMPTED = "preempted"
@@ -105,6 +108,8 @@ class Checkpointer(ModelCheckpoint):
         self._preemption = SignalFlag(preemption_signals)
         self._lock: DirectoryLock | None = None
         self._manager: CheckpointManager | None = None
+        self._pipeline: SavePipeline | None = None
+        self._inherited_run_id: str | None = None
         self._best_override: str | None = None
         self._last_saved_step: int | None = None
         self._last_save_time: float | None = None
@@ -122,11 +127,14 @@ class Checkpointer(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self._resolve_dirpath(trainer)
-        self._manager = CheckpointManager(self.dirpath, self._retention, run_id=new_run_id())
         _ensure_safetensors_io(trainer)
-        if stage != "fit":
-            self._manager.refresh()
+        if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
+            self._reader().refresh()
             return
+        agree = StrategyAgree(trainer)
+        self._manager = CheckpointManager(self.dirpath, self._retention, run_id=agree.broadcast(new_run_id()))
+        self._pipeline = SavePipeline(self._manager, agree, on_error=self.on_save_error)
+        self._inherited_run_id = None
         if trainer.is_global_zero:
             self._lock = self._manager.store.lock()
             self._manager.store.clean_leftovers()
@@ -135,6 +143,7 @@ class Checkpointer(ModelCheckpoint):
             _ensure_exact_resume(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_lineage(trainer)
         self._start_time, self._last_step_seen = self.clock(), trainer.global_step
         # Installed after Lightning's own handlers, in their place until training ends: Lightning would
         # stop at the end of the batch the signal arrives in, before (or without) our save.
@@ -180,10 +189,8 @@ class Checkpointer(ModelCheckpoint):
                                                   monitor_set=self.monitor is not None)
         if reason:
             self._save(trainer, reason)
-        elif trainer.is_global_zero and self._manager.add_metrics(trainer.global_step, trainer.callback_metrics):
-            self._manager.prune()  # a later metric can change the top-k
-            self._manager.commit_ledger()
-        self._manager.entries = _from_rank_zero(trainer, self._manager.entries)
+        else:  # a later metric can change the top-k
+            self._pipeline.attach_metrics(trainer.global_step, trainer.callback_metrics)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._preemption.restore()  # before Lightning restores the handlers it replaced
@@ -212,22 +219,26 @@ class Checkpointer(ModelCheckpoint):
         return {_K_RUN_ID: self._manager.run_id if self._manager else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed run inherits the lineage of the checkpoint it resumes from."""
-        if self._manager is not None and state_dict.get(_K_RUN_ID):
-            self._manager.run_id = state_dict[_K_RUN_ID]
+        """A resumed run inherits the lineage of the checkpoint it resumes from (or branches off it)."""
+        self._inherited_run_id = state_dict.get(_K_RUN_ID) or None
 
-    # -- what Lightning asks of a ModelCheckpoint -----------------------------------------------
+    # -- what Lightning asks of a ModelCheckpoint: this run's lineage (before a fit, the newest branch's)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        path = latest_checkpoint(self._resolve_dirpath(trainer))
-        return {path} if path else set()
+        dirpath = self._resolve_dirpath(trainer)
+        manager = self._manager
+        if manager is None or manager.run_id is None or manager.store.root != Path(dirpath):
+            path = latest_checkpoint(dirpath)
+            return {path} if path else set()
+        entry = last_entry(manager.entries, manager.store, manager.run_id)
+        return {manager.path(entry.name)} if entry else set()
 
     @property
     def best_model_path(self) -> str:
         if self._best_override is not None:
             return self._best_override
         entry = self._best_entry()
-        return self._manager_or_store().location(entry.name) if entry else ""
+        return self._reader().path(entry.name) if entry else ""
 
     @best_model_path.setter
     def best_model_path(self, value: str) -> None:  # Lightning's spawn launchers copy it back from workers
@@ -241,45 +252,46 @@ class Checkpointer(ModelCheckpoint):
 
     @property
     def last_model_path(self) -> str:
-        entries = self._entries()
-        own = [e for e in entries if e.status == COMMITTED and (self._manager is None or e.run_id == self._manager.run_id)]
-        return self._manager_or_store().location(own[-1].name) if own else ""
+        lineage = self._lineage()
+        return self._reader().path(lineage[0].name) if lineage else ""
 
     @property
     def current_score(self) -> torch.Tensor | None:
-        entries = [e for e in self._entries() if e.status == COMMITTED]
-        value = entries[-1].metrics.get(self.monitor) if entries and self.monitor else None
+        lineage = self._lineage()
+        value = lineage[0].metrics.get(self.monitor) if lineage and self.monitor else None
         return torch.tensor(value) if value is not None else None
 
     @property
     def best_k_models(self) -> dict[str, torch.Tensor]:
         if not self.monitor:
             return {}
-        kept = [e for e in self._entries() if e.status == COMMITTED and e.metrics.get(self.monitor) is not None]
+        kept = [e for e in self._lineage() if e.metrics.get(self.monitor) is not None]
         kept.sort(key=lambda e: e.metrics[self.monitor], reverse=self.mode == "max")
-        store = self._manager_or_store()
-        return {store.location(e.name): torch.tensor(e.metrics[self.monitor]) for e in kept[: self.save_top_k]}
+        reader = self._reader()
+        return {reader.path(e.name): torch.tensor(e.metrics[self.monitor]) for e in kept[: self.save_top_k]}
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _start_lineage(self, trainer: L.Trainer) -> None:
+        """Rank 0 decides this run's lineage, every rank learns it: a resume from the checkpoint
+        "last" would pick continues that run; from any other, a new branch starts (lineage.py)."""
+        manager, decision = self._manager, None
+        if trainer.is_global_zero:
+            resumed = manager.resumed_name(trainer.ckpt_path) if trainer.ckpt_path and self._inherited_run_id else None
+            branched = manager.start_run(self._inherited_run_id, resumed, trainer.global_step, fresh=manager.run_id)
+            decision = (manager.run_id, manager.parent, branched)
+        manager.run_id, manager.parent, branched = StrategyAgree(trainer).broadcast(decision)
+        if branched:
+            rank_zero_info(f"Checkpointer: {manager.parent} is not the newest checkpoint in {self.dirpath}: this run "
+                           f"goes on as a new branch ({manager.run_id}); 'last' follows it, the newer checkpoints "
+                           "of the run it left are kept but never 'last' again")
+
     def _save(self, trainer: L.Trainer, reason: str) -> None:
-        manager = self._manager
-        name = manager.name_for(trainer.global_step)
-        meta = {META_REASON: reason, META_METRICS: clean_metrics(self._fresh_metrics(trainer))}
-        try:
-            trainer.save_checkpoint(manager.path(name), weights_only=False,
-                                    storage_options={"run_id": manager.run_id, "meta": meta})
-            self._last_saved_step, self._last_save_time = trainer.global_step, self.clock()
-            if trainer.is_global_zero:  # retention runs only once the new checkpoint is committed
-                manager.record_save(name)
-                manager.prune()
-                manager.commit_ledger()
-            manager.entries = _from_rank_zero(trainer, manager.entries)  # every rank answers "best" alike
-        except StorageError as err:
-            if self.on_save_error == "raise":
-                raise
-            warnings.warn(f"Checkpointer: {err}; training goes on", CheckpointWarning, stacklevel=2)
+        outcome = self._pipeline.save(trainer.global_step, reason=reason, metrics=self._fresh_metrics(trainer),
+                                      snapshot=partial(snapshot, trainer), write=partial(write, trainer))
+        if not outcome.committed:  # every rank warned; nothing was committed, nothing deleted
             return
+        self._last_saved_step, self._last_save_time = trainer.global_step, self.clock()
         for logger in trainer.loggers:
             logger.after_save_checkpoint(self)
 
@@ -294,21 +306,24 @@ class Checkpointer(ModelCheckpoint):
     def _resolve_dirpath(self, trainer: L.Trainer) -> str:
         return self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
 
-    def _manager_or_store(self) -> LocalStore:
-        return self._manager.store if self._manager else LocalStore(self.dirpath or ".")
+    def _reader(self) -> CheckpointManager:
+        """The manager answering "best"/"last": this run's after a fit, else a reader of the directory."""
+        if self._manager is None or (self.dirpath is not None and self._manager.store.root != Path(self.dirpath)):
+            self._manager = CheckpointManager(self.dirpath or ".", self._retention, run_id=None)
+            if self.dirpath is not None:
+                self._manager.refresh()
+        return self._manager
 
-    def _entries(self) -> list[Entry]:
-        """This process's view of the ledger; before setup (ckpt_path="best" in a fresh process), the file's."""
-        if self._manager is not None:
-            return self._manager.entries
-        return Ledger(LocalStore(self.dirpath)).load() if self.dirpath and Path(self.dirpath).is_dir() else []
+    def _lineage(self) -> list[Entry]:
+        """This run's checkpoints, newest first, with those it branched from; before a fit, the newest branch's."""
+        manager = self._reader()
+        return newest_lineage(manager.entries, manager.run_id)
 
     def _best_entry(self) -> Entry | None:
-        entries = self._entries()
+        lineage = self._lineage()
         if not self.monitor:
-            committed = [e for e in entries if e.status == COMMITTED]
-            return committed[-1] if committed else None
-        return best_entry(entries, self._manager_or_store(), self.monitor, self.mode)
+            return lineage[0] if lineage else None
+        return best_entry(lineage, self._reader().store, self.monitor, self.mode)
 
     def _warn_if_monitor_missing(self, trainer: L.Trainer) -> None:
         if self.monitor and self.monitor not in trainer.callback_metrics and not self._warned_monitor:
