@@ -100,6 +100,7 @@ class Checkpointer(ModelCheckpoint):
         self._retention = RetentionConfig(keep_last=keep_last, top_k=top_k, monitor=monitor, mode=mode,
                                           keep_every_n_steps=keep_every_n_steps, max_total_bytes=max_total_bytes)
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self._dirpath_arg = self.dirpath  # as given, for state_key: stable from one run to the next
         self.monitor, self.mode, self.save_top_k = monitor, mode, top_k
         self.save_on_train_end, self.exact_resume = save_on_train_end, exact_resume
         if on_save_error not in ("raise", "warn"):
@@ -121,7 +122,11 @@ class Checkpointer(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        # What tells two Checkpointers of one Trainer apart, as ModelCheckpoint's key does.
+        s = self._schedule
+        return self._generate_state_key(dirpath=self._dirpath_arg, monitor=self.monitor, mode=self.mode,
+                                        every_n_steps=s.every_n_steps, every_n_epochs=s.every_n_epochs,
+                                        every_seconds=s.every_seconds, at_steps=s.at_steps)
 
     # -- Lightning hooks -------------------------------------------------------------------------
 

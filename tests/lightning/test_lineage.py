@@ -1,5 +1,5 @@
 """Run lineages on a real Trainer: a resume from an older checkpoint branches, "last" and "best" are
-the run's own."""
+the run's own, two Checkpointers in one Trainer."""
 
 from __future__ import annotations
 
@@ -85,6 +85,19 @@ def test_best_is_this_runs_best_when_another_run_shares_the_directory(tmp_path):
     assert trainer.ckpt_path == second.best_model_path
     assert best_checkpoint(root, "val_loss") == second.best_model_path  # the newest branch's lineage
     assert best_checkpoint(root, "val_loss", run_id=first.state_dict()["run_id"]) == first.best_model_path
+
+
+def test_two_checkpointers_in_one_trainer_save_and_resume_each_their_own(tmp_path):
+    def pair():
+        return [Checkpointer(tmp_path / "a", every_n_steps=2, keep_last=1, exact_resume=False),
+                Checkpointer(tmp_path / "b", every_n_steps=3, keep_last=1, exact_resume=False)]
+
+    fit(pair(), 6)
+    assert on_disk(tmp_path / "a") == on_disk(tmp_path / "b") == ["step=000000006"]
+    fit(pair(), 9, ckpt_path=tmp_path / "a" / "step=000000006")
+    assert on_disk(tmp_path / "a") == on_disk(tmp_path / "b") == ["step=000000009"]
+    for name in "ab":  # each continued its own lineage: one run id, nothing of the first fit left behind
+        assert len({e["run_id"] for e in ledger(tmp_path / name)}) == 1
 
 
 def test_the_private_snapshot_lightning_internal_still_gives_the_full_state(tmp_path):
