@@ -111,6 +111,7 @@ class Checkpointer(ModelCheckpoint):
         self._manager: CheckpointManager | None = None
         self._pipeline: SavePipeline | None = None
         self._inherited_run_id: str | None = None
+        self._best_cache: tuple[int, Entry | None] | None = None
         self._best_override: str | None = None
         self._last_saved_step: int | None = None
         self._last_save_time: float | None = None
@@ -325,10 +326,14 @@ class Checkpointer(ModelCheckpoint):
         return newest_lineage(manager.entries, manager.run_id)
 
     def _best_entry(self) -> Entry | None:
-        lineage = self._lineage()
-        if not self.monitor:
-            return lineage[0] if lineage else None
-        return best_entry(lineage, self._reader().store, self.monitor, self.mode)
+        # Verified once per change of the ledger, not per access: loggers read best_model_path often.
+        manager = self._reader()
+        if self._best_cache is None or self._best_cache[0] != manager.revision:
+            lineage = self._lineage()
+            best = best_entry(lineage, manager.store, self.monitor, self.mode) if self.monitor else (
+                lineage[0] if lineage else None)
+            self._best_cache = (manager.revision, best)
+        return self._best_cache[1]
 
     def _warn_if_monitor_missing(self, trainer: L.Trainer) -> None:
         if self.monitor and self.monitor not in trainer.callback_metrics and not self._warned_monitor:

@@ -1,5 +1,5 @@
 """Run lineages on a real Trainer: a resume from an older checkpoint branches, "last" and "best" are
-the run's own, two Checkpointers in one Trainer."""
+the run's own, two Checkpointers in one Trainer, and "best" is verified once per change."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 from lightning_ckpt import Checkpointer, best_checkpoint, latest_checkpoint
+from lightning_ckpt.format import MODEL_FILE
 from lightning_ckpt.lightning.trainer_io import snapshot
+from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.ledger import LEDGER_FILE
 from tiny import TinyModel, tiny_loader
 
@@ -98,6 +101,36 @@ def test_two_checkpointers_in_one_trainer_save_and_resume_each_their_own(tmp_pat
     assert on_disk(tmp_path / "a") == on_disk(tmp_path / "b") == ["step=000000009"]
     for name in "ab":  # each continued its own lineage: one run id, nothing of the first fit left behind
         assert len({e["run_id"] for e in ledger(tmp_path / name)}) == 1
+
+
+class ReadBest(Callback):
+    """Reads best_model_path and best_model_score after every batch, as a logger does."""
+
+    def __init__(self, ckpt: Checkpointer) -> None:
+        self.ckpt = ckpt
+
+    def on_train_batch_end(self, *args) -> None:
+        self.ckpt.best_model_path, self.ckpt.best_model_score
+
+
+def test_best_is_verified_once_per_ledger_change_not_per_access(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path / "c", every_n_steps=4, monitor="val_loss", top_k=1, exact_resume=False)
+    weights_read = []
+    real_read = LocalStore.read
+
+    def read(self, name, file, limit):  # the real read, counted
+        weights_read.extend([name] if file == MODEL_FILE else [])
+        return real_read(self, name, file, limit)
+
+    monkeypatch.setattr(LocalStore, "read", read)
+    fit([ReadBest(ckpt), ckpt], 24, val=True)
+    saves = len(ledger(tmp_path / "c"))
+    assert 0 < len(weights_read) <= saves  # at most once per save, against once per batch (24)
+    assert ckpt.best_model_path  # the save at the end of training changed the ledger: verified once more
+    before = len(weights_read)
+    for _ in range(10):
+        assert ckpt.best_model_path and ckpt.best_model_score is not None
+    assert len(weights_read) == before
 
 
 def test_the_private_snapshot_lightning_internal_still_gives_the_full_state(tmp_path):
