@@ -172,6 +172,23 @@ class SavePipeline:
         raise first.error()
 
 
+def decided_on_rank_zero(agree: Agree, decide: Callable[[], T]) -> T:
+    """Rank 0 runs ``decide``; every rank returns its result, or raises its error: never a hang."""
+    result: tuple[Any, Failure | None] | None = None
+    local: BaseException | None = None
+    if agree.is_rank_zero:
+        try:
+            result = (decide(), None)
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it
+            local, result = err, (None, _with_rank(_failure(err), 0))
+    value, failure = agree.broadcast(result)
+    if failure is None:
+        return value
+    if local is not None:
+        raise local
+    raise failure.error()
+
+
 def _failure(err: BaseException) -> Failure:
     return Failure(rank=-1, kind=type(err).__name__, message=str(err), storage=isinstance(err, StorageError))
 

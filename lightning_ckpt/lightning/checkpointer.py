@@ -22,7 +22,7 @@ from lightning_ckpt.lightning.preemption import SignalFlag
 from lightning_ckpt.lightning.trainer_io import StrategyAgree, snapshot, write
 from lightning_ckpt.lineage import newest_lineage
 from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_checkpoint, new_run_id
-from lightning_ckpt.pipeline import SavePipeline
+from lightning_ckpt.pipeline import SavePipeline, decided_on_rank_zero
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store.local import DirectoryLock
 from lightning_ckpt.store.ledger import Entry
@@ -138,12 +138,10 @@ class Checkpointer(ModelCheckpoint):
             self._reader().refresh()
             return
         agree = StrategyAgree(trainer)
-        self._manager = CheckpointManager(self.dirpath, self._retention, run_id=agree.broadcast(new_run_id()))
+        self._manager = CheckpointManager(self.dirpath, self._retention, run_id=None)
+        self._manager.run_id = decided_on_rank_zero(agree, self._claim_directory)
         self._pipeline = SavePipeline(self._manager, agree, on_error=self.on_save_error)
         self._inherited_run_id = None
-        if trainer.is_global_zero:
-            self._lock = self._manager.store.lock()
-            self._manager.store.clean_leftovers()
         self._manager.refresh()
         if self.exact_resume:
             _ensure_exact_resume(trainer)
@@ -278,15 +276,23 @@ class Checkpointer(ModelCheckpoint):
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _claim_directory(self) -> str:
+        """Rank 0: lock the directory, remove what interrupted saves left, draw the run id."""
+        self._lock = self._manager.store.lock()
+        self._manager.store.clean_leftovers()
+        return new_run_id()
+
     def _start_lineage(self, trainer: L.Trainer) -> None:
         """Rank 0 decides this run's lineage, every rank learns it: a resume from the checkpoint
         "last" would pick continues that run; from any other, a new branch starts (lineage.py)."""
-        manager, decision = self._manager, None
-        if trainer.is_global_zero:
+        manager = self._manager
+
+        def decide() -> tuple[str | None, str | None, bool]:
             resumed = manager.resumed_name(trainer.ckpt_path) if trainer.ckpt_path and self._inherited_run_id else None
             branched = manager.start_run(self._inherited_run_id, resumed, trainer.global_step, fresh=manager.run_id)
-            decision = (manager.run_id, manager.parent, branched)
-        manager.run_id, manager.parent, branched = StrategyAgree(trainer).broadcast(decision)
+            return manager.run_id, manager.parent, branched
+
+        manager.run_id, manager.parent, branched = decided_on_rank_zero(StrategyAgree(trainer), decide)
         if branched:
             rank_zero_info(f"Checkpointer: {manager.parent} is not the newest checkpoint in {self.dirpath}: this run "
                            f"goes on as a new branch ({manager.run_id}); 'last' follows it, the newer checkpoints "

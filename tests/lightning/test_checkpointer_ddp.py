@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.ledger import LEDGER_FILE
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
+ROW = '{"rank"'  # each rank's result line (another process's unfinished line may precede it)
 
 
 def ddp_fit(*args, returncode: int | None = 0) -> tuple[list[dict], subprocess.CompletedProcess]:
@@ -22,7 +24,7 @@ def ddp_fit(*args, returncode: int | None = 0) -> tuple[list[dict], subprocess.C
                             timeout=150)
     if returncode is not None:
         assert result.returncode == returncode, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line[line.index(ROW):]) for line in result.stdout.splitlines() if ROW in line]
     assert sorted(r["rank"] for r in rows) == [0, 1], result.stdout + result.stderr[-3000:]
     return rows, result
 
@@ -68,3 +70,16 @@ def test_a_save_that_fails_on_rank_0_raises_on_every_rank(tmp_path):
     assert all("StorageError" in e and "step=000000006" in e and "No space left" in e for e in errors.values()), errors
     assert "rank 0" in errors[1]  # rank 1 says which rank failed
     assert committed_steps(root) == [3, 4]  # nothing after the failed save, nothing deleted by it
+
+
+@pytest.mark.timeout(400)
+def test_a_directory_another_run_holds_fails_every_rank_at_setup(tmp_path):
+    root = tmp_path / "c"
+    lock = LocalStore(root).lock()  # another live run writes there
+    try:
+        rows, result = ddp_fit(root, 4, returncode=None)
+    finally:
+        lock.release()
+    assert result.returncode != 0
+    errors = {r["rank"]: r.get("error", "") for r in rows}
+    assert all("DirectoryInUseError" in e and "another run" in e for e in errors.values()), errors
