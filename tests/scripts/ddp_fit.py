@@ -38,6 +38,11 @@ def fail_save_at(step: int) -> None:
     LocalStore._write_file = write_file
 
 
+def emit(row: dict) -> None:
+    """One JSON line in one write: both ranks share stdout, and a pipe keeps a small write whole."""
+    os.write(1, (json.dumps(row) + "\n").encode())
+
+
 def main(args: argparse.Namespace) -> None:
     if args.fail_step is not None:
         fail_save_at(args.fail_step)
@@ -54,12 +59,11 @@ def main(args: argparse.Namespace) -> None:
         try:
             trainer.fit(model, tiny_loader(shuffle=True), tiny_loader(seed=1), ckpt_path=args.ckpt_path)
         except BaseException as err:
-            print(json.dumps({**row, "error": f"{type(err).__name__}: {err}"}), flush=True)
+            emit({**row, "error": f"{type(err).__name__}: {err}"[:2000]})
             raise
     warned = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
-    print(json.dumps({**row, "step": trainer.global_step, "best": ckpt.best_model_path,
-                      "last": ckpt.last_model_path, "run_id": ckpt.state_dict()["run_id"], "warned": warned,
-                      "first_step": model.losses[0][0]}), flush=True)
+    emit({**row, "step": trainer.global_step, "best": ckpt.best_model_path, "last": ckpt.last_model_path,
+          "run_id": ckpt.state_dict()["run_id"], "warned": warned, "first_step": model.losses[0][0]})
 
 
 if __name__ == "__main__":
