@@ -36,8 +36,10 @@ class Checkpointer(ModelCheckpoint):
     """Save every N steps / epochs / seconds, keep the K newest + top-K + milestones, resume exactly.
 
     A drop-in for ``ModelCheckpoint``: ``trainer.fit(ckpt_path="last")`` resumes from the newest
-    checkpoint that verifies (passing over damaged ones with a warning) and
-    ``trainer.test(ckpt_path="best")`` loads the best by ``monitor``, in a fresh process too.
+    checkpoint that verifies of the newest branch (passing over damaged ones with a warning) and
+    ``trainer.test(ckpt_path="best")`` loads the best by ``monitor``, in a fresh process too; within
+    a Trainer, "best" and "last" are this run's lineage. A resume from an older checkpoint starts a
+    branch (``lightning_ckpt.lineage``). Under DDP, rank 0 decides and every rank learns it.
     Checkpoints are directories named ``step=000001200`` (sorting by step), written with
     ``SafetensorsCheckpointIO`` (installed if the Trainer has the default CheckpointIO); every
     save is recorded in ``dirpath/ledger.json``.
