@@ -31,6 +31,7 @@ COMMITTED = "committed"
 DELETED = "deleted"
 META_METRICS = "metrics"
 META_REASON = "reason"
+META_PARENT = "parent"  # the checkpoint a branch resumed from (see manager.decide_lineage)
 _K_VERSION = "ledger_version"
 _K_ENTRIES = "checkpoints"
 
@@ -61,13 +62,18 @@ class Entry:
     size: int = 0
     status: str = COMMITTED
     deleted_reason: str | None = None
+    parent: str | None = None
 
     @classmethod
     def from_manifest(cls, name: str, m: Manifest) -> Entry:
         """The entry of a committed checkpoint, from what its manifest records."""
         return cls(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created, run_id=m.run_id,
                    reason=str(m.meta.get(META_REASON, "")), metrics=clean_metrics(m.meta.get(META_METRICS) or {}),
-                   size=m.total_bytes)
+                   size=m.total_bytes, parent=_str_or_none(m.meta.get(META_PARENT)))
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 @functools.cache
