@@ -1,6 +1,5 @@
 """lightning-ckpt: fast, safe and exact checkpointing for PyTorch Lightning."""
 
-from lightning_ckpt.engine import load_checkpoint, save_checkpoint, verify_checkpoint
 from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointWarning,
@@ -12,12 +11,17 @@ from lightning_ckpt.errors import (
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
-from lightning_ckpt.manager import best_checkpoint, latest_checkpoint
 
 __version__ = "0.1.0.dev0"
 
-# The Lightning adapters load on first use, so the CLI and plain-PyTorch users never import Lightning.
+# Everything but the errors loads on first use: plain-PyTorch users never import Lightning, and the
+# read-only CLI commands import neither torch nor Lightning (a fast start for scripts).
 _LAZY = {
+    "best_checkpoint": "lightning_ckpt.manager",
+    "latest_checkpoint": "lightning_ckpt.manager",
+    "load_checkpoint": "lightning_ckpt.engine",
+    "save_checkpoint": "lightning_ckpt.engine",
+    "verify_checkpoint": "lightning_ckpt.engine",
     "AuditReport": "lightning_ckpt.lightning.resume_audit",
     "Checkpointer": "lightning_ckpt.lightning.checkpointer",
     "ExactResume": "lightning_ckpt.lightning.exact_resume",

@@ -17,10 +17,13 @@ import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightning_ckpt.errors import DirectoryInUseError, StorageError
-from lightning_ckpt.format.blob import Blob, Buffer
 from lightning_ckpt.format.manifest import MANIFEST_FILE
+
+if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
+    from lightning_ckpt.format.blob import Blob, Buffer
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
