@@ -10,6 +10,7 @@ from lightning_ckpt.errors import (
     UnsafeCheckpointError,
     UnsupportedFormatError,
     UnsupportedTypeError,
+    UnknownMetricError,
 )
 
 __version__ = "0.1.0.dev0"
@@ -19,7 +20,9 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "best_checkpoint": "lightning_ckpt.manager",
     "latest_checkpoint": "lightning_ckpt.manager",
+    "inspect_checkpoint": "lightning_ckpt.inspection",
     "load_checkpoint": "lightning_ckpt.engine",
+    "select_best": "lightning_ckpt.selection",
     "save_checkpoint": "lightning_ckpt.engine",
     "verify_checkpoint": "lightning_ckpt.engine",
     "AuditReport": "lightning_ckpt.lightning.resume_audit",
@@ -41,5 +44,5 @@ __all__ = [
     "AuditReport", "ExactResume", "ResumeAuditWarning",
     "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError", "NotACheckpointError",
     "SafetensorsCheckpointIO", "StorageError", "UnsafeCheckpointError", "UnsupportedFormatError",
-    "UnsupportedTypeError", "best_checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
+    "UnsupportedTypeError", "UnknownMetricError", "best_checkpoint", "inspect_checkpoint", "select_best", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
 ]
