@@ -44,5 +44,6 @@ __all__ = [
     "AuditReport", "ExactResume", "ResumeAuditWarning",
     "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError", "NotACheckpointError",
     "SafetensorsCheckpointIO", "StorageError", "UnsafeCheckpointError", "UnsupportedFormatError",
-    "UnsupportedTypeError", "UnknownMetricError", "best_checkpoint", "inspect_checkpoint", "select_best", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
+    "UnsupportedTypeError", "best_checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
+    "UnknownMetricError", "inspect_checkpoint", "select_best",
 ]

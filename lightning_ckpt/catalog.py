@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lightning_ckpt.errors import CheckpointError, IncompleteCheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest
-from lightning_ckpt.policy import Record, RetentionConfig, best_record, latest_record
+from lightning_ckpt.policy.retention import Record, RetentionConfig, best_record, latest_record
 from lightning_ckpt.policy.explain import kept_by
 from lightning_ckpt.store import LocalStore, list_checkpoints, read_manifest, verify
 from lightning_ckpt.store.ledger import COMMITTED, Entry, Ledger
@@ -23,7 +23,9 @@ TIER_LOCAL = "local"  # the only tier until remote storage tiers arrive
 OK = "ok"  # every file present with the size the manifest records
 VERIFIED = "verified"  # ... and every checksum matches
 DAMAGED = "damaged"
-CHECKPOINT_SUFFIXES = (".safetensors", ".json")
+# The files a save writes before its manifest (format.state's names, repeated here: that module imports torch).
+SAVE_FILE_SUFFIX = ".safetensors"
+SAVE_STATE_FILE = "state.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +64,7 @@ def split_path(path: str | os.PathLike) -> tuple[LocalStore, list[str] | None]:
 
 def _holds_checkpoint_files(p: Path) -> bool:
     """A folder with a checkpoint's files but no manifest: one torn save, not a directory of checkpoints."""
-    return any(f.suffix in CHECKPOINT_SUFFIXES for f in p.iterdir() if f.is_file())
+    return any(f.suffix == SAVE_FILE_SUFFIX or f.name == SAVE_STATE_FILE for f in p.iterdir() if f.is_file())
 
 
 def describe(path: str | os.PathLike, *, check: bool = False, retention: RetentionConfig | None = None,
@@ -89,7 +91,8 @@ def _rows(store: LocalStore, check: bool) -> list[Row]:
     rows = []
     for listed in list_checkpoints(store):
         if listed.manifest is None:
-            rows.append(Row(name=listed.name, path=store.location(listed.name), status=DAMAGED, problem=_problem(listed.error)))
+            rows.append(Row(name=listed.name, path=store.location(listed.name), status=DAMAGED,
+                            problem=_problem(listed.error)))
         else:
             rows.append(_row(store, listed.name, check, listed.manifest, entries.get(listed.name)))
     for name in store.uncommitted():
@@ -98,7 +101,8 @@ def _rows(store: LocalStore, check: bool) -> list[Row]:
     return rows
 
 
-def _row(store: LocalStore, name: str, check: bool, manifest: Manifest | None = None, entry: Entry | None = None) -> Row:
+def _row(store: LocalStore, name: str, check: bool, manifest: Manifest | None = None,
+         entry: Entry | None = None) -> Row:
     where = store.location(name)
     try:
         manifest = manifest or read_manifest(store, name)

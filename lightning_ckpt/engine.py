@@ -49,20 +49,19 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_
         StorageError: the write failed; nothing was committed.
     """
     files = encode_state(state, allow_pickle=allow_pickle)
-    return commit_encoded(files, path, step=_int_or_none(state.get("global_step")),
-                          epoch=_int_or_none(state.get("epoch")), run_id=run_id, meta=meta)
+    return commit_encoded(files, state, path, run_id=run_id, meta=meta)
 
 
-def commit_encoded(files: Mapping[str, Blob], path: str | os.PathLike, *, step: int | None = None,
-                   epoch: int | None = None, run_id: str | None = None,
-                   meta: Mapping[str, Any] | None = None) -> Manifest:
-    """Commit already-encoded files (``encode_state``'s output) as a checkpoint at ``path``, atomically.
+def commit_encoded(files: Mapping[str, Blob], state: Mapping[str, Any], path: str | os.PathLike, *,
+                   run_id: str | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
+    """Commit the files ``encode_state(state)`` made as a checkpoint at ``path``, atomically.
 
     The second half of :func:`save_checkpoint`, for callers that stream the blobs (``convert``).
     """
     manifest = Manifest(
         files={name: FileEntry(size=blob.size, digest=blob.digest()) for name, blob in files.items()},
-        step=step, epoch=epoch, run_id=run_id, versions=library_versions(), meta=dict(meta or {}),
+        step=_int_or_none(state.get("global_step")), epoch=_int_or_none(state.get("epoch")), run_id=run_id,
+        versions=library_versions(), meta=dict(meta or {}),
     )
     store, name = locate(path)
     store.write(name, files, manifest.to_bytes())

@@ -173,4 +173,5 @@ def _dcp(p: Path) -> Inspection:
     # code from the file, which nothing here may do. Refused until a non-executing reader lands.
     raise UnsupportedFormatError(f"{p}: a torch.distributed.checkpoint (DCP) directory; its {DCP_METADATA_FILE} is a "
                                  "pickle that only code-executing readers open, so lightning-ckpt does not read it "
-                                 "yet. Use torch.distributed.checkpoint.format_utils.dcp_to_torch_save on a trusted copy")
+                                 "yet. Use torch.distributed.checkpoint.format_utils.dcp_to_torch_save on a "
+                                 "trusted copy")

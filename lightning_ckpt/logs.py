@@ -29,8 +29,9 @@ def log_files(path: str | os.PathLike) -> list[Path]:
     p = Path(path)
     found = [p] if p.is_file() else sorted([*p.rglob(CSV_FILE), *p.rglob(TB_PATTERN)]) if p.is_dir() else []
     if not found:
-        raise NotACheckpointError(f"{p}: no {CSV_FILE} (CSVLogger) or {TB_PATTERN} (TensorBoardLogger) file there; "
-                                  "pass --logs the logger's log_dir (e.g. lightning_logs/version_0) or one of its files")
+        raise NotACheckpointError(f"{p}: no {CSV_FILE} (CSVLogger) or {TB_PATTERN} (TensorBoardLogger) file "
+                                  "there; pass --logs the logger's log_dir (e.g. lightning_logs/version_0) or one "
+                                  "of its files")
     return found
 
 

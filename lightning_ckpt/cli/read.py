@@ -12,8 +12,7 @@ from lightning_ckpt.catalog import DAMAGED, Row, describe
 from lightning_ckpt.cli import main
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, size, when
 from lightning_ckpt.errors import NotACheckpointError
-from lightning_ckpt.policy import RetentionConfig
-from lightning_ckpt.policy.retention import MODES
+from lightning_ckpt.policy.retention import MODES, RetentionConfig
 
 EXIT_DAMAGED = 1
 _PATH = click.Path(exists=True, path_type=Path)
@@ -123,9 +122,10 @@ def inspect(path: Path, every: bool, as_json: bool) -> None:
         return emit_json(asdict(found) | {"group_bytes": found.group_bytes(), "total_bytes": found.total_bytes})
     click.echo(f"{found.path}  ({found.kind})  step {num(found.step)}  epoch {num(found.epoch)}")
     per_group = found.group_bytes()
-    emit_table(["group", "tensors", "dtypes", "bytes"], [
-        [g, str(len(ts)), ",".join(sorted({t.dtype for t in ts})) or "-", size(per_group[g])]
-        for g, ts in found.groups.items()] + [["total", str(sum(map(len, found.groups.values()))), "", size(found.total_bytes)]])
+    totals = [[g, str(len(ts)), ",".join(sorted({t.dtype for t in ts})) or "-", size(per_group[g])]
+              for g, ts in found.groups.items()]
+    count = sum(map(len, found.groups.values()))
+    emit_table(["group", "tensors", "dtypes", "bytes"], [*totals, ["total", str(count), "", size(found.total_bytes)]])
     if every:
         emit_table(["group", "tensor", "dtype", "shape", "bytes"], [
             [g, t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(t.nbytes)]

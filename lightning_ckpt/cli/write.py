@@ -12,7 +12,7 @@ from lightning_ckpt.cli.output import JSON_OPTION, emit_json, progress_bar
 from lightning_ckpt.cli.read import _MODE, _PATH, retention_options
 from lightning_ckpt.errors import UnsupportedFormatError
 from lightning_ckpt.format.manifest import MANIFEST_FILE
-from lightning_ckpt.policy import RetentionConfig
+from lightning_ckpt.policy.retention import RetentionConfig
 
 
 @main.command()
@@ -74,14 +74,16 @@ def convert(src: Path, dst: Path) -> None:
             size = ours_to_ckpt(src, dst, progress=advance)
         finally:
             close()
-        click.echo(f"wrote {dst} ({size} bytes): a Lightning .ckpt; resume with Trainer.fit(..., ckpt_path={str(dst)!r})")
+        click.echo(f"wrote {dst} ({size} bytes): a Lightning .ckpt; resume with "
+                   f"Trainer.fit(..., ckpt_path={str(dst)!r})")
     elif src.is_file():
         advance, close = progress_bar(2 * os.path.getsize(src), f"{src.name} -> {dst.name}")
         try:
             manifest = ckpt_to_ours(src, dst, progress=advance)
         finally:
             close()
-        click.echo(f"wrote {dst} ({manifest.total_bytes} bytes, {len(manifest.files)} files): a lightning-ckpt checkpoint")
+        click.echo(f"wrote {dst} ({manifest.total_bytes} bytes, {len(manifest.files)} files): "
+                   "a lightning-ckpt checkpoint")
     else:
         raise UnsupportedFormatError(f"{src}: neither a lightning-ckpt checkpoint (no {MANIFEST_FILE}) nor a .ckpt "
                                      "file; convert reads those two")

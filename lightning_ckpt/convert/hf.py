@@ -104,7 +104,8 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | No
     return sorted(p.name for p in target.iterdir())
 
 
-def _renamed(weights: dict[str, torch.Tensor], prefix: str | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _renamed(weights: dict[str, torch.Tensor], prefix: str | None,
+             dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     out = {}
     for key, tensor in weights.items():
         name = key.removeprefix(prefix) if prefix else key

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_ckpt.engine import _int_or_none, commit_encoded, load_checkpoint
+from lightning_ckpt.engine import commit_encoded, load_checkpoint
 from lightning_ckpt.convert.torchfile import read_torch_file
 from lightning_ckpt.errors import StorageError
 from lightning_ckpt.format import Blob, Manifest, encode_state
@@ -42,8 +42,7 @@ def ckpt_to_ours(src: str | os.PathLike, dst: str | os.PathLike, *, progress: Pr
     """
     state = read_torch_file(local_path(src, what="src"))
     files = {name: _StreamedBlob(_Released(blob.chunks, progress)) for name, blob in encode_state(state).items()}
-    return commit_encoded(files, dst, step=_int_or_none(state.get("global_step")),
-                          epoch=_int_or_none(state.get("epoch")), run_id=run_id)
+    return commit_encoded(files, state, dst, run_id=run_id)
 
 
 def ours_to_ckpt(src: str | os.PathLike, dst: str | os.PathLike, *, progress: Progress | None = None) -> int:

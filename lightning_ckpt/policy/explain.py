@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lightning_ckpt.policy.retention import KeepAll, KeepEveryNSteps, KeepLast, KeepRule, KeepTopK, Record, latest_record
+from lightning_ckpt.policy.retention import (
+    KeepAll,
+    KeepEveryNSteps,
+    KeepLast,
+    KeepRule,
+    KeepTopK,
+    Record,
+    latest_record,
+)
 
 NEWEST = "newest"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from lightning_ckpt import save_checkpoint
-from lightning_ckpt.format import MODEL_FILE
+from lightning_ckpt.catalog import SAVE_STATE_FILE
+from lightning_ckpt.format import MODEL_FILE, STATE_FILE
 
 COMMAND = str(Path(sys.executable).parent / "lightning-ckpt")
 
@@ -56,3 +57,22 @@ def test_verify_a_torn_save_is_damaged_and_an_empty_folder_is_bad_input(tmp_path
     (tmp_path / "empty").mkdir()
     result = run("verify", tmp_path / "empty")
     assert result.returncode == 2 and result.stderr.startswith("error: NotACheckpointError") and not result.stdout
+    assert SAVE_STATE_FILE == STATE_FILE  # the torch-free copy of the name
+
+
+def test_a_directory_of_checkpoints_is_listed_whole(tmp_path):
+    make(tmp_path)  # it holds ledger-like JSON of its own, but no checkpoint file
+    (tmp_path / "ledger.json").write_text("{}")
+    assert len(json.loads(run("list", tmp_path, "--json").stdout)) == 3
+
+
+def test_verify_a_lightning_ckpt_by_its_zip_checksums(stock_ckpt, tmp_path):
+    assert run("verify", stock_ckpt).stdout.startswith("ok ")
+    damaged = tmp_path / "damaged.ckpt"
+    data = bytearray(stock_ckpt.read_bytes())
+    at = data.index(b"data/0") + 200  # inside the first tensor's bytes
+    data[at] ^= 1
+    damaged.write_bytes(bytes(data))
+    result = run("verify", damaged)
+    assert result.returncode == 1 and "DAMAGED  damaged.ckpt  CorruptCheckpointError" in result.stdout
+    assert "CRC" in result.stdout
