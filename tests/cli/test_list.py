@@ -57,3 +57,26 @@ def test_list_imports_neither_torch_nor_lightning(trained):
     result = subprocess.run([sys.executable, "-c", code, str(trained.ckpts)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_list_in_a_terminal_is_a_rich_table(trained):
+    import pty
+
+    main_fd, child_fd = pty.openpty()
+    env = {**os.environ, "COLUMNS": "250", "TERM": "xterm"}
+    proc = subprocess.run([sys.executable, "-m", "lightning_ckpt.cli", "list", str(trained.ckpts)], stdout=child_fd,
+                          stderr=subprocess.PIPE, env=env, timeout=120)
+    os.close(child_fd)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main_fd)
+    text = out.decode()
+    assert proc.returncode == 0, proc.stderr
+    assert "┃" in text and "step=000000024" in text and "last" in text
