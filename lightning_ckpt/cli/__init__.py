@@ -6,6 +6,8 @@ on stderr and exits 2; ``--debug`` shows the traceback instead. Damage found by 
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 from lightning_ckpt.errors import CheckpointError
@@ -37,6 +39,13 @@ def main(debug: bool) -> None:
       lightning-ckpt list checkpoints/
       lightning-ckpt best checkpoints/ --monitor val_loss --mode min
     """
+    if not debug:
+        warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """A warning (a damaged checkpoint passed over, ...) as one stderr line, without the source line."""
+    click.echo(f"warning: {category.__name__}: {message}", err=True)
 
 
 from lightning_ckpt.cli import read, write  # noqa: E402  (the commands register on main)

@@ -27,7 +27,7 @@ def retention_options(f):  # noqa: ANN001, ANN201 - a click decorator
     return f
 
 
-def _rows(path: Path, **kw: object) -> list[Row]:
+def _rows(path: str | Path, **kw: object) -> list[Row]:
     rows = describe(path, **kw)  # type: ignore[arg-type]
     if not rows:
         raise NotACheckpointError(f"{path}: no checkpoint there (no manifest.json in it or in any folder below it); "
@@ -40,13 +40,13 @@ def _flags(row: Row) -> str:
 
 
 @main.command("list")
-@click.argument("path", type=_PATH)
+@click.argument("path")
 @click.option("--verify", "check", is_flag=True, help="Check every checksum (reads every byte); default: sizes only.")
 @click.option("--monitor", default=None, help="Mark the best checkpoint by this recorded metric.")
 @_MODE
 @retention_options
 @JSON_OPTION
-def list_(path: Path, check: bool, monitor: str | None, mode: str, keep_last: int | None, top_k: int,
+def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int | None, top_k: int,
           as_json: bool) -> None:
     """Every checkpoint in PATH (or the one PATH names), by step: epoch, time, size, status, metrics,
     which is last / best, and, given retention options, which rule keeps it (per run lineage).

@@ -51,3 +51,8 @@ def test_debug_shows_the_traceback(bad):
 def test_every_command_has_help_with_an_example(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "Example:" in result.stdout and "lightning-ckpt " + command in result.stdout
+
+
+def test_a_url_is_refused_naming_the_fix():
+    result = run("list", "s3://bucket/runs")
+    assert result.returncode == 2 and result.stderr.startswith("error: ValueError: ") and "local" in result.stderr

@@ -52,3 +52,13 @@ def test_a_metric_nobody_recorded_is_a_one_line_error_listing_the_known_ones(tra
     assert "'val_acc'" in result.stderr and "train_loss" in result.stderr and "val_loss" in result.stderr
     logged = run("best", trained.ckpts, "--monitor", "nope", "--logs", trained.tb)
     assert logged.returncode == 2 and "val_acc" in logged.stderr and "train_loss" in logged.stderr
+
+
+def test_a_damaged_best_is_passed_over_with_a_one_line_warning(trained, tmp_path):
+    copy = tmp_path / "c"
+    os.system(f"cp -r '{trained.ckpts}' '{copy}'")
+    os.truncate(copy / "step=000000012" / MODEL_FILE, 5)
+    result = run("best", copy, "--monitor", "val_acc", "--mode", "max", "--logs", trained.csv)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == str(copy / "step=000000020")
+    assert result.stderr.startswith("warning: CheckpointWarning: skipping damaged checkpoint") and "step=000000012" in result.stderr
+    assert result.stderr.count("\n") == 1
