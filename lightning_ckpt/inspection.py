@@ -95,15 +95,19 @@ def _is_safetensors(p: Path) -> bool:
 
 
 def _safetensors_infos(p: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    from safetensors import safe_open  # Rust; reads only the header
+    from safetensors import SafetensorError, safe_open  # Rust; reads only the header
 
-    with safe_open(str(p), framework="numpy") as f:
-        infos = []
-        for key in f.keys():
-            s = f.get_slice(key)
-            shape = tuple(s.get_shape())
-            infos.append(TensorInfo(key, s.get_dtype(), shape, math.prod(shape) * _ITEMSIZE.get(s.get_dtype(), 0)))
-        return infos, dict(f.metadata() or {})
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            infos = []
+            for key in f.keys():
+                s = f.get_slice(key)
+                shape = tuple(s.get_shape())
+                infos.append(TensorInfo(key, s.get_dtype(), shape, math.prod(shape) * _ITEMSIZE.get(s.get_dtype(), 0)))
+            return infos, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptCheckpointError(f"{p}: not a readable safetensors file ({err}); "
+                                     "run 'lightning-ckpt verify' on its checkpoint") from err
 
 
 def _safetensors(p: Path) -> Inspection:

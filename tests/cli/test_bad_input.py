@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+
 import pytest
+import torch
 
 from conftest import run
+from lightning_ckpt import save_checkpoint
+from lightning_ckpt.format import MODEL_FILE
 
 COMMANDS = ["list", "inspect", "best", "verify", "prune", "convert", "export"]
 
@@ -14,6 +20,9 @@ def bad(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     (tmp_path / "logs").mkdir()
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "objects.ckpt")
+    save_checkpoint({"state_dict": {"w": torch.ones(64)}}, tmp_path / "torn")
+    os.truncate(tmp_path / "torn" / MODEL_FILE, 20)
     return tmp_path
 
 
@@ -22,6 +31,9 @@ CASES = [
     (lambda b, t: ["list", b / "empty"], "NotACheckpointError"),
     (lambda b, t: ["inspect", b / "notes.txt"], "UnsupportedFormatError"),
     (lambda b, t: ["inspect", b / "empty"], "NotACheckpointError"),
+    (lambda b, t: ["inspect", b / "objects.ckpt"], "UnsafeCheckpointError"),
+    (lambda b, t: ["inspect", b / "torn"], "CorruptCheckpointError"),
+    (lambda b, t: ["convert", b / "objects.ckpt", b / "out"], "UnsafeCheckpointError"),
     (lambda b, t: ["verify", b / "notes.txt"], "UnsupportedFormatError"),
     (lambda b, t: ["best", b / "empty", "--monitor", "val_loss"], "NotACheckpointError"),
     (lambda b, t: ["best", t.ckpts, "--monitor", "val_accuracy"], "UnknownMetricError"),
