@@ -60,5 +60,6 @@ def test_a_damaged_best_is_passed_over_with_a_one_line_warning(trained, tmp_path
     os.truncate(copy / "step=000000012" / MODEL_FILE, 5)
     result = run("best", copy, "--monitor", "val_acc", "--mode", "max", "--logs", trained.csv)
     assert result.returncode == 0 and result.stdout.splitlines()[-1] == str(copy / "step=000000020")
-    assert result.stderr.startswith("warning: CheckpointWarning: skipping damaged checkpoint") and "step=000000012" in result.stderr
+    assert result.stderr.startswith("warning: CheckpointWarning: skipping damaged checkpoint")
+    assert "step=000000012" in result.stderr
     assert result.stderr.count("\n") == 1

@@ -39,7 +39,8 @@ def test_ours_to_ckpt_resumes_in_a_stock_trainer(trained, tmp_path):
     model.on_train_start = lambda: resumed_at.append((trainer.global_step, model.inp.weight.detach().clone()))
     trainer.fit(model, tiny_loader(shuffle=True), ckpt_path=back)
     step, weight = resumed_at[0]
-    assert step == 24 and torch.equal(weight, load_checkpoint(trained.ckpts / "step=000000024")["state_dict"]["inp.weight"])
+    saved = load_checkpoint(trained.ckpts / "step=000000024")["state_dict"]["inp.weight"]
+    assert step == 24 and torch.equal(weight, saved)
     assert trainer.global_step == 28
 
 

@@ -54,7 +54,8 @@ def test_list_imports_neither_torch_nor_lightning(trained):
     code = ("import sys; from lightning_ckpt.cli import main\n"
             "try:\n    main(['list', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'lightning', 'numpy', 'rich') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code, str(trained.ckpts)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code, str(trained.ckpts)], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
 
