@@ -106,7 +106,7 @@ def _row(store: LocalStore, name: str, check: bool, manifest: Manifest | None = 
     where = store.location(name)
     try:
         manifest = manifest or read_manifest(store, name)
-        verify(store, name) if check else _check_sizes(where, manifest)
+        verify(store, name) if check else check_sizes(where, manifest)
     except CheckpointError as err:
         m = manifest
         return Row(name=name, path=where, step=m and m.step, epoch=m and m.epoch, run_id=m and m.run_id,
@@ -121,7 +121,12 @@ def _problem(err: Exception | None) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _check_sizes(where: str, manifest: Manifest) -> None:
+def check_sizes(where: str, manifest: Manifest) -> None:
+    """Every file the manifest lists is there with its recorded size (cheap: no bytes are read).
+
+    Raises:
+        IncompleteCheckpointError: naming the first file that is missing or has another size.
+    """
     for file, entry in manifest.files.items():
         try:
             size = os.stat(Path(where) / file).st_size

@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from lightning_ckpt.catalog import to_record
-from lightning_ckpt.errors import NotACheckpointError, UnknownMetricError
+from lightning_ckpt.catalog import check_sizes, to_record
+from lightning_ckpt.errors import CheckpointError, NotACheckpointError, UnknownMetricError
 from lightning_ckpt.logs import read_metric
-from lightning_ckpt.manager import CheckpointManager, best_entry
+from lightning_ckpt.manager import best_entry
 from lightning_ckpt.policy import RetentionConfig, RetentionPlan
 from lightning_ckpt.policy.log_join import scores_by_step
-from lightning_ckpt.store import LocalStore
-from lightning_ckpt.store.ledger import COMMITTED, Entry, Ledger
+from lightning_ckpt.store import LocalStore, read_manifest
+from lightning_ckpt.store.ledger import COMMITTED, DELETED, Entry, Ledger
 
 
 def _committed(dirpath: str | os.PathLike) -> tuple[LocalStore, list[Entry]]:
@@ -71,17 +71,28 @@ class PrunePlan:
 def plan_prune(dirpath: str | os.PathLike, retention: RetentionConfig, *, run: str | None = None) -> PrunePlan:
     """What ``retention`` deletes in each run lineage (only ``run``'s when given); nothing is deleted.
 
-    Each lineage keeps its own newest verified checkpoint, as the Checkpointer does while training.
+    Each lineage keeps its own newest sound checkpoint, as the Checkpointer does while training. A
+    checkpoint with a missing or wrongly sized file never counts as that newest one, so a damaged
+    newest checkpoint cannot get every good one deleted.
 
     Raises:
         NotACheckpointError: no committed checkpoint in ``dirpath`` (of lineage ``run``, when given).
     """
-    _, entries = _committed(dirpath)
+    store, entries = _committed(dirpath)
     runs = sorted({e.run_id or "" for e in entries})
     if run is not None and run not in runs:
         raise NotACheckpointError(f"{dirpath}: no checkpoints of run {run!r}; runs there: {', '.join(runs)}")
-    chosen = [run] if run is not None else runs
-    return PrunePlan({r: retention.plan([to_record(e) for e in entries if (e.run_id or "") == r]) for r in chosen})
+    records = {e.name: replace(to_record(e), verified=_sound(store, e)) for e in entries}
+    return PrunePlan({r: retention.plan([records[e.name] for e in entries if (e.run_id or "") == r])
+                      for r in ([run] if run is not None else runs)})
+
+
+def _sound(store: LocalStore, entry: Entry) -> bool:
+    try:
+        check_sizes(store.location(entry.name), read_manifest(store, entry.name))
+        return True
+    except CheckpointError:
+        return False
 
 
 def prune(dirpath: str | os.PathLike, retention: RetentionConfig, *, run: str | None = None) -> PrunePlan:
@@ -94,11 +105,13 @@ def prune(dirpath: str | os.PathLike, retention: RetentionConfig, *, run: str | 
     lock = store.lock()
     try:
         plan = plan_prune(dirpath, retention, run=run)
-        for run_id in plan.plans:
-            manager = CheckpointManager(dirpath, retention, run_id=run_id or None)  # type: ignore[arg-type]
-            manager.refresh()
-            manager.prune()
-            manager.commit_ledger()
+        ledger = Ledger(store)
+        entries = ledger.load()
+        reasons = {name: why for p in plan.plans.values() for name, why in p.reasons.items()}
+        for name in reasons:
+            store.delete(name)
+        ledger.save([replace(e, status=DELETED, deleted_reason=reasons[e.name]) if e.name in reasons else e
+                     for e in entries])
         return plan
     finally:
         lock.release()

@@ -9,6 +9,7 @@ import torch
 
 from conftest import run
 from lightning_ckpt import save_checkpoint
+from lightning_ckpt.format import MODEL_FILE
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.ledger import LEDGER_FILE
 
@@ -68,3 +69,11 @@ def test_prune_refuses_while_a_run_writes_there(trained, tmp_path):
         lock.release()
     assert result.returncode == 2 and "DirectoryInUseError" in result.stderr
     assert _steps(ckpts) == [4, 8, 12, 16, 20, 24]
+
+
+def test_a_damaged_newest_checkpoint_never_gets_the_good_ones_deleted(trained, tmp_path):
+    ckpts = _copy(trained, tmp_path)
+    (ckpts / "step=000000024" / MODEL_FILE).unlink()  # the newest is damaged
+    result = run("prune", ckpts, "--keep-last", "1", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert _steps(ckpts) == [20, 24]  # 20: the newest sound one, kept for a resume
