@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,16 +12,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning_ckpt import Checkpointer
 from tiny import TinyModel, tiny_loader
 
-COMMAND = str(Path(sys.executable).parent / "lightning-ckpt")
 # val_acc as logged (by the loggers only, never seen by the Checkpointer) after the validations at
 # global steps 6, 14 and 22, i.e. at logged steps 5, 13 and 21.
 VAL_ACC = {5: 0.5, 13: 0.9, 21: 0.7}
-
-
-def run(*args: object, debug: bool = False) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it."""
-    return subprocess.run([COMMAND, *(["--debug"] if debug else []), *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 class LoggedAccModel(TinyModel):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import run
+from clirun import run
 from lightning_ckpt import save_checkpoint
 from lightning_ckpt.format import MODEL_FILE
 

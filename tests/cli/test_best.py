@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import run
+from clirun import run
 from lightning_ckpt import select_best
 from lightning_ckpt.format import MODEL_FILE
 from lightning_ckpt.store.ledger import LEDGER_FILE

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from conftest import run
+from clirun import run
 from lightning_ckpt import load_checkpoint
 from tiny import TinyModel, tiny_loader
 

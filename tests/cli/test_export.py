@@ -7,7 +7,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from conftest import run
+from clirun import run
 from lightning_ckpt import save_checkpoint
 from tiny import TinyModel
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import run
+from clirun import run
 from lightning_ckpt import Checkpointer
 
 transformers = pytest.importorskip("transformers")

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from conftest import run
+from clirun import run
 from lightning_ckpt.format import MODEL_FILE
 
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import run
+from clirun import run
 from lightning_ckpt.format import MODEL_FILE
 
 STEPS = [4, 8, 12, 16, 20, 24]

@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-from conftest import run
+from clirun import run
 from lightning_ckpt import save_checkpoint
 from lightning_ckpt.format import MODEL_FILE
 from lightning_ckpt.store import LocalStore
