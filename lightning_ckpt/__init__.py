@@ -3,7 +3,6 @@
 import importlib
 import sys
 
-from lightning_ckpt.engine import load_checkpoint, save_checkpoint, verify_checkpoint
 from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointWarning,
@@ -11,16 +10,24 @@ from lightning_ckpt.errors import (
     IncompleteCheckpointError,
     NotACheckpointError,
     StorageError,
+    UnknownMetricError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
-from lightning_ckpt.manager import best_checkpoint, latest_checkpoint
 
 __version__ = "0.1.0.dev0"
 
-# The Lightning adapters load on first use, so the CLI and plain-PyTorch users never import Lightning.
+# Everything but the errors loads on first use: plain-PyTorch users never import Lightning, and the
+# read-only CLI commands import neither torch nor Lightning (a fast start for scripts).
 _LAZY = {
+    "best_checkpoint": "lightning_ckpt.manager",
+    "latest_checkpoint": "lightning_ckpt.manager",
+    "inspect_checkpoint": "lightning_ckpt.inspection",
+    "load_checkpoint": "lightning_ckpt.engine",
+    "select_best": "lightning_ckpt.selection",
+    "save_checkpoint": "lightning_ckpt.engine",
+    "verify_checkpoint": "lightning_ckpt.engine",
     "AuditReport": "lightning_ckpt.lightning.resume_audit",
     "Checkpointer": "lightning_ckpt.lightning.checkpointer",
     "ExactResume": "lightning_ckpt.lightning.exact_resume",
@@ -35,6 +42,7 @@ def __getattr__(name: str) -> object:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lightning_ckpt' has no attribute {name!r}")
 
+
 # With Lightning already imported, MyModel.load_from_checkpoint(dir) works after a bare `import lightning_ckpt`
 # (the CLI never imports Lightning, so it never gets here).
 if "lightning.pytorch" in sys.modules:
@@ -42,7 +50,8 @@ if "lightning.pytorch" in sys.modules:
 
 __all__ = [
     "AuditReport", "ExactResume", "ResumeAuditWarning",
-    "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError", "NotACheckpointError",
-    "SafetensorsCheckpointIO", "StorageError", "UnsafeCheckpointError", "UnsupportedFormatError",
-    "UnsupportedTypeError", "best_checkpoint", "latest_checkpoint", "load_checkpoint", "load_from_checkpoint", "save_checkpoint", "verify_checkpoint",
+    "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError",
+    "NotACheckpointError", "SafetensorsCheckpointIO", "StorageError", "UnknownMetricError", "UnsafeCheckpointError",
+    "UnsupportedFormatError", "UnsupportedTypeError", "best_checkpoint", "inspect_checkpoint", "latest_checkpoint",
+    "load_checkpoint", "load_from_checkpoint", "save_checkpoint", "select_best", "verify_checkpoint",
 ]

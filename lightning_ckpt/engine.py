@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
-from lightning_ckpt.format import Manifest, decode_state, device_from_map_location, encode_state
+from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.store import locate, read_verified, verify
 
 _VERSIONED_PACKAGES = ("lightning-ckpt", "torch", "safetensors", "lightning", "numpy")
@@ -51,6 +51,15 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_
         StorageError: the write failed; nothing was committed.
     """
     files = encode_state(state, allow_pickle=allow_pickle)
+    return commit_encoded(files, state, path, run_id=run_id, meta=meta)
+
+
+def commit_encoded(files: Mapping[str, Blob], state: Mapping[str, Any], path: str | os.PathLike, *,
+                   run_id: str | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
+    """Commit the files ``encode_state(state)`` made as a checkpoint at ``path``, atomically.
+
+    The second half of :func:`save_checkpoint`, for callers that stream the blobs (``convert``).
+    """
     unsealed = Manifest(
         files={}, step=_int_or_none(state.get("global_step")), epoch=_int_or_none(state.get("epoch")), run_id=run_id,
         versions=library_versions(), meta=dict(meta or {}),

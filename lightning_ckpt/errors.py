@@ -45,3 +45,7 @@ class DirectoryInUseError(CheckpointError):
 class CheckpointWarning(UserWarning):
     """Something was skipped or could not be honoured, and training goes on (a damaged checkpoint
     passed over by ``ckpt_path="last"``, a disk budget the protected checkpoints exceed, ...)."""
+
+
+class UnknownMetricError(CheckpointError, LookupError):
+    """A metric asked for by name was never recorded or logged (the message lists the known ones)."""

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest, new_hasher
 from lightning_ckpt.store.local import LocalStore, local_path
@@ -77,7 +75,7 @@ def verify(store: LocalStore, name: str) -> Manifest:
     """
     manifest = read_manifest(store, name)
     where = store.location(name)
-    chunk = memoryview(np.empty(READ_CHUNK, dtype=np.uint8))
+    chunk = _uninitialized(READ_CHUNK)
     for file in manifest.files:
         _read_file(store, name, file, manifest, where, into=chunk)
     return manifest
@@ -93,8 +91,7 @@ def _read_file(store: LocalStore, name: str, file: str, manifest: Manifest, wher
     hasher = new_hasher()
     with f:
         if into is None:
-            # np.empty, not bytearray: the pages are first touched by the read itself, not zeroed before it.
-            buffer = memoryview(np.empty(size, dtype=np.uint8))
+            buffer = _uninitialized(size)
             done = _read_parallel(f.fileno(), buffer, hasher)
         else:
             buffer, done = into, _read_through(f.fileno(), size, into, hasher)
@@ -102,6 +99,13 @@ def _read_file(store: LocalStore, name: str, file: str, manifest: Manifest, wher
     manifest.check_size(file, done + extra, where)
     manifest.check_digest(file, hasher.hexdigest(), where)
     return buffer
+
+
+def _uninitialized(size: int) -> memoryview:
+    """A writable buffer whose pages are first touched by the read itself (a bytearray zeroes them first)."""
+    import numpy as np  # here, not at the top: listing checkpoints (the CLI) must not pay numpy's import
+
+    return memoryview(np.empty(size, dtype=np.uint8))
 
 
 def _read_parallel(fd: int, buffer: memoryview, hasher: Any) -> int:

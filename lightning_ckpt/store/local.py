@@ -18,10 +18,13 @@ import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightning_ckpt.errors import CheckpointError, DirectoryInUseError, StorageError
-from lightning_ckpt.format.blob import Blob, Buffer
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
+
+if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
+    from lightning_ckpt.format.blob import Blob, Buffer
 
 # Hidden leftovers, one prefix per meaning, so that the next start knows what to do with each:
 TMP_PREFIX = ".tmp-"  # a save being written: removed

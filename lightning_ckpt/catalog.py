@@ -1,0 +1,162 @@
+"""A checkpoint directory described for people and scripts: every checkpoint with its state, which
+rules keep it, which is last and best.
+
+Torch-free, so ``lightning-ckpt list`` starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from lightning_ckpt.errors import CheckpointError, IncompleteCheckpointError, NotACheckpointError
+from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest
+from lightning_ckpt.policy.retention import Record, RetentionConfig, best_record, latest_record
+from lightning_ckpt.policy.explain import kept_by
+from lightning_ckpt.store import LocalStore, list_checkpoints, read_manifest, verify
+from lightning_ckpt.store.ledger import COMMITTED, Entry, Ledger
+from lightning_ckpt.store.local import local_path
+
+TIER_LOCAL = "local"  # the only tier until remote storage tiers arrive
+OK = "ok"  # every file present with the size the manifest records
+VERIFIED = "verified"  # ... and every checksum matches
+DAMAGED = "damaged"
+# The files a save writes before its manifest (format.state's names, repeated here: that module imports torch).
+SAVE_FILE_SUFFIX = ".safetensors"
+SAVE_STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    """One checkpoint as ``lightning-ckpt list`` shows it."""
+
+    name: str
+    path: str
+    step: int | None = None
+    epoch: int | None = None
+    created: float | None = None
+    run_id: str | None = None
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    size: int | None = None
+    tiers: tuple[str, ...] = (TIER_LOCAL,)
+    status: str = OK
+    problem: str | None = None  # "ErrorType: message" when damaged
+    kept_by: tuple[str, ...] | None = None  # None: no retention options given
+    last: bool = False
+    best: bool = False
+
+
+def split_path(path: str | os.PathLike) -> tuple[LocalStore, list[str] | None]:
+    """The store at ``path`` and the one checkpoint it names (``[name]``), or None for a whole directory.
+
+    Raises:
+        NotACheckpointError: ``path`` does not exist.
+    """
+    p = local_path(path, what="path")
+    if not p.exists():
+        raise NotACheckpointError(f"{p}: no such file or directory; pass a checkpoint directory or one checkpoint")
+    if (p / MANIFEST_FILE).exists() or not p.is_dir() or _holds_checkpoint_files(p):
+        return LocalStore(p.parent), [p.name]
+    return LocalStore(p), None
+
+
+def _holds_checkpoint_files(p: Path) -> bool:
+    """A folder with a checkpoint's files but no manifest: one torn save, not a directory of checkpoints."""
+    return any(f.suffix == SAVE_FILE_SUFFIX or f.name == SAVE_STATE_FILE for f in p.iterdir() if f.is_file())
+
+
+def describe(path: str | os.PathLike, *, check: bool = False, retention: RetentionConfig | None = None,
+             monitor: str | None = None, mode: str = "min") -> list[Row]:
+    """Every checkpoint at ``path`` (a directory, or one checkpoint), by step.
+
+    Args:
+        check: verify every checksum (reads all bytes); otherwise files are checked by size only.
+        retention: retention options; each row then says which rules keep it (per run lineage).
+        monitor, mode: mark the best checkpoint by this recorded metric.
+    """
+    store, only = split_path(path)
+    rows = [_row(store, name, check) for name in only] if only else _rows(store, check)
+    good = {r.name: r for r in rows if r.status != DAMAGED}
+    records = [to_record(_entry(r)) for r in good.values()]
+    last = latest_record(records)
+    best = best_record(records, monitor, mode) if monitor else None  # type: ignore[arg-type]
+    labels = _kept_labels(list(good.values()), retention) if retention else {}
+    return [_mark(r, last, best, labels) for r in rows]
+
+
+def _rows(store: LocalStore, check: bool) -> list[Row]:
+    entries = {e.name: e for e in Ledger(store).load() if e.status == COMMITTED}  # metrics logged after a save
+    rows = []
+    for listed in list_checkpoints(store):
+        if listed.manifest is None:
+            rows.append(Row(name=listed.name, path=store.location(listed.name), status=DAMAGED,
+                            problem=_problem(listed.error)))
+        else:
+            rows.append(_row(store, listed.name, check, listed.manifest, entries.get(listed.name)))
+    for name in store.uncommitted():
+        rows.append(Row(name=name, path=store.location(name), status=DAMAGED,
+                        problem=_problem(missing_manifest(store.location(name)))))
+    return rows
+
+
+def _row(store: LocalStore, name: str, check: bool, manifest: Manifest | None = None,
+         entry: Entry | None = None) -> Row:
+    where = store.location(name)
+    try:
+        manifest = manifest or read_manifest(store, name)
+        verify(store, name) if check else check_sizes(where, manifest)
+    except CheckpointError as err:
+        m = manifest
+        return Row(name=name, path=where, step=m and m.step, epoch=m and m.epoch, run_id=m and m.run_id,
+                   size=m and m.total_bytes, status=DAMAGED, problem=_problem(err))
+    entry = entry or Entry.from_manifest(name, manifest)
+    return Row(name=name, path=where, step=manifest.step, epoch=manifest.epoch, created=manifest.created,
+               run_id=manifest.run_id, metrics=dict(entry.metrics), size=manifest.total_bytes,
+               status=VERIFIED if check else OK)
+
+
+def _problem(err: Exception | None) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def check_sizes(where: str, manifest: Manifest) -> None:
+    """Every file the manifest lists is there with its recorded size (cheap: no bytes are read).
+
+    Raises:
+        IncompleteCheckpointError: naming the first file that is missing or has another size.
+    """
+    for file, entry in manifest.files.items():
+        try:
+            size = os.stat(Path(where) / file).st_size
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(f"{where}/{file}: missing (the manifest lists it)") from None
+        if size != entry.size:
+            raise IncompleteCheckpointError(f"{where}/{file}: {size} bytes, the manifest says {entry.size}")
+
+
+def _entry(row: Row) -> Entry:
+    return Entry(name=row.name, step=row.step or 0, epoch=row.epoch, wall_time=row.created or 0.0,
+                 run_id=row.run_id, metrics=row.metrics, size=row.size or 0)
+
+
+def to_record(entry: Entry) -> Record:
+    """The retention record of a ledger entry (metrics without a value left out)."""
+    return Record(name=entry.name, step=entry.step, epoch=entry.epoch, wall_time=entry.wall_time,
+                  metrics={k: v for k, v in entry.metrics.items() if v is not None}, size=entry.size,
+                  verified=entry.status == COMMITTED, reason=entry.reason)
+
+
+def _kept_labels(rows: Sequence[Row], retention: RetentionConfig) -> dict[str, list[str]]:
+    labels: dict[str, list[str]] = {}
+    for run in {r.run_id for r in rows}:  # each lineage keeps its own, as the Checkpointer prunes
+        own = [to_record(_entry(r)) for r in rows if r.run_id == run]
+        labels |= kept_by(own, retention.rules())
+    return labels
+
+
+def _mark(row: Row, last: Record | None, best: Record | None, labels: dict[str, list[str]]) -> Row:
+    kept = tuple(labels[row.name]) if row.name in labels else None
+    return replace(row, last=last is not None and last.name == row.name,
+                   best=best is not None and best.name == row.name, kept_by=kept)

@@ -1,0 +1,159 @@
+"""The read-only commands: list, verify, inspect, best."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from lightning_ckpt.catalog import DAMAGED, Row, describe
+from lightning_ckpt.cli import main
+from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, size, when
+from lightning_ckpt.errors import NotACheckpointError
+from lightning_ckpt.policy.retention import MODES, RetentionConfig
+
+EXIT_DAMAGED = 1
+_PATH = click.Path(exists=True, path_type=Path)
+_MODE = click.option("--mode", type=click.Choice(MODES), default="min", show_default=True,
+                     help="min: lower is better (a loss); max: higher is better (an accuracy).")
+
+
+def retention_options(f):  # noqa: ANN001, ANN201 - a click decorator
+    """--keep-last / --top-k / --monitor / --mode, shared by list and prune."""
+    f = click.option("--top-k", type=click.IntRange(min=0), default=0, help="Keep the K best by --monitor.")(f)
+    f = click.option("--keep-last", type=click.IntRange(min=1), default=None, help="Keep the N newest.")(f)
+    return f
+
+
+def _rows(path: str | Path, **kw: object) -> list[Row]:
+    rows = describe(path, **kw)  # type: ignore[arg-type]
+    if not rows:
+        raise NotACheckpointError(f"{path}: no checkpoint there (no manifest.json in it or in any folder below it); "
+                                  "pass a checkpoint directory such as the Checkpointer's dirpath")
+    return rows
+
+
+def _flags(row: Row) -> str:
+    return ",".join(f for f, on in (("last", row.last), ("best", row.best)) if on) or "-"
+
+
+@main.command("list")
+@click.argument("path")
+@click.option("--verify", "check", is_flag=True, help="Check every checksum (reads every byte); default: sizes only.")
+@click.option("--monitor", default=None, help="Mark the best checkpoint by this recorded metric.")
+@_MODE
+@retention_options
+@JSON_OPTION
+def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int | None, top_k: int,
+          as_json: bool) -> None:
+    """Every checkpoint in PATH (or the one PATH names), by step: epoch, time, size, status, metrics,
+    which is last / best, and, given retention options, which rule keeps it (per run lineage).
+
+    \b
+    Example:
+      lightning-ckpt list checkpoints/ --monitor val_loss --keep-last 2 --top-k 1
+    """
+    retention = RetentionConfig(keep_last=keep_last, top_k=top_k, monitor=monitor, mode=mode) if (
+        keep_last or top_k) else None  # type: ignore[arg-type]
+    rows = _rows(path, check=check, retention=retention, monitor=monitor, mode=mode)
+    if as_json:
+        return emit_json([asdict(r) for r in rows])
+    columns = ["name", "step", "epoch", "time", "size", "status", "flags", "run", "metrics"]
+    columns += ["kept by"] if retention else []
+    table = []
+    for r in rows:
+        metrics = " ".join(f"{k}={num(v)}" for k, v in sorted(r.metrics.items()))
+        cells = [r.name, num(r.step), num(r.epoch), when(r.created), size(r.size),
+                 r.status if r.status != DAMAGED else f"{DAMAGED}: {r.problem}", _flags(r), r.run_id or "-",
+                 metrics or "-"]
+        table.append(cells + ([", ".join(r.kept_by or ()) or "(would be pruned)"] if retention else []))
+    emit_table(columns, table)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=_PATH)
+@JSON_OPTION
+def verify(paths: tuple[Path, ...], as_json: bool) -> None:
+    """Check every file of the checkpoints at PATHS against their checksums (exit 1 and a list if any
+    fails). A PATH is a checkpoint directory, one checkpoint, or a Lightning .ckpt file (its zip CRCs).
+
+    \b
+    Example:
+      lightning-ckpt verify checkpoints/ last.ckpt
+    """
+    results = []
+    for path in paths:
+        results += [(r.name, r.step, r.problem) for r in _verified(path)]
+    if as_json:
+        emit_json([{"name": n, "step": s, "ok": p is None, "problem": p} for n, s, p in results])
+    else:
+        for name, step, problem in results:
+            click.echo(f"ok       {name}  step {num(step)}" if problem is None else f"DAMAGED  {name}  {problem}")
+    sys.exit(EXIT_DAMAGED if any(p is not None for _, _, p in results) else 0)
+
+
+def _verified(path: Path) -> list[Row]:
+    if path.is_file() and not path.name.endswith(".safetensors"):
+        from lightning_ckpt.convert.torchfile import verify_torch_file
+
+        return [Row(name=path.name, path=str(path), problem=verify_torch_file(path))]
+    return _rows(path, check=True)
+
+
+@main.command()
+@click.argument("path", type=_PATH)
+@click.option("--tensors", "every", is_flag=True, help="List every tensor, not only the totals per group.")
+@JSON_OPTION
+def inspect(path: Path, every: bool, as_json: bool) -> None:
+    """What is inside a checkpoint: tensors by group (model weights, optimizer state, other) with
+    dtypes, shapes and bytes, hyper-parameters and library versions. Reads our checkpoints,
+    Lightning .ckpt files (weights_only=True) and plain .safetensors files.
+
+    \b
+    Example:
+      lightning-ckpt inspect checkpoints/step=000001000 --tensors
+    """
+    from lightning_ckpt.inspection import inspect_checkpoint
+
+    found = inspect_checkpoint(path)
+    if as_json:
+        return emit_json(asdict(found) | {"group_bytes": found.group_bytes(), "total_bytes": found.total_bytes})
+    click.echo(f"{found.path}  ({found.kind})  step {num(found.step)}  epoch {num(found.epoch)}")
+    per_group = found.group_bytes()
+    totals = [[g, str(len(ts)), ",".join(sorted({t.dtype for t in ts})) or "-", size(per_group[g])]
+              for g, ts in found.groups.items()]
+    count = sum(map(len, found.groups.values()))
+    emit_table(["group", "tensors", "dtypes", "bytes"], [*totals, ["total", str(count), "", size(found.total_bytes)]])
+    if every:
+        emit_table(["group", "tensor", "dtype", "shape", "bytes"], [
+            [g, t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(t.nbytes)]
+            for g, ts in found.groups.items() for t in ts])
+    for title, values in (("hyper-parameters", found.hyper_parameters), ("versions", found.versions)):
+        click.echo(f"{title}:" + ("" if values else " -"))
+        for key, value in values.items():
+            click.echo(f"  {key}: {value!r}" if not isinstance(value, str) else f"  {key}: {value}")
+
+
+@main.command()
+@click.argument("path", type=_PATH)
+@click.option("--monitor", required=True, help="The metric to rank by (recorded by the Checkpointer, or logged).")
+@_MODE
+@click.option("--logs", type=_PATH, default=None,
+              help="A CSVLogger or TensorBoardLogger log directory (or its metrics.csv / event file): score each "
+                   "checkpoint by the value logged at its step, else the first logged after it and before the "
+                   "next checkpoint.")
+@JSON_OPTION
+def best(path: Path, monitor: str, mode: str, logs: Path | None, as_json: bool) -> None:
+    """Print the path of the best checkpoint in PATH by --monitor (the last line of stdout).
+    Damaged checkpoints are passed over.
+
+    \b
+    Example:
+      lightning-ckpt best checkpoints/ --monitor val_acc --mode max --logs lightning_logs/version_0
+    """
+    from lightning_ckpt.selection import select_best
+
+    chosen = select_best(path, monitor, mode, logs=logs)
+    emit_json({"path": chosen, "monitor": monitor, "mode": mode}) if as_json else click.echo(chosen)

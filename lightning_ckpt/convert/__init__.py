@@ -1,0 +1,1 @@
+"""Foreign checkpoints <-> ours: Lightning ``.ckpt`` both ways, Hugging Face safetensors export."""

@@ -1,0 +1,181 @@
+"""What is inside a checkpoint, without loading its tensors: names, dtypes, shapes and bytes by group.
+
+Reads our checkpoint directories, Lightning ``.ckpt`` files (``weights_only=True``) and plain
+safetensors files. DCP directories are recognised and refused (see ``_dcp``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
+from lightning_ckpt.format.manifest import MANIFEST_FILE
+from lightning_ckpt.store import read_manifest
+from lightning_ckpt.store.local import LocalStore, local_path
+
+MODEL = "model weights"
+OPTIMIZER = "optimizer state"
+OTHER = "other"
+GROUPS = (MODEL, OPTIMIZER, OTHER)
+KIND_OURS, KIND_LIGHTNING, KIND_SAFETENSORS, KIND_DCP = "lightning-ckpt", "lightning .ckpt", "safetensors", "dcp"
+DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's FileSystemWriter writes it last
+_GROUP_OF_FILE = {"model.safetensors": MODEL, "optimizer.safetensors": OPTIMIZER}
+_GROUP_OF_KEY = {"state_dict": MODEL, "optimizer_states": OPTIMIZER, "model": MODEL, "optimizer": OPTIMIZER,
+                 "optim": OPTIMIZER}
+_K_HPARAMS = "hyper_parameters"
+_K_LIGHTNING_VERSION = "pytorch-lightning_version"
+# Bytes per element of the safetensors dtype names (the format's own table).
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor: its key, dtype name, shape and size in bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class Inspection:
+    """What a checkpoint holds."""
+
+    path: str
+    kind: str
+    groups: dict[str, list[TensorInfo]] = field(default_factory=lambda: {g: [] for g in GROUPS})
+    hyper_parameters: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    step: int | None = None
+    epoch: int | None = None
+
+    def group_bytes(self) -> dict[str, int]:
+        return {g: sum(t.nbytes for t in ts) for g, ts in self.groups.items()}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.group_bytes().values())
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> Inspection:
+    """Describe the checkpoint at ``path`` (any of the four kinds above).
+
+    Raises:
+        NotACheckpointError: nothing at ``path``, or a directory that is none of the kinds.
+        UnsupportedFormatError: a file that is neither a torch file nor safetensors; a DCP directory.
+        UnsafeCheckpointError: a ``.ckpt`` that ``weights_only=True`` refuses to read.
+    """
+    p = local_path(path, what="path")
+    if p.is_dir() and (p / MANIFEST_FILE).is_file():
+        return _ours(p)
+    if p.is_dir() and (p / DCP_METADATA_FILE).is_file():
+        return _dcp(p)
+    if p.is_file() and _is_safetensors(p):
+        return _safetensors(p)
+    if p.is_file():
+        from lightning_ckpt.convert.torchfile import read_torch_file  # torch: only for .ckpt files
+
+        return _lightning(p, read_torch_file(p))
+    raise NotACheckpointError(f"{p}: not a checkpoint (no {MANIFEST_FILE}, no DCP {DCP_METADATA_FILE}, not a file); "
+                              "pass a checkpoint directory, a .ckpt file or a .safetensors file")
+
+
+def _is_safetensors(p: Path) -> bool:
+    with open(p, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= p.stat().st_size
+
+
+def _safetensors_infos(p: Path) -> tuple[list[TensorInfo], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open  # Rust; reads only the header
+
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            infos = []
+            for key in f.keys():
+                s = f.get_slice(key)
+                shape = tuple(s.get_shape())
+                infos.append(TensorInfo(key, s.get_dtype(), shape, math.prod(shape) * _ITEMSIZE.get(s.get_dtype(), 0)))
+            return infos, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptCheckpointError(f"{p}: not a readable safetensors file ({err}); "
+                                     "run 'lightning-ckpt verify' on its checkpoint") from err
+
+
+def _safetensors(p: Path) -> Inspection:
+    found = Inspection(str(p), KIND_SAFETENSORS)
+    found.groups[MODEL], metadata = _safetensors_infos(p)
+    found.hyper_parameters = metadata
+    return found
+
+
+def _ours(p: Path) -> Inspection:
+    manifest = read_manifest(LocalStore(p.parent), p.name)
+    found = Inspection(str(p), KIND_OURS, versions=dict(manifest.versions), step=manifest.step, epoch=manifest.epoch)
+    for file in manifest.files:
+        if file.endswith(".safetensors"):
+            infos, _ = _safetensors_infos(p / file)
+            found.groups[_GROUP_OF_FILE.get(file, OTHER)] += [i for i in infos if not i.name.startswith("__")]
+    found.hyper_parameters = _our_hparams(p)
+    return found
+
+
+def _our_hparams(p: Path) -> dict[str, Any]:
+    from lightning_ckpt.format.state import STATE_FILE, decode_state  # the type-exact JSON decoder
+
+    try:
+        state = json.loads((p / STATE_FILE).read_bytes())["state"]
+        sub = state.get(_K_HPARAMS) if isinstance(state, dict) else None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CorruptCheckpointError(f"{p}/{STATE_FILE}: unreadable ({err})") from err
+    if not sub:
+        return {}
+    # Decode only the hyper-parameters: a state holding just them needs no tensor file.
+    doc = json.dumps({"state": {_K_HPARAMS: sub}, "pickled": []}).encode()
+    return dict(decode_state({STATE_FILE: doc}, where=str(p)).get(_K_HPARAMS) or {})
+
+
+def _lightning(p: Path, state: Mapping[str, Any]) -> Inspection:
+    import torch
+
+    found = Inspection(str(p), KIND_LIGHTNING, step=state.get("global_step"), epoch=state.get("epoch"))
+    for path, tensor in _walk(state):
+        group = _GROUP_OF_KEY.get(str(path[0]), OTHER)
+        name = ".".join(map(str, path[1:] if group == MODEL and len(path) == 2 else path))
+        found.groups[group].append(TensorInfo(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape),
+                                              tensor.numel() * tensor.element_size()))
+    found.hyper_parameters = dict(state.get(_K_HPARAMS) or {})
+    if _K_LIGHTNING_VERSION in state:
+        found.versions["lightning"] = str(state[_K_LIGHTNING_VERSION])
+    found.versions["torch (reading)"] = torch.__version__
+    return found
+
+
+def _walk(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    import torch
+
+    if isinstance(node, torch.Tensor):
+        yield path, node
+    elif isinstance(node, Mapping):
+        for k, v in node.items():
+            yield from _walk(v, (*path, k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _walk(v, (*path, i))
+
+
+def _dcp(p: Path) -> Inspection:
+    # DCP's FileSystemReader.read_metadata() is a plain pickle.load (torch 2.13): reading it could run
+    # code from the file, which nothing here may do. Refused until a non-executing reader lands.
+    raise UnsupportedFormatError(f"{p}: a torch.distributed.checkpoint (DCP) directory; its {DCP_METADATA_FILE} is a "
+                                 "pickle that only code-executing readers open, so lightning-ckpt does not read it "
+                                 "yet. Use torch.distributed.checkpoint.format_utils.dcp_to_torch_save on a "
+                                 "trusted copy")

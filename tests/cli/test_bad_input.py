@@ -1,0 +1,70 @@
+"""Bad input: one line on stderr, exit code 2, no traceback unless --debug; every command has --help."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import torch
+
+from clirun import run
+from lightning_ckpt import save_checkpoint
+from lightning_ckpt.format import MODEL_FILE
+
+COMMANDS = ["list", "inspect", "best", "verify", "prune", "convert", "export"]
+
+
+@pytest.fixture
+def bad(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "logs").mkdir()
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "objects.ckpt")
+    save_checkpoint({"state_dict": {"w": torch.ones(64)}}, tmp_path / "torn")
+    os.truncate(tmp_path / "torn" / MODEL_FILE, 20)
+    return tmp_path
+
+
+CASES = [
+    # (arguments, the error type named on stderr)
+    (lambda b, t: ["list", b / "empty"], "NotACheckpointError"),
+    (lambda b, t: ["inspect", b / "notes.txt"], "UnsupportedFormatError"),
+    (lambda b, t: ["inspect", b / "empty"], "NotACheckpointError"),
+    (lambda b, t: ["inspect", b / "objects.ckpt"], "UnsafeCheckpointError"),
+    (lambda b, t: ["inspect", b / "torn"], "CorruptCheckpointError"),
+    (lambda b, t: ["convert", b / "objects.ckpt", b / "out"], "UnsafeCheckpointError"),
+    (lambda b, t: ["verify", b / "notes.txt"], "UnsupportedFormatError"),
+    (lambda b, t: ["best", b / "empty", "--monitor", "val_loss"], "NotACheckpointError"),
+    (lambda b, t: ["best", t.ckpts, "--monitor", "val_accuracy"], "UnknownMetricError"),
+    (lambda b, t: ["best", t.ckpts, "--monitor", "val_loss", "--logs", b / "logs"], "NotACheckpointError"),
+    (lambda b, t: ["best", t.ckpts, "--monitor", "val_accuracy", "--logs", t.csv], "UnknownMetricError"),
+    (lambda b, t: ["prune", t.ckpts], "ValueError"),
+    (lambda b, t: ["prune", t.ckpts, "--top-k", "2"], "ValueError"),
+    (lambda b, t: ["convert", b / "notes.txt", b / "out"], "UnsupportedFormatError"),
+    (lambda b, t: ["export", b / "notes.txt", "--hf", b / "hf"], "NotACheckpointError"),
+]
+
+
+@pytest.mark.parametrize(("args", "error"), CASES)
+def test_bad_input_is_one_line_and_exit_2(bad, trained, args, error):
+    result = run(*args(bad, trained))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"error: {error}: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback(bad):
+    result = run("list", bad / "empty", debug=True)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "NotACheckpointError" in result.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command):
+    result = run(command, "--help")
+    assert result.returncode == 0 and "Example:" in result.stdout and "lightning-ckpt " + command in result.stdout
+
+
+def test_a_url_is_refused_naming_the_fix():
+    result = run("list", "s3://bucket/runs")
+    assert result.returncode == 2 and result.stderr.startswith("error: ValueError: ") and "local" in result.stderr

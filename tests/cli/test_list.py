@@ -1,0 +1,83 @@
+"""``lightning-ckpt list`` on the checkpoints of a real run: what a user and a script read."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from clirun import run
+from lightning_ckpt.format import MODEL_FILE
+
+STEPS = [4, 8, 12, 16, 20, 24]
+
+
+def test_list_json_shows_every_checkpoint_with_its_facts(trained):
+    result = run("list", trained.ckpts, "--json", "--monitor", "val_loss")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["step"] for r in rows] == STEPS
+    assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]  # 8 batches an epoch
+    assert all(r["status"] == "ok" and r["tiers"] == ["local"] and r["size"] > 0 and r["created"] > 0 for r in rows)
+    assert [r["name"] for r in rows if r["last"]] == ["step=000000024"]
+    scored = [(r["metrics"]["val_loss"], -r["step"]) for r in rows if r["metrics"].get("val_loss") is not None]
+    assert [r["step"] for r in rows if r["best"]] == [-min(scored)[1]]
+    assert len({r["run_id"] for r in rows}) == 1
+
+
+def test_list_says_which_rule_keeps_each_checkpoint(trained):
+    rows = json.loads(run("list", trained.ckpts, "--json", "--keep-last", "2").stdout)
+    assert {r["step"]: r["kept_by"] for r in rows} == {
+        4: [], 8: [], 12: [], 16: [], 20: ["last 2"], 24: ["newest", "last 2"]}
+
+
+def test_list_piped_is_plain_text_with_a_header(trained):
+    result = run("list", trained.ckpts)
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:6] == ["name", "step", "epoch", "time", "size", "status"]
+    assert [line.split()[0] for line in lines[1:]] == [f"step={s:09d}" for s in STEPS]
+    assert "\x1b[" not in result.stdout  # no terminal colour codes in a pipe
+
+
+def test_list_marks_a_damaged_checkpoint(trained, tmp_path):
+    copy = tmp_path / "c"
+    subprocess.run(["cp", "-r", str(trained.ckpts), str(copy)], check=True)
+    os.truncate(copy / "step=000000012" / MODEL_FILE, 10)
+    rows = {r["step"]: r for r in json.loads(run("list", copy, "--json").stdout)}
+    assert rows[12]["status"] == "damaged" and MODEL_FILE in rows[12]["problem"]
+    assert "IncompleteCheckpointError" in rows[12]["problem"]
+    assert all(rows[s]["status"] == "ok" for s in STEPS if s != 12)
+
+
+def test_list_imports_neither_torch_nor_lightning(trained):
+    code = ("import sys; from lightning_ckpt.cli import main\n"
+            "try:\n    main(['list', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'numpy', 'rich') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(trained.ckpts)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_list_in_a_terminal_is_a_rich_table(trained):
+    import pty
+
+    main_fd, child_fd = pty.openpty()
+    env = {**os.environ, "COLUMNS": "250", "TERM": "xterm"}
+    proc = subprocess.run([sys.executable, "-m", "lightning_ckpt.cli", "list", str(trained.ckpts)], stdout=child_fd,
+                          stderr=subprocess.PIPE, env=env, timeout=120)
+    os.close(child_fd)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main_fd)
+    text = out.decode()
+    assert proc.returncode == 0, proc.stderr
+    assert "┃" in text and "step=000000024" in text and "last" in text
