@@ -109,6 +109,20 @@ class CheckpointManager:
         store, name = locate(path)
         return name if Path(store.root).resolve() == Path(self.store.root).resolve() else store.location(name)
 
+    def run_id_recorded_at(self, path: str | os.PathLike) -> str | None:
+        """The run id the manifest of a checkpoint *in this directory* records; None for any other path.
+
+        The manifest, not the callback state, is the truth about a checkpoint's lineage: a resume whose
+        callback state was not found (the directory moved, so ``state_key`` changed) still continues it.
+        """
+        store, name = locate(path)
+        if Path(store.root).resolve() != Path(self.store.root).resolve():
+            return None
+        try:
+            return read_manifest(self.store, name).run_id
+        except CheckpointError:
+            return None
+
     def start_run(self, inherited: str | None, resumed: str | None, step: int, fresh: str) -> bool:
         """Choose this run's lineage; returns True when it starts a new branch.
 

@@ -332,8 +332,10 @@ class Checkpointer(ModelCheckpoint):
         manager = self._manager
 
         def decide() -> tuple[str | None, str | None, bool]:
-            resumed = manager.resumed_name(trainer.ckpt_path) if trainer.ckpt_path and self._inherited_run_id else None
-            branched = manager.start_run(self._inherited_run_id, resumed, trainer.global_step, fresh=manager.run_id)
+            path = trainer.ckpt_path
+            inherited = (self._inherited_run_id or manager.run_id_recorded_at(path)) if path else None
+            resumed = manager.resumed_name(path) if inherited else None
+            branched = manager.start_run(inherited, resumed, trainer.global_step, fresh=manager.run_id)
             return manager.run_id, manager.parent, branched
 
         manager.run_id, manager.parent, branched = decided_on_rank_zero(StrategyAgree(trainer), decide)

@@ -116,13 +116,13 @@ class ReadBest(Callback):
 def test_best_is_verified_once_per_ledger_change_not_per_access(tmp_path, monkeypatch):
     ckpt = Checkpointer(tmp_path / "c", every_n_steps=4, monitor="val_loss", top_k=1, exact_resume=False)
     weights_read = []
-    real_read = LocalStore.read
+    real_open = LocalStore.open
 
-    def read(self, name, file, limit):  # the real read, counted
+    def open_counted(self, name, file):  # the real open (every verified read starts with it), counted
         weights_read.extend([name] if file == MODEL_FILE else [])
-        return real_read(self, name, file, limit)
+        return real_open(self, name, file)
 
-    monkeypatch.setattr(LocalStore, "read", read)
+    monkeypatch.setattr(LocalStore, "open", open_counted)
     fit([ReadBest(ckpt), ckpt], 24, val=True)
     saves = len(ledger(tmp_path / "c"))
     assert 0 < len(weights_read) <= saves  # at most once per save, against once per batch (24)
@@ -139,3 +139,15 @@ def test_the_private_snapshot_lightning_internal_still_gives_the_full_state(tmp_
     state = snapshot(trainer)
     assert {"state_dict", "optimizer_states", "lr_schedulers", "global_step", "epoch", "loops"} <= set(state)
     assert state["global_step"] == 2
+
+
+def test_a_run_whose_directory_moved_continues_its_lineage(tmp_path):
+    """The state_key holds the dirpath, so after a move the callback state is not found; the manifest's
+    run id still continues the run: retention goes on deleting its old saves, "last" follows it."""
+    opts = dict(every_n_steps=4, keep_last=1, exact_resume=False)
+    fit([Checkpointer(tmp_path / "a", **opts)], 8)
+    os.rename(tmp_path / "a", tmp_path / "b")  # a new machine, another mount point
+    ckpt = Checkpointer(tmp_path / "b", **opts)
+    fit([ckpt], 16, ckpt_path="last")
+    assert on_disk(tmp_path / "b") == ["step=000000016"]  # step 8 was this run's, so keep_last=1 deleted it
+    assert len({e["run_id"] for e in ledger(tmp_path / "b")}) == 1

@@ -33,7 +33,7 @@ def fail_save_at(step: int) -> None:
     def write_file(self, path, chunks):
         if path.parent.name.startswith(f".tmp-{name}."):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real(self, path, chunks)
+        return real(self, path, chunks)
 
     LocalStore._write_file = write_file
 
