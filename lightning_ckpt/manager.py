@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
 from lightning_ckpt.policy import Record, RetentionConfig, RetentionPlan, best_record
-from lightning_ckpt.store import LocalStore, list_checkpoints, read_manifest, verify
+from lightning_ckpt.store import LocalStore, Store, list_checkpoints, open_store, read_manifest, verify
 from lightning_ckpt.store.ledger import COMMITTED, DELETED, Entry, Ledger, clean_metrics
 
 NAME_FORMAT = "step={step:09d}"  # zero-padded: a directory listing sorts by step
@@ -101,7 +101,7 @@ class CheckpointManager:
         self.ledger.save(self.entries)
 
 
-def best_entry(entries: list[Entry], store: LocalStore, monitor: str, mode: str) -> Entry | None:
+def best_entry(entries: list[Entry], store: Store, monitor: str, mode: str) -> Entry | None:
     """The best committed entry by ``monitor`` whose files verify, passing over damaged ones with a warning."""
     candidates = {e.name: e for e in entries if e.status == COMMITTED}
     while candidates:
@@ -114,7 +114,7 @@ def best_entry(entries: list[Entry], store: LocalStore, monitor: str, mode: str)
     return None
 
 
-def _verifies(store: LocalStore, name: str) -> bool:
+def _verifies(store: Store, name: str) -> bool:
     try:
         verify(store, name)
         return True
@@ -123,15 +123,19 @@ def _verifies(store: LocalStore, name: str) -> bool:
         return False
 
 
-def latest_checkpoint(dirpath: str | os.PathLike) -> str | None:
-    """The newest committed checkpoint in ``dirpath`` that verifies, by step (never by file time).
+def latest_checkpoint(dirpath: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The newest committed checkpoint in ``dirpath`` (a directory or a URL) that verifies, by step
+    (never by file time).
 
     Damaged or torn checkpoints are passed over with a ``CheckpointWarning``.
+
+    Args:
+        storage_options: for a URL, the fsspec filesystem's options (endpoint, credentials, ...).
 
     Returns:
         Its path, or None when the directory holds no good checkpoint.
     """
-    store = LocalStore(dirpath)
+    store = open_store(dirpath, storage_options)
     listed = list_checkpoints(store)
     for item in listed:
         if item.error is not None:  # its manifest is unreadable, so its step is unknown: always say so
@@ -146,12 +150,14 @@ def latest_checkpoint(dirpath: str | os.PathLike) -> str | None:
     return None
 
 
-def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min") -> str | None:
-    """The best committed checkpoint in ``dirpath`` by ``monitor`` (from the ledger), that verifies.
+def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,
+                    storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The best committed checkpoint in ``dirpath`` (a directory or a URL) by ``monitor`` (from the
+    ledger), that verifies.
 
     Returns:
         Its path, or None when no checkpoint has a value for ``monitor``.
     """
-    store = LocalStore(dirpath)
+    store = open_store(dirpath, storage_options)
     entry = best_entry(Ledger(store).load(), store, monitor, mode)
     return store.location(entry.name) if entry else None
