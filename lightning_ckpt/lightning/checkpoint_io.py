@@ -10,6 +10,7 @@ from lightning.fabric.plugins import CheckpointIO
 
 from lightning_ckpt import engine
 from lightning_ckpt.store import locate
+from lightning_ckpt.store.local import remote_scheme
 
 _OPTION_KEYS = frozenset({"run_id", "meta"})
 
@@ -25,10 +26,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
     Args:
         allow_pickle: pickle values that have no safe representation (and allow unpickling them on
             load). Off by default: nothing is ever pickled or unpickled.
+        remote_options: for paths that are fsspec URLs (``s3://...``), the filesystem's options
+            (endpoint, credentials, ...); never logged or written.
     """
 
-    def __init__(self, *, allow_pickle: bool = False) -> None:
+    def __init__(self, *, allow_pickle: bool = False, remote_options: Mapping[str, Any] | None = None) -> None:
         self.allow_pickle = allow_pickle
+        self._remote_options = dict(remote_options) if remote_options else None
+
+    def _options(self, path: str | os.PathLike) -> Mapping[str, Any] | None:
+        return self._remote_options if remote_scheme(path) else None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Mapping[str, Any] | None = None) -> None:
@@ -37,14 +44,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if not set(options) <= _OPTION_KEYS:
             raise TypeError(f"{type(self).__name__} takes storage_options keys {sorted(_OPTION_KEYS)}, "
                             f"got {sorted(options)}")
-        engine.save_checkpoint(checkpoint, path, allow_pickle=self.allow_pickle, **options)
+        engine.save_checkpoint(checkpoint, path, allow_pickle=self.allow_pickle, storage_options=self._options(path),
+                               **options)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         """Load and verify the checkpoint at ``path``; ``weights_only`` is moot, nothing is unpickled."""
-        return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle)
+        return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle,
+                                      storage_options=self._options(path))
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         """Delete the checkpoint at ``path`` (it disappears from listings at once)."""
-        store, name = locate(path)
+        store, name = locate(path, self._options(path))
         store.delete(name)
