@@ -1,0 +1,205 @@
+"""The mirror: chosen committed checkpoints copied, in the background, to a second tier (object storage).
+
+Training never waits for an upload: one worker thread copies one checkpoint at a time, in the
+order they were committed, retrying a failed upload with backoff. The worker decides nothing the
+ledger says: it reports results, and the training thread (the save pipeline) warns, records them
+in the ledger and lets the local retention delete a checkpoint once its upload committed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
+
+from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.format.blob import Blob
+from lightning_ckpt.format.manifest import MANIFEST_FILE
+from lightning_ckpt.policy import Record, RetentionConfig
+from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
+from lightning_ckpt.store.committed import MAX_MANIFEST_BYTES
+
+MAX_BACKOFF = 60.0  # seconds: a long outage is retried about once a minute until the retries run out
+UPLOADED = "uploaded"
+FAILED = "failed"
+RETRYING = "retrying"
+NOT_PRUNED = "not pruned"  # uploaded, but the remote retention failed (it runs again after the next upload)
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """Where, which and how many checkpoints are copied to a second tier.
+
+    Args:
+        url: the remote location (any fsspec URL, or a local path such as a second disk).
+        every_n_saves: mirror every N-th save of a run (and always its final save).
+        keep_last: keep this many of the run's newest mirrored checkpoints remotely (None: all).
+        storage_options: the fsspec filesystem's options (endpoint, credentials); never logged.
+        timeout: how long the end of training waits for pending uploads (None: until they finish).
+        retries: how often a failed upload is tried again before it is given up (with a warning).
+        backoff: seconds before the first retry; each further retry waits twice as long (at most a minute).
+    """
+
+    url: str | os.PathLike
+    _: KW_ONLY
+    every_n_saves: int = 1
+    keep_last: int | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
+    timeout: float | None = 600.0
+    retries: int = 5
+    backoff: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.every_n_saves < 1:
+            raise ValueError(f"Mirror(every_n_saves={self.every_n_saves}) must be >= 1 (1 mirrors every save)")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"Mirror(keep_last={self.keep_last}) must be >= 1, or None to keep every mirrored one")
+        if self.timeout is not None and self.timeout < 0:
+            raise ValueError(f"Mirror(timeout={self.timeout}) must be >= 0 seconds, or None to wait for every upload")
+        if self.retries < 0 or self.backoff < 0:
+            raise ValueError(f"Mirror(retries={self.retries}, backoff={self.backoff}) must be >= 0")
+
+    def chooses(self, save_index: int, *, final: bool = False) -> bool:
+        """Whether the ``save_index``-th save of a run (counting from 1) is mirrored."""
+        return final or save_index % self.every_n_saves == 0
+
+    def open(self) -> Store:
+        """The remote store."""
+        return open_store(self.url, self.storage_options or None)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (from 1)."""
+        return min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF)
+
+
+@dataclass(frozen=True)
+class UploadEvent:
+    """What the worker reports: an upload committed, was given up, or will be retried."""
+
+    name: str
+    kind: str  # UPLOADED, FAILED, RETRYING or NOT_PRUNED
+    message: str = ""
+    attempt: int = 1
+
+
+def copy_checkpoint(source: Store, target: Store, name: str) -> None:
+    """Copy a committed checkpoint to another store, verifying every file on the way (a damaged
+    source is never copied) and committing it there by the same rule: the manifest last.
+
+    Raises:
+        CheckpointError: the source is missing or damaged; StorageError: the target refused.
+    """
+    manifest_bytes = source.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+    _, files = read_verified(source, name)  # verifies this very manifest: it is checked against its own digest
+    if manifest_bytes is None:  # pragma: no cover - read_verified raised already
+        raise CheckpointError(f"{source.location(name)}: no manifest")
+    target.write(name, {file: Blob([data]) for file, data in files.items()}, manifest_bytes)
+
+
+def prune_remote(target: Store, run_id: str | None, keep_last: int | None) -> list[str]:
+    """Delete the run's mirrored checkpoints beyond its ``keep_last`` newest; others' are never touched."""
+    if keep_last is None:
+        return []
+    own = [Record(name=x.name, step=x.manifest.step or 0, wall_time=x.manifest.created)
+           for x in list_checkpoints(target) if x.manifest is not None and x.manifest.run_id == run_id]
+    doomed = [r.name for r in RetentionConfig(keep_last=keep_last).plan(own).delete]
+    for name in doomed:
+        target.delete(name)
+    return doomed
+
+
+class Uploader:
+    """One background thread that copies committed checkpoints to the mirror, in order.
+
+    Args:
+        source: the local store the checkpoints are committed in.
+        mirror: where to, how often to retry, the remote retention.
+        run_id: the lineage whose mirrored checkpoints the remote retention prunes.
+        target: the remote store (default: ``mirror.open()``).
+        sleep: waits between retries (a seam: tests pass one that does not sleep); the default
+            returns early when the uploader is closed.
+    """
+
+    def __init__(self, source: Store, mirror: Mirror, run_id: str | None, *, target: Store | None = None,
+                 sleep: Callable[[float], object] | None = None) -> None:
+        self.source, self.mirror, self.run_id = source, mirror, run_id
+        self.target = target if target is not None else mirror.open()
+        self._closed = threading.Event()
+        self._sleep = sleep if sleep is not None else self._closed.wait
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lock = threading.Condition()
+        self._pending: list[str] = []
+        self._events: list[UploadEvent] = []
+        self._thread = threading.Thread(target=self._run, name="lightning-ckpt-mirror", daemon=True)
+        self._thread.start()
+
+    def submit(self, name: str) -> None:
+        """Queue a committed checkpoint for upload; returns at once."""
+        with self._lock:
+            self._pending.append(name)
+        self._queue.put(name)
+
+    def pending(self) -> frozenset[str]:
+        """Checkpoints queued or uploading: the local retention must not delete them yet."""
+        with self._lock:
+            return frozenset(self._pending)
+
+    def events(self) -> list[UploadEvent]:
+        """What happened since the last call, in order."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until every queued upload committed or was given up; False if ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._pending:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Stop after the upload in flight; what is still queued is not uploaded (it stays local)."""
+        self._closed.set()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (name := self._queue.get()) is not None:
+            if not self._closed.is_set():
+                self._upload(name)
+            with self._lock:
+                self._pending.remove(name)
+                self._lock.notify_all()
+
+    def _upload(self, name: str) -> None:
+        attempt = 1
+        while True:
+            try:
+                copy_checkpoint(self.source, self.target, name)
+                break
+            except Exception as err:  # noqa: BLE001 - an upload failure must never reach training
+                message = f"{type(err).__name__}: {err}"
+                damaged = isinstance(err, CheckpointError) and not isinstance(err, OSError)  # retrying cannot help
+                if damaged or attempt > self.mirror.retries or self._closed.is_set():
+                    self._report(UploadEvent(name, FAILED, message, attempt))
+                    return
+                self._report(UploadEvent(name, RETRYING, message, attempt))
+                self._sleep(self.mirror.delay(attempt))
+                attempt += 1
+        self._report(UploadEvent(name, UPLOADED, attempt=attempt))
+        try:
+            prune_remote(self.target, self.run_id, self.mirror.keep_last)
+        except Exception as err:  # noqa: BLE001 - retried after the next upload
+            self._report(UploadEvent(name, NOT_PRUNED, f"{type(err).__name__}: {err}", attempt))
+
+    def _report(self, event: UploadEvent) -> None:
+        with self._lock:
+            self._events.append(event)
