@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
 from lightning_ckpt.policy import Record, RetentionConfig, RetentionPlan, best_record
 from lightning_ckpt.store import LocalStore, Store, list_checkpoints, open_store, read_manifest, verify
-from lightning_ckpt.store.ledger import COMMITTED, DELETED, Entry, Ledger, clean_metrics
+from lightning_ckpt.store.ledger import COMMITTED, DELETED, LOCAL_TIER, Entry, Ledger, clean_metrics
 
 NAME_FORMAT = "step={step:09d}"  # zero-padded: a directory listing sorts by step
 
@@ -83,11 +83,17 @@ class CheckpointManager:
                 return self.entries[i]
         return None
 
-    def prune(self) -> RetentionPlan:
-        """Delete this lineage's checkpoints that no rule keeps; the ledger records why."""
+    def prune(self, held: Collection[str] = ()) -> RetentionPlan:
+        """Delete this lineage's checkpoints that no rule keeps; the ledger records why.
+
+        Args:
+            held: checkpoints not to delete yet (an upload of theirs is pending); a later prune deletes them.
+        """
         own = [_record(e) for e in self.entries if e.status == COMMITTED and e.run_id == self.run_id]
         plan = self.retention.plan(own)
         for record in plan.delete:
+            if record.name in held:
+                continue
             self.store.delete(record.name)
             self._mark_deleted(record.name, plan.reasons[record.name])
         for message in plan.warnings:
@@ -95,7 +101,8 @@ class CheckpointManager:
         return plan
 
     def _mark_deleted(self, name: str, why: str) -> None:
-        self.entries = [replace(e, status=DELETED, deleted_reason=why) if e.name == name else e for e in self.entries]
+        self.entries = [replace(e, status=DELETED, deleted_reason=why, tiers=[t for t in e.tiers if t != LOCAL_TIER])
+                        if e.name == name else e for e in self.entries]
 
     def commit_ledger(self) -> None:
         self.ledger.save(self.entries)

@@ -12,22 +12,25 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
-from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.errors import CheckpointError, CheckpointWarning
 from lightning_ckpt.format.blob import Blob
 from lightning_ckpt.format.manifest import MANIFEST_FILE
 from lightning_ckpt.policy import Record, RetentionConfig
 from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
 from lightning_ckpt.store.committed import MAX_MANIFEST_BYTES
+from lightning_ckpt.store.ledger import MIRROR_TIER, Entry
 
 MAX_BACKOFF = 60.0  # seconds: a long outage is retried about once a minute until the retries run out
 UPLOADED = "uploaded"
 FAILED = "failed"
 RETRYING = "retrying"
 NOT_PRUNED = "not pruned"  # uploaded, but the remote retention failed (it runs again after the next upload)
+REMOVED = "removed"  # the remote retention deleted the mirrored copy
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class UploadEvent:
     """What the worker reports: an upload committed, was given up, or will be retried."""
 
     name: str
-    kind: str  # UPLOADED, FAILED, RETRYING or NOT_PRUNED
+    kind: str  # UPLOADED, FAILED, RETRYING, NOT_PRUNED or REMOVED
     message: str = ""
     attempt: int = 1
 
@@ -196,10 +199,104 @@ class Uploader:
                 attempt += 1
         self._report(UploadEvent(name, UPLOADED, attempt=attempt))
         try:
-            prune_remote(self.target, self.run_id, self.mirror.keep_last)
+            for doomed in prune_remote(self.target, self.run_id, self.mirror.keep_last):
+                self._report(UploadEvent(doomed, REMOVED))
         except Exception as err:  # noqa: BLE001 - retried after the next upload
             self._report(UploadEvent(name, NOT_PRUNED, f"{type(err).__name__}: {err}", attempt))
 
     def _report(self, event: UploadEvent) -> None:
         with self._lock:
             self._events.append(event)
+
+
+class Tiering:
+    """The training thread's side of the mirror: which saves go up, which local checkpoints must wait
+    for their upload before retention deletes them, and what the ledger records of each upload.
+
+    Args:
+        mirror: the mirror's options.
+        source: the store the checkpoints are committed in (the Checkpointer's dirpath).
+        uploader: a seam; default: an :class:`Uploader` from ``source`` to ``mirror.open()``.
+    """
+
+    def __init__(self, mirror: Mirror, source: Store, *, uploader: Uploader | None = None) -> None:
+        self.mirror = mirror
+        self._uploader = uploader if uploader is not None else Uploader(source, mirror, None)
+        self._saves = 0
+
+    def after_commit(self, name: str, run_id: str | None, *, final: bool = False) -> bool:
+        """Count a committed save; queue it for upload if it is chosen. Returns whether it was."""
+        self._saves += 1
+        self._uploader.run_id = run_id  # a resumed run takes its checkpoint's lineage after setup
+        if not self.mirror.chooses(self._saves, final=final):
+            return False
+        self._uploader.submit(name)
+        return True
+
+    def held(self) -> frozenset[str]:
+        """Checkpoints whose upload is pending: not to be deleted locally yet."""
+        return self._uploader.pending()
+
+    def apply(self, entries: list[Entry]) -> list[Entry]:
+        """The entries with what the uploads did since the last call; warns of retries and failures."""
+        by_name = {e.name: e for e in entries}
+        for event in self._uploader.events():
+            entry = by_name.get(event.name)
+            if event.kind in (RETRYING, FAILED, NOT_PRUNED):
+                warnings.warn(_warning(self.mirror, event), CheckpointWarning, stacklevel=2)
+            if entry is None:
+                continue
+            if event.kind == UPLOADED:
+                by_name[entry.name] = replace(entry, tiers=_with(entry.tiers, MIRROR_TIER), mirror_error=None)
+            elif event.kind == REMOVED:
+                by_name[entry.name] = replace(entry, tiers=[t for t in entry.tiers if t != MIRROR_TIER])
+            elif event.kind == FAILED:
+                by_name[entry.name] = replace(entry, mirror_error=event.message)
+        return [by_name[e.name] for e in entries]
+
+    def finish(self, entries: list[Entry]) -> list[Entry]:
+        """Wait (up to the mirror's timeout) for pending uploads, stop the worker; returns the entries
+        with the outcome. Uploads still pending are abandoned with a warning; they stay local."""
+        if not self._uploader.wait(self.mirror.timeout):
+            left = ", ".join(sorted(self._uploader.pending()))
+            warnings.warn(f"Mirror({self.mirror.url!s}): uploads still pending after timeout={self.mirror.timeout}s "
+                          f"were abandoned ({left}); they are kept locally. Raise Mirror(timeout=...) to wait longer",
+                          CheckpointWarning, stacklevel=2)
+        self._uploader.close()
+        return self.apply(entries)
+
+
+def fetch_newest(local: Store, remote: Store, newer_than: int | None) -> str | None:
+    """Download the newest verified remote checkpoint into ``local`` when its step is above
+    ``newer_than`` (the newest local one's; None: there is none). Returns its name, or None.
+
+    Damaged remote checkpoints are passed over with a warning; nothing partial is left locally.
+    """
+    listed = [x for x in list_checkpoints(remote) if x.manifest is not None]
+    for item in sorted(listed, key=lambda x: (x.manifest.step or 0, x.manifest.created), reverse=True):
+        if newer_than is not None and (item.manifest.step or 0) <= newer_than:
+            return None
+        try:
+            copy_checkpoint(remote, local, item.name)
+        except CheckpointError as err:
+            if isinstance(err, OSError):  # the local disk or the connection: not the checkpoint's fault
+                raise
+            warnings.warn(f"skipping damaged remote checkpoint: {err}", CheckpointWarning, stacklevel=2)
+            continue
+        return item.name
+    return None
+
+
+def _with(tiers: list[str], tier: str) -> list[str]:
+    return tiers if tier in tiers else [*tiers, tier]
+
+
+def _warning(mirror: Mirror, event: UploadEvent) -> str:
+    where = f"Mirror({mirror.url!s}): {event.name}"
+    if event.kind == RETRYING:
+        return (f"{where}: upload attempt {event.attempt} failed ({event.message}); retrying in "
+                f"{mirror.delay(event.attempt):.0f}s, training goes on")
+    if event.kind == NOT_PRUNED:
+        return f"{where}: uploaded, but the remote retention failed ({event.message}); it runs again after the next upload"
+    return (f"{where}: upload given up after {event.attempt} attempt(s) ({event.message}); the checkpoint is kept "
+            "locally only (the ledger records why). Check the URL, the storage_options and that the storage is reachable")

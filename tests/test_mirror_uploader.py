@@ -94,3 +94,62 @@ def test_copy_back_downloads_a_verified_checkpoint(s3, tmp_path):
     save_checkpoint({"global_step": 5, "w": torch.ones(3)}, f"{s3.url()}/step=000000005", storage_options=s3.options)
     copy_checkpoint(FsspecStore(s3.url(), s3.options), LocalStore(tmp_path), "step=000000005")
     assert load_checkpoint(tmp_path / "step=000000005")["global_step"] == 5
+
+
+def _entries(root) -> list:
+    from lightning_ckpt.store.ledger import Ledger
+
+    return Ledger(LocalStore(root)).load()
+
+
+def test_tiering_holds_pending_uploads_and_records_the_tiers(s3, tmp_path):
+    from lightning_ckpt.mirror import Tiering
+    from lightning_ckpt.store.ledger import LOCAL_TIER, MIRROR_TIER
+
+    names = [_save(tmp_path, step) for step in (1, 2, 3, 4)]
+    mirror = Mirror(s3.url(), every_n_saves=2, keep_last=1, storage_options=s3.options)
+    tiering = Tiering(mirror, LocalStore(tmp_path))
+    chosen = [tiering.after_commit(name, "r1", final=name == names[-1]) for name in names[:3]]
+    assert chosen == [False, True, False]
+    assert tiering.held() <= {names[1]}
+    assert tiering.after_commit(names[3], "r1", final=True)  # the 4th is chosen anyway; final too
+    entries = tiering.finish(_entries(tmp_path))
+    tiers = {e.name: e.tiers for e in entries}
+    assert tiers == {names[0]: [LOCAL_TIER], names[1]: [LOCAL_TIER], names[2]: [LOCAL_TIER],
+                     names[3]: [LOCAL_TIER, MIRROR_TIER]}  # step 2 went up, then the remote kept only the last
+    assert FsspecStore(s3.url(), s3.options).names() == [names[3]]
+
+
+def test_a_given_up_upload_warns_and_is_recorded(tmp_path):
+    from lightning_ckpt.errors import CheckpointWarning
+    from lightning_ckpt.mirror import Tiering
+
+    name = _save(tmp_path, 1)
+    mirror = Mirror("s3://bucket/x", retries=1, backoff=0,
+                    storage_options={"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, **FAST_FAIL,
+                                     "key": "k", "secret": "s"})
+    tiering = Tiering(mirror, LocalStore(tmp_path))
+    tiering.after_commit(name, "r1")
+    with pytest.warns(CheckpointWarning) as caught:
+        entries = tiering.finish(_entries(tmp_path))
+    said = [str(w.message) for w in caught]
+    assert any("retrying" in m for m in said) and any("given up after 2 attempt(s)" in m for m in said), said
+    assert "EndpointConnectionError" in entries[0].mirror_error and entries[0].tiers == ["local"]
+
+
+def test_fetch_newest_downloads_only_a_newer_verified_checkpoint(s3, tmp_path):
+    from lightning_ckpt.mirror import fetch_newest
+
+    remote = FsspecStore(s3.url(), s3.options)
+    for step in (3, 5):
+        save_checkpoint({"global_step": step}, f"{s3.url()}/step={step:09d}", storage_options=s3.options)
+    fs = s3.fs()
+    key = f"{s3.bucket}/run/step=000000005/state.json"
+    fs.pipe_file(key, fs.cat_file(key).replace(b"5", b"6"))  # the newest remote one is damaged
+    local = LocalStore(tmp_path)
+    with pytest.warns(match="skipping damaged remote checkpoint"):
+        assert fetch_newest(local, remote, newer_than=3) is None
+    with pytest.warns(match="skipping damaged remote checkpoint"):
+        assert fetch_newest(local, remote, newer_than=None) == "step=000000003"
+    assert local.names() == ["step=000000003"]
+    assert load_checkpoint(tmp_path / "step=000000003")["global_step"] == 3

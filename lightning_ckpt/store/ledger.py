@@ -29,6 +29,8 @@ LEDGER_VERSION = 1
 MAX_LEDGER_BYTES = 256 * 2**20  # a ledger of a million checkpoints is far smaller; a larger file is damaged
 COMMITTED = "committed"
 DELETED = "deleted"
+LOCAL_TIER = "local"  # the Checkpointer's dirpath, whatever its URL
+MIRROR_TIER = "mirror"  # the Mirror's URL
 META_METRICS = "metrics"
 META_REASON = "reason"
 _K_VERSION = "ledger_version"
@@ -61,6 +63,8 @@ class Entry:
     size: int = 0
     status: str = COMMITTED
     deleted_reason: str | None = None
+    tiers: list[str] = field(default_factory=lambda: [LOCAL_TIER])  # which tiers hold it
+    mirror_error: str | None = None  # why its upload was given up, if it was
 
     @classmethod
     def from_manifest(cls, name: str, m: Manifest) -> Entry:
@@ -111,7 +115,8 @@ class Ledger:
         on_disk = {x.name: x for x in list_checkpoints(self.store) if x.manifest is not None}
         for name, entry in entries.items():
             if entry.status == COMMITTED and name not in on_disk:
-                entries[name] = replace(entry, status=DELETED, deleted_reason="missing on disk")
+                entries[name] = replace(entry, status=DELETED, deleted_reason="missing on disk",
+                                        tiers=[t for t in entry.tiers if t != LOCAL_TIER])
         for name, listed in on_disk.items():
             if name not in entries or entries[name].status != COMMITTED:
                 entries[name] = Entry.from_manifest(name, listed.manifest)
