@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_ckpt import load_checkpoint, save_checkpoint
-from lightning_ckpt.mirror import FAILED, RETRYING, UPLOADED, Mirror, Uploader, copy_checkpoint
+from lightning_ckpt.mirror import FAILED, REMOVED, RETRYING, UPLOADED, Mirror, Uploader, copy_checkpoint
 from lightning_ckpt.store import FsspecStore, LocalStore
 
 # Fail fast while the server is down: one connection attempt per try, our own retries do the rest.
@@ -45,7 +45,9 @@ def test_uploads_run_in_the_background_and_the_remote_keeps_the_last_n(s3, tmp_p
     for name in names:
         uploader.submit(name)
     assert uploader.wait(timeout=60)
-    assert [(e.name, e.kind) for e in uploader.events()] == [(n, UPLOADED) for n in names]
+    events = [(e.name, e.kind) for e in uploader.events()]
+    assert [e for e in events if e[1] == UPLOADED] == [(n, UPLOADED) for n in names]
+    assert sorted(e for e in events if e[1] == REMOVED) == [(n, REMOVED) for n in names[:2]]
     assert not uploader.pending()
     uploader.close()
     assert FsspecStore(s3.url(), s3.options).names() == ["other-run", *names[2:]]  # another run's is never pruned
