@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
-from lightning_ckpt.errors import CheckpointError, CheckpointWarning
+from lightning_ckpt.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError
 from lightning_ckpt.format.blob import Blob
-from lightning_ckpt.format.manifest import MANIFEST_FILE
+from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest
 from lightning_ckpt.policy import Record, RetentionConfig
 from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
 from lightning_ckpt.store.committed import MAX_MANIFEST_BYTES
@@ -97,10 +97,16 @@ def copy_checkpoint(source: Store, target: Store, name: str) -> None:
         CheckpointError: the source is missing or damaged; StorageError: the target refused.
     """
     manifest_bytes = source.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES)
-    _, files = read_verified(source, name)  # verifies this very manifest: it is checked against its own digest
-    if manifest_bytes is None:  # pragma: no cover - read_verified raised already
-        raise CheckpointError(f"{source.location(name)}: no manifest")
-    target.write(name, {file: Blob([data]) for file, data in files.items()}, manifest_bytes)
+    manifest, files = read_verified(source, name)  # also checks these manifest bytes (their own digest)
+    if manifest_bytes is None or Manifest.from_bytes(manifest_bytes, source.location(name)) != manifest:
+        raise CheckpointError(f"{source.location(name)}: its manifest changed while it was read; copy it again")
+
+    def seal(written: dict[str, FileEntry]) -> bytes:
+        if written != dict(manifest.files):  # the bytes sent are the bytes verified, or nothing commits
+            raise CorruptCheckpointError(f"{target.location(name)}: the uploaded files differ from the verified ones")
+        return manifest_bytes
+
+    target.write(name, {file: Blob([data]) for file, data in files.items()}, seal)
 
 
 def prune_remote(target: Store, run_id: str | None, keep_last: int | None) -> list[str]:

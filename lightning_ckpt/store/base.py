@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from lightning_ckpt.format.blob import Blob
+from lightning_ckpt.format.manifest import FileEntry
 
 
 class Lock(Protocol):
@@ -25,8 +26,10 @@ class Store(Protocol):
         """Where ``name`` lives (a path or a URL without credentials), for messages and for users."""
         ...
 
-    def write(self, name: str, files: Mapping[str, Blob], manifest: bytes) -> None:
-        """Commit a checkpoint: every file first, the manifest last."""
+    def write(self, name: str, files: Mapping[str, Blob],
+              seal: Callable[[dict[str, FileEntry]], bytes]) -> dict[str, FileEntry]:
+        """Commit a checkpoint: every file first, then the manifest ``seal`` makes of their sizes and
+        checksums (taken while writing), last. Returns what ``seal`` was given."""
         ...
 
     def replace_file(self, file: str, data: bytes) -> None:

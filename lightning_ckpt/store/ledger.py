@@ -33,6 +33,7 @@ LOCAL_TIER = "local"  # the Checkpointer's dirpath, whatever its URL
 MIRROR_TIER = "mirror"  # the Mirror's URL
 META_METRICS = "metrics"
 META_REASON = "reason"
+META_PARENT = "parent"  # the checkpoint a branch resumed from (see manager.decide_lineage)
 _K_VERSION = "ledger_version"
 _K_ENTRIES = "checkpoints"
 
@@ -65,13 +66,18 @@ class Entry:
     deleted_reason: str | None = None
     tiers: list[str] = field(default_factory=lambda: [LOCAL_TIER])  # which tiers hold it
     mirror_error: str | None = None  # why its upload was given up, if it was
+    parent: str | None = None
 
     @classmethod
     def from_manifest(cls, name: str, m: Manifest) -> Entry:
         """The entry of a committed checkpoint, from what its manifest records."""
         return cls(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created, run_id=m.run_id,
                    reason=str(m.meta.get(META_REASON, "")), metrics=clean_metrics(m.meta.get(META_METRICS) or {}),
-                   size=m.total_bytes)
+                   size=m.total_bytes, parent=_str_or_none(m.meta.get(META_PARENT)))
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 @functools.cache

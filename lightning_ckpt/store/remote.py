@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,7 +23,7 @@ import fsspec.utils
 
 from lightning_ckpt.errors import StorageError
 from lightning_ckpt.format.blob import Blob, Buffer
-from lightning_ckpt.format.manifest import MANIFEST_FILE
+from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
 from lightning_ckpt.store.local import TMP_PREFIX
 
 INCOMPLETE_MARKER = ".incomplete"  # in a prefix being written or deleted; gone once the save committed
@@ -61,11 +61,21 @@ class FsspecStore:
         """Where checkpoint ``name`` lives (a URL), for messages and for users."""
         return f"{self.url}/{name}"
 
-    def write(self, name: str, files: Mapping[str, Blob], manifest: bytes) -> None:
+    def write(self, name: str, files: Mapping[str, Blob],
+              seal: Callable[[dict[str, FileEntry]], bytes]) -> dict[str, FileEntry]:
         """Upload a checkpoint: the data files first, the manifest last (its commit).
 
         A checkpoint of the same name is removed first: without a rename there is no moment where
         the old one could stay readable while the new one is written over it.
+
+        Args:
+            name: the checkpoint's name (its prefix under the URL).
+            files: every file but the manifest.
+            seal: given each uploaded file's size and checksum (taken while uploading it), returns
+                the manifest's bytes, which are uploaded last.
+
+        Returns:
+            What ``seal`` was given.
 
         Raises:
             StorageError: an upload failed; nothing was committed (what was uploaded is removed,
@@ -76,9 +86,8 @@ class FsspecStore:
             self._begin(prefix)
             self._clear(prefix)
             try:
-                for file, blob in files.items():
-                    self._put(f"{prefix}/{file}", blob.chunks)
-                self._put(f"{prefix}/{MANIFEST_FILE}", [manifest])  # the commit
+                entries = {file: self._put(f"{prefix}/{file}", blob.chunks) for file, blob in files.items()}
+                self._put(f"{prefix}/{MANIFEST_FILE}", [seal(entries)])  # the commit
             except BaseException:
                 self._try_remove(prefix)
                 raise
@@ -86,6 +95,7 @@ class FsspecStore:
             self._fs.rm_file(f"{prefix}/{INCOMPLETE_MARKER}")
         except Exception:  # noqa: BLE001 - committed all the same; clean_leftovers drops a marker beside a manifest
             pass
+        return entries
 
     def replace_file(self, file: str, data: bytes) -> None:
         """Replace a small file in the root (the ledger) so that a reader sees the old or the new bytes.
@@ -189,11 +199,17 @@ class FsspecStore:
             self._remove_files(prefix, stale)
 
     # Seams: fault-injection tests override these to stop an operation between two of its steps.
-    def _put(self, path: str, chunks: Sequence[Buffer]) -> None:
-        """Upload one file (streamed: a large one goes up in parts, never joined in memory)."""
+    def _put(self, path: str, chunks: Sequence[Buffer]) -> FileEntry:
+        """Upload one file, streamed (a large one goes up in parts, never joined in memory), and
+        checksummed in the same pass."""
+        hasher, size = new_hasher(), 0
         with self._fs.open(path, "wb") as f:
             for chunk in chunks:
-                f.write(chunk)
+                view = memoryview(chunk).cast("B")
+                hasher.update(view)
+                f.write(view)
+                size += view.nbytes
+        return FileEntry(size=size, digest=hasher.hexdigest())
 
     def _remove_files(self, prefix: str, paths: list[str] | None) -> None:
         """Remove ``paths``, or the whole prefix when None."""

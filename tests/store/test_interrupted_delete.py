@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from childproc import run_fit
 from lightning_ckpt import cli, latest_checkpoint, load_checkpoint, save_checkpoint
 from lightning_ckpt.engine import library_versions
-from lightning_ckpt.format import MODEL_FILE, FileEntry, Manifest, encode_state
+from lightning_ckpt.format import MODEL_FILE, Manifest, encode_state
 from lightning_ckpt.store import LocalStore, list_checkpoints
 from lightning_ckpt.store import local as local_store
 from lightning_ckpt.store.ledger import COMMITTED, DELETED, Ledger
@@ -127,9 +127,7 @@ def test_a_swap_without_rename_exchange_cut_short_at_any_step_leaves_old_or_new(
 def _overwrite(store: LocalStore, name: str) -> None:
     """Save step 3 over ``name`` through the store, as ``save_checkpoint`` does."""
     files = encode_state({"state_dict": {"w": torch.full((64,), 3.0)}, "global_step": 3})
-    manifest = Manifest(files={f: FileEntry(size=b.size, digest=b.digest()) for f, b in files.items()}, step=3,
-                        versions=library_versions())
-    store.write(name, files, manifest.to_bytes())
+    store.write(name, files, lambda entries: Manifest(files=entries, step=3, versions=library_versions()).to_bytes())
 
 
 def test_a_legacy_trash_leftover_is_restored_only_when_whole(tmp_path):
