@@ -16,6 +16,7 @@ from lightning_ckpt.errors import (
     UnsupportedTypeError,
 )
 from lightning_ckpt.manager import best_checkpoint, latest_checkpoint
+from lightning_ckpt.mirror import Mirror
 
 __version__ = "0.1.0.dev0"
 
@@ -42,7 +43,7 @@ if "lightning.pytorch" in sys.modules:
 
 __all__ = [
     "AuditReport", "ExactResume", "ResumeAuditWarning",
-    "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError", "NotACheckpointError",
+    "CheckpointError", "Mirror", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError", "NotACheckpointError",
     "SafetensorsCheckpointIO", "StorageError", "UnsafeCheckpointError", "UnsupportedFormatError",
     "UnsupportedTypeError", "best_checkpoint", "latest_checkpoint", "load_checkpoint", "load_from_checkpoint", "save_checkpoint", "verify_checkpoint",
 ]

@@ -21,7 +21,7 @@ from lightning_ckpt.errors import CheckpointError, CheckpointWarning, CorruptChe
 from lightning_ckpt.format.blob import Blob
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest
 from lightning_ckpt.policy import Record, RetentionConfig
-from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
+from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified, verify
 from lightning_ckpt.store.committed import MAX_MANIFEST_BYTES
 from lightning_ckpt.store.ledger import MIRROR_TIER, Entry
 
@@ -260,6 +260,10 @@ class Tiering:
                 by_name[entry.name] = replace(entry, mirror_error=event.message)
         return [by_name[e.name] for e in entries]
 
+    def close(self) -> None:
+        """Stop the worker after the upload in flight; queued checkpoints stay local only."""
+        self._uploader.close()
+
     def finish(self, entries: list[Entry]) -> list[Entry]:
         """Wait (up to the mirror's timeout) for pending uploads, stop the worker; returns the entries
         with the outcome. Uploads still pending are abandoned with a warning; they stay local."""
@@ -291,6 +295,25 @@ def fetch_newest(local: Store, remote: Store, newer_than: int | None) -> str | N
             continue
         return item.name
     return None
+
+
+def download_if_newer(local: Store, mirror: Mirror) -> str | None:
+    """``ckpt_path="last"`` across tiers: when the mirror holds a checkpoint newer (by step) than the
+    newest local one that verifies (a new machine, a lost disk), download and verify it into
+    ``local``. Returns its name, or None when the local tier is as new.
+
+    Raises:
+        StorageError: the mirror is unreachable or the local disk refused the copy.
+    """
+    newest = None
+    for item in sorted((x for x in list_checkpoints(local) if x.manifest), reverse=True,
+                       key=lambda x: (x.manifest.step or 0, x.manifest.created)):
+        try:
+            newest = verify(local, item.name).step or 0
+            break
+        except CheckpointError:  # latest_checkpoint warns of it when it passes over it
+            continue
+    return fetch_newest(local, mirror.open(), newer_than=newest)
 
 
 def _with(tiers: list[str], tier: str) -> list[str]:
