@@ -48,8 +48,8 @@ class Checkpointer(ModelCheckpoint):
 
     Args:
         dirpath: where checkpoints go: a local directory (or a ``file://`` URL); default
-            ``<default_root_dir>/checkpoints``. Other URLs (``s3://``, ...) raise ``ValueError``
-            until remote stores exist.
+            ``<default_root_dir>/checkpoints``. Other URLs (``s3://``, ...) raise ``ValueError``:
+            object storage is a second tier, see ``mirror``.
         every_n_steps: save every N optimizer steps (``trainer.global_step``).
         every_n_epochs: save at the end of every N-th training epoch.
         every_seconds: save when this much wall-clock time passed since the last save.

@@ -292,9 +292,9 @@ def local_path(location: str | os.PathLike, *, what: str = "dirpath") -> Path:
         return Path(text).expanduser()
     if match[1].lower() == FILE_SCHEME:
         return Path(text[match.end():]).expanduser()
-    raise ValueError(f"{what}={text!r} is a {match[1]}:// URL, but this takes a local directory; pass a local path "
-                     "(save_checkpoint, load_checkpoint, latest_checkpoint and best_checkpoint take URLs, with "
-                     "storage_options=)")
+    raise ValueError(f"{what}={text!r} is a {match[1]}:// URL, but this takes a local directory; pass a local path, "
+                     f"and Checkpointer(mirror=Mirror({text!r}, ...)) to copy checkpoints there in the background "
+                     "(save_checkpoint, load_checkpoint, latest_checkpoint and best_checkpoint take URLs too)")
 
 
 def remote_scheme(location: str | os.PathLike) -> str | None:
