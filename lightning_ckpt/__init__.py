@@ -34,6 +34,7 @@ _LAZY = {
     "ResumeAuditWarning": "lightning_ckpt.lightning.resume_audit",
     "SafetensorsCheckpointIO": "lightning_ckpt.lightning.checkpoint_io",
     "load_from_checkpoint": "lightning_ckpt.lightning.loading",
+    "Mirror": "lightning_ckpt.mirror",
 }
 
 
@@ -53,5 +54,5 @@ __all__ = [
     "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError",
     "NotACheckpointError", "SafetensorsCheckpointIO", "StorageError", "UnknownMetricError", "UnsafeCheckpointError",
     "UnsupportedFormatError", "UnsupportedTypeError", "best_checkpoint", "inspect_checkpoint", "latest_checkpoint",
-    "load_checkpoint", "load_from_checkpoint", "save_checkpoint", "select_best", "verify_checkpoint",
+    "Mirror", "load_checkpoint", "load_from_checkpoint", "save_checkpoint", "select_best", "verify_checkpoint",
 ]

@@ -7,19 +7,20 @@ Torch-free, so ``lightning-ckpt list`` starts fast.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, IncompleteCheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest
 from lightning_ckpt.policy.retention import Record, RetentionConfig, best_record, latest_record
 from lightning_ckpt.policy.explain import kept_by
-from lightning_ckpt.store import LocalStore, list_checkpoints, read_manifest, verify
+from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.ledger import COMMITTED, Entry, Ledger
-from lightning_ckpt.store.local import local_path
+from lightning_ckpt.store.local import local_path, remote_scheme
 
-TIER_LOCAL = "local"  # the only tier until remote storage tiers arrive
+TIER_LOCAL = "local"  # where the checkpoint was listed; the ledger names the other tiers that hold it
 OK = "ok"  # every file present with the size the manifest records
 VERIFIED = "verified"  # ... and every checksum matches
 DAMAGED = "damaged"
@@ -48,12 +49,19 @@ class Row:
     best: bool = False
 
 
-def split_path(path: str | os.PathLike) -> tuple[LocalStore, list[str] | None]:
-    """The store at ``path`` and the one checkpoint it names (``[name]``), or None for a whole directory.
+def split_path(path: str | os.PathLike,
+               storage_options: Mapping[str, Any] | None = None) -> tuple[Store, list[str] | None]:
+    """The store at ``path`` (a local path or an fsspec URL) and the one checkpoint it names
+    (``[name]``), or None for a whole directory.
 
     Raises:
-        NotACheckpointError: ``path`` does not exist.
+        NotACheckpointError: a local ``path`` does not exist.
     """
+    if remote_scheme(path) is not None:
+        store, name = locate(path, storage_options)
+        if store.has(name):  # type: ignore[attr-defined]  # a URL's store is an FsspecStore
+            return store, [name]
+        return open_store(path, storage_options), None
     p = local_path(path, what="path")
     if not p.exists():
         raise NotACheckpointError(f"{p}: no such file or directory; pass a checkpoint directory or one checkpoint")
@@ -68,15 +76,17 @@ def _holds_checkpoint_files(p: Path) -> bool:
 
 
 def describe(path: str | os.PathLike, *, check: bool = False, retention: RetentionConfig | None = None,
-             monitor: str | None = None, mode: str = "min") -> list[Row]:
+             monitor: str | None = None, mode: str = "min",
+             storage_options: Mapping[str, Any] | None = None) -> list[Row]:
     """Every checkpoint at ``path`` (a directory, or one checkpoint), by step.
 
     Args:
         check: verify every checksum (reads all bytes); otherwise files are checked by size only.
         retention: retention options; each row then says which rules keep it (per run lineage).
         monitor, mode: mark the best checkpoint by this recorded metric.
+        storage_options: fsspec options for a URL ``path``.
     """
-    store, only = split_path(path)
+    store, only = split_path(path, storage_options)
     rows = [_row(store, name, check) for name in only] if only else _rows(store, check)
     good = {r.name: r for r in rows if r.status != DAMAGED}
     records = [to_record(_entry(r)) for r in good.values()]
@@ -86,7 +96,7 @@ def describe(path: str | os.PathLike, *, check: bool = False, retention: Retenti
     return [_mark(r, last, best, labels) for r in rows]
 
 
-def _rows(store: LocalStore, check: bool) -> list[Row]:
+def _rows(store: Store, check: bool) -> list[Row]:
     entries = {e.name: e for e in Ledger(store).load() if e.status == COMMITTED}  # metrics logged after a save
     rows = []
     for listed in list_checkpoints(store):
@@ -101,12 +111,15 @@ def _rows(store: LocalStore, check: bool) -> list[Row]:
     return rows
 
 
-def _row(store: LocalStore, name: str, check: bool, manifest: Manifest | None = None,
+def _row(store: Store, name: str, check: bool, manifest: Manifest | None = None,
          entry: Entry | None = None) -> Row:
     where = store.location(name)
     try:
         manifest = manifest or read_manifest(store, name)
-        verify(store, name) if check else check_sizes(where, manifest)
+        if check:
+            verify(store, name)
+        elif isinstance(store, LocalStore):  # a remote object's size costs a request: --verify checks it
+            check_sizes(where, manifest)
     except CheckpointError as err:
         m = manifest
         return Row(name=name, path=where, step=m and m.step, epoch=m and m.epoch, run_id=m and m.run_id,
@@ -114,7 +127,7 @@ def _row(store: LocalStore, name: str, check: bool, manifest: Manifest | None = 
     entry = entry or Entry.from_manifest(name, manifest)
     return Row(name=name, path=where, step=manifest.step, epoch=manifest.epoch, created=manifest.created,
                run_id=manifest.run_id, metrics=dict(entry.metrics), size=manifest.total_bytes,
-               status=VERIFIED if check else OK)
+               tiers=tuple(entry.tiers), status=VERIFIED if check else OK)
 
 
 def _problem(err: Exception | None) -> str:

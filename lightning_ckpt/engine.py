@@ -33,15 +33,18 @@ def library_versions() -> dict[str, str]:
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_pickle: bool = False,
-                    run_id: str | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
+                    run_id: str | None = None, meta: Mapping[str, Any] | None = None,
+                    storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Save a state (e.g. a Lightning checkpoint dict) as a checkpoint directory, atomically.
 
     Args:
         state: nested dict of tensors, numpy arrays and plain values.
-        path: the checkpoint directory; an existing checkpoint there is replaced once the new one is whole.
+        path: the checkpoint directory; an existing checkpoint there is replaced once the new one is
+            whole. An fsspec URL (``s3://bucket/run/step=1``) uploads the files, the manifest last.
         allow_pickle: pickle values of unsupported types instead of refusing them.
         run_id: the run lineage this checkpoint belongs to.
         meta: small JSON facts to record in the manifest (metrics, the save's reason).
+        storage_options: for a URL, the fsspec filesystem's options (endpoint, credentials, ...).
 
     Returns:
         The committed manifest.
@@ -64,27 +67,28 @@ def commit_encoded(files: Mapping[str, Blob], state: Mapping[str, Any], path: st
         files={}, step=_int_or_none(state.get("global_step")), epoch=_int_or_none(state.get("epoch")), run_id=run_id,
         versions=library_versions(), meta=dict(meta or {}),
     )
-    store, name = locate(path)
+    store, name = locate(path, storage_options)
     # The checksums are taken while the files are written, so the manifest is sealed by the store.
     written = store.write(name, files, lambda entries: dataclasses.replace(unsealed, files=entries).to_bytes())
     return dataclasses.replace(unsealed, files=written)
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None,
-                    allow_pickle: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None, allow_pickle: bool = False,
+                    storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load a checkpoint directory, verifying every file first; nothing is unpickled by default.
 
     Args:
-        path: the checkpoint directory (``name`` or Lightning's ``name.ckpt``).
+        path: the checkpoint directory (``name`` or Lightning's ``name.ckpt``), or its fsspec URL.
         map_location: a device (or its name) to put the tensors on; CPU otherwise.
         allow_pickle: allow values that were pickled with ``allow_pickle=True`` at save time.
+        storage_options: for a URL, the fsspec filesystem's options (endpoint, credentials, ...).
 
     Raises:
         NotACheckpointError: no committed checkpoint at ``path``.
         IncompleteCheckpointError, CorruptCheckpointError: a file is missing, short or changed.
         UnsafeCheckpointError: it holds pickled values and ``allow_pickle`` is False.
     """
-    store, name = locate(path)
+    store, name = locate(path, storage_options)
     _, files = read_verified(store, name)
     return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name))
@@ -113,9 +117,9 @@ def load_torch_file(path: str | os.PathLike, *, map_location: Any = None) -> dic
         raise CorruptCheckpointError(f"{os.fspath(path)}: not a readable torch checkpoint file ({err})") from err
 
 
-def verify_checkpoint(path: str | os.PathLike) -> Manifest:
-    """Check every file of a checkpoint against its manifest; returns the manifest if all match."""
-    store, name = locate(path)
+def verify_checkpoint(path: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> Manifest:
+    """Check every file of a checkpoint (a path or a URL) against its manifest; returns the manifest if all match."""
+    store, name = locate(path, storage_options)
     return verify(store, name)
 
 

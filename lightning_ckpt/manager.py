@@ -10,7 +10,7 @@ import itertools
 import os
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,11 @@ from typing import Any
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
 from lightning_ckpt.lineage import continues_newest, lineage, newest_lineage
 from lightning_ckpt.policy import Record, RetentionConfig, RetentionPlan, best_record
-from lightning_ckpt.store import LocalStore, list_checkpoints, locate, read_manifest, verify
+from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.ledger import (
     COMMITTED,
     DELETED,
+    LOCAL_TIER,
     META_METRICS,
     META_PARENT,
     META_REASON,
@@ -157,11 +158,17 @@ class CheckpointManager:
                 return updated
         return None
 
-    def prune(self) -> RetentionPlan:
-        """Delete this lineage's checkpoints that no rule keeps; the ledger records why."""
+    def prune(self, held: Collection[str] = ()) -> RetentionPlan:
+        """Delete this lineage's checkpoints that no rule keeps; the ledger records why.
+
+        Args:
+            held: checkpoints not to delete yet (an upload of theirs is pending); a later prune deletes them.
+        """
         own = [_record(e) for e in self.entries if e.status == COMMITTED and e.run_id == self.run_id]
         plan = self.retention.plan(own)
         for record in plan.delete:
+            if record.name in held:
+                continue
             self.store.delete(record.name)
             self._mark_deleted(record.name, plan.reasons[record.name])
         for message in plan.warnings:
@@ -169,13 +176,14 @@ class CheckpointManager:
         return plan
 
     def _mark_deleted(self, name: str, why: str) -> None:
-        self.entries = [replace(e, status=DELETED, deleted_reason=why) if e.name == name else e for e in self.entries]
+        self.entries = [replace(e, status=DELETED, deleted_reason=why, tiers=[t for t in e.tiers if t != LOCAL_TIER])
+                        if e.name == name else e for e in self.entries]
 
     def commit_ledger(self) -> None:
         self.ledger.save(self.entries)
 
 
-def best_entry(entries: list[Entry], store: LocalStore, monitor: str, mode: str) -> Entry | None:
+def best_entry(entries: list[Entry], store: Store, monitor: str, mode: str) -> Entry | None:
     """The best committed entry by ``monitor`` whose files verify, passing over damaged ones with a warning."""
     candidates = {e.name: e for e in entries if e.status == COMMITTED}
     while candidates:
@@ -188,7 +196,7 @@ def best_entry(entries: list[Entry], store: LocalStore, monitor: str, mode: str)
     return None
 
 
-def _verifies(store: LocalStore, name: str) -> bool:
+def _verifies(store: Store, name: str) -> bool:
     try:
         verify(store, name)
         return True
@@ -197,12 +205,12 @@ def _verifies(store: LocalStore, name: str) -> bool:
         return False
 
 
-def last_entry(entries: list[Entry], store: LocalStore, run_id: str | None = None) -> Entry | None:
+def last_entry(entries: list[Entry], store: Store, run_id: str | None = None) -> Entry | None:
     """The newest checkpoint of ``run_id``'s lineage (default: the newest branch's) that verifies."""
     return next((e for e in newest_lineage(entries, run_id) if _verifies(store, e.name)), None)
 
 
-def latest_checkpoint(dirpath: str | os.PathLike) -> str | None:
+def latest_checkpoint(dirpath: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The checkpoint ``ckpt_path="last"`` resumes: the newest that verifies, by step, of the newest
     branch (the lineage created last, see ``lightning_ckpt.lineage``), never by file time.
 
@@ -210,10 +218,13 @@ def latest_checkpoint(dirpath: str | os.PathLike) -> str | None:
     abandoned branch is never "last". Damaged or torn checkpoints are passed over with a
     ``CheckpointWarning``.
 
+    Args:
+        storage_options: for a URL, the fsspec filesystem's options (endpoint, credentials, ...).
+
     Returns:
         Its path, or None when the newest branch holds no good checkpoint.
     """
-    store = LocalStore(dirpath)
+    store = open_store(dirpath, storage_options)
     listed = list_checkpoints(store)
     for item in listed:
         if item.error is not None:  # its manifest is unreadable, so its step is unknown: always say so
@@ -227,8 +238,9 @@ def latest_checkpoint(dirpath: str | os.PathLike) -> str | None:
 
 
 def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,
-                    run_id: str | None = None) -> str | None:
-    """The best committed checkpoint in ``dirpath`` by ``monitor`` (from the ledger), that verifies.
+                    run_id: str | None = None, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The best committed checkpoint in ``dirpath`` (a directory or a URL) by ``monitor`` (from the
+    ledger), that verifies.
 
     Only one lineage is considered: by default the one ``latest_checkpoint`` resumes (the newest
     branch, with the checkpoints of the runs it branched from up to its branch point); other runs
@@ -240,6 +252,6 @@ def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min",
     Returns:
         Its path, or None when no checkpoint of that lineage has a value for ``monitor``.
     """
-    store = LocalStore(dirpath)
+    store = open_store(dirpath, storage_options)
     entry = best_entry(newest_lineage(Ledger(store).load(), run_id), store, monitor, mode)
     return store.location(entry.name) if entry else None

@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, StorageError
 from lightning_ckpt.manager import CheckpointManager
+from lightning_ckpt.mirror import Tiering
 from lightning_ckpt.store.ledger import Entry
 
 T = TypeVar("T")
@@ -102,14 +103,19 @@ class SavePipeline:
             warns on every rank and the caller trains on (other failures still raise).
     """
 
-    def __init__(self, manager: CheckpointManager, agree: Agree, *, on_error: OnError = "raise") -> None:
+    def __init__(self, manager: CheckpointManager, agree: Agree, *, on_error: OnError = "raise",
+                 tiering: Tiering | None = None) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_save_error={on_error!r}; use 'raise' (stop training) or 'warn' (train on)")
         self.manager, self.agree, self.on_error = manager, agree, on_error
+        self.tiering = tiering  # rank 0's mirror, if any (the other ranks upload nothing)
 
     def save(self, step: int, *, reason: str, metrics: Mapping[str, Any], snapshot: Snapshot,
-             write: Writer) -> SaveOutcome:
+             write: Writer, final: bool = False) -> SaveOutcome:
         """Save the state at ``step`` on every rank; returns once every rank knows how it went.
+
+        Args:
+            final: the last save of the fit (the mirror uploads it whatever its cadence).
 
         Raises:
             StorageError: the storage refused the write on some rank (with ``on_error="raise"``).
@@ -122,7 +128,24 @@ class SavePipeline:
             state = snapshot()
         except Exception as err:  # noqa: BLE001 - every rank must learn of it, whatever it is
             return self._settle(outcome, err)
-        return self._settle(outcome, self._execute(name, outcome.path, state, options, write))
+        return self._settle(outcome, self._execute(name, outcome.path, state, options, write, final))
+
+    def finish_mirror(self) -> None:
+        """End of training: wait for pending uploads (up to the mirror's timeout), record how they
+        went and retain again (checkpoints held for their upload may go now). Collective."""
+        failure = None
+        if self.agree.is_rank_zero and self.tiering is not None:
+            try:
+                self.manager.entries = self.tiering.finish(self.manager.entries)
+                self._retain()
+            except Exception as err:  # noqa: BLE001 - every rank must learn of it
+                failure = err
+        self._settle(_NO_SAVE, failure)
+
+    def close_mirror(self) -> None:
+        """Stop the mirror's worker without waiting for what is queued (after an error); local only."""
+        if self.tiering is not None:
+            self.tiering.close()
 
     def attach_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record metrics logged after the save at ``step`` (a later validation): they may change the
@@ -137,19 +160,26 @@ class SavePipeline:
         self._settle(_NO_SAVE, failure)
 
     def _execute(self, name: str, path: str, state: Mapping[str, Any], options: Mapping[str, Any],
-                 write: Writer) -> BaseException | None:
-        """Write and commit, then (rank 0) record and retain: retention runs only after the commit."""
+                 write: Writer, final: bool) -> BaseException | None:
+        """Write and commit, then (rank 0) record, retain and mirror: each only after the one before."""
         try:
             write(state, path, options)
             if self.agree.is_rank_zero:
                 self.manager.record_save(name)
                 self._retain()
+                if self.tiering is not None:  # queued for upload, in the background
+                    self.tiering.after_commit(name, self.manager.run_id, final=final)
         except Exception as err:  # noqa: BLE001 - every rank must learn of it
             return err
         return None
 
     def _retain(self) -> None:
-        self.manager.prune()
+        """Retention, less the checkpoints whose upload is pending (they go once it committed)."""
+        held: frozenset[str] = frozenset()
+        if self.tiering is not None:
+            self.manager.entries = self.tiering.apply(self.manager.entries)
+            held = self.tiering.held()
+        self.manager.prune(held=held)
         self.manager.commit_ledger()
 
     def _settle(self, outcome: SaveOutcome, local: BaseException | None) -> SaveOutcome:

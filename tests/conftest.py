@@ -43,3 +43,17 @@ def assert_same(a: object, b: object, path: str = "checkpoint") -> None:
 @pytest.fixture
 def same():
     return assert_same
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 server (moto) on 127.0.0.1 with an empty bucket; reached through s3fs."""
+    from s3server import ENV, S3Server
+
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    server = S3Server()
+    server.start()
+    server.fs().mkdir(server.bucket)
+    yield server
+    server.stop()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -13,9 +15,27 @@ from lightning_ckpt.cli import main
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, size, when
 from lightning_ckpt.errors import NotACheckpointError
 from lightning_ckpt.policy.retention import MODES, RetentionConfig
+from lightning_ckpt.store.local import remote_scheme
 
 EXIT_DAMAGED = 1
 _PATH = click.Path(exists=True, path_type=Path)
+_OPTIONS_HELP = ("fsspec options for a URL PATH, as a JSON object (endpoint, profile, ...); prefer environment "
+                 "variables or a profile for credentials, which a command line shows to other users")
+
+
+def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        options = json.loads(value)
+    except ValueError as err:
+        raise click.BadParameter(f"not JSON ({err})") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"anon\": true}'")
+    return options
+
+
+_STORAGE_OPTIONS = click.option("--storage-options", "options", callback=_storage_options, help=_OPTIONS_HELP)
 _MODE = click.option("--mode", type=click.Choice(MODES), default="min", show_default=True,
                      help="min: lower is better (a loss); max: higher is better (an accuracy).")
 
@@ -45,10 +65,11 @@ def _flags(row: Row) -> str:
 @click.option("--monitor", default=None, help="Mark the best checkpoint by this recorded metric.")
 @_MODE
 @retention_options
+@_STORAGE_OPTIONS
 @JSON_OPTION
 def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int | None, top_k: int,
-          as_json: bool) -> None:
-    """Every checkpoint in PATH (or the one PATH names), by step: epoch, time, size, status, metrics,
+          options: dict[str, Any] | None, as_json: bool) -> None:
+    """Every checkpoint in PATH (a directory, one checkpoint, or an fsspec URL), by step: epoch, time, size, status, metrics,
     which is last / best, and, given retention options, which rule keeps it (per run lineage).
 
     \b
@@ -57,25 +78,27 @@ def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int
     """
     retention = RetentionConfig(keep_last=keep_last, top_k=top_k, monitor=monitor, mode=mode) if (
         keep_last or top_k) else None  # type: ignore[arg-type]
-    rows = _rows(path, check=check, retention=retention, monitor=monitor, mode=mode)
+    rows = _rows(path, check=check, retention=retention, monitor=monitor, mode=mode, storage_options=options)
     if as_json:
         return emit_json([asdict(r) for r in rows])
-    columns = ["name", "step", "epoch", "time", "size", "status", "flags", "run", "metrics"]
+    columns = ["name", "step", "epoch", "time", "size", "status", "flags", "tiers", "run", "metrics"]
     columns += ["kept by"] if retention else []
     table = []
     for r in rows:
         metrics = " ".join(f"{k}={num(v)}" for k, v in sorted(r.metrics.items()))
         cells = [r.name, num(r.step), num(r.epoch), when(r.created), size(r.size),
-                 r.status if r.status != DAMAGED else f"{DAMAGED}: {r.problem}", _flags(r), r.run_id or "-",
+                 r.status if r.status != DAMAGED else f"{DAMAGED}: {r.problem}", _flags(r), ",".join(r.tiers),
+                 r.run_id or "-",
                  metrics or "-"]
         table.append(cells + ([", ".join(r.kept_by or ()) or "(would be pruned)"] if retention else []))
     emit_table(columns, table)
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=_PATH)
+@click.argument("paths", nargs=-1, required=True)
+@_STORAGE_OPTIONS
 @JSON_OPTION
-def verify(paths: tuple[Path, ...], as_json: bool) -> None:
+def verify(paths: tuple[str, ...], options: dict[str, Any] | None, as_json: bool) -> None:
     """Check every file of the checkpoints at PATHS against their checksums (exit 1 and a list if any
     fails). A PATH is a checkpoint directory, one checkpoint, or a Lightning .ckpt file (its zip CRCs).
 
@@ -85,7 +108,7 @@ def verify(paths: tuple[Path, ...], as_json: bool) -> None:
     """
     results = []
     for path in paths:
-        results += [(r.name, r.step, r.problem) for r in _verified(path)]
+        results += [(r.name, r.step, r.problem) for r in _verified(path, options)]
     if as_json:
         emit_json([{"name": n, "step": s, "ok": p is None, "problem": p} for n, s, p in results])
     else:
@@ -94,12 +117,15 @@ def verify(paths: tuple[Path, ...], as_json: bool) -> None:
     sys.exit(EXIT_DAMAGED if any(p is not None for _, _, p in results) else 0)
 
 
-def _verified(path: Path) -> list[Row]:
-    if path.is_file() and not path.name.endswith(".safetensors"):
+def _verified(path: str, options: dict[str, Any] | None) -> list[Row]:
+    if remote_scheme(path) is not None:
+        return _rows(path, check=True, storage_options=options)
+    local = _PATH.convert(path, None, None)  # a local PATH must exist
+    if local.is_file() and not local.name.endswith(".safetensors"):
         from lightning_ckpt.convert.torchfile import verify_torch_file
 
-        return [Row(name=path.name, path=str(path), problem=verify_torch_file(path))]
-    return _rows(path, check=True)
+        return [Row(name=local.name, path=str(local), problem=verify_torch_file(local))]
+    return _rows(local, check=True)
 
 
 @main.command()

@@ -12,6 +12,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning_ckpt import engine
 from lightning_ckpt.errors import NotACheckpointError
 from lightning_ckpt.store import locate
+from lightning_ckpt.store.local import remote_scheme
 
 _OPTION_KEYS = frozenset({"run_id", "meta"})
 # Lightning's TorchCheckpointIO words a missing ckpt_path so; users and their tooling grep for it.
@@ -29,10 +30,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
     Args:
         allow_pickle: pickle values that have no safe representation (and allow unpickling them on
             load). Off by default: nothing is ever pickled or unpickled.
+        remote_options: for paths that are fsspec URLs (``s3://...``), the filesystem's options
+            (endpoint, credentials, ...); never logged or written.
     """
 
-    def __init__(self, *, allow_pickle: bool = False) -> None:
+    def __init__(self, *, allow_pickle: bool = False, remote_options: Mapping[str, Any] | None = None) -> None:
         self.allow_pickle = allow_pickle
+        self._remote_options = dict(remote_options) if remote_options else None
+
+    def _options(self, path: str | os.PathLike) -> Mapping[str, Any] | None:
+        return self._remote_options if remote_scheme(path) else None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Mapping[str, Any] | None = None) -> None:
@@ -44,7 +51,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if not set(options) <= _OPTION_KEYS:
             raise TypeError(f"{type(self).__name__} takes storage_options keys {sorted(_OPTION_KEYS)}, "
                             f"got {sorted(options)}")
-        engine.save_checkpoint(checkpoint, path, allow_pickle=self.allow_pickle, **options)
+        engine.save_checkpoint(checkpoint, path, allow_pickle=self.allow_pickle, storage_options=self._options(path),
+                               **options)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -56,12 +64,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
             NotACheckpointError: nothing is there (a ``FileNotFoundError``, worded as Lightning's).
             UnsafeCheckpointError: a ``.ckpt`` file that only a full unpickle could read.
         """
-        store, name = locate(path)
+        store, name = locate(path, self._options(path))
         found = Path(store.location(name))
         if found.is_file():
             return engine.load_torch_file(found, map_location=map_location)
         try:
-            return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle)
+            return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle,
+                                          storage_options=self._options(path))
         except NotACheckpointError:
             if found.exists():
                 raise
@@ -72,5 +81,5 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         """Delete the checkpoint at ``path`` (it disappears from listings at once)."""
-        store, name = locate(path)
+        store, name = locate(path, self._options(path))
         store.delete(name)

@@ -23,9 +23,10 @@ from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, s
 from lightning_ckpt.lightning.trainer_io import StrategyAgree, snapshot, write
 from lightning_ckpt.lineage import newest_lineage
 from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_checkpoint, new_run_id
+from lightning_ckpt.mirror import Mirror, Tiering, download_if_newer
 from lightning_ckpt.pipeline import SavePipeline, decided_on_rank_zero
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
-from lightning_ckpt.store.local import DirectoryLock, local_path
+from lightning_ckpt.store.local import DirectoryLock, LocalStore, local_path
 from lightning_ckpt.store.ledger import Entry
 
 TRAIN_END = "train_end"
@@ -47,8 +48,8 @@ class Checkpointer(ModelCheckpoint):
 
     Args:
         dirpath: where checkpoints go: a local directory (or a ``file://`` URL); default
-            ``<default_root_dir>/checkpoints``. Other URLs (``s3://``, ...) raise ``ValueError``
-            until remote stores exist.
+            ``<default_root_dir>/checkpoints``. Other URLs (``s3://``, ...) raise ``ValueError``:
+            object storage is a second tier, see ``mirror``.
         every_n_steps: save every N optimizer steps (``trainer.global_step``).
         every_n_epochs: save at the end of every N-th training epoch.
         every_seconds: save when this much wall-clock time passed since the last save.
@@ -73,6 +74,9 @@ class Checkpointer(ModelCheckpoint):
         preemption_exit_code: after a preemption, exit the process with this code as ``trainer.fit``
             returns, the run having finished normally; None lets ``trainer.fit`` return instead (see
             :attr:`preempted`).
+        mirror: copy chosen checkpoints to a second tier (object storage) in the background, with
+            its own retention; ``ckpt_path="last"`` downloads a newer checkpoint only it holds. See
+            :class:`~lightning_ckpt.Mirror`.
         allow_pickle: pickle values that have no safe representation (an object in the
             hyper-parameters), passed to the ``SafetensorsCheckpointIO`` this callback installs.
             Off by default; hyper-parameters that need it are refused when ``fit`` starts.
@@ -100,6 +104,7 @@ class Checkpointer(ModelCheckpoint):
         preemption_signals: Sequence[str] = ("SIGTERM",),
         preemption_exit_code: int | None = 0,
         allow_pickle: bool = False,
+        mirror: Mirror | None = None,
     ) -> None:
         # ModelCheckpoint.__init__ is deliberately not called: we subclass it only so that Lightning
         # treats this callback as one (ckpt_path="last" asks ModelCheckpoint instances, loggers read
@@ -120,6 +125,9 @@ class Checkpointer(ModelCheckpoint):
         self.on_save_error, self.preemption_exit_code = on_save_error, preemption_exit_code
         self._preemption = SignalFlag(preemption_signals)
         self.allow_pickle = allow_pickle
+        if mirror is not None and not isinstance(mirror, Mirror):
+            raise TypeError(f"mirror={mirror!r}; pass mirror=Mirror('s3://bucket/run', every_n_saves=..., keep_last=...)")
+        self.mirror = mirror
         self._lock: DirectoryLock | None = None
         self._manager: CheckpointManager | None = None
         self._pipeline: SavePipeline | None = None
@@ -163,7 +171,8 @@ class Checkpointer(ModelCheckpoint):
         agree = StrategyAgree(trainer)
         self._manager = CheckpointManager(self.dirpath, self._retention, run_id=None)
         self._manager.run_id = decided_on_rank_zero(agree, self._claim_directory)
-        self._pipeline = SavePipeline(self._manager, agree, on_error=self.on_save_error)
+        tiering = Tiering(self.mirror, self._manager.store) if self.mirror and agree.is_rank_zero else None
+        self._pipeline = SavePipeline(self._manager, agree, on_error=self.on_save_error, tiering=tiering)
         self._inherited_run_id = None
         self._manager.refresh()
         if self.exact_resume:
@@ -225,6 +234,7 @@ class Checkpointer(ModelCheckpoint):
         self._save_if_preempted(trainer)  # a signal after the last training batch (the final validation)
         if self.save_on_train_end and not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, TRAIN_END)
+        self._pipeline.finish_mirror()  # the end of fit waits for pending uploads, up to Mirror(timeout=)
         if self._val_limit is not None:  # set aside by _stop_now; a later trainer.validate() needs it
             trainer.limit_val_batches, self._val_limit = self._val_limit, None
 
@@ -242,6 +252,8 @@ class Checkpointer(ModelCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Only let go: what was committed is safe, and a torn save is never listed."""
         self._release()
+        if self._pipeline is not None:
+            self._pipeline.close_mirror()  # no waiting for queued uploads: they stay local
 
     def _release(self) -> None:
         self._preemption.restore()
@@ -263,6 +275,8 @@ class Checkpointer(ModelCheckpoint):
         dirpath = self._resolve_dirpath(trainer)
         manager = self._manager
         if manager is None or manager.run_id is None or manager.store.root != Path(dirpath):
+            if self.mirror is not None:  # a newer checkpoint only the mirror holds comes down first
+                download_if_newer(LocalStore(dirpath), self.mirror)
             path = latest_checkpoint(dirpath)
             return {path} if path else set()
         entry = last_entry(manager.entries, manager.store, manager.run_id)
@@ -346,7 +360,8 @@ class Checkpointer(ModelCheckpoint):
 
     def _save(self, trainer: L.Trainer, reason: str) -> None:
         outcome = self._pipeline.save(trainer.global_step, reason=reason, metrics=self._fresh_metrics(trainer),
-                                      snapshot=partial(snapshot, trainer), write=partial(write, trainer))
+                                      snapshot=partial(snapshot, trainer), write=partial(write, trainer),
+                                      final=reason in (TRAIN_END, PREEMPTED))
         if not outcome.committed:  # every rank warned; nothing was committed, nothing deleted
             return
         self._last_saved_step, self._last_save_time = trainer.global_step, self.clock()

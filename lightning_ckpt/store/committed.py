@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError
-from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest, new_hasher
-from lightning_ckpt.store.local import LocalStore, local_path
+from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, digest, missing_manifest, new_hasher
+from lightning_ckpt.store.base import Store
+from lightning_ckpt.store.local import LocalStore, local_path, remote_scheme
 
 LIGHTNING_SUFFIX = ".ckpt"
 MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a larger one is damaged
@@ -20,23 +22,50 @@ READ_CHUNK = 8 * 2**20
 READ_THREADS = min(4, os.cpu_count() or 1)
 
 
-def locate(path: str | os.PathLike) -> tuple[LocalStore, str]:
-    """Split a checkpoint path into its store (the parent directory) and its name.
-
-    A Lightning-style ``name.ckpt`` and the bare ``name`` both find a checkpoint saved under either.
+def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Store:
+    """The store at ``location``: a local directory (a path or ``file://``) or any other fsspec URL.
 
     Raises:
-        ValueError: a remote URL (remote stores come with the tiered-storage work).
+        ValueError: ``storage_options`` with a local path (they configure URLs only).
     """
+    if remote_scheme(location) is not None:
+        return _remote(location, storage_options)
+    if storage_options:
+        raise ValueError(f"storage_options were given for {os.fspath(location)!r}, a local path; they configure "
+                         "URLs (s3://, gs://, ...) only: drop them or pass a URL")
+    return LocalStore(location)
+
+
+def _remote(url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> Store:
+    from lightning_ckpt.store.remote import FsspecStore  # fsspec loads only for URLs: local listing stays fast
+
+    return FsspecStore(url, storage_options)
+
+
+def locate(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[Store, str]:
+    """Split a checkpoint path or URL into its store (the parent) and its name.
+
+    A Lightning-style ``name.ckpt`` and the bare ``name`` both find a checkpoint saved under either.
+    """
+    if remote_scheme(path) is not None:
+        scheme, _, rest = os.fspath(path).rstrip("/").partition("://")
+        parent, _, name = rest.rpartition("/")
+        store = _remote(f"{scheme}://{parent}", storage_options)
+        alternative = _alternative_name(name)
+        return store, alternative if not store.has(name) and store.has(alternative) else name
+    open_store(path, storage_options)  # refuses options for a local path
     p = local_path(path, what="path")
     if not p.exists():
-        alternative = p.with_name(p.name.removesuffix(LIGHTNING_SUFFIX)) if p.suffix == LIGHTNING_SUFFIX else (
-            p.with_name(p.name + LIGHTNING_SUFFIX))
-        p = alternative if alternative.exists() else p
+        alternative_path = p.with_name(_alternative_name(p.name))
+        p = alternative_path if alternative_path.exists() else p
     return LocalStore(p.parent), p.name
 
 
-def read_manifest(store: LocalStore, name: str) -> Manifest:
+def _alternative_name(name: str) -> str:
+    return name.removesuffix(LIGHTNING_SUFFIX) if name.endswith(LIGHTNING_SUFFIX) else name + LIGHTNING_SUFFIX
+
+
+def read_manifest(store: Store, name: str) -> Manifest:
     """The manifest of a committed checkpoint.
 
     Raises:
@@ -53,7 +82,7 @@ def read_manifest(store: LocalStore, name: str) -> Manifest:
     return Manifest.from_bytes(data, where)
 
 
-def read_verified(store: LocalStore, name: str) -> tuple[Manifest, dict[str, memoryview]]:
+def read_verified(store: Store, name: str) -> tuple[Manifest, dict[str, memoryview]]:
     """Read every file of a checkpoint, checking each against the manifest as it is read.
 
     Each file is read once, into one buffer of its own that nothing else maps (so the verified
@@ -68,7 +97,7 @@ def read_verified(store: LocalStore, name: str) -> tuple[Manifest, dict[str, mem
     return manifest, {file: _read_file(store, name, file, manifest, where) for file in manifest.files}
 
 
-def verify(store: LocalStore, name: str) -> Manifest:
+def verify(store: Store, name: str) -> Manifest:
     """Check a checkpoint's files against its manifest; returns the manifest when all match.
 
     Streams every file through one reused chunk: verifying needs no memory the size of the checkpoint.
@@ -81,9 +110,11 @@ def verify(store: LocalStore, name: str) -> Manifest:
     return manifest
 
 
-def _read_file(store: LocalStore, name: str, file: str, manifest: Manifest, where: str, *,
+def _read_file(store: Store, name: str, file: str, manifest: Manifest, where: str, *,
                into: memoryview | None = None) -> memoryview:
     """One file's verified bytes: in a new buffer of the file's size, or streamed through ``into``."""
+    if not isinstance(store, LocalStore):
+        return _read_object(store, name, file, manifest, where)
     opened = store.open(name, file)
     # The real size is checked before anything is allocated: a claim in the manifest is not trusted.
     manifest.check_size(file, None if opened is None else opened[1], where)
@@ -106,6 +137,15 @@ def _uninitialized(size: int) -> memoryview:
     import numpy as np  # here, not at the top: listing checkpoints (the CLI) must not pay numpy's import
 
     return memoryview(np.empty(size, dtype=np.uint8))
+
+
+def _read_object(store: Store, name: str, file: str, manifest: Manifest, where: str) -> memoryview:
+    """One remote object's verified bytes. The store asks the object's real size first and fetches
+    no more than it, nor more than the manifest's size + 1 (a longer object is caught, not cut)."""
+    data = store.read(name, file, manifest.files[file].size + 1)
+    manifest.check_size(file, None if data is None else len(data), where)
+    manifest.check_digest(file, digest(data), where)  # type: ignore[arg-type]  # None was refused above
+    return memoryview(data)
 
 
 def _read_parallel(fd: int, buffer: memoryview, hasher: Any) -> int:
@@ -160,7 +200,7 @@ class Listed:
     error: CheckpointError | None = None
 
 
-def list_checkpoints(store: LocalStore, *, check: bool = False) -> list[Listed]:
+def list_checkpoints(store: Store, *, check: bool = False) -> list[Listed]:
     """Every committed checkpoint in the store, sorted by step (then name).
 
     Args:

@@ -15,7 +15,6 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, get_type_hints
 
 from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
@@ -23,12 +22,15 @@ from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.format.manifest import Manifest
 from lightning_ckpt.store.committed import list_checkpoints
-from lightning_ckpt.store.local import LocalStore
+from lightning_ckpt.store.base import Store
 
 LEDGER_FILE = "ledger.json"
 LEDGER_VERSION = 1
+MAX_LEDGER_BYTES = 256 * 2**20  # a ledger of a million checkpoints is far smaller; a larger file is damaged
 COMMITTED = "committed"
 DELETED = "deleted"
+LOCAL_TIER = "local"  # the Checkpointer's dirpath, whatever its URL
+MIRROR_TIER = "mirror"  # the Mirror's URL
 META_METRICS = "metrics"
 META_REASON = "reason"
 META_PARENT = "parent"  # the checkpoint a branch resumed from (see manager.decide_lineage)
@@ -62,6 +64,8 @@ class Entry:
     size: int = 0
     status: str = COMMITTED
     deleted_reason: str | None = None
+    tiers: list[str] = field(default_factory=lambda: [LOCAL_TIER])  # which tiers hold it
+    mirror_error: str | None = None  # why its upload was given up, if it was
     parent: str | None = None
 
     @classmethod
@@ -107,9 +111,9 @@ class Ledger:
         store: the checkpoint directory.
     """
 
-    def __init__(self, store: LocalStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.path = Path(store.root) / LEDGER_FILE
+        self.path = store.location(LEDGER_FILE)  # for messages; reads and writes go through the store
 
     def load(self) -> list[Entry]:
         """The entries, reconciled with the committed checkpoints on disk (rebuilt if unreadable)."""
@@ -117,7 +121,8 @@ class Ledger:
         on_disk = {x.name: x for x in list_checkpoints(self.store) if x.manifest is not None}
         for name, entry in entries.items():
             if entry.status == COMMITTED and name not in on_disk:
-                entries[name] = replace(entry, status=DELETED, deleted_reason="missing on disk")
+                entries[name] = replace(entry, status=DELETED, deleted_reason="missing on disk",
+                                        tiers=[t for t in entry.tiers if t != LOCAL_TIER])
         for name, listed in on_disk.items():
             if name not in entries or entries[name].status != COMMITTED:
                 entries[name] = Entry.from_manifest(name, listed.manifest)
@@ -125,14 +130,15 @@ class Ledger:
 
     def _read(self) -> list[Entry]:
         try:
-            doc = json.loads(self.path.read_bytes())
+            data = self.store.read_file(LEDGER_FILE, MAX_LEDGER_BYTES)
+            if data is None:
+                return []
+            doc = json.loads(data)
             if doc.get(_K_VERSION) != LEDGER_VERSION:
                 raise ValueError(f"ledger version {doc.get(_K_VERSION)!r}")
             if not isinstance(doc[_K_ENTRIES], list):
                 raise TypeError(f"{_K_ENTRIES!r} is not a list")
             return [_entry(e) for e in doc[_K_ENTRIES]]
-        except FileNotFoundError:
-            return []
         except (ValueError, TypeError, KeyError, AttributeError, TypeCheckError) as err:
             warnings.warn(f"{self.path}: damaged ledger ({err!r}); rebuilding it from the checkpoints' manifests "
                           "(metrics logged after a save are lost)", CheckpointWarning, stacklevel=3)

@@ -183,6 +183,9 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
+    def read_file(self, file: str, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of a file in the store's root (the ledger), or None."""
+        return self.read("", file, limit)
     def open(self, name: str, file: str) -> tuple[io.RawIOBase, int] | None:
         """One file of a checkpoint opened for reading, with its real size (from the open handle, so
         it is the size of what will be read), or None when it does not exist."""
@@ -292,9 +295,16 @@ def local_path(location: str | os.PathLike, *, what: str = "dirpath") -> Path:
         return Path(text).expanduser()
     if match[1].lower() == FILE_SCHEME:
         return Path(text[match.end():]).expanduser()
-    raise ValueError(f"{what}={text!r} is a {match[1]}:// URL, but lightning-ckpt reads and writes local "
-                     "directories only (remote storage tiers are coming); pass a local path, e.g. a mounted "
-                     "bucket, or a local directory that you sync yourself")
+    raise ValueError(f"{what}={text!r} is a {match[1]}:// URL, but this takes a local directory; pass a local path, "
+                     f"and Checkpointer(mirror=Mirror({text!r}, ...)) to copy checkpoints there in the background "
+                     "(save_checkpoint, load_checkpoint, latest_checkpoint and best_checkpoint take URLs too)")
+
+
+def remote_scheme(location: str | os.PathLike) -> str | None:
+    """The URL scheme of ``location`` (lowercase) if it is a URL other than ``file://``, else None."""
+    match = _URL.match(os.fspath(location))
+    scheme = match[1].lower() if match else None
+    return None if scheme == FILE_SCHEME else scheme
 
 
 def _verifies(store: LocalStore, name: str) -> bool:

@@ -83,3 +83,16 @@ def test_a_directory_another_run_holds_fails_every_rank_at_setup(tmp_path):
     assert result.returncode != 0
     errors = {r["rank"]: r.get("error", "") for r in rows}
     assert all("DirectoryInUseError" in e and "another run" in e for e in errors.values()), errors
+
+
+def test_the_mirror_under_ddp_uploads_from_rank_0_and_every_rank_knows_the_tiers(tmp_path):
+    root, mirror = tmp_path / "c", tmp_path / "mirror"  # a plain folder as the second tier
+    rows, _ = ddp_fit(root, 10, "--mirror", mirror)
+    assert rows[0]["tiers"] == rows[1]["tiers"], rows  # rank 1 learnt what rank 0's uploads did
+    kept = sorted(n for n in os.listdir(root) if n.startswith("step="))
+    assert all(rows[0]["tiers"][n] == ["local", "mirror"] for n in kept), rows[0]["tiers"]
+    saved = sorted(rows[0]["tiers"])  # every save (on a step trigger or at a validation) went up
+    assert saved[0] == "step=000000003" and saved[-1] == "step=000000010", saved
+    assert sorted(n for n in os.listdir(mirror) if n.startswith("step=")) == saved
+    assert all(rows[0]["tiers"][n] == ["mirror"] for n in saved if n not in kept), rows[0]["tiers"]
+    assert not any(r["warned"] for r in rows), rows

@@ -1,11 +1,14 @@
-"""A URL ``dirpath`` is refused at construction until remote stores exist; ``file://`` is a local path."""
+"""A URL ``dirpath`` is refused at construction until the Checkpointer writes to remote stores;
+``file://`` is a local path; the plugin and the functions take URLs."""
 
 from __future__ import annotations
 
 import os
+import uuid
 
 import lightning as L
 import pytest
+import torch
 
 from lightning_ckpt import Checkpointer, SafetensorsCheckpointIO, latest_checkpoint, load_checkpoint
 from tiny import TinyModel, tiny_loader
@@ -17,11 +20,19 @@ def test_a_url_dirpath_fails_at_construction_and_writes_nothing(url, tmp_path, m
     with pytest.raises(ValueError, match="local path") as err:
         Checkpointer(url)
     assert url in str(err.value)
-    with pytest.raises(ValueError, match="local path"):
-        latest_checkpoint(url)
-    with pytest.raises(ValueError, match="local path"):
-        SafetensorsCheckpointIO().save_checkpoint({"step": 1}, f"{url}/c.ckpt")
     assert os.listdir(tmp_path) == []  # no folder named "s3:" appeared
+
+
+def test_the_plugin_saves_loads_and_removes_at_a_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a misread URL would land
+    url = f"memory://plugin-{uuid.uuid4().hex[:8]}"
+    io = SafetensorsCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, f"{url}/c.ckpt")
+    assert latest_checkpoint(url) == f"{url}/c.ckpt"
+    assert torch.equal(io.load_checkpoint(f"{url}/c")["w"], torch.ones(3))
+    io.remove_checkpoint(f"{url}/c.ckpt")
+    assert latest_checkpoint(url) is None
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_file_url_dirpath_is_the_local_directory(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Train TinyModel on 2 CPU ranks (DDP, gloo) with a Checkpointer; print one JSON line per rank.
 
-Usage: python ddp_fit.py DIRPATH MAX_STEPS [CKPT_PATH] [--fail-step N] [--on-save-error raise|warn]
+Usage: python ddp_fit.py DIRPATH MAX_STEPS [CKPT_PATH] [--fail-step N] [--on-save-error raise|warn] [--mirror URL]
 
 ``--fail-step N``: the save at step N runs out of disk space on rank 0 (the rank that writes), an
 injected ENOSPC inside the store's real write. A rank that raises prints its error, then re-raises.
@@ -21,7 +21,7 @@ import lightning as L
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import TinyModel, tiny_loader  # noqa: E402
 
-from lightning_ckpt import Checkpointer, CheckpointWarning  # noqa: E402
+from lightning_ckpt import Checkpointer, CheckpointWarning, Mirror  # noqa: E402
 from lightning_ckpt.store import LocalStore  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> None:
         fail_save_at(args.fail_step)
     L.seed_everything(0)
     ckpt = Checkpointer(args.dirpath, every_n_steps=3, keep_last=2, monitor="val_loss", top_k=1,
-                        on_save_error=args.on_save_error)
+                        on_save_error=args.on_save_error, mirror=Mirror(args.mirror) if args.mirror else None)
     trainer = L.Trainer(max_steps=args.max_steps, strategy="ddp", devices=2, accelerator="cpu", callbacks=[ckpt],
                         logger=False, enable_progress_bar=False, enable_model_summary=False, val_check_interval=4,
                         limit_val_batches=2)
@@ -63,7 +63,8 @@ def main(args: argparse.Namespace) -> None:
             raise
     warned = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
     emit({**row, "step": trainer.global_step, "best": ckpt.best_model_path, "last": ckpt.last_model_path,
-          "run_id": ckpt.state_dict()["run_id"], "warned": warned, "first_step": model.losses[0][0]})
+          "run_id": ckpt.state_dict()["run_id"], "warned": warned, "first_step": model.losses[0][0],
+          "tiers": {e.name: e.tiers for e in ckpt._manager.entries}})  # this rank's view of the ledger
 
 
 if __name__ == "__main__":
@@ -73,4 +74,5 @@ if __name__ == "__main__":
     parser.add_argument("ckpt_path", nargs="?")
     parser.add_argument("--fail-step", type=int)
     parser.add_argument("--on-save-error", default="raise")
+    parser.add_argument("--mirror")
     main(parser.parse_args())

@@ -1,0 +1,65 @@
+"""What the rest of the package asks of a place that holds checkpoints: the local directory
+(:class:`~lightning_ckpt.store.local.LocalStore`) and fsspec URLs
+(:class:`~lightning_ckpt.store.remote.FsspecStore`) both answer it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from lightning_ckpt.format.blob import Blob
+from lightning_ckpt.format.manifest import FileEntry
+
+
+class Lock(Protocol):
+    """A claim on a store for one writing run."""
+
+    def release(self) -> None:
+        """Let go of the claim (idempotent)."""
+        ...
+
+
+class Store(Protocol):
+    """Checkpoints as named groups of files, each committed by its manifest, written last."""
+
+    def location(self, name: str) -> str:
+        """Where ``name`` lives (a path or a URL without credentials), for messages and for users."""
+        ...
+
+    def write(self, name: str, files: Mapping[str, Blob],
+              seal: Callable[[dict[str, FileEntry]], bytes]) -> dict[str, FileEntry]:
+        """Commit a checkpoint: every file first, then the manifest ``seal`` makes of their sizes and
+        checksums (taken while writing), last. Returns what ``seal`` was given."""
+        ...
+
+    def replace_file(self, file: str, data: bytes) -> None:
+        """Replace a small file in the store's root (the ledger) so that readers see the old or the new."""
+        ...
+
+    def read(self, name: str, file: str, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of one file of a checkpoint, or None when it does not exist."""
+        ...
+
+    def read_file(self, file: str, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of a file in the store's root (the ledger), or None."""
+        ...
+
+    def names(self) -> list[str]:
+        """The committed checkpoints (those with a manifest), sorted."""
+        ...
+
+    def uncommitted(self) -> list[str]:
+        """Visible entries without a manifest."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove a checkpoint; it stops being listed at once, and a removal cut short stays deleted."""
+        ...
+
+    def lock(self) -> Lock:
+        """Claim the store for one writing run."""
+        ...
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove what interrupted saves and deletions left; returns what was removed."""
+        ...

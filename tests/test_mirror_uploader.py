@@ -1,0 +1,157 @@
+"""The mirror's uploader, without a Trainer: background copies that commit by the manifest-last rule,
+retries through an outage of a real S3 server, the remote retention, and what it never uploads."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lightning_ckpt import load_checkpoint, save_checkpoint
+from lightning_ckpt.mirror import FAILED, REMOVED, RETRYING, UPLOADED, Mirror, Uploader, copy_checkpoint
+from lightning_ckpt.store import FsspecStore, LocalStore
+
+# Fail fast while the server is down: one connection attempt per try, our own retries do the rest.
+FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+
+
+def _save(root, step: int, run_id: str = "r1") -> str:
+    name = f"step={step:09d}"
+    save_checkpoint({"global_step": step, "w": torch.full((64,), float(step))}, root / name, run_id=run_id)
+    return name
+
+
+@pytest.mark.parametrize("bad", [dict(every_n_saves=0), dict(keep_last=0), dict(timeout=-1), dict(retries=-1)])
+def test_bad_mirror_options_fail_at_construction_naming_the_fix(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Mirror("memory://x", **bad)
+
+
+def test_storage_options_stay_out_of_the_repr():
+    assert "s3cr3t" not in repr(Mirror("s3://b/x", storage_options={"secret": "s3cr3t"}))
+
+
+def test_every_nth_save_and_the_final_one_are_chosen():
+    mirror = Mirror("memory://x", every_n_saves=3)
+    assert [i for i in range(1, 10) if mirror.chooses(i)] == [3, 6, 9]
+    assert mirror.chooses(4, final=True)
+
+
+def test_uploads_run_in_the_background_and_the_remote_keeps_the_last_n(s3, tmp_path):
+    names = [_save(tmp_path, step) for step in (1, 2, 3, 4)]
+    save_checkpoint({"global_step": 9}, f"{s3.url()}/other-run", run_id="r2", storage_options=s3.options)
+    uploader = Uploader(LocalStore(tmp_path), Mirror(s3.url(), keep_last=2, storage_options=s3.options), "r1")
+    for name in names:
+        uploader.submit(name)
+    assert uploader.wait(timeout=60)
+    events = [(e.name, e.kind) for e in uploader.events()]
+    assert [e for e in events if e[1] == UPLOADED] == [(n, UPLOADED) for n in names]
+    assert sorted(e for e in events if e[1] == REMOVED) == [(n, REMOVED) for n in names[:2]]
+    assert not uploader.pending()
+    uploader.close()
+    assert FsspecStore(s3.url(), s3.options).names() == ["other-run", *names[2:]]  # another run's is never pruned
+    assert load_checkpoint(f"{s3.url()}/{names[3]}", storage_options=s3.options)["global_step"] == 4
+
+
+def test_an_outage_warns_retries_and_the_backlog_uploads_when_the_server_is_back(s3, tmp_path):
+    names = [_save(tmp_path, step) for step in (1, 2, 3)]
+    options = {**s3.options, **FAST_FAIL}
+    uploader = Uploader(LocalStore(tmp_path), Mirror(s3.url(), retries=200, backoff=0.05, storage_options=options), "r1")
+    uploader.submit(names[0])
+    assert uploader.wait(timeout=60)
+    s3.stop()
+    for name in names[1:]:
+        uploader.submit(name)
+    deadline = time.monotonic() + 60
+    seen = []
+    while not any(e.kind == RETRYING for e in seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen += uploader.events()
+    assert uploader.pending() == frozenset(names[1:])  # held back, not lost
+    s3.start()
+    assert uploader.wait(timeout=120)
+    seen += uploader.events()
+    uploader.close()
+    assert {e.name for e in seen if e.kind == UPLOADED} == set(names)
+    assert FsspecStore(s3.url(), s3.options).names() == names
+
+
+def test_a_damaged_local_checkpoint_is_never_uploaded(tmp_path):
+    name = _save(tmp_path, 1)
+    data = tmp_path / name / "state.safetensors"
+    data.write_bytes(data.read_bytes()[:-1] + b"\x00")
+    url = f"memory://never-{tmp_path.name}"
+    uploader = Uploader(LocalStore(tmp_path), Mirror(url, retries=3, backoff=0), "r1")
+    uploader.submit(name)
+    assert uploader.wait(timeout=30)
+    events = uploader.events()
+    uploader.close()
+    assert [(e.kind, e.attempt) for e in events] == [(FAILED, 1)]  # damage is not retried
+    assert "CorruptCheckpointError" in events[0].message
+    assert FsspecStore(url).names() == []
+
+
+def test_copy_back_downloads_a_verified_checkpoint(s3, tmp_path):
+    save_checkpoint({"global_step": 5, "w": torch.ones(3)}, f"{s3.url()}/step=000000005", storage_options=s3.options)
+    copy_checkpoint(FsspecStore(s3.url(), s3.options), LocalStore(tmp_path), "step=000000005")
+    assert load_checkpoint(tmp_path / "step=000000005")["global_step"] == 5
+
+
+def _entries(root) -> list:
+    from lightning_ckpt.store.ledger import Ledger
+
+    return Ledger(LocalStore(root)).load()
+
+
+def test_tiering_holds_pending_uploads_and_records_the_tiers(s3, tmp_path):
+    from lightning_ckpt.mirror import Tiering
+    from lightning_ckpt.store.ledger import LOCAL_TIER, MIRROR_TIER
+
+    names = [_save(tmp_path, step) for step in (1, 2, 3, 4)]
+    mirror = Mirror(s3.url(), every_n_saves=2, keep_last=1, storage_options=s3.options)
+    tiering = Tiering(mirror, LocalStore(tmp_path))
+    chosen = [tiering.after_commit(name, "r1", final=name == names[-1]) for name in names[:3]]
+    assert chosen == [False, True, False]
+    assert tiering.held() <= {names[1]}
+    assert tiering.after_commit(names[3], "r1", final=True)  # the 4th is chosen anyway; final too
+    entries = tiering.finish(_entries(tmp_path))
+    tiers = {e.name: e.tiers for e in entries}
+    assert tiers == {names[0]: [LOCAL_TIER], names[1]: [LOCAL_TIER], names[2]: [LOCAL_TIER],
+                     names[3]: [LOCAL_TIER, MIRROR_TIER]}  # step 2 went up, then the remote kept only the last
+    assert FsspecStore(s3.url(), s3.options).names() == [names[3]]
+
+
+def test_a_given_up_upload_warns_and_is_recorded(tmp_path):
+    from lightning_ckpt.errors import CheckpointWarning
+    from lightning_ckpt.mirror import Tiering
+
+    name = _save(tmp_path, 1)
+    mirror = Mirror("s3://bucket/x", retries=1, backoff=0,
+                    storage_options={"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, **FAST_FAIL,
+                                     "key": "k", "secret": "s"})
+    tiering = Tiering(mirror, LocalStore(tmp_path))
+    tiering.after_commit(name, "r1")
+    with pytest.warns(CheckpointWarning) as caught:
+        entries = tiering.finish(_entries(tmp_path))
+    said = [str(w.message) for w in caught]
+    assert any("retrying" in m for m in said) and any("given up after 2 attempt(s)" in m for m in said), said
+    assert "EndpointConnectionError" in entries[0].mirror_error and entries[0].tiers == ["local"]
+
+
+def test_fetch_newest_downloads_only_a_newer_verified_checkpoint(s3, tmp_path):
+    from lightning_ckpt.mirror import fetch_newest
+
+    remote = FsspecStore(s3.url(), s3.options)
+    for step in (3, 5):
+        save_checkpoint({"global_step": step}, f"{s3.url()}/step={step:09d}", storage_options=s3.options)
+    fs = s3.fs()
+    key = f"{s3.bucket}/run/step=000000005/state.json"
+    fs.pipe_file(key, fs.cat_file(key).replace(b"5", b"6"))  # the newest remote one is damaged
+    local = LocalStore(tmp_path)
+    with pytest.warns(match="skipping damaged remote checkpoint"):
+        assert fetch_newest(local, remote, newer_than=3) is None
+    with pytest.warns(match="skipping damaged remote checkpoint"):
+        assert fetch_newest(local, remote, newer_than=None) == "step=000000003"
+    assert local.names() == ["step=000000003"]
+    assert load_checkpoint(tmp_path / "step=000000003")["global_step"] == 3
