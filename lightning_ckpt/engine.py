@@ -54,11 +54,12 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_
         StorageError: the write failed; nothing was committed.
     """
     files = encode_state(state, allow_pickle=allow_pickle)
-    return commit_encoded(files, state, path, run_id=run_id, meta=meta)
+    return commit_encoded(files, state, path, run_id=run_id, meta=meta, storage_options=storage_options)
 
 
 def commit_encoded(files: Mapping[str, Blob], state: Mapping[str, Any], path: str | os.PathLike, *,
-                   run_id: str | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
+                   run_id: str | None = None, meta: Mapping[str, Any] | None = None,
+                   storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Commit the files ``encode_state(state)`` made as a checkpoint at ``path``, atomically.
 
     The second half of :func:`save_checkpoint`, for callers that stream the blobs (``convert``).
