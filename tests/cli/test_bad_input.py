@@ -65,6 +65,7 @@ def test_every_command_has_help_with_an_example(command):
     assert result.returncode == 0 and "Example:" in result.stdout and "lightning-ckpt " + command in result.stdout
 
 
-def test_a_url_is_refused_naming_the_fix():
-    result = run("list", "s3://bucket/runs")
-    assert result.returncode == 2 and result.stderr.startswith("error: ValueError: ") and "local" in result.stderr
+def test_a_url_of_an_unknown_filesystem_is_one_line_and_exit_2():
+    result = run("list", "nosuchfs://bucket/runs")  # URLs go to fsspec; one it has no filesystem for is bad input
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "nosuchfs" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
