@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from lightning_ckpt.format.blob import Blob
 from lightning_ckpt.format.manifest import FileEntry
+
+if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
+    from lightning_ckpt.format.blob import Blob
 
 
 class Lock(Protocol):
