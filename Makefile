@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install demo test quick-test fuzz bench clean
 
@@ -32,7 +33,7 @@ fuzz: install
 	$(BIN)/python -m pytest -q -m fuzz tests/faults/test_fuzz_reader.py $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python benchmarks/bench_save_load.py
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_runs .pytest_cache .hypothesis

@@ -5,15 +5,17 @@ These functions are the whole checkpoint API outside Lightning; the Lightning ad
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from lightning_ckpt.format import Manifest, decode_state, device_from_map_location, encode_state
-from lightning_ckpt.format.manifest import FileEntry
 from lightning_ckpt.store import locate, read_verified, verify
 
 _VERSIONED_PACKAGES = ("lightning-ckpt", "torch", "safetensors", "lightning", "numpy")
@@ -49,14 +51,14 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_
         StorageError: the write failed; nothing was committed.
     """
     files = encode_state(state, allow_pickle=allow_pickle)
-    manifest = Manifest(
-        files={name: FileEntry(size=blob.size, digest=blob.digest()) for name, blob in files.items()},
-        step=_int_or_none(state.get("global_step")), epoch=_int_or_none(state.get("epoch")), run_id=run_id,
+    unsealed = Manifest(
+        files={}, step=_int_or_none(state.get("global_step")), epoch=_int_or_none(state.get("epoch")), run_id=run_id,
         versions=library_versions(), meta=dict(meta or {}),
     )
     store, name = locate(path)
-    store.write(name, files, manifest.to_bytes())
-    return manifest
+    # The checksums are taken while the files are written, so the manifest is sealed by the store.
+    written = store.write(name, files, lambda entries: dataclasses.replace(unsealed, files=entries).to_bytes())
+    return dataclasses.replace(unsealed, files=written)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None,
@@ -77,6 +79,29 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None,
     _, files = read_verified(store, name)
     return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name))
+
+
+def load_torch_file(path: str | os.PathLike, *, map_location: Any = None) -> dict[str, Any]:
+    """Load a stock Lightning/torch ``.ckpt`` file with ``torch.load(weights_only=True)`` only.
+
+    Tensors, containers and plain values load; a pickle that would build any other object (and so
+    run code named by the file) is refused before anything runs.
+
+    Raises:
+        UnsafeCheckpointError: the file holds objects that only a full unpickle could build.
+        CorruptCheckpointError: the file is not a torch checkpoint at all, or is damaged.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise UnsafeCheckpointError(
+            f"{os.fspath(path)}: a torch .ckpt file that torch.load(weights_only=True) refuses ({reason}); loading it "
+            "would run code named by the file, so it was not loaded. If you trust where it came from, load it with "
+            "a Trainer without SafetensorsCheckpointIO (stock TorchCheckpointIO) and save it again with the plugin."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CorruptCheckpointError(f"{os.fspath(path)}: not a readable torch checkpoint file ({err})") from err
 
 
 def verify_checkpoint(path: str | os.PathLike) -> Manifest:

@@ -6,19 +6,32 @@ to resume from*, without Lightning, so it serves the CLI and plain PyTorch too.
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
+from lightning_ckpt.lineage import continues_newest, lineage, newest_lineage
 from lightning_ckpt.policy import Record, RetentionConfig, RetentionPlan, best_record
-from lightning_ckpt.store import LocalStore, list_checkpoints, read_manifest, verify
-from lightning_ckpt.store.ledger import COMMITTED, DELETED, Entry, Ledger, clean_metrics
+from lightning_ckpt.store import LocalStore, list_checkpoints, locate, read_manifest, verify
+from lightning_ckpt.store.ledger import (
+    COMMITTED,
+    DELETED,
+    META_METRICS,
+    META_PARENT,
+    META_REASON,
+    Entry,
+    Ledger,
+    clean_metrics,
+)
 
 NAME_FORMAT = "step={step:09d}"  # zero-padded: a directory listing sorts by step
+_REVISIONS = itertools.count()
 
 
 def new_run_id() -> str:
@@ -36,20 +49,34 @@ class CheckpointManager:
     """Names, records and prunes the checkpoints of one run lineage in a directory.
 
     Retention only ever deletes checkpoints whose ``run_id`` is this manager's; other runs'
-    checkpoints in the same directory are listed but never touched.
+    checkpoints in the same directory (a branch's parent run included) are listed but never touched.
 
     Args:
         dirpath: the checkpoint directory.
         retention: what to keep.
-        run_id: this run's lineage id.
+        run_id: this run's lineage id; None for a reader that saves nothing (before a fit).
+        parent: the checkpoint this branch resumed from (see ``lightning_ckpt.lineage``).
     """
 
-    def __init__(self, dirpath: str | os.PathLike, retention: RetentionConfig, run_id: str) -> None:
+    def __init__(self, dirpath: str | os.PathLike, retention: RetentionConfig, run_id: str | None,
+                 parent: str | None = None) -> None:
         self.store = LocalStore(dirpath)
         self.ledger = Ledger(self.store)
         self.retention = retention
-        self.run_id = run_id
-        self.entries: list[Entry] = []
+        self.run_id, self.parent = run_id, parent
+        # Unique across managers, new on every change of ``entries``: what depends on them is cached per revision.
+        self.revision = next(_REVISIONS)
+        self._entries: list[Entry] = []
+
+    @property
+    def entries(self) -> list[Entry]:
+        """This process's view of the ledger (read-only; assign a new list to change it)."""
+        return self._entries
+
+    @entries.setter
+    def entries(self, value: list[Entry]) -> None:
+        self._entries = list(value)
+        self.revision = next(_REVISIONS)
 
     def refresh(self) -> list[Entry]:
         """Re-read the ledger, reconciled with what is on disk."""
@@ -65,9 +92,41 @@ class CheckpointManager:
         owner = next((e.run_id for e in self.entries if e.name == name and e.status == COMMITTED), self.run_id)
         return name if owner == self.run_id else f"{name}-{self.run_id}"
 
+    def manifest_meta(self, reason: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """What a save records in its manifest besides the state: why, the metrics, the branch point."""
+        meta: dict[str, Any] = {META_REASON: reason, META_METRICS: clean_metrics(metrics)}
+        if self.parent is not None:  # in every save of a branch, so a rebuilt ledger keeps it
+            meta[META_PARENT] = self.parent
+        return meta
+
     def foreign_runs(self) -> set[str]:
-        """Lineages other than this one with committed checkpoints here."""
-        return {e.run_id or "unknown" for e in self.entries if e.status == COMMITTED and e.run_id != self.run_id}
+        """Lineages other than this one (and the ones it branched from) with committed checkpoints here."""
+        ours = {e.run_id for e in lineage(self.entries, self.run_id)} | {self.run_id}
+        return {e.run_id or "unknown" for e in self.entries if e.status == COMMITTED and e.run_id not in ours}
+
+    def resumed_name(self, path: str | os.PathLike) -> str:
+        """How a branch names the checkpoint it resumed from: its name here, else its full path."""
+        store, name = locate(path)
+        return name if Path(store.root).resolve() == Path(self.store.root).resolve() else store.location(name)
+
+    def start_run(self, inherited: str | None, resumed: str | None, step: int, fresh: str) -> bool:
+        """Choose this run's lineage; returns True when it starts a new branch.
+
+        Args:
+            inherited: the run id stored in the checkpoint resumed from (None: a fresh run).
+            resumed: that checkpoint's ``resumed_name``.
+            step: the step it resumed at.
+            fresh: a new run id, for a fresh run or a branch.
+        """
+        if inherited is None or resumed is None:
+            self.run_id, self.parent = fresh, None
+            return False
+        if continues_newest(self.entries, inherited, step, lambda name: _verifies(self.store, name)):
+            self.run_id = inherited
+            self.parent = next((e.parent for e in self.entries if e.run_id == inherited and e.parent), None)
+            return False
+        self.run_id, self.parent = fresh, resumed
+        return True
 
     def record_save(self, name: str) -> Entry:
         """Add a just-committed checkpoint to the ledger (from its manifest)."""
@@ -79,8 +138,9 @@ class CheckpointManager:
         """Attach metrics logged after the save at ``step`` (e.g. a later validation) to its record."""
         for i, e in enumerate(self.entries):
             if e.step == step and e.status == COMMITTED and e.run_id == self.run_id:
-                self.entries[i] = replace(e, metrics={**e.metrics, **clean_metrics(metrics)})
-                return self.entries[i]
+                updated = replace(e, metrics={**e.metrics, **clean_metrics(metrics)})
+                self.entries = [*self.entries[:i], updated, *self.entries[i + 1:]]
+                return updated
         return None
 
     def prune(self) -> RetentionPlan:
@@ -123,13 +183,21 @@ def _verifies(store: LocalStore, name: str) -> bool:
         return False
 
 
-def latest_checkpoint(dirpath: str | os.PathLike) -> str | None:
-    """The newest committed checkpoint in ``dirpath`` that verifies, by step (never by file time).
+def last_entry(entries: list[Entry], store: LocalStore, run_id: str | None = None) -> Entry | None:
+    """The newest checkpoint of ``run_id``'s lineage (default: the newest branch's) that verifies."""
+    return next((e for e in newest_lineage(entries, run_id) if _verifies(store, e.name)), None)
 
-    Damaged or torn checkpoints are passed over with a ``CheckpointWarning``.
+
+def latest_checkpoint(dirpath: str | os.PathLike) -> str | None:
+    """The checkpoint ``ckpt_path="last"`` resumes: the newest that verifies, by step, of the newest
+    branch (the lineage created last, see ``lightning_ckpt.lineage``), never by file time.
+
+    Read from the checkpoints' own manifests (run id, branch point), so it needs no ledger. An
+    abandoned branch is never "last". Damaged or torn checkpoints are passed over with a
+    ``CheckpointWarning``.
 
     Returns:
-        Its path, or None when the directory holds no good checkpoint.
+        Its path, or None when the newest branch holds no good checkpoint.
     """
     store = LocalStore(dirpath)
     listed = list_checkpoints(store)
@@ -139,19 +207,25 @@ def latest_checkpoint(dirpath: str | os.PathLike) -> str | None:
     for name in store.uncommitted():  # saves commit through hidden temp dirs: a visible one is damage
         warnings.warn(f"skipping {store.location(name)}: no manifest (never committed, or its manifest was "
                       "deleted)", CheckpointWarning, stacklevel=2)
-    listed = [x for x in listed if x.manifest is not None]
-    for item in sorted(listed, key=lambda x: (x.manifest.step or 0, x.manifest.created), reverse=True):
-        if _verifies(store, item.name):
-            return store.location(item.name)
-    return None
+    entries = [Entry.from_manifest(x.name, x.manifest) for x in listed if x.manifest is not None]
+    entry = last_entry(entries, store)
+    return store.location(entry.name) if entry else None
 
 
-def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min") -> str | None:
+def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,
+                    run_id: str | None = None) -> str | None:
     """The best committed checkpoint in ``dirpath`` by ``monitor`` (from the ledger), that verifies.
 
+    Only one lineage is considered: by default the one ``latest_checkpoint`` resumes (the newest
+    branch, with the checkpoints of the runs it branched from up to its branch point); other runs
+    in the directory may hold another model.
+
+    Args:
+        run_id: consider this run's lineage instead (``lightning-ckpt list`` shows run ids).
+
     Returns:
-        Its path, or None when no checkpoint has a value for ``monitor``.
+        Its path, or None when no checkpoint of that lineage has a value for ``monitor``.
     """
     store = LocalStore(dirpath)
-    entry = best_entry(Ledger(store).load(), store, monitor, mode)
+    entry = best_entry(newest_lineage(Ledger(store).load(), run_id), store, monitor, mode)
     return store.location(entry.name) if entry else None

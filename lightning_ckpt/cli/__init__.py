@@ -7,18 +7,25 @@ from pathlib import Path
 
 import click
 
+from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.format import MANIFEST_FILE
 from lightning_ckpt.format.manifest import missing_manifest
-from lightning_ckpt.store import Listed, LocalStore, list_checkpoints
+from lightning_ckpt.store import Listed, LocalStore, list_checkpoints, read_manifest
+from lightning_ckpt.store import verify as verify_files  # the `verify` command below takes the name
 
 
 def _listed(path: Path, check: bool) -> list[Listed]:
     """The checkpoints at ``path``: the one it names, or every one in the directory it names."""
     if (path / MANIFEST_FILE).exists() or not path.is_dir():
-        store, name = LocalStore(path.parent), path.name
-        return [x for x in list_checkpoints(store, check=check) if x.name == name] or [
-            Listed(name, None, missing_manifest(str(path)))]
+        return [_one(LocalStore(path.parent), path.name, check)]  # only this one: its siblings are not read
     return list_checkpoints(LocalStore(path), check=check)
+
+
+def _one(store: LocalStore, name: str, check: bool) -> Listed:
+    try:
+        return Listed(name, verify_files(store, name) if check else read_manifest(store, name))
+    except CheckpointError as err:
+        return Listed(name, None, err)
 
 
 @click.group()

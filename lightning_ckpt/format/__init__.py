@@ -7,6 +7,7 @@ from lightning_ckpt.format.state import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     STATE_FILE,
+    check_encodable,
     decode_state,
     device_from_map_location,
     encode_state,
@@ -14,5 +15,5 @@ from lightning_ckpt.format.state import (
 
 __all__ = [
     "Blob", "EXTRA_TENSORS_FILE", "MANIFEST_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE", "FileEntry", "Manifest",
-    "decode_state", "device_from_map_location", "digest", "encode_state",
+    "check_encodable", "decode_state", "device_from_map_location", "digest", "encode_state",
 ]

@@ -8,7 +8,8 @@ round trip returns the same Python types (a tuple stays a tuple, ``0`` keys stay
 Why hand-written: no JSON library is both type-exact for Python containers and free of code
 execution on load (jsonpickle imports and calls whatever the file names). Decoding here never
 imports a module and never calls a constructor the file chooses, except the allow-listed dict
-subclasses and enums whose module the process has already imported.
+subclasses and enums whose module the process has already imported. Config objects (OmegaConf,
+``argparse.Namespace``, dataclasses) follow the rules in :mod:`lightning_ckpt.format.configs`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedTypeError
+from lightning_ckpt.format import configs
 
 TAG_TENSOR = "$tensor"
 TAG_NDARRAY = "$ndarray"
@@ -109,7 +111,8 @@ class Encoder:
             return {TAG_PATH: str(value), "class": type(value).__name__}
         if isinstance(value, bytes):
             return {TAG_BYTES: base64.b64encode(value).decode("ascii")}
-        return self._refuse_or_pickle(value, path)
+        config = configs.encode_config(self, value, path)
+        return self._refuse_or_pickle(value, path) if config is NotImplemented else config
 
     def _encode_dict(self, value: dict, path: tuple) -> Any:
         plain = type(value) is dict and all(isinstance(k, str) and not k.startswith("$") for k in value)
@@ -144,9 +147,10 @@ class Encoder:
         if not self.allow_pickle:
             raise UnsupportedTypeError(
                 f"{describe_path(path)} is a {type(value).__module__}.{type(value).__qualname__}, which cannot be "
-                "stored without pickling. Store plain values instead (numbers, strings, lists, dicts, tensors), "
-                "leave it out (e.g. save_hyperparameters(ignore=[...])), or pass allow_pickle=True to save and "
-                "load it with pickle (only for checkpoints you trust)."
+                "stored without pickling. Store plain values instead (numbers, strings, lists, dicts, tensors, "
+                "dataclasses, OmegaConf configs), leave it out (e.g. save_hyperparameters(ignore=[...])), or pickle "
+                "it with allow_pickle=True (Checkpointer(allow_pickle=True), SafetensorsCheckpointIO(allow_pickle="
+                "True)); loading then needs allow_pickle=True too (only for checkpoints you trust)."
             )
         self.pickled_paths.append(describe_path(path))
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -216,13 +220,9 @@ class Decoder:
         return pickle.loads(base64.b64decode(node[TAG_PICKLE]))  # noqa: S301 - explicit opt-in above
 
     def _enum(self, node: dict) -> enum.Enum:
-        module_name, _, qualname = node[TAG_ENUM].partition(":")
-        # Never import on load: only classes already in the process, looked up in __dict__ (a module's
-        # __getattr__ may import submodules, as torch's does).
-        cls: Any = sys.modules.get(module_name)
-        for part in qualname.split(".") if cls is not None else ():
-            cls = vars(cls).get(part) if hasattr(cls, "__dict__") else None
+        cls = configs.lookup_imported(node[TAG_ENUM])  # never imports: only classes already in the process
         if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+            module_name = node[TAG_ENUM].partition(":")[0]
             raise CorruptCheckpointError(
                 f"{self.where}: enum {node[TAG_ENUM]} is not available; import {module_name} before loading"
             )
@@ -287,6 +287,7 @@ _DECODERS: dict[str, Callable[[Decoder, dict], Any]] = {
     TAG_PATH: lambda d, n: _path(n),
     TAG_ENUM: Decoder._enum,
     TAG_PICKLE: Decoder._pickle,
+    **configs.DECODERS,
 }
 
 

@@ -55,6 +55,11 @@ def digest(data: bytes | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def new_hasher() -> Any:
+    """An incremental hasher (``update``, ``hexdigest``) giving the same checksum as :func:`digest`."""
+    return xxhash.xxh3_128()
+
+
 @dataclass(frozen=True, kw_only=True)
 class FileEntry:
     """One file of a checkpoint as the manifest records it."""
@@ -144,6 +149,31 @@ class Manifest:
         return cls(files=files, step=step, epoch=epoch, run_id=run_id, created=float(doc.get(_K_CREATED, 0.0)),
                    versions=versions, meta=meta)
 
+    def check_size(self, name: str, size: int | None, where: str) -> None:
+        """Check a file's real size against this manifest (``None``: the file is missing). Called
+        before a file is read, so a claimed size never decides how much memory a reader allocates.
+
+        Raises:
+            IncompleteCheckpointError: the file is missing or has the wrong size.
+        """
+        entry = self.files[name]
+        if size is None:
+            raise IncompleteCheckpointError(f"{where}/{name}: missing (the manifest lists it); the checkpoint is "
+                                            "incomplete, resume from an older one")
+        if size != entry.size:
+            raise IncompleteCheckpointError(f"{where}/{name}: {size} bytes, the manifest says {entry.size} "
+                                            "(truncated or torn write); resume from an older one")
+
+    def check_digest(self, name: str, actual: str, where: str) -> None:
+        """Check a file's checksum (as :func:`digest` computes it) against this manifest.
+
+        Raises:
+            CorruptCheckpointError: the bytes differ from what was committed.
+        """
+        if actual != self.files[name].digest:
+            raise CorruptCheckpointError(f"{where}/{name}: {HASH_ALGORITHM} mismatch (file changed after commit); "
+                                         "resume from an older checkpoint or run 'lightning-ckpt verify'")
+
     def check_file(self, name: str, data: bytes | None, where: str) -> None:
         """Check one file's bytes against this manifest (``None``: the file is missing).
 
@@ -151,16 +181,8 @@ class Manifest:
             IncompleteCheckpointError: the file is missing or has the wrong size.
             CorruptCheckpointError: the bytes differ from what was committed.
         """
-        entry = self.files[name]
-        if data is None:
-            raise IncompleteCheckpointError(f"{where}/{name}: missing (the manifest lists it); the checkpoint is "
-                                            "incomplete, resume from an older one")
-        if len(data) != entry.size:
-            raise IncompleteCheckpointError(f"{where}/{name}: {len(data)} bytes, the manifest says {entry.size} "
-                                            "(truncated or torn write); resume from an older one")
-        if digest(data) != entry.digest:
-            raise CorruptCheckpointError(f"{where}/{name}: {HASH_ALGORITHM} mismatch (file changed after commit); "
-                                         "resume from an older checkpoint or run 'lightning-ckpt verify'")
+        self.check_size(name, None if data is None else len(data), where)
+        self.check_digest(name, digest(data), where)  # type: ignore[arg-type]  # None was refused above
 
 
 def sealed(doc: Mapping[str, Any]) -> bytes:

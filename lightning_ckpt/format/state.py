@@ -19,13 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import safetensors.torch
 import torch
-from safetensors import SafetensorError
 
 from lightning_ckpt.errors import CorruptCheckpointError, UnsupportedTypeError
-from lightning_ckpt.format.blob import SUPPORTED_DTYPES, Blob, safetensors_blob
+from lightning_ckpt.format.blob import SUPPORTED_DTYPES, Blob, Buffer, safetensors_blob
 from lightning_ckpt.format.codec import Decoder, Encoder, describe_path
+from lightning_ckpt.format.safetensors_view import load_tensors
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -53,12 +52,17 @@ class _TensorTable:
         file = _FILE_FOR_TOP_KEY.get(path[0], EXTRA_TENSORS_FILE) if path else EXTRA_TENSORS_FILE
         table = self.files.setdefault(file, {})
         key = _unique_key(table, _tensor_key(path, file))
+        ref = f"{file}{_REF_SEP}{key}"
+        # An empty tensor holds no values to share, and every empty storage has data pointer 0:
+        # tracking them would tie distinct empty tensors together (safetensors skips them too).
+        if tensor.numel() == 0:
+            table[key] = _standalone(tensor)
+            return ref
         identity = _view_identity(tensor)
         if identity in self._seen:
             first = self._seen[identity]
             self.aliases.setdefault(file, {})[key] = first
             return first
-        ref = f"{file}{_REF_SEP}{key}"
         table[key] = _standalone(tensor)
         self._seen[identity] = ref
         return ref
@@ -128,12 +132,27 @@ def encode_state(state: Mapping[str, Any], *, allow_pickle: bool = False) -> dic
     return files
 
 
-def decode_state(files: Mapping[str, bytes], *, allow_pickle: bool = False,
+def check_encodable(state: Mapping[str, Any], *, allow_pickle: bool = False) -> None:
+    """Raise what :func:`encode_state` would raise for ``state``, without building any file.
+
+    Raises:
+        UnsupportedTypeError: a leaf cannot be stored without pickling (the message names its key path).
+    """
+    def check_tensor(path: tuple, tensor: torch.Tensor) -> str:
+        _check_storable(path, tensor)
+        return ""
+
+    Encoder(sink=check_tensor, allow_pickle=allow_pickle).encode(dict(state))
+
+
+def decode_state(files: Mapping[str, Buffer], *, allow_pickle: bool = False,
                  device: torch.device | str | None = None, where: str = "") -> dict[str, Any]:
     """Rebuild a checkpoint dict from the bytes of its files; the inverse of :func:`encode_state`.
 
     Args:
-        files: file name -> bytes (verified against the manifest by the caller).
+        files: file name -> bytes (verified against the manifest by the caller). The tensors are
+            views into these buffers when they are writable (as the reader's are); read-only
+            ``bytes`` are copied once.
         allow_pickle: unpickle leaves saved with ``allow_pickle=True``.
         device: where to put the tensors (CPU when None).
         where: the checkpoint location, for error messages.
@@ -143,7 +162,7 @@ def decode_state(files: Mapping[str, bytes], *, allow_pickle: bool = False,
         UnsafeCheckpointError: the state holds pickled leaves and ``allow_pickle`` is False.
     """
     try:
-        doc = json.loads(files[STATE_FILE])
+        doc = json.loads(bytes(files[STATE_FILE]))
         skeleton = doc[_K_SKELETON]
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, RecursionError) as err:
         raise CorruptCheckpointError(f"{where}/{STATE_FILE}: unreadable ({err!r})") from err
@@ -159,7 +178,7 @@ def decode_state(files: Mapping[str, bytes], *, allow_pickle: bool = False,
 class _TensorSource:
     """Loads each safetensors file once, on first use, and hands out one object per reference."""
 
-    files: Mapping[str, bytes]
+    files: Mapping[str, Buffer]
     device: torch.device | str | None
     where: str
     _tables: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -178,12 +197,7 @@ class _TensorSource:
     def _load(self, file: str) -> dict[str, torch.Tensor]:
         if file not in self.files:
             raise CorruptCheckpointError(f"{self.where}/{STATE_FILE}: references {file}, which is not in the manifest")
-        try:
-            tensors = safetensors.torch.load(self.files[file])
-        except (SafetensorError, ValueError, RuntimeError, OverflowError, TypeError) as err:
-            raise CorruptCheckpointError(f"{self.where}/{file}: not a valid safetensors file ({err})") from err
-        except KeyError as err:  # a dtype the safetensors format knows but torch has no type for (F4, ...)
-            raise CorruptCheckpointError(f"{self.where}/{file}: dtype {err} cannot be loaded into torch") from err
+        tensors = load_tensors(self.files[file], f"{self.where}/{file}")
         if self.device is not None and torch.device(self.device).type != "cpu":
             tensors = {k: t.to(self.device) for k, t in tensors.items()}
         return tensors

@@ -7,17 +7,20 @@ import sys
 import warnings
 from collections.abc import Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
 
 from lightning_ckpt import engine
 from lightning_ckpt.background import BackgroundJob
-from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.errors import CheckpointWarning, NotACheckpointError
 from lightning_ckpt.staging import Stager
 from lightning_ckpt.store import locate
 
 _OPTION_KEYS = frozenset({"run_id", "meta"})
+# Lightning's TorchCheckpointIO words a missing ckpt_path so; users and their tooling grep for it.
+NOT_FOUND_PREFIX = "Checkpoint file not found"
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
@@ -54,6 +57,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
         Raises:
             StorageError, CheckpointError: this save failed or, with ``async_save``, the previous one did.
         """
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise TypeError(f"{type(self).__name__} takes storage_options as a dict with keys "
+                            f"{sorted(_OPTION_KEYS)}, got a {type(storage_options).__name__}")
         options = dict(storage_options or {})
         if not set(options) <= _OPTION_KEYS:
             raise TypeError(f"{type(self).__name__} takes storage_options keys {sorted(_OPTION_KEYS)}, "
@@ -98,9 +104,28 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        """Load and verify the checkpoint at ``path``; ``weights_only`` is moot, nothing is unpickled."""
+        """Load and verify the checkpoint at ``path``; ``weights_only`` is moot, nothing is unpickled.
+
+        A ``.ckpt`` file written by stock Lightning is read with ``torch.load(weights_only=True)``.
+
+        Raises:
+            NotACheckpointError: nothing is there (a ``FileNotFoundError``, worded as Lightning's).
+            UnsafeCheckpointError: a ``.ckpt`` file that only a full unpickle could read.
+        """
         self.wait()  # it may be the checkpoint in flight
-        return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle)
+        store, name = locate(path)
+        found = Path(store.location(name))
+        if found.is_file():
+            return engine.load_torch_file(found, map_location=map_location)
+        try:
+            return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle)
+        except NotACheckpointError:
+            if found.exists():
+                raise
+            raise NotACheckpointError(
+                f"{NOT_FOUND_PREFIX}: {os.fspath(path)}: no checkpoint directory there (with or without .ckpt) and "
+                "no .ckpt file. Check the path, or pass ckpt_path='last' to resume from the newest checkpoint."
+            ) from None
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
         """Delete the checkpoint at ``path`` (it disappears from listings at once); with a save in flight,

@@ -6,6 +6,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,14 +16,17 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ckpt.errors import CheckpointWarning, StorageError
+from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
-from lightning_ckpt.lightning.preemption import SignalFlag
-from lightning_ckpt.manager import CheckpointManager, best_entry, latest_checkpoint, new_run_id
+from lightning_ckpt.lightning.hparams_check import check_hparams_storable
+from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
+from lightning_ckpt.lightning.trainer_io import StrategyAgree, snapshot, write
+from lightning_ckpt.lineage import newest_lineage
+from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_checkpoint, new_run_id
+from lightning_ckpt.pipeline import SavePipeline, decided_on_rank_zero
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
-from lightning_ckpt.store import LocalStore
-from lightning_ckpt.store.local import DirectoryLock
-from lightning_ckpt.store.ledger import COMMITTED, META_METRICS, META_REASON, Entry, Ledger, clean_metrics
+from lightning_ckpt.store.local import DirectoryLock, local_path
+from lightning_ckpt.store.ledger import Entry
 
 TRAIN_END = "train_end"
 PREEMPTED = "preempted"
@@ -33,14 +37,18 @@ class Checkpointer(ModelCheckpoint):
     """Save every N steps / epochs / seconds, keep the K newest + top-K + milestones, resume exactly.
 
     A drop-in for ``ModelCheckpoint``: ``trainer.fit(ckpt_path="last")`` resumes from the newest
-    checkpoint that verifies (passing over damaged ones with a warning) and
-    ``trainer.test(ckpt_path="best")`` loads the best by ``monitor``, in a fresh process too.
+    checkpoint that verifies of the newest branch (passing over damaged ones with a warning) and
+    ``trainer.test(ckpt_path="best")`` loads the best by ``monitor``, in a fresh process too; within
+    a Trainer, "best" and "last" are this run's lineage. A resume from an older checkpoint starts a
+    branch (``lightning_ckpt.lineage``). Under DDP, rank 0 decides and every rank learns it.
     Checkpoints are directories named ``step=000001200`` (sorting by step), written with
     ``SafetensorsCheckpointIO`` (installed if the Trainer has the default CheckpointIO); every
     save is recorded in ``dirpath/ledger.json``.
 
     Args:
-        dirpath: where checkpoints go; default ``<default_root_dir>/checkpoints``.
+        dirpath: where checkpoints go: a local directory (or a ``file://`` URL); default
+            ``<default_root_dir>/checkpoints``. Other URLs (``s3://``, ...) raise ``ValueError``
+            until remote stores exist.
         every_n_steps: save every N optimizer steps (``trainer.global_step``).
         every_n_epochs: save at the end of every N-th training epoch.
         every_seconds: save when this much wall-clock time passed since the last save.
@@ -58,10 +66,16 @@ class Checkpointer(ModelCheckpoint):
             the Trainer does not have it already.
         on_save_error: ``"raise"`` stops training when a save fails (disk full, ...); ``"warn"``
             warns and trains on. Either way nothing partial is left and nothing older is deleted.
-        preemption_signals: on these signals, save at the next optimizer-step boundary, wait for the
-            commit and stop training cleanly (add ``"SIGUSR1"`` for SLURM's ``--signal``).
-        preemption_exit_code: after a preemption save, exit the process with this code once the
-            Trainer has torn down; None lets ``trainer.fit`` return instead.
+        preemption_signals: on these signals, save at the next optimizer-step boundary (or at the end
+            of the validation or training the signal arrives in), wait for the commit and stop training
+            now, before any further validation and whatever ``min_steps`` says (add ``"SIGUSR1"`` for
+            SLURM's ``--signal``). After training ended, the final save stands for it.
+        preemption_exit_code: after a preemption, exit the process with this code as ``trainer.fit``
+            returns, the run having finished normally; None lets ``trainer.fit`` return instead (see
+            :attr:`preempted`).
+        allow_pickle: pickle values that have no safe representation (an object in the
+            hyper-parameters), passed to the ``SafetensorsCheckpointIO`` this callback installs.
+            Off by default; hyper-parameters that need it are refused when ``fit`` starts.
     """
 
     clock = staticmethod(time.monotonic)  # a seam: tests set an instance attribute instead of sleeping
@@ -85,6 +99,7 @@ class Checkpointer(ModelCheckpoint):
         on_save_error: Literal["raise", "warn"] = "raise",
         preemption_signals: Sequence[str] = ("SIGTERM",),
         preemption_exit_code: int | None = 0,
+        allow_pickle: bool = False,
     ) -> None:
         # ModelCheckpoint.__init__ is deliberately not called: we subclass it only so that Lightning
         # treats this callback as one (ckpt_path="last" asks ModelCheckpoint instances, loggers read
@@ -96,15 +111,20 @@ class Checkpointer(ModelCheckpoint):
         top_k = (1 if monitor else 0) if top_k is None else top_k
         self._retention = RetentionConfig(keep_last=keep_last, top_k=top_k, monitor=monitor, mode=mode,
                                           keep_every_n_steps=keep_every_n_steps, max_total_bytes=max_total_bytes)
-        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self.dirpath = str(local_path(dirpath)) if dirpath is not None else None  # a URL is refused here
+        self._dirpath_arg = self.dirpath  # as given, for state_key: stable from one run to the next
         self.monitor, self.mode, self.save_top_k = monitor, mode, top_k
         self.save_on_train_end, self.exact_resume = save_on_train_end, exact_resume
         if on_save_error not in ("raise", "warn"):
             raise ValueError(f"on_save_error={on_save_error!r}; use 'raise' (stop training) or 'warn' (train on)")
         self.on_save_error, self.preemption_exit_code = on_save_error, preemption_exit_code
         self._preemption = SignalFlag(preemption_signals)
+        self.allow_pickle = allow_pickle
         self._lock: DirectoryLock | None = None
         self._manager: CheckpointManager | None = None
+        self._pipeline: SavePipeline | None = None
+        self._inherited_run_id: str | None = None
+        self._best_cache: tuple[int, Entry | None] | None = None
         self._best_override: str | None = None
         self._last_saved_step: int | None = None
         self._last_save_time: float | None = None
@@ -113,33 +133,51 @@ class Checkpointer(ModelCheckpoint):
         self._warned_monitor = False
         self._validated_step: int | None = None
         self._preempted = False
+        self._catching = False  # our signal handlers are installed for this fit
+        self._at_step_boundary = False  # the last training batch ended an optimizer step
+        self._val_limit: float | int | None = None  # limit_val_batches, set aside while stopping
+
+    @property
+    def preempted(self) -> str | None:
+        """The signal (``"SIGTERM"``) that stopped the last ``fit``, or None: with ``preemption_exit_code=None``,
+        how a script learns that ``trainer.fit`` returned early."""
+        return self._preemption.received.name if self._preempted and self._preemption.received else None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        # What tells two Checkpointers of one Trainer apart, as ModelCheckpoint's key does.
+        s = self._schedule
+        return self._generate_state_key(dirpath=self._dirpath_arg, monitor=self.monitor, mode=self.mode,
+                                        every_n_steps=s.every_n_steps, every_n_epochs=s.every_n_epochs,
+                                        every_seconds=s.every_seconds, at_steps=s.at_steps)
 
     # -- Lightning hooks -------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self._resolve_dirpath(trainer)
-        self._manager = CheckpointManager(self.dirpath, self._retention, run_id=new_run_id())
-        _ensure_safetensors_io(trainer)
-        if stage != "fit":
-            self._manager.refresh()
+        io = _ensure_safetensors_io(trainer, self.allow_pickle)
+        if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
+            self._reader().refresh()
             return
-        if trainer.is_global_zero:
-            self._lock = self._manager.store.lock()
-            self._manager.store.clean_leftovers()
+        check_hparams_storable(trainer, pl_module, allow_pickle=io.allow_pickle)
+        agree = StrategyAgree(trainer)
+        self._manager = CheckpointManager(self.dirpath, self._retention, run_id=None)
+        self._manager.run_id = decided_on_rank_zero(agree, self._claim_directory)
+        self._pipeline = SavePipeline(self._manager, agree, on_error=self.on_save_error)
+        self._inherited_run_id = None
         self._manager.refresh()
         if self.exact_resume:
             _ensure_exact_resume(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_lineage(trainer)
         self._start_time, self._last_step_seen = self.clock(), trainer.global_step
-        # Installed after Lightning's own handlers, in their place until training ends: Lightning would
+        # Installed after Lightning's own handlers, in their place until our teardown: Lightning would
         # stop at the end of the batch the signal arrives in, before (or without) our save.
+        self._preempted, self._at_step_boundary = False, False
         if trainer.world_size == 1:
             self._preemption.install()
+            self._catching = True
         else:  # Lightning's SIGTERM handler runs a collective inside the handler; ours must not replace it
             rank_zero_info("Checkpointer: with several ranks, preemption signals are left to Lightning's handler")
         if trainer.ckpt_path is not None:  # resumed: the step we start from is saved already
@@ -159,11 +197,9 @@ class Checkpointer(ModelCheckpoint):
             reason = _from_rank_zero(trainer, reason)  # clocks differ across ranks; a save is collective
         if stepped and reason:
             self._save(trainer, reason)
-        if self._preemption.received is not None:
-            if stepped:  # a step boundary: the state resumes exactly from here
-                if step != self._last_saved_step:
-                    self._save(trainer, PREEMPTED)
-                self._preempted, trainer.should_stop = True, True
+        self._at_step_boundary = stepped
+        if stepped and self._save_if_preempted(trainer):  # a step boundary: the state resumes exactly from here
+            self._stop_now(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reason = self._schedule.on_epoch_end(trainer.current_epoch, trainer.global_step,
@@ -180,23 +216,28 @@ class Checkpointer(ModelCheckpoint):
                                                   monitor_set=self.monitor is not None)
         if reason:
             self._save(trainer, reason)
-        elif trainer.is_global_zero and self._manager.add_metrics(trainer.global_step, trainer.callback_metrics):
-            self._manager.prune()  # a later metric can change the top-k
-            self._manager.commit_ledger()
-        self._manager.entries = _from_rank_zero(trainer, self._manager.entries)
+        else:  # a later metric can change the top-k
+            self._pipeline.attach_metrics(trainer.global_step, trainer.callback_metrics)
+        if self._at_step_boundary and self._save_if_preempted(trainer):  # a signal during this validation
+            self._stop_now(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._preemption.restore()  # before Lightning restores the handlers it replaced
+        self._save_if_preempted(trainer)  # a signal after the last training batch (the final validation)
         if self.save_on_train_end and not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, TRAIN_END)
-        if self._preempted and self.preemption_exit_code is not None:
-            received = self._preemption.received
-            self._release()
-            rank_zero_info(f"Checkpointer: stopped on {received.name} after saving step {self._last_saved_step}")
-            raise SystemExit(self.preemption_exit_code)  # Lightning tears down, then the process exits
+        if self._val_limit is not None:  # set aside by _stop_now; a later trainer.validate() needs it
+            trainer.limit_val_batches, self._val_limit = self._val_limit, None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._catching:  # Lightning's teardown has just put back the handlers it found; catch until ours
+            self._preemption.resume()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._catching and self._preemption.received is not None:
+            self._preempted = True  # after training ended: the final save (save_on_train_end) stands for it
         self._release()
+        if self._preempted and stage == "fit":
+            finish_preemption(trainer, self._preemption.received, self._last_saved_step, self.preemption_exit_code)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Only let go: what was committed is safe, and a torn save is never listed."""
@@ -204,6 +245,7 @@ class Checkpointer(ModelCheckpoint):
 
     def _release(self) -> None:
         self._preemption.restore()
+        self._catching = False
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -212,22 +254,26 @@ class Checkpointer(ModelCheckpoint):
         return {_K_RUN_ID: self._manager.run_id if self._manager else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed run inherits the lineage of the checkpoint it resumes from."""
-        if self._manager is not None and state_dict.get(_K_RUN_ID):
-            self._manager.run_id = state_dict[_K_RUN_ID]
+        """A resumed run inherits the lineage of the checkpoint it resumes from (or branches off it)."""
+        self._inherited_run_id = state_dict.get(_K_RUN_ID) or None
 
-    # -- what Lightning asks of a ModelCheckpoint -----------------------------------------------
+    # -- what Lightning asks of a ModelCheckpoint: this run's lineage (before a fit, the newest branch's)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        path = latest_checkpoint(self._resolve_dirpath(trainer))
-        return {path} if path else set()
+        dirpath = self._resolve_dirpath(trainer)
+        manager = self._manager
+        if manager is None or manager.run_id is None or manager.store.root != Path(dirpath):
+            path = latest_checkpoint(dirpath)
+            return {path} if path else set()
+        entry = last_entry(manager.entries, manager.store, manager.run_id)
+        return {manager.path(entry.name)} if entry else set()
 
     @property
     def best_model_path(self) -> str:
         if self._best_override is not None:
             return self._best_override
         entry = self._best_entry()
-        return self._manager_or_store().location(entry.name) if entry else ""
+        return self._reader().path(entry.name) if entry else ""
 
     @best_model_path.setter
     def best_model_path(self, value: str) -> None:  # Lightning's spawn launchers copy it back from workers
@@ -241,45 +287,67 @@ class Checkpointer(ModelCheckpoint):
 
     @property
     def last_model_path(self) -> str:
-        entries = self._entries()
-        own = [e for e in entries if e.status == COMMITTED and (self._manager is None or e.run_id == self._manager.run_id)]
-        return self._manager_or_store().location(own[-1].name) if own else ""
+        lineage = self._lineage()
+        return self._reader().path(lineage[0].name) if lineage else ""
 
     @property
     def current_score(self) -> torch.Tensor | None:
-        entries = [e for e in self._entries() if e.status == COMMITTED]
-        value = entries[-1].metrics.get(self.monitor) if entries and self.monitor else None
+        lineage = self._lineage()
+        value = lineage[0].metrics.get(self.monitor) if lineage and self.monitor else None
         return torch.tensor(value) if value is not None else None
 
     @property
     def best_k_models(self) -> dict[str, torch.Tensor]:
         if not self.monitor:
             return {}
-        kept = [e for e in self._entries() if e.status == COMMITTED and e.metrics.get(self.monitor) is not None]
+        kept = [e for e in self._lineage() if e.metrics.get(self.monitor) is not None]
         kept.sort(key=lambda e: e.metrics[self.monitor], reverse=self.mode == "max")
-        store = self._manager_or_store()
-        return {store.location(e.name): torch.tensor(e.metrics[self.monitor]) for e in kept[: self.save_top_k]}
+        reader = self._reader()
+        return {reader.path(e.name): torch.tensor(e.metrics[self.monitor]) for e in kept[: self.save_top_k]}
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _save(self, trainer: L.Trainer, reason: str) -> None:
+    def _save_if_preempted(self, trainer: L.Trainer) -> bool:
+        """Once a preemption signal was received, save this step (once, unless saved already); True then."""
+        if self._preemption.received is None:
+            return False
+        if not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
+            self._save(trainer, PREEMPTED)
+        self._preempted = True
+        return True
+
+    def _stop_now(self, trainer: L.Trainer) -> None:
+        if self._val_limit is None:
+            self._val_limit = stop_training_now(trainer)
+
+    def _claim_directory(self) -> str:
+        """Rank 0: lock the directory, remove what interrupted saves left, draw the run id."""
+        self._lock = self._manager.store.lock()
+        self._manager.store.clean_leftovers()
+        return new_run_id()
+
+    def _start_lineage(self, trainer: L.Trainer) -> None:
+        """Rank 0 decides this run's lineage, every rank learns it: a resume from the checkpoint
+        "last" would pick continues that run; from any other, a new branch starts (lineage.py)."""
         manager = self._manager
-        name = manager.name_for(trainer.global_step)
-        meta = {META_REASON: reason, META_METRICS: clean_metrics(self._fresh_metrics(trainer))}
-        try:
-            trainer.save_checkpoint(manager.path(name), weights_only=False,
-                                    storage_options={"run_id": manager.run_id, "meta": meta})
-            self._last_saved_step, self._last_save_time = trainer.global_step, self.clock()
-            if trainer.is_global_zero:  # retention runs only once the new checkpoint is committed
-                manager.record_save(name)
-                manager.prune()
-                manager.commit_ledger()
-            manager.entries = _from_rank_zero(trainer, manager.entries)  # every rank answers "best" alike
-        except StorageError as err:
-            if self.on_save_error == "raise":
-                raise
-            warnings.warn(f"Checkpointer: {err}; training goes on", CheckpointWarning, stacklevel=2)
+
+        def decide() -> tuple[str | None, str | None, bool]:
+            resumed = manager.resumed_name(trainer.ckpt_path) if trainer.ckpt_path and self._inherited_run_id else None
+            branched = manager.start_run(self._inherited_run_id, resumed, trainer.global_step, fresh=manager.run_id)
+            return manager.run_id, manager.parent, branched
+
+        manager.run_id, manager.parent, branched = decided_on_rank_zero(StrategyAgree(trainer), decide)
+        if branched:
+            rank_zero_info(f"Checkpointer: {manager.parent} is not the newest checkpoint in {self.dirpath}: this run "
+                           f"goes on as a new branch ({manager.run_id}); 'last' follows it, the newer checkpoints "
+                           "of the run it left are kept but never 'last' again")
+
+    def _save(self, trainer: L.Trainer, reason: str) -> None:
+        outcome = self._pipeline.save(trainer.global_step, reason=reason, metrics=self._fresh_metrics(trainer),
+                                      snapshot=partial(snapshot, trainer), write=partial(write, trainer))
+        if not outcome.committed:  # every rank warned; nothing was committed, nothing deleted
             return
+        self._last_saved_step, self._last_save_time = trainer.global_step, self.clock()
         for logger in trainer.loggers:
             logger.after_save_checkpoint(self)
 
@@ -294,21 +362,28 @@ class Checkpointer(ModelCheckpoint):
     def _resolve_dirpath(self, trainer: L.Trainer) -> str:
         return self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
 
-    def _manager_or_store(self) -> LocalStore:
-        return self._manager.store if self._manager else LocalStore(self.dirpath or ".")
+    def _reader(self) -> CheckpointManager:
+        """The manager answering "best"/"last": this run's after a fit, else a reader of the directory."""
+        if self._manager is None or (self.dirpath is not None and self._manager.store.root != Path(self.dirpath)):
+            self._manager = CheckpointManager(self.dirpath or ".", self._retention, run_id=None)
+            if self.dirpath is not None:
+                self._manager.refresh()
+        return self._manager
 
-    def _entries(self) -> list[Entry]:
-        """This process's view of the ledger; before setup (ckpt_path="best" in a fresh process), the file's."""
-        if self._manager is not None:
-            return self._manager.entries
-        return Ledger(LocalStore(self.dirpath)).load() if self.dirpath and Path(self.dirpath).is_dir() else []
+    def _lineage(self) -> list[Entry]:
+        """This run's checkpoints, newest first, with those it branched from; before a fit, the newest branch's."""
+        manager = self._reader()
+        return newest_lineage(manager.entries, manager.run_id)
 
     def _best_entry(self) -> Entry | None:
-        entries = self._entries()
-        if not self.monitor:
-            committed = [e for e in entries if e.status == COMMITTED]
-            return committed[-1] if committed else None
-        return best_entry(entries, self._manager_or_store(), self.monitor, self.mode)
+        # Verified once per change of the ledger, not per access: loggers read best_model_path often.
+        manager = self._reader()
+        if self._best_cache is None or self._best_cache[0] != manager.revision:
+            lineage = self._lineage()
+            best = best_entry(lineage, manager.store, self.monitor, self.mode) if self.monitor else (
+                lineage[0] if lineage else None)
+            self._best_cache = (manager.revision, best)
+        return self._best_cache[1]
 
     def _warn_if_monitor_missing(self, trainer: L.Trainer) -> None:
         if self.monitor and self.monitor not in trainer.callback_metrics and not self._warned_monitor:
@@ -323,20 +398,34 @@ def _from_rank_zero(trainer: L.Trainer, value: Any) -> Any:
     return trainer.strategy.broadcast(value, src=0) if trainer.world_size > 1 else value
 
 
-def _ensure_safetensors_io(trainer: L.Trainer) -> None:
+def _ensure_safetensors_io(trainer: L.Trainer, allow_pickle: bool) -> SafetensorsCheckpointIO:
     io = trainer.strategy.checkpoint_io
     if isinstance(io, SafetensorsCheckpointIO):
-        return
+        if allow_pickle and not io.allow_pickle:
+            raise ValueError("Checkpointer(allow_pickle=True), but the Trainer's SafetensorsCheckpointIO has "
+                             "allow_pickle=False; pass SafetensorsCheckpointIO(allow_pickle=True) to the Trainer")
+        return io
     if type(io) is not TorchCheckpointIO:
         raise ValueError(f"Checkpointer writes with SafetensorsCheckpointIO, but the Trainer has {type(io).__name__}; "
                          "pass plugins=[SafetensorsCheckpointIO()] to the Trainer")
-    trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
+    trainer.strategy.checkpoint_io = io = SafetensorsCheckpointIO(allow_pickle=allow_pickle)
     rank_zero_info("Checkpointer: using SafetensorsCheckpointIO for this Trainer's checkpoints")
+    return io
 
 
 def _ensure_exact_resume(trainer: L.Trainer) -> None:
+    """Give the Trainer an ExactResume (unless it has one) that acts before every checkpoint callback."""
+    from lightning.pytorch.callbacks import Checkpoint
+
     from lightning_ckpt.lightning.exact_resume import ExactResume
 
-    if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
-        # Appended while Lightning runs the setup hooks: the loop reaches it and calls its setup too.
-        trainer.callbacks.append(ExactResume())
+    exact = next((cb for cb in trainer.callbacks if isinstance(cb, ExactResume)), None)
+    added, exact = exact is None, exact or ExactResume()
+    others = [cb for cb in trainer.callbacks if cb is not exact]
+    first_saver = next((i for i, cb in enumerate(others) if isinstance(cb, Checkpoint)), len(others))
+    # It restores what a save on the first batch after a resume reads (the epoch's logged sums), so its
+    # batch hooks must run before any saver's. A new list, not an insert: Lightning is running the setup
+    # hooks over the old one, and an insert before this callback would run this setup a second time.
+    trainer.callbacks = [*others[:first_saver], exact, *others[first_saver:]]
+    if added:  # not in the list Lightning is iterating, so it is set up here
+        exact.setup(trainer, trainer.lightning_module, "fit")

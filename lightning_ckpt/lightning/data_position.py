@@ -13,7 +13,7 @@ Nothing here imports Lightning; the callback decides when to install and where t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -129,10 +129,28 @@ def unsupported_reason(loader: object) -> str | None:
     if not isinstance(loader, DataLoader):
         return f"{type(loader).__name__} is not a torch.utils.data.DataLoader"
     if isinstance(loader.dataset, IterableDataset):
-        return "its dataset is an IterableDataset, which has no indices to skip"
+        if is_stateful(loader.dataset):
+            return ("its dataset is an IterableDataset whose state_dict a plain DataLoader does not save "
+                    "(torchdata's StatefulDataLoader does)")
+        return ("its dataset is an IterableDataset without state_dict, so its position cannot be restored (give it "
+                "state_dict/load_state_dict and load it with torchdata's StatefulDataLoader)")
     if loader.batch_sampler is None:
         return "it has no batch sampler (batch_size=None)"
     return None
+
+
+def trackable(loaders: Sequence[object]) -> tuple[DataLoader | None, str | None]:
+    """The one train loader whose position can be tracked by index, else why none can be.
+
+    (None, None) when every loader keeps its own state (Lightning saves and restores those).
+    """
+    plain = [loader for loader in loaders if not is_stateful(loader)]
+    if not plain:
+        return None, None
+    if len(loaders) > 1:
+        return None, f"there are {len(loaders)} train dataloaders and only a single one's position is restored"
+    loader, reason = plain[0], unsupported_reason(plain[0])
+    return (loader, None) if reason is None and isinstance(loader, DataLoader) else (None, reason)
 
 
 def is_stateful(loader: object) -> bool:

@@ -13,15 +13,15 @@ matter: the RNG state after a batch is restored right before the next batch is f
 run. The training streams thus depend only on the training batches, which a resume replays exactly.
 (Cost: a snapshot and a restore of the generators per batch, about 0.1 ms, mostly numpy's.)
 
-Not covered: IterableDatasets and several train dataloaders (their position is not restored);
-generators the user owns (``np.random.default_rng`` in a dataset, a sampler's ``random.Random``);
-manual optimization's accumulated gradients; metrics accumulated across epochs without a reset
-when the save falls at an epoch end.
+Not covered: IterableDatasets and several train dataloaders (their position is not restored) and a
+resume on another world size (a resume says so, once, and the audit names it); generators the user
+owns (``np.random.default_rng`` in a dataset, a sampler's ``random.Random``); manual optimization's
+accumulated gradients; metrics accumulated across epochs without a reset when the save falls at an
+epoch end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 import warnings
@@ -33,10 +33,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
-from lightning_ckpt.lightning import data_position, training_state
+from lightning_ckpt.lightning import data_position, fit_loop_seams, training_state
 from lightning_ckpt.lightning.data_position import DataPosition
 from lightning_ckpt.lightning.resume_audit import (
     MISMATCH,
@@ -48,11 +49,13 @@ from lightning_ckpt.lightning.resume_audit import (
     StepFingerprint,
     audit_path,
     fingerprint_batch,
+    hparams_fingerprint,
     loss_fingerprint,
 )
 from lightning_ckpt.rng import RNGSnapshot
 
 STATE_VERSION = 1
+CHECKPOINT_KEY = "exact_resume"  # the checkpoint's top-level entry that holds the state
 K_VERSION = "version"
 K_ORDER_SEED = "order_seed"
 K_EPOCH = "next_epoch"
@@ -66,7 +69,6 @@ K_RNG = "rng"
 K_METRICS = "metrics"
 K_LOGGED = "logged"
 K_GRADS = "grads"
-_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 @dataclass
@@ -114,14 +116,16 @@ class ExactResume(Callback):
         self._recorder: AuditRecorder | None = None
         self._record_from = (0, 0)  # (epoch, batch_idx) of the first batch the recorder takes
         self._verifier: AuditVerifier | None = None
+        self._limits: dict[str, None] = {}  # why this fit cannot resume (or be resumed) exactly; ordered, unique
+        self._resumed_mid_epoch: int | None = None  # the epoch a resume restored in its middle
 
     # ---------------------------------------------------------------- Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or (self._trainer is trainer and self._undo):
             return  # not fitting, or set up already (a callback that adds this one may call setup too)
-        self._trainer, self._resumed = trainer, False
-        undo = _patch_fit_loop(trainer, self._on_train_loaders, self._before_fetch)
+        self._trainer, self._resumed, self._limits = trainer, False, {}
+        undo = fit_loop_seams.patch_fit_loop(trainer, self._on_train_loaders, self._before_fetch)
         self._has_fetch_seam = undo is not None
         if undo is None:
             rank_zero_warn("ExactResume: this Lightning version lacks the fit-loop seams it needs; RNG and metric "
@@ -151,25 +155,62 @@ class ExactResume(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if K_LOGGED in self._pending:
-            # The first batch after the resume has logged its values: add what the epoch had before.
-            training_state.merge_epoch_logged_states(trainer, self._pending.pop(K_LOGGED))
+        self._merge_logged_once(trainer)
         if self._batch_idx is not None:
             self._anchor = self._capture_anchor(trainer)
-        if self._recorder is not None or self._verifier is not None:
+        recorder, verifier = self._recorder, self._verifier
+        # Fingerprints cost a pass over the batch: only while steps are left to record or compare.
+        if (recorder is not None and not recorder.steps_done) or (verifier is not None and verifier.steps_left):
             self._audit_step(trainer, outputs, batch, batch_idx)
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._audit_epoch_end(trainer)  # of the epoch before: its schedulers have stepped by now
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        resumed_epoch, self._resumed_mid_epoch = self._resumed_mid_epoch, None
+        if resumed_epoch != trainer.current_epoch or K_LOGGED in self._pending:
+            return  # not the epoch resumed mid-way, or no batch of it trained since
+        # Lightning skips the plateau schedulers at the end of a resumed epoch, whose metrics it assumes
+        # lost; they are restored here, so the schedulers step as in the uninterrupted run.
+        if fit_loop_seams.let_epoch_end_schedulers_step(trainer) is False:
+            rank_zero_warn("ExactResume: this Lightning version skips ReduceLROnPlateau at the end of the resumed "
+                           "epoch in a way ExactResume cannot undo; learning rates may differ")
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._audit_epoch_end(trainer)
         if self._verifier is not None:
             self._report(self._verifier.finish())
             self._verifier = None
 
     # ---------------------------------------------------------------- checkpoint state
 
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self._trainer
-        if trainer is None or trainer.lightning_module is None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # A top-level entry, not a callback state: outside fit the state is not needed, and a callback
+        # state without its callback makes test/validate(ckpt_path=...) ask for the callback.
+        state = self._checkpoint_state(trainer)
+        if state:
+            checkpoint[CHECKPOINT_KEY] = state
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        version = state.get(K_VERSION)
+        if version != STATE_VERSION:
+            raise ValueError(f"ExactResume state version {version!r} is not {STATE_VERSION}; this checkpoint was "
+                             "written by another version of lightning-ckpt")
+        self._loaded, self._resumed = state, True
+
+    # ---------------------------------------------------------------- checkpoint state
+
+    def _checkpoint_state(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What a checkpoint saved now needs to resume exactly (a collective under DDP)."""
+        if trainer.lightning_module is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
+        if self._batch_idx is not None:
+            self._merge_logged_once(trainer)  # a saver whose batch-end hook runs before ours
         if self._anchor is None or self._batch_idx is not None:
             # Saved before our batch-end hook ran (or before any batch): the state is the one of now.
             self._anchor = self._capture_anchor(trainer)
@@ -182,13 +223,6 @@ class ExactResume(Callback):
             K_WORLD_SIZE: trainer.world_size, K_AUDIT_DIR: None if audit_dir is None else str(audit_dir),
             K_RANKS: training_state.gather(self._rank_state(trainer, anchor)),
         }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get(K_VERSION)
-        if version != STATE_VERSION:
-            raise ValueError(f"ExactResume state version {version!r} is not {STATE_VERSION}; this checkpoint was "
-                             "written by another version of lightning-ckpt")
-        self._loaded, self._resumed = state_dict, True
 
     # ---------------------------------------------------------------- internals
 
@@ -221,33 +255,41 @@ class ExactResume(Callback):
         self._order_seed = state[K_ORDER_SEED]
         self._resume_position = DataPosition(state[K_EPOCH], state[K_BATCH])
         ranks = state[K_RANKS]
-        if len(ranks) != trainer.world_size:
-            rank_zero_warn(f"ExactResume: the checkpoint was saved by {len(ranks)} ranks and this run has "
-                           f"{trainer.world_size}; the per-rank RNG, metric and gradient states are not restored "
-                           "and the resume cannot be exact.")
-            return
-        mine = ranks[trainer.global_rank]
+        if len(ranks) == trainer.world_size:
+            self._restore_rank_state(state, ranks[trainer.global_rank])
+        else:
+            self._limits[f"the world size changed from {len(ranks)} to {trainer.world_size} ranks, so the "
+                         "per-rank RNG, metric and gradient states are not restored"] = None
+        if self._limits:
+            rank_zero_warn(f"ExactResume: the resume from {trainer.ckpt_path} (step {state[K_GLOBAL_STEP]}) cannot "
+                           f"be exact: {'; '.join(self._limits)}. Training resumes from the checkpoint, not bit "
+                           "for bit.")
+        if self.audit_steps and trainer.global_rank < len(ranks):
+            self._start_verifying(trainer, state, ranks[trainer.global_rank][K_SAVE_ID])
+
+    def _restore_rank_state(self, state: dict[str, Any], mine: dict[str, Any]) -> None:
+        assert self._resume_position is not None
         self._anchor = _Anchor(RNGSnapshot.from_state_dict(mine[K_RNG]), self._resume_position,
                                state[K_GLOBAL_STEP], save_id=mine[K_SAVE_ID])
         self._pending = {K_METRICS: mine[K_METRICS], K_GRADS: mine[K_GRADS], K_LOGGED: mine[K_LOGGED]}
-        if self.audit_steps:
-            self._start_verifying(trainer, state, mine[K_SAVE_ID])
+        if self._resume_position.batch > 0:
+            self._resumed_mid_epoch = self._resume_position.epoch
 
     def _on_train_loaders(self, loaders: Sequence[object]) -> None:
         """Seam: the train loaders exist and no iterator over them does yet."""
         trainer = self._trainer
         assert trainer is not None
+        loader, reason = data_position.trackable(loaders)
+        if reason is not None and reason not in self._limits:
+            self._limits[reason] = None
+            if self._loaded is None:  # not resuming: a resume of this run's checkpoints will say so too
+                rank_zero_warn(f"ExactResume cannot restore the position of the train dataloader: {reason}")
         self._apply_loaded_state()
-        plain = [loader for loader in loaders if not data_position.is_stateful(loader)]
-        if not plain:
-            return  # stateful loaders are saved and restored by Lightning itself
-        reason = data_position.unsupported_reason(plain[0]) if len(loaders) == 1 else (
-            f"there are {len(loaders)} train dataloaders and only a single one is tracked")
-        if reason is not None:
-            rank_zero_warn(f"ExactResume cannot restore the position of the train dataloader: {reason}")
-            return
-        loader = plain[0]
-        assert isinstance(loader, torch.utils.data.DataLoader)
+        if loader is not None:
+            self._track(trainer, loader)
+
+    def _track(self, trainer: pl.Trainer, loader: torch.utils.data.DataLoader) -> None:
+        """Make the position of ``loader`` a function of the epoch; start a resumed epoch where it stopped."""
         if self._order_seed is None:
             self._order_seed = data_position.default_order_seed(loader)
         sampler = data_position.install(loader, order_seed=self._order_seed, rank=trainer.global_rank,
@@ -258,7 +300,12 @@ class ExactResume(Callback):
             sampler.resume_at(position)
             rank_zero_info(f"ExactResume: the train dataloader resumes at epoch {position.epoch}, "
                            f"batch {position.batch}")
-            self._undo.append(_silence_not_resumable_warning())
+            self._undo.append(fit_loop_seams.silence_not_resumable_warning())
+
+    def _merge_logged_once(self, trainer: pl.Trainer) -> None:
+        """Once the first batch after a resume has logged its values, add what the epoch had before."""
+        if K_LOGGED in self._pending:
+            training_state.merge_epoch_logged_states(trainer, self._pending.pop(K_LOGGED))
 
     def _before_fetch(self) -> None:
         """Seam: a training batch is about to be fetched; start it from the state after the last batch."""
@@ -278,7 +325,8 @@ class ExactResume(Callback):
         if self._recorder is not None and self._recorder.save_id == anchor.save_id:
             return  # a second file of the same save (e.g. last.ckpt)
         self._recorder = AuditRecorder(audit_path(directory, trainer.global_rank), global_step=anchor.global_step,
-                                       save_id=anchor.save_id, steps=self.audit_steps)
+                                       save_id=anchor.save_id, steps=self.audit_steps,
+                                       epoch=anchor.next_position.epoch)
         # A save made before our batch-end hook must not record the batch it saved after.
         self._record_from = (anchor.next_position.epoch, anchor.next_position.batch)
         self._record(self._recorder.write)
@@ -295,7 +343,8 @@ class ExactResume(Callback):
         checkpoint = _local_dir(trainer.ckpt_path)
         directories = [_local_dir(state[K_AUDIT_DIR]), None if checkpoint is None else checkpoint.parent]
         paths = list(dict.fromkeys(audit_path(d, trainer.global_rank) for d in directories if d is not None))
-        loaded = AuditVerifier.load(paths, global_step=state[K_GLOBAL_STEP], save_id=save_id)
+        loaded = AuditVerifier.load(paths, global_step=state[K_GLOBAL_STEP], save_id=save_id,
+                                    likely_cause="; ".join(self._limits) or None)
         if isinstance(loaded, AuditReport):
             self._report(loaded)
         else:
@@ -303,17 +352,32 @@ class ExactResume(Callback):
 
     def _audit_step(self, trainer: pl.Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = StepFingerprint(trainer.global_step, trainer.current_epoch, batch_idx, fingerprint_batch(batch),
-                               loss_fingerprint(outputs))
+                               loss_fingerprint(outputs), _hparams(trainer))
         recorder = self._recorder
-        if recorder is not None and (step.epoch, step.batch_idx) >= self._record_from:
+        if recorder is not None and not recorder.steps_done and (step.epoch, step.batch_idx) >= self._record_from:
             self._record(lambda: recorder.add(step))
-            if recorder.done:
-                self._recorder = None
+            self._drop_recorder_if_done()
         if self._verifier is not None:
-            report = self._verifier.check(step)
-            if report is not None:
-                self._verifier = None
-                self._report(report)
+            self._verdict(self._verifier.check(step))
+
+    def _audit_epoch_end(self, trainer: pl.Trainer) -> None:
+        """After the end of the audited epoch (its schedulers stepped): record or compare the hyper-parameters."""
+        recorder, verifier, epoch = self._recorder, self._verifier, trainer.current_epoch
+        if recorder is not None and recorder.needs_epoch_end and epoch > recorder.epoch:
+            hparams = _hparams(trainer)
+            self._record(lambda: recorder.add_epoch_end(hparams))
+            self._drop_recorder_if_done()
+        if verifier is not None and epoch > verifier.epoch:
+            self._verdict(verifier.check_epoch_end(_hparams(trainer), global_step=trainer.global_step))
+
+    def _drop_recorder_if_done(self) -> None:
+        if self._recorder is not None and self._recorder.done:
+            self._recorder = None
+
+    def _verdict(self, report: AuditReport | None) -> None:
+        if report is not None:
+            self._verifier = None
+            self._report(report)
 
     def _report(self, report: AuditReport) -> None:
         trainer = self._trainer
@@ -328,47 +392,11 @@ class ExactResume(Callback):
             rank_zero_info(report.message)
 
 
-# -------------------------------------------------------------------- Lightning internals
+# -------------------------------------------------------------------- helpers
 
 
-def _patch_fit_loop(trainer: pl.Trainer, on_train_loaders: Callable[[Sequence[object]], None],
-                    before_fetch: Callable[[], None]) -> Callable[[], None] | None:
-    """Hook the two moments of ``fit`` that no public hook reaches; returns how to undo it.
-
-    1. After the train loaders are (re)created and before their iterator is: where Lightning
-       restores stateful loaders (``_FitLoop._load_combined_loader_states``). The batch sampler
-       must be swapped before ``iter()``, which ``setup_data`` calls before ``on_train_start``.
-    2. Right before each training batch is fetched (``_TrainingEpochLoop._on_before_fetch``): after
-       validation, epoch hooks and new iterators have drawn random numbers, and before the dataset
-       and ``on_after_batch_transfer`` draw the batch's own.
-
-    Both are patched as instance attributes of this trainer's loops. Checked with Lightning 2.6.6.
-    """
-    fit_loop = trainer.fit_loop
-    epoch_loop = fit_loop.epoch_loop
-    load_states = getattr(fit_loop, "_load_combined_loader_states", None)
-    on_before_fetch = getattr(epoch_loop, "_on_before_fetch", None)
-    if not (callable(load_states) and callable(on_before_fetch)):
-        return None
-
-    def load_states_then_track() -> None:
-        load_states()
-        combined = fit_loop._combined_loader
-        if combined is not None:
-            on_train_loaders(combined.flattened)
-
-    def fetch_from_anchor() -> None:
-        before_fetch()
-        on_before_fetch()
-
-    fit_loop._load_combined_loader_states = load_states_then_track  # type: ignore[method-assign]
-    epoch_loop._on_before_fetch = fetch_from_anchor  # type: ignore[method-assign]
-
-    def undo() -> None:
-        vars(fit_loop).pop("_load_combined_loader_states", None)
-        vars(epoch_loop).pop("_on_before_fetch", None)
-
-    return undo
+def _hparams(trainer: pl.Trainer) -> str:
+    return hparams_fingerprint(trainer.optimizers, [config.scheduler for config in trainer.lr_scheduler_configs])
 
 
 def _local_dir(path: str | os.PathLike[str] | None) -> Path | None:
@@ -376,17 +404,3 @@ def _local_dir(path: str | os.PathLike[str] | None) -> Path | None:
     if path is None or "://" in str(path):
         return None
     return Path(path).absolute()
-
-
-def _silence_not_resumable_warning() -> Callable[[], None]:
-    """Mute Lightning's "your dataloader is not resumable" warning while this fit restores the position."""
-    warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
-    entry = warnings.filters[0]
-
-    def undo() -> None:
-        with contextlib.suppress(ValueError):
-            warnings.filters.remove(entry)
-        # Modules cache what the filters decided; this makes them ask again.
-        getattr(warnings, "_filters_mutated", lambda: None)()
-
-    return undo

@@ -1,15 +1,47 @@
-"""Preemption signals: the handler only sets a flag; the Checkpointer saves at the next step boundary."""
+"""Preemption signals: the handler only sets a flag; the Checkpointer saves at the next boundary and stops.
+
+Three Lightning/CPython behaviours are touched here, each in one function, checked against
+Lightning 2.6.6 and CPython 3.11: the loops' minimum limits (:func:`_lift_minimum_limits`), the frame
+of a running ``Trainer.fit`` (:func:`_running_fit_frame`) and a profile function raising at that
+frame's return (:func:`exit_when_fit_returns`).
+"""
 
 from __future__ import annotations
 
+import inspect
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities import rank_zero_info
+
 from lightning_ckpt.errors import CheckpointWarning
+
+# SIGKILL and SIGSTOP cannot be caught, so listing them would silently do nothing.
+_UNCATCHABLE = frozenset({"SIGKILL", "SIGSTOP"})
+
+
+def parse_signals(signals: Sequence[str | int]) -> list[signal.Signals]:
+    """The signals named (``"SIGTERM"``) or numbered; a ValueError naming the fix for anything else."""
+    if isinstance(signals, (str, int)):
+        raise ValueError(f"preemption_signals={signals!r} is one value; pass a list: preemption_signals=[{signals!r}]")
+    parsed = []
+    for value in signals:
+        try:
+            sig = signal.Signals[value] if isinstance(value, str) else signal.Signals(value)
+        except (KeyError, ValueError):
+            sig = None
+        if sig is None or sig.name in _UNCATCHABLE:
+            raise ValueError(f"preemption_signals: {value!r} is not a signal this process can catch; use a name "
+                             "such as 'SIGTERM' (sent by most schedulers) or 'SIGUSR1' (SLURM's --signal)")
+        parsed.append(sig)
+    return parsed
 
 
 class SignalFlag:
@@ -17,15 +49,23 @@ class SignalFlag:
 
     Args:
         signals: names (``"SIGTERM"``, ``"SIGUSR1"``) or numbers.
+
+    Raises:
+        ValueError: a signal that does not exist or cannot be caught.
     """
 
     def __init__(self, signals: Sequence[str | int]) -> None:
-        self.signals = [signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals]
+        self.signals = parse_signals(signals)
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
 
     def install(self) -> None:
+        """Start catching, forgetting a signal received in an earlier run."""
         self.received = None
+        self.resume()
+
+    def resume(self) -> None:
+        """Catch again (keeping what was received), e.g. after another component put its handlers back."""
         if threading.current_thread() is not threading.main_thread():
             warnings.warn("Checkpointer: not in the main thread, so preemption signals are not caught",
                           CheckpointWarning, stacklevel=2)
@@ -38,7 +78,81 @@ class SignalFlag:
         self.received = self.received or signal.Signals(signum)
 
     def restore(self) -> None:
+        """Put back the handlers found at install time, where ours is still the one installed."""
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            # Lightning restores its own originals at teardown; putting ours' predecessor (Lightning's
+            # handler) back over them would leave Lightning's handler installed after the run.
+            if signal.getsignal(sig) == self._handle:
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
+
+def stop_training_now(trainer: L.Trainer) -> float | int:
+    """Stop after this batch: no validation first, and no wait for ``min_steps``/``min_epochs``.
+
+    Returns:
+        The Trainer's ``limit_val_batches``, set to 0 here; the caller puts it back once training ended
+        so that a later ``trainer.validate()`` is unaffected.
+    """
+    trainer.should_stop = True
+    _lift_minimum_limits(trainer)
+    # Lightning validates before honouring should_stop; a preempted job's grace period is for the save.
+    limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
+    return limit_val_batches
+
+
+def _lift_minimum_limits(trainer: L.Trainer) -> None:
+    # Lightning 2.6.6: FitLoop._can_stop_early ignores should_stop until fit_loop.min_epochs and
+    # fit_loop.epoch_loop.min_steps are met; the Trainer has no public setter for either.
+    trainer.fit_loop.min_epochs = 0
+    trainer.fit_loop.epoch_loop.min_steps = None
+
+
+def finish_preemption(trainer: L.Trainer, received: signal.Signals, saved_step: int | None, code: int | None) -> None:
+    """Say where the run stopped; with a ``code``, have the process exit with it as ``trainer.fit`` returns."""
+    step = trainer.global_step
+    done = f"after saving step {saved_step}" if saved_step == step else f"at step {step} (newest save: {saved_step})"
+    rank_zero_info(f"Checkpointer: stopped on {received.name} {done}")
+    if code is not None and not exit_when_fit_returns(trainer, code):
+        warnings.warn(f"Checkpointer: preempted, but cannot exit with preemption_exit_code={code} as trainer.fit "
+                      "returns (a profiler is installed, or fit runs elsewhere), so trainer.fit returns: check "
+                      "checkpointer.preempted and exit yourself", CheckpointWarning, stacklevel=2)
+
+
+def exit_when_fit_returns(trainer: L.Trainer, code: int) -> bool:
+    """Raise ``SystemExit(code)`` from the running ``trainer.fit`` call as it returns, once Lightning has
+    finished the run normally (status FINISHED, loggers finalized with "success").
+
+    Any exception raised inside ``fit`` is reported by Lightning as a failed run, and an ``atexit``
+    handler can only set the exit code with ``os._exit`` (skipping other exit handlers and masking a
+    later error); so the exit is raised at the return of ``fit``, seen by a profile function.
+
+    Returns:
+        False where that cannot be done (no ``fit`` on the stack, a profiler already installed).
+    """
+    fit_frame = _running_fit_frame()
+    if fit_frame is None or sys.getprofile() is not None:
+        return False
+
+    def on_fit_return(frame: FrameType, event: str, arg: Any) -> None:
+        if frame is fit_frame and event == "return":
+            sys.setprofile(None)
+            # Also called when fit unwinds on an error: that error is the one to propagate.
+            if trainer.state.status == TrainerStatus.FINISHED:
+                raise SystemExit(code)
+
+    # CPython 3.11: an exception raised by a profile function at a "return" event propagates to the
+    # caller of the returning frame, in place of its return value.
+    sys.setprofile(on_fit_return)
+    return True
+
+
+def _running_fit_frame() -> FrameType | None:
+    # The outermost Trainer.fit frame on this thread's stack (Lightning 2.6.6: fit -> _call_and_handle_interrupt
+    # -> _fit_impl -> _run -> the hooks); a subclass overriding fit still calls this one.
+    found, frame = None, inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is L.Trainer.fit.__code__:
+            found = frame
+        frame = frame.f_back
+    return found

@@ -8,14 +8,17 @@ save still ranks that checkpoint) and why a checkpoint was deleted.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
+
+from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 
 from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.format.manifest import Manifest
@@ -28,6 +31,7 @@ COMMITTED = "committed"
 DELETED = "deleted"
 META_METRICS = "metrics"
 META_REASON = "reason"
+META_PARENT = "parent"  # the checkpoint a branch resumed from (see manager.decide_lineage)
 _K_VERSION = "ledger_version"
 _K_ENTRIES = "checkpoints"
 
@@ -58,13 +62,42 @@ class Entry:
     size: int = 0
     status: str = COMMITTED
     deleted_reason: str | None = None
+    parent: str | None = None
 
     @classmethod
     def from_manifest(cls, name: str, m: Manifest) -> Entry:
         """The entry of a committed checkpoint, from what its manifest records."""
         return cls(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created, run_id=m.run_id,
                    reason=str(m.meta.get(META_REASON, "")), metrics=clean_metrics(m.meta.get(META_METRICS) or {}),
-                   size=m.total_bytes)
+                   size=m.total_bytes, parent=_str_or_none(m.meta.get(META_PARENT)))
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+@functools.cache
+def _entry_types() -> dict[str, Any]:
+    hints = get_type_hints(Entry)
+    return {f.name: hints[f.name] for f in fields(Entry)}
+
+
+def _entry(raw: Any) -> Entry:
+    """An entry read from the file, each value checked against the type of its ``Entry`` field.
+
+    A key this release does not know (written by a newer one) is ignored and a missing one takes
+    its field's default, so adding a field with a default never makes older ledgers unreadable.
+
+    Raises:
+        TypeError, TypeCheckError: not an object, a value of the wrong type, or a required key missing.
+    """
+    if not isinstance(raw, dict):
+        raise TypeError(f"entry {raw!r} is not an object")
+    types = _entry_types()
+    known = {key: value for key, value in raw.items() if key in types}
+    for key, value in known.items():
+        check_type(value, types[key], collection_check_strategy=CollectionCheckStrategy.ALL_ITEMS)
+    return Entry(**known)
 
 
 class Ledger:
@@ -95,10 +128,12 @@ class Ledger:
             doc = json.loads(self.path.read_bytes())
             if doc.get(_K_VERSION) != LEDGER_VERSION:
                 raise ValueError(f"ledger version {doc.get(_K_VERSION)!r}")
-            return [Entry(**e) for e in doc[_K_ENTRIES]]
+            if not isinstance(doc[_K_ENTRIES], list):
+                raise TypeError(f"{_K_ENTRIES!r} is not a list")
+            return [_entry(e) for e in doc[_K_ENTRIES]]
         except FileNotFoundError:
             return []
-        except (ValueError, TypeError, KeyError, AttributeError) as err:
+        except (ValueError, TypeError, KeyError, AttributeError, TypeCheckError) as err:
             warnings.warn(f"{self.path}: damaged ledger ({err!r}); rebuilding it from the checkpoints' manifests "
                           "(metrics logged after a save are lost)", CheckpointWarning, stacklevel=3)
             return []

@@ -88,13 +88,13 @@ def merged_records(crashed: Run, resumed: Run, rank: int = 0) -> dict[str, Any]:
     batches_per_epoch = before["batches_per_epoch"]
     trained_epochs = {str((int(n) - 1) // batches_per_epoch) for n in after["losses"]}
     resumed_epochs = {k: v for k, v in after["epoch_metrics"].items() if k in trained_epochs}
-    return {"losses": {**before["losses"], **after["losses"]},
+    return {"losses": {**before["losses"], **after["losses"]}, "lrs": {**before["lrs"], **after["lrs"]},
             "epoch_metrics": {**before["epoch_metrics"], **resumed_epochs},
             "val_metrics": {**before["val_metrics"], **after["val_metrics"]}}
 
 
 def assert_same_training(reference: Run, crashed: Run, resumed: Run, ranks: int = 1) -> None:
-    """Every per-batch loss, epoch metric and the final weights are bit-identical."""
+    """Every per-batch loss and learning rate, epoch metric and the final weights are bit-identical."""
     assert reference.returncode == 0, reference.output[-3000:]
     assert crashed.returncode == 1, crashed.output[-3000:]
     assert resumed.returncode == 0, resumed.output[-3000:]
@@ -102,6 +102,8 @@ def assert_same_training(reference: Run, crashed: Run, resumed: Run, ranks: int 
         expected, got = reference.records(rank), merged_records(crashed, resumed, rank)
         differing = [k for k in expected["losses"] if expected["losses"][k] != got["losses"].get(k)]
         assert not differing, f"rank {rank}: losses differ at global batches {differing}"
+        differing = [k for k in expected["lrs"] if expected["lrs"][k] != got["lrs"].get(k)]
+        assert not differing, f"rank {rank}: learning rates differ at global batches {differing}"
         assert got["epoch_metrics"] == expected["epoch_metrics"], f"rank {rank}: epoch metrics differ"
         assert got["val_metrics"] == expected["val_metrics"], f"rank {rank}: validation metrics differ"
     ref_state, res_state = reference.final_state(), resumed.final_state()

@@ -21,6 +21,7 @@ import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_ckpt.lightning.checkpointer import Checkpointer
 from lightning_ckpt.lightning.exact_resume import ExactResume
 
 DEFAULTS: dict[str, Any] = {
@@ -40,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "crash_at_batch": None,  # os._exit(1) at the end of this global batch number (1-based)
     "ddp": False,
     "reverse_data": False,  # disturb the data order (audit test)
+    "checkpointer": None,   # Checkpointer(**this) instead of ModelCheckpoint; it adds ExactResume itself
+    "epoch_scheduler": None,  # "plateau" (ReduceLROnPlateau on train_loss_epoch) or "step": interval "epoch"
+    "skip_epoch_scheduler_after_resume": False,  # break exactness the way stock Lightning does (audit test)
 }
 N_TRAIN, N_VAL, BATCH_SIZE, FEATURES, CLASSES = 48, 16, 4, 8, 3
 
@@ -89,7 +93,14 @@ class Net(L.LightningModule):
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=0.05)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.8)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        configs = [{"scheduler": sched, "interval": "step"}]
+        if self.opts["epoch_scheduler"] == "plateau":  # patience 0: the LR drops at every epoch without progress
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=0.5)
+            configs.append({"scheduler": plateau, "interval": "epoch", "monitor": "train_loss_epoch"})
+        elif self.opts["epoch_scheduler"] == "step":
+            configs.append({"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+                            "interval": "epoch"})
+        return [opt], configs
 
     def train_dataloader(self) -> DataLoader:
         ds = NoisyDataset(N_TRAIN, seed=0, reverse=self.opts["reverse_data"])
@@ -105,7 +116,7 @@ class Recorder(Callback):
 
     def __init__(self, opts: dict[str, Any]) -> None:
         self.opts = opts
-        self.records: dict[str, Any] = {"losses": {}, "epoch_metrics": {}, "val_metrics": {}}
+        self.records: dict[str, Any] = {"losses": {}, "epoch_metrics": {}, "val_metrics": {}, "lrs": {}}
         self.caught: list[warnings.WarningMessage] = []
 
     def _global_batch(self, trainer: L.Trainer, batch_idx: int) -> int:
@@ -115,11 +126,18 @@ class Recorder(Callback):
                            batch_idx: int) -> None:
         n = self._global_batch(trainer, batch_idx)
         self.records["losses"][str(n)] = float(outputs["loss"].item()).hex()
+        self.records["lrs"][str(n)] = float(trainer.optimizers[0].param_groups[0]["lr"]).hex()
         if n in self.opts["save_at_batches"]:
             trainer.save_checkpoint(Path(self.opts["ckpt_dir"]) / f"batch={n}.ckpt")
         if n == self.opts["crash_at_batch"]:
             self.dump(trainer)
             os._exit(1)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path and self.opts["skip_epoch_scheduler_after_resume"]:
+            for config in trainer.lr_scheduler_configs:
+                if config.interval == "epoch":
+                    config.frequency = 10**6  # never at an epoch end again
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -149,10 +167,12 @@ def main(opts: dict[str, Any]) -> None:
     L.seed_everything(1234, verbose=False)
     recorder = Recorder(opts)
     callbacks: list[Callback] = [recorder]
-    if opts["exact"]:
+    if opts["exact"] and opts["checkpointer"] is None:
         exact = ExactResume(audit_steps=opts["audit_steps"])
         callbacks.insert(len(callbacks) if opts["saver_before_exact"] else 0, exact)
-    if opts["save_every_n_steps"]:
+    if opts["checkpointer"] is not None:
+        callbacks.append(Checkpointer(opts["ckpt_dir"], exact_resume=opts["exact"], **opts["checkpointer"]))
+    elif opts["save_every_n_steps"]:
         callbacks.append(ModelCheckpoint(dirpath=opts["ckpt_dir"], filename="{step}", save_top_k=-1,
                                          every_n_train_steps=opts["save_every_n_steps"]))
     elif opts["save_on_validation"]:

@@ -7,6 +7,7 @@ The checkpoints come from a real Lightning run with ``Checkpointer``, built once
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -28,7 +29,7 @@ from lightning_ckpt import (
     latest_checkpoint,
     load_checkpoint,
 )
-from lightning_ckpt.format import EXTRA_TENSORS_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, Manifest
+from lightning_ckpt.format import EXTRA_TENSORS_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, FileEntry, Manifest
 from lightning_ckpt.store import LocalStore, list_checkpoints
 from tiny import TinyModel, tiny_loader
 
@@ -151,3 +152,25 @@ def test_manifest_rewritten_as_valid_json_with_other_values_is_refused(ckpts: Pa
     path.write_text(json.dumps(doc, indent=1))
     with pytest.raises(CorruptCheckpointError, match=f"{MANIFEST_FILE}: its own"):
         load_checkpoint(ckpts / NEWEST)
+
+
+@pytest.mark.parametrize("claimed", [2**45, 2**63])
+def test_manifest_claiming_a_huge_file_is_refused_before_allocating(ckpts: Path, claimed: int) -> None:
+    """A manifest with a valid self-checksum that claims a file far larger than the file on disk:
+    the claim is compared with the real size before a byte is allocated, so the load is refused as
+    incomplete (not MemoryError/OverflowError) and ``last`` passes over it."""
+    where = ckpts / NEWEST
+    manifest = Manifest.from_bytes((where / MANIFEST_FILE).read_bytes(), str(where))
+    files = {**manifest.files, MODEL_FILE: FileEntry(size=claimed, digest=manifest.files[MODEL_FILE].digest)}
+    (where / MANIFEST_FILE).write_bytes(dataclasses.replace(manifest, files=files).to_bytes())
+
+    with pytest.raises(IncompleteCheckpointError, match=f"{MODEL_FILE}: .*the manifest says {claimed}"):
+        load_checkpoint(where)
+    with pytest.warns(CheckpointWarning, match=f"{NEWEST}.*{MODEL_FILE}"):
+        assert latest_checkpoint(ckpts) == str(ckpts / OLDER)
+    trainer = L.Trainer(max_steps=4, callbacks=[Checkpointer(ckpts, every_n_steps=100, exact_resume=False)],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=ckpts.parent)
+    with pytest.warns(CheckpointWarning, match=NEWEST):
+        trainer.fit(TinyModel(arr=np.arange(4)), tiny_loader(), ckpt_path="last")
+    assert trainer.global_step == 4  # resumed from step 3, one step to go

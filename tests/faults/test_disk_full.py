@@ -104,7 +104,7 @@ class FullDiskStore(LocalStore):
             path.write_bytes(bytes(memoryview(chunks[0])[: self.budget]) if chunks else b"")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         self.budget -= size
-        super()._write_file(path, chunks)
+        return super()._write_file(path, chunks)
 
 
 def test_injected_enospc_leaves_nothing_partial(tmp_path):
@@ -114,6 +114,6 @@ def test_injected_enospc_leaves_nothing_partial(tmp_path):
     store = FullDiskStore(tmp_path, budget=100)
     files = encode_state({"state_dict": {"w": torch.zeros(1000)}, "global_step": 2})
     with pytest.raises(StorageError, match="No space left on device"):
-        store.write("new", files, b"{}")
+        store.write("new", files, lambda entries: b"{}")
     assert sorted(os.listdir(tmp_path)) == ["old"]
     assert verify_checkpoint(tmp_path / "old").step == 1

@@ -20,6 +20,7 @@ import pytest
 from childproc import run_fit, start_fit, wait_ready
 from lightning_ckpt import latest_checkpoint, load_checkpoint
 from lightning_ckpt.store import LocalStore, list_checkpoints
+from lightning_ckpt.store.local import DELETING_PREFIX, LEFTOVER_PREFIXES, PARKED_PREFIX
 
 SEED = int(os.environ.get("LIGHTNING_CKPT_FAULT_SEED", "20261128"))
 
@@ -28,7 +29,7 @@ def _where_killed(root) -> str:
     names = os.listdir(root)
     if any(n.startswith(".tmp-step") for n in names):
         return "mid-write"
-    if any(n.startswith(".trash-") for n in names):
+    if any(n.startswith((DELETING_PREFIX, PARKED_PREFIX)) for n in names):
         return "mid-delete"
     if any(n.startswith(".tmp-ledger") for n in names):
         return "mid-ledger"
@@ -69,7 +70,7 @@ def kill_rounds(tmp_path, kills: int, seed: int) -> collections.Counter:
         newest_step = state["global_step"]
     finished = run_fit(max_steps=newest_step + 3, ckpt_path="last", **opts)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert not [n for n in os.listdir(root) if n.startswith((".tmp-", ".trash-"))], "leftovers were not cleaned"
+    assert not [n for n in os.listdir(root) if n.startswith(LEFTOVER_PREFIXES)], "leftovers were not cleaned"
     assert load_checkpoint(latest_checkpoint(root))["global_step"] == newest_step + 3
     return seen
 

@@ -1,4 +1,5 @@
-"""Checkpointer on 2 DDP ranks (gloo on CPU): ranks agree on what to save and on "best"; resume."""
+"""Checkpointer on 2 DDP ranks (gloo on CPU): ranks agree on what to save, on the run id, on "best"
+and "last", and on the outcome of a save that fails on one rank; resume."""
 
 from __future__ import annotations
 
@@ -10,29 +11,75 @@ from pathlib import Path
 
 import pytest
 
+from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.ledger import LEDGER_FILE
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
+ROW = '{"rank"'  # each rank's result line (another process's unfinished line may precede it)
 
 
-def ddp_fit(*args) -> list[dict]:
+def ddp_fit(*args, returncode: int | None = 0) -> tuple[list[dict], subprocess.CompletedProcess]:
+    # A hang is the defect some of these tests guard against: the timeout fails the test instead of CI.
     result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert sorted(r["rank"] for r in rows) == [0, 1], result.stdout
-    return rows
+                            timeout=150)
+    if returncode is not None:
+        assert result.returncode == returncode, result.stderr[-3000:]
+    rows = [json.loads(line[line.index(ROW):]) for line in result.stdout.splitlines() if ROW in line]
+    assert sorted(r["rank"] for r in rows) == [0, 1], result.stdout + result.stderr[-3000:]
+    return rows, result
+
+
+def committed_steps(root: Path) -> list[int]:
+    entries = json.loads((root / LEDGER_FILE).read_text())["checkpoints"]
+    return [e["step"] for e in entries if e["status"] == "committed"]
 
 
 @pytest.mark.timeout(400)
 def test_ddp_save_resume_and_best_agree_across_ranks(tmp_path):
     root = tmp_path / "c"
-    first = ddp_fit(root, 10)
-    best = {r["best"] for r in first}
-    assert len(best) == 1 and best != {""}, first  # rank 1 knows "best" too
+    first, _ = ddp_fit(root, 10)
+    for key in ("best", "last", "run_id"):  # rank 1 knows "best", "last" and the run id, the same as rank 0
+        values = {r[key] for r in first}
+        assert len(values) == 1 and values != {""} and values != {None}, (key, first)
     assert sorted(n for n in os.listdir(root) if n.startswith("step=")) == [
         "step=000000008", "step=000000009", "step=000000010"]  # newest 2 + best (validated at 4 and 8)
-    resumed = ddp_fit(root, 15, "last")
+    resumed, _ = ddp_fit(root, 15, "last")
     assert {r["first_step"] for r in resumed} == {10} and {r["step"] for r in resumed} == {15}
+    assert {r["run_id"] for r in resumed} == {r["run_id"] for r in first}
     entries = json.loads((root / LEDGER_FILE).read_text())["checkpoints"]
     assert len({e["run_id"] for e in entries}) == 1 and entries[-1]["step"] == 15
+
+
+@pytest.mark.timeout(400)
+def test_a_save_that_fails_on_rank_0_warns_on_every_rank_and_training_goes_on(tmp_path):
+    root = tmp_path / "c"
+    rows, _ = ddp_fit(root, 10, "--fail-step", 6, "--on-save-error", "warn")
+    assert {r["step"] for r in rows} == {10}  # no hang, both ranks trained to the end
+    for r in rows:
+        assert len(r["warned"]) == 1 and "step=000000006" in r["warned"][0] and "training goes on" in r["warned"][0]
+    assert len({r["last"] for r in rows}) == 1 and rows[0]["last"].endswith("step=000000010")
+    assert 6 not in committed_steps(root) and 9 in committed_steps(root)  # the saves after it went on
+
+
+@pytest.mark.timeout(400)
+def test_a_save_that_fails_on_rank_0_raises_on_every_rank(tmp_path):
+    root = tmp_path / "c"
+    rows, result = ddp_fit(root, 10, "--fail-step", 6, returncode=None)
+    assert result.returncode != 0
+    errors = {r["rank"]: r.get("error", "") for r in rows}
+    assert all("StorageError" in e and "step=000000006" in e and "No space left" in e for e in errors.values()), errors
+    assert "rank 0" in errors[1]  # rank 1 says which rank failed
+    assert committed_steps(root) == [3, 4]  # nothing after the failed save, nothing deleted by it
+
+
+@pytest.mark.timeout(400)
+def test_a_directory_another_run_holds_fails_every_rank_at_setup(tmp_path):
+    root = tmp_path / "c"
+    lock = LocalStore(root).lock()  # another live run writes there
+    try:
+        rows, result = ddp_fit(root, 4, returncode=None)
+    finally:
+        lock.release()
+    assert result.returncode != 0
+    errors = {r["rank"]: r.get("error", "") for r in rows}
+    assert all("DirectoryInUseError" in e and "another run" in e for e in errors.values()), errors

@@ -1,0 +1,129 @@
+"""A zero-copy safetensors reader: every tensor of a file is a view into the file's one buffer.
+
+Why hand-written: the ``safetensors`` Python API copies each tensor out of the file's bytes
+(``deserialize`` returns a ``bytes`` per tensor, which ``load`` then wraps), so a load held the
+state twice; ``safe_open`` reads from a mapping of the file, i.e. a second read after the checksum
+pass, of bytes that may no longer be the verified ones. The validation below is the one
+safetensors applies (``Metadata::validate``): a bounded header, known dtypes, offsets that tile the
+data exactly, and sizes that agree with shape x dtype, computed without overflow and before
+anything is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.format.blob import DTYPE_NAMES, METADATA_KEY, Buffer
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+_LENGTH_FIELD = 8
+_U64 = 2**64
+_MAX_DIM = 2**63  # torch sizes are int64
+_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def as_uint8(data: Buffer | torch.Tensor) -> torch.Tensor:
+    """A file's bytes as a flat uint8 tensor, sharing memory with ``data`` when it is writable
+    (the reader's buffers are); read-only ``bytes`` are copied once."""
+    if isinstance(data, torch.Tensor):
+        return data.reshape(-1).view(torch.uint8)
+    view = memoryview(data)
+    if view.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(view) if view.readonly else view, dtype=torch.uint8)
+
+
+def load_tensors(data: Buffer | torch.Tensor, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, as views into ``data``'s memory.
+
+    Args:
+        data: the whole file (verified against the manifest by the caller).
+        where: the file's location, for error messages.
+
+    Raises:
+        CorruptCheckpointError: the file is not valid safetensors, or holds a dtype torch cannot load.
+    """
+    if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian by definition
+        raise RuntimeError("lightning-ckpt reads safetensors on little-endian machines only")
+    buf = as_uint8(data)
+    header, start = _header(buf, where)
+    entries = _entries(header, where)
+    body = buf[start:]
+    end = 0
+    for key, (dtype, shape, (first, last)) in sorted(entries.items(), key=lambda kv: tuple(kv[1][2])):
+        if first != end:
+            raise _corrupt(where, f"tensor {key!r} starts at {first}, expected {end} (gap or overlap)")
+        end = last
+    if end != body.numel():
+        raise _corrupt(where, f"the tensors end at byte {end} of {body.numel()} data bytes")
+    return {key: _view(body, dtype, shape, span) for key, (dtype, shape, span) in entries.items()}
+
+
+def _header(buf: torch.Tensor, where: str) -> tuple[dict[str, Any], int]:
+    if buf.numel() < _LENGTH_FIELD:
+        raise _corrupt(where, f"{buf.numel()} bytes, shorter than the header length field")
+    (length,) = struct.unpack("<Q", buf[:_LENGTH_FIELD].numpy().tobytes())
+    if length > MAX_HEADER_BYTES:
+        raise _corrupt(where, f"header too large ({length} bytes, the limit is {MAX_HEADER_BYTES})")
+    if _LENGTH_FIELD + length > buf.numel():
+        raise _corrupt(where, f"header length {length} runs past the end of the file")
+    try:
+        header = json.loads(buf[_LENGTH_FIELD:_LENGTH_FIELD + length].numpy().tobytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise _corrupt(where, f"unreadable header ({err})") from err
+    if not isinstance(header, dict):
+        raise _corrupt(where, "the header is not a JSON object")
+    return header, _LENGTH_FIELD + length
+
+
+_Entry = tuple[torch.dtype, list[int], list[int]]
+
+
+def _entries(header: Mapping[str, Any], where: str) -> dict[str, _Entry]:
+    metadata = header.get(METADATA_KEY, {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _corrupt(where, f"{METADATA_KEY} is not a map of strings")
+    return {key: _entry(key, info, where) for key, info in header.items() if key != METADATA_KEY}
+
+
+def _entry(key: str, info: Any, where: str) -> _Entry:
+    if not isinstance(info, dict):
+        raise _corrupt(where, f"tensor {key!r}: entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise _corrupt(where, f"tensor {key!r}: dtype {dtype!r} cannot be loaded into torch")
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < _MAX_DIM for d in shape)):
+        raise _corrupt(where, f"tensor {key!r}: bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] < _U64):
+        raise _corrupt(where, f"tensor {key!r}: bad data_offsets {offsets!r}")
+    elements = 1
+    for dim in shape:  # as safetensors does: every partial product must fit in 64 bits
+        elements *= dim
+        if elements >= _U64:
+            raise _corrupt(where, f"tensor {key!r}: shape {shape} overflows 64 bits")
+    nbytes = elements * _DTYPES[dtype].itemsize
+    if nbytes != offsets[1] - offsets[0]:
+        raise _corrupt(where, f"tensor {key!r}: shape {shape} of {dtype} is {nbytes} bytes, its data_offsets "
+                              f"span {offsets[1] - offsets[0]}")
+    return _DTYPES[dtype], shape, offsets
+
+
+def _view(body: torch.Tensor, dtype: torch.dtype, shape: list[int], span: list[int]) -> torch.Tensor:
+    if span[0] == span[1]:
+        return torch.empty(shape, dtype=dtype)
+    raw = body[span[0]:span[1]]
+    if raw.storage_offset() % dtype.itemsize:  # another writer's unaligned layout: copy this one tensor
+        raw = raw.clone()
+    return raw.view(dtype).view(shape)
+
+
+def _corrupt(where: str, problem: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{where}: not a valid safetensors file ({problem})")

@@ -1,0 +1,87 @@
+"""The Lightning internals ``ExactResume`` relies on, each in one function, checked with Lightning 2.6.6.
+
+``tests/exact/test_fit_loop_seams.py`` fails loudly when a Lightning release moves one of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+
+import lightning.pytorch as pl
+
+NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
+
+
+def patch_fit_loop(trainer: pl.Trainer, on_train_loaders: Callable[[Sequence[object]], None],
+                   before_fetch: Callable[[], None]) -> Callable[[], None] | None:
+    """Hook the two moments of ``fit`` that no public hook reaches; returns how to undo it.
+
+    1. After the train loaders are (re)created and before their iterator is: where Lightning
+       restores stateful loaders (``_FitLoop._load_combined_loader_states``). The batch sampler
+       must be swapped before ``iter()``, which ``setup_data`` calls before ``on_train_start``.
+    2. Right before each training batch is fetched (``_TrainingEpochLoop._on_before_fetch``): after
+       validation, epoch hooks and new iterators have drawn random numbers, and before the dataset
+       and ``on_after_batch_transfer`` draw the batch's own.
+
+    Both are patched as instance attributes of this trainer's loops. Checked with Lightning 2.6.6.
+    """
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    load_states = getattr(fit_loop, "_load_combined_loader_states", None)
+    on_before_fetch = getattr(epoch_loop, "_on_before_fetch", None)
+    if not (callable(load_states) and callable(on_before_fetch)):
+        return None
+
+    def load_states_then_track() -> None:
+        load_states()
+        combined = fit_loop._combined_loader
+        if combined is not None:
+            on_train_loaders(combined.flattened)
+
+    def fetch_from_anchor() -> None:
+        before_fetch()
+        on_before_fetch()
+
+    fit_loop._load_combined_loader_states = load_states_then_track  # type: ignore[method-assign]
+    epoch_loop._on_before_fetch = fetch_from_anchor  # type: ignore[method-assign]
+
+    def undo() -> None:
+        vars(fit_loop).pop("_load_combined_loader_states", None)
+        vars(epoch_loop).pop("_on_before_fetch", None)
+
+    return undo
+
+
+def silence_not_resumable_warning() -> Callable[[], None]:
+    """Mute Lightning's "your dataloader is not resumable" warning while this fit restores the position."""
+    warnings.filterwarnings("ignore", message=NOT_RESUMABLE_WARNING)
+    entry = warnings.filters[0]
+
+    def undo() -> None:
+        with contextlib.suppress(ValueError):
+            warnings.filters.remove(entry)
+        # Modules cache what the filters decided; this makes them ask again.
+        getattr(warnings, "_filters_mutated", lambda: None)()
+
+    return undo
+
+
+def let_epoch_end_schedulers_step(trainer: pl.Trainer) -> bool | None:
+    """Let Lightning step the ``ReduceLROnPlateau`` schedulers at the end of an epoch resumed in its middle.
+
+    ``_FitLoop.on_advance_end`` skips them while the loop is ``restarting``, which it is for the whole
+    resumed epoch: stock Lightning assumes that epoch's metrics are lost. Cleared after the epoch's
+    batches and before that check, the flag changes nothing else (the loop clears it right after).
+    Returns None if no such scheduler has its metric now (nothing to do), False if this Lightning has
+    no such flag. Checked with Lightning 2.6.6.
+    """
+    monitors = [c.monitor for c in trainer.lr_scheduler_configs if c.reduce_on_plateau and c.interval == "epoch"]
+    if not monitors or any(m not in trainer.callback_metrics for m in monitors):
+        return None  # a metric not restored (one logged by an earlier validation): stepping could raise
+    fit_loop = trainer.fit_loop
+    if not isinstance(getattr(fit_loop, "_restarting", None), bool):
+        return False
+    fit_loop._restarting = False
+    return True

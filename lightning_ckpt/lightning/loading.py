@@ -1,0 +1,122 @@
+"""``MyModel.load_from_checkpoint(path)`` on lightning-ckpt checkpoints.
+
+Lightning's ``LightningModule.load_from_checkpoint`` and ``LightningDataModule.load_from_checkpoint``
+read the checkpoint with one function, ``pl_load``, looked up in ``lightning.pytorch.core.saving``.
+The hook puts a narrow wrapper in its place: a local path that is a directory (a lightning-ckpt
+checkpoint, named with or without ``.ckpt``) is loaded and verified by the engine; anything else
+(a ``.ckpt`` file, a URL, a file object) goes to Lightning's own function untouched.
+
+The hook is installed when the Lightning adapters are imported (``Checkpointer``,
+``SafetensorsCheckpointIO``, ``lightning_ckpt.lightning``), and by ``import lightning_ckpt`` when
+Lightning is imported already. ``LIGHTNING_CKPT_LOAD_HOOK=0`` in the environment leaves Lightning
+untouched; :func:`load_from_checkpoint` works either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any, TypeVar
+
+import lightning as L
+
+from lightning_ckpt import engine
+from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.store import locate
+
+HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
+_LOADER_ATTR = "pl_load"
+_ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
+_allow_pickle: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_ckpt_allow_pickle", default=False)
+_Loadable = TypeVar("_Loadable", L.LightningModule, L.LightningDataModule)
+
+
+def _lightning_saving_module() -> ModuleType:
+    """The module whose ``pl_load`` global ``_load_from_checkpoint`` calls. Lightning internal,
+    checked with Lightning 2.6.6 (``lightning.pytorch.core.saving.pl_load`` is
+    ``lightning.fabric.utilities.cloud_io._load``)."""
+    from lightning.pytorch.core import saving
+
+    if not callable(getattr(saving, _LOADER_ATTR, None)):
+        raise CheckpointError(
+            f"lightning.pytorch.core.saving.{_LOADER_ATTR} is gone in Lightning {L.__version__}: load_from_checkpoint "
+            "cannot read lightning-ckpt directories on this release. Use lightning_ckpt.load_checkpoint(path) and "
+            "model.load_state_dict(state['state_dict']), and report it to lightning-ckpt."
+        )
+    return saving
+
+
+def is_checkpoint_directory(path: object) -> bool:
+    """Whether ``path`` names a local directory (with or without ``.ckpt``): ours to load."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str) or ("://" in text and not text.startswith("file://")):
+        return False
+    store, name = locate(text)
+    return Path(store.location(name)).is_dir()
+
+
+def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+    def load(path_or_url: IO | str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        if is_checkpoint_directory(path_or_url):
+            return engine.load_checkpoint(path_or_url, map_location=map_location, allow_pickle=_allow_pickle.get())
+        return original(path_or_url, map_location=map_location, weights_only=weights_only)
+
+    setattr(load, _ORIGINAL_ATTR, original)
+    return load
+
+
+def install_load_hook() -> bool:
+    """Let ``load_from_checkpoint`` read lightning-ckpt directories; idempotent.
+
+    Returns:
+        True when the hook is in place (False only when ``LIGHTNING_CKPT_LOAD_HOOK=0``).
+
+    Raises:
+        CheckpointError: this Lightning release no longer reads checkpoints through ``pl_load``.
+    """
+    if os.environ.get(HOOK_ENV, "1") == "0":
+        return False
+    saving = _lightning_saving_module()
+    current = getattr(saving, _LOADER_ATTR)
+    if not hasattr(current, _ORIGINAL_ATTR):
+        setattr(saving, _LOADER_ATTR, _wrap(current))
+    return True
+
+
+@contextlib.contextmanager
+def _hooked(allow_pickle: bool) -> Iterator[None]:
+    saving = _lightning_saving_module()
+    before = getattr(saving, _LOADER_ATTR)
+    token = _allow_pickle.set(allow_pickle)
+    if not hasattr(before, _ORIGINAL_ATTR):
+        setattr(saving, _LOADER_ATTR, _wrap(before))
+    try:
+        yield
+    finally:
+        setattr(saving, _LOADER_ATTR, before)
+        _allow_pickle.reset(token)
+
+
+def load_from_checkpoint(cls: type[_Loadable], path: str | os.PathLike, *, map_location: Any = None,
+                         strict: bool | None = None, allow_pickle: bool = False, **kwargs: Any) -> _Loadable:
+    """``cls.load_from_checkpoint(path, ...)`` for any checkpoint, with no process-wide hook.
+
+    Args:
+        cls: a LightningModule or LightningDataModule subclass.
+        path: a lightning-ckpt checkpoint directory (with or without ``.ckpt``) or a ``.ckpt`` file.
+        map_location: where to put the tensors, as in Lightning.
+        strict: whether the state_dict must match the model exactly (modules only), as in Lightning.
+        allow_pickle: allow values saved with ``allow_pickle=True`` (only for checkpoints you trust).
+        **kwargs: hyper-parameters that override the saved ones, as in Lightning.
+
+    Raises:
+        CheckpointError: a subclass naming what is wrong with the checkpoint.
+    """
+    if strict is not None:
+        kwargs["strict"] = strict
+    with _hooked(allow_pickle):
+        return cls.load_from_checkpoint(path, map_location=map_location, **kwargs)

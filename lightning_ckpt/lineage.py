@@ -1,0 +1,74 @@
+"""Run lineages and branches: which checkpoints are one run's, and which one "last" is.
+
+A run id names a lineage; a run resumed from the checkpoint ``ckpt_path="last"`` would pick keeps
+it. Resuming from any other checkpoint starts a *branch*: a new run id whose saves record the
+checkpoint they grew from (``parent``). Branches are ordered by when they were created (their first
+committed save), never by step: a branch resumed from step 10 of a run that reached step 20 is
+newer than that run, so "last" follows the branch, and the abandoned steps keep to their own run's
+retention but are never "last" again. Pure functions over ledger entries: no I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from lightning_ckpt.store.ledger import COMMITTED, Entry
+
+
+def _age(entry: Entry) -> tuple[int, float, str]:
+    return (entry.step, entry.wall_time, entry.name)
+
+
+def runs_by_creation(entries: Sequence[Entry]) -> list[str | None]:
+    """The run ids with committed checkpoints, oldest branch first (by its first committed save).
+
+    Only one run writes to a directory at a time, and only the newest branch ever continues, so the
+    first save that still exists orders branches as their creation did, with or without a ledger.
+    """
+    first: dict[str | None, float] = {}
+    for e in entries:
+        if e.status == COMMITTED:
+            first[e.run_id] = min(first.get(e.run_id, e.wall_time), e.wall_time)
+    return sorted(first, key=lambda run: (first[run], run or ""))
+
+
+def lineage(entries: Sequence[Entry], run_id: str | None) -> list[Entry]:
+    """The committed checkpoints of ``run_id``'s lineage, newest first: its own by step, then those
+    of the run it branched from up to the branch point, and so on up the chain."""
+    by_name = {e.name: e for e in entries}
+    chain: list[Entry] = []
+    seen: set[str | None] = set()
+    limit: tuple[int, float, str] | None = None
+    while run_id not in seen:
+        seen.add(run_id)
+        own = [e for e in entries if e.run_id == run_id]
+        chain += sorted((e for e in own if e.status == COMMITTED and (limit is None or _age(e) <= limit)),
+                        key=_age, reverse=True)
+        parent = by_name.get(next((e.parent for e in own if e.parent), None) or "")
+        if parent is None:
+            break
+        run_id, limit = parent.run_id, _age(parent)
+    return chain
+
+
+def newest_lineage(entries: Sequence[Entry], run_id: str | None = None) -> list[Entry]:
+    """``lineage`` of ``run_id``, or of the newest branch when None: the candidates for "last"."""
+    if run_id is None:
+        runs = runs_by_creation(entries)
+        if not runs:
+            return []
+        run_id = runs[-1]
+    return lineage(entries, run_id)
+
+
+def continues_newest(entries: Sequence[Entry], run_id: str, step: int, verifies: Callable[[str], bool]) -> bool:
+    """Whether resuming from the checkpoint of run ``run_id`` at ``step`` (in this directory or
+    another one) continues the newest branch: it is the checkpoint "last" would pick, as no newer
+    one of the newest lineage verifies. An empty directory has nothing to branch from."""
+    candidates = newest_lineage(entries)
+    for entry in candidates:
+        if entry.run_id == run_id and entry.step == step:
+            return True
+        if verifies(entry.name):
+            return False
+    return not candidates

@@ -1,0 +1,197 @@
+"""One save, in one order: snapshot -> encode, write, commit -> record -> retain; every rank learns the outcome.
+
+The only place that orders these steps; the Lightning callbacks ask it and do not repeat it. It
+knows no Lightning: the caller passes how to take a snapshot, how to write it, and how ranks agree
+(:class:`Agree`, which the Lightning adapter builds from the strategy's collectives).
+
+The steps split in two on purpose: ``snapshot`` must run on the training thread, while ``_execute``
+(write, commit, record, retain) only needs the snapshot, and ``_settle`` is the one collective that
+tells every rank how it went. An asynchronous variant runs ``_execute`` on a worker (one save in
+flight) and calls ``_settle`` for it at the next save or at the end of training.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+from lightning_ckpt.errors import CheckpointError, CheckpointWarning, StorageError
+from lightning_ckpt.manager import CheckpointManager
+from lightning_ckpt.store.ledger import Entry
+
+T = TypeVar("T")
+OnError = Literal["raise", "warn"]
+ON_ERROR: tuple[str, ...] = ("raise", "warn")
+_K_RUN_ID = "run_id"
+_K_META = "meta"
+
+Snapshot = Callable[[], Mapping[str, Any]]
+# (state, path, storage options) -> None: encodes, writes and commits; ranks that do not write return at once.
+Writer = Callable[[Mapping[str, Any], str, Mapping[str, Any]], None]
+
+
+class Agree(Protocol):
+    """How the ranks of a job agree: rank 0 decides, every rank learns it."""
+
+    @property
+    def is_rank_zero(self) -> bool:
+        """Whether this process decides (and writes the ledger)."""
+        ...
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value``, on every rank (a collective: every rank must call it)."""
+        ...
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, by rank, on every rank (a collective)."""
+        ...
+
+
+class SingleProcess:
+    """``Agree`` for one process: it decides, and there is nobody to tell."""
+
+    is_rank_zero = True
+
+    def broadcast(self, value: T) -> T:
+        return value
+
+    def gather(self, value: T) -> list[T]:
+        return [value]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A step that failed on one rank, in a form that crosses process boundaries."""
+
+    rank: int
+    kind: str
+    message: str
+    storage: bool  # the storage refused (disk full, ...): on_error="warn" may train on
+
+    def error(self) -> CheckpointError:
+        """The error other ranks raise for it."""
+        text = f"rank {self.rank}: {self.kind}: {self.message}"
+        return StorageError(text) if self.storage else CheckpointError(text)
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    """What every rank learns about a save: its name and path, and the failure if any."""
+
+    name: str
+    path: str
+    failure: Failure | None = None
+
+    @property
+    def committed(self) -> bool:
+        return self.failure is None
+
+
+_NO_SAVE = SaveOutcome("", "")
+
+
+class SavePipeline:
+    """Saves of one run lineage into one directory, with a collective outcome.
+
+    Args:
+        manager: the lineage's names, ledger and retention.
+        agree: how ranks agree (``SingleProcess()`` outside distributed training).
+        on_error: ``"raise"``: a failed save raises on every rank; ``"warn"``: a failure of the storage
+            warns on every rank and the caller trains on (other failures still raise).
+    """
+
+    def __init__(self, manager: CheckpointManager, agree: Agree, *, on_error: OnError = "raise") -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_save_error={on_error!r}; use 'raise' (stop training) or 'warn' (train on)")
+        self.manager, self.agree, self.on_error = manager, agree, on_error
+
+    def save(self, step: int, *, reason: str, metrics: Mapping[str, Any], snapshot: Snapshot,
+             write: Writer) -> SaveOutcome:
+        """Save the state at ``step`` on every rank; returns once every rank knows how it went.
+
+        Raises:
+            StorageError: the storage refused the write on some rank (with ``on_error="raise"``).
+            CheckpointError, or the original error on the rank it happened on: any other failure.
+        """
+        name = self.manager.name_for(step)
+        outcome = SaveOutcome(name, self.manager.path(name))
+        options = {_K_RUN_ID: self.manager.run_id, _K_META: self.manager.manifest_meta(reason, metrics)}
+        try:
+            state = snapshot()
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, whatever it is
+            return self._settle(outcome, err)
+        return self._settle(outcome, self._execute(name, outcome.path, state, options, write))
+
+    def attach_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record metrics logged after the save at ``step`` (a later validation): they may change the
+        top-k, so retention runs again. Collective, like a save."""
+        failure = None
+        if self.agree.is_rank_zero:
+            try:
+                if self.manager.add_metrics(step, metrics):
+                    self._retain()
+            except Exception as err:  # noqa: BLE001 - every rank must learn of it
+                failure = err
+        self._settle(_NO_SAVE, failure)
+
+    def _execute(self, name: str, path: str, state: Mapping[str, Any], options: Mapping[str, Any],
+                 write: Writer) -> BaseException | None:
+        """Write and commit, then (rank 0) record and retain: retention runs only after the commit."""
+        try:
+            write(state, path, options)
+            if self.agree.is_rank_zero:
+                self.manager.record_save(name)
+                self._retain()
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it
+            return err
+        return None
+
+    def _retain(self) -> None:
+        self.manager.prune()
+        self.manager.commit_ledger()
+
+    def _settle(self, outcome: SaveOutcome, local: BaseException | None) -> SaveOutcome:
+        """The one collective of a save: every rank reports its failure (if any), rank 0 its ledger.
+        Then every rank raises, warns or goes on alike, and answers "best"/"last" from one ledger."""
+        mine = _failure(local) if local is not None else None
+        ledger = self.manager.entries if self.agree.is_rank_zero else None
+        reports: list[tuple[Failure | None, list[Entry] | None]] = self.agree.gather((mine, ledger))
+        failures = [_with_rank(f, rank) for rank, (f, _) in enumerate(reports) if f is not None]
+        if reports[0][1] is not None:
+            self.manager.entries = reports[0][1]
+        if not failures:
+            return outcome
+        first = failures[0]
+        if self.on_error == "warn" and all(f.storage for f in failures):
+            warnings.warn(f"Checkpointer: {first.message}; training goes on", CheckpointWarning, stacklevel=3)
+            return SaveOutcome(outcome.name, outcome.path, first)
+        if local is not None:
+            raise local
+        raise first.error()
+
+
+def decided_on_rank_zero(agree: Agree, decide: Callable[[], T]) -> T:
+    """Rank 0 runs ``decide``; every rank returns its result, or raises its error: never a hang."""
+    result: tuple[Any, Failure | None] | None = None
+    local: BaseException | None = None
+    if agree.is_rank_zero:
+        try:
+            result = (decide(), None)
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it
+            local, result = err, (None, _with_rank(_failure(err), 0))
+    value, failure = agree.broadcast(result)
+    if failure is None:
+        return value
+    if local is not None:
+        raise local
+    raise failure.error()
+
+
+def _failure(err: BaseException) -> Failure:
+    return Failure(rank=-1, kind=type(err).__name__, message=str(err), storage=isinstance(err, StorageError))
+
+
+def _with_rank(failure: Failure, rank: int) -> Failure:
+    return Failure(rank=rank, kind=failure.kind, message=failure.message, storage=failure.storage)
