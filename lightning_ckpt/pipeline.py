@@ -12,14 +12,15 @@ flight) and calls ``_settle`` for it at the next save or at the end of training.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, StorageError
 from lightning_ckpt.manager import CheckpointManager
-from lightning_ckpt.store.ledger import Entry
+from lightning_ckpt.store.ledger import FIG_BLOCKING_S, FIG_WRITE_S, Entry
 
 T = TypeVar("T")
 OnError = Literal["raise", "warn"]
@@ -92,6 +93,15 @@ class SaveOutcome:
 _NO_SAVE = SaveOutcome("", "")
 
 
+@dataclass
+class SaveTiming:
+    """When a save began on the training thread, and (once known) how long it held it and the write took."""
+
+    started: float
+    blocking_s: float | None = None  # None: the save holds training until it is recorded (a sync save)
+    write_s: float = field(default=0.0)
+
+
 class SavePipeline:
     """Saves of one run lineage into one directory, with a collective outcome.
 
@@ -102,10 +112,11 @@ class SavePipeline:
             warns on every rank and the caller trains on (other failures still raise).
     """
 
-    def __init__(self, manager: CheckpointManager, agree: Agree, *, on_error: OnError = "raise") -> None:
+    def __init__(self, manager: CheckpointManager, agree: Agree, *, on_error: OnError = "raise",
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_save_error={on_error!r}; use 'raise' (stop training) or 'warn' (train on)")
-        self.manager, self.agree, self.on_error = manager, agree, on_error
+        self.manager, self.agree, self.on_error, self.clock = manager, agree, on_error, clock
 
     def save(self, step: int, *, reason: str, metrics: Mapping[str, Any], snapshot: Snapshot,
              write: Writer) -> SaveOutcome:
@@ -115,14 +126,19 @@ class SavePipeline:
             StorageError: the storage refused the write on some rank (with ``on_error="raise"``).
             CheckpointError, or the original error on the rank it happened on: any other failure.
         """
-        name = self.manager.name_for(step)
-        outcome = SaveOutcome(name, self.manager.path(name))
-        options = {_K_RUN_ID: self.manager.run_id, _K_META: self.manager.manifest_meta(reason, metrics)}
+        timing = SaveTiming(started=self.clock())
+        outcome, options = self._begin(step, reason, metrics)
         try:
             state = snapshot()
         except Exception as err:  # noqa: BLE001 - every rank must learn of it, whatever it is
             return self._settle(outcome, err)
-        return self._settle(outcome, self._execute(name, outcome.path, state, options, write))
+        return self._settle(outcome, self._execute(outcome.name, outcome.path, state, options, write, timing))
+
+    def _begin(self, step: int, reason: str, metrics: Mapping[str, Any]) -> tuple[SaveOutcome, dict[str, Any]]:
+        """The name and path of a save at ``step``, and what its manifest records."""
+        name = self.manager.name_for(step)
+        options = {_K_RUN_ID: self.manager.run_id, _K_META: self.manager.manifest_meta(reason, metrics)}
+        return SaveOutcome(name, self.manager.path(name)), options
 
     def attach_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record metrics logged after the save at ``step`` (a later validation): they may change the
@@ -137,12 +153,15 @@ class SavePipeline:
         self._settle(_NO_SAVE, failure)
 
     def _execute(self, name: str, path: str, state: Mapping[str, Any], options: Mapping[str, Any],
-                 write: Writer) -> BaseException | None:
+                 write: Writer, timing: SaveTiming) -> BaseException | None:
         """Write and commit, then (rank 0) record and retain: retention runs only after the commit."""
         try:
+            start = self.clock()
             write(state, path, options)
+            timing.write_s = self.clock() - start
             if self.agree.is_rank_zero:
-                self.manager.record_save(name)
+                blocking_s = timing.blocking_s if timing.blocking_s is not None else self.clock() - timing.started
+                self.manager.record_save(name, figures={FIG_BLOCKING_S: blocking_s, FIG_WRITE_S: timing.write_s})
                 self._retain()
         except Exception as err:  # noqa: BLE001 - every rank must learn of it
             return err
