@@ -18,7 +18,7 @@ from lightning_ckpt import Checkpointer, CheckpointWarning, StorageError, load_c
 from lightning_ckpt.async_saves import AsyncSavePipeline
 from lightning_ckpt.staging import Staged, Stager
 from lightning_ckpt.store import LocalStore
-from lightning_ckpt.store.ledger import LEDGER_FILE
+from lightning_ckpt.store.ledger import LEDGER_FILE, Ledger
 from tiny import TinyModel, tiny_loader
 
 EVENTS: list[tuple[str, int]] = []
@@ -174,6 +174,8 @@ def test_each_save_logs_its_figures_and_the_ledger_keeps_them(tmp_path, async_sa
         assert float(row["checkpoint/write_s"]) == entry["figures"]["write_s"] > 0
         assert float(row["checkpoint/blocking_s"]) == entry["figures"]["blocking_s"] > 0
         assert float(row["checkpoint/throughput_mib_s"]) > 0
+    reloaded = {e.step: e.figures for e in Ledger(LocalStore(tmp_path / "c")).load()}  # through the schema check
+    assert all(reloaded[step] == entries[step]["figures"] for step in entries)
 
 
 def test_the_plugin_cannot_be_async_under_the_checkpointer(tmp_path):
