@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from childproc import run_fit
 from lightning_ckpt import Checkpointer, CheckpointWarning, StorageError, load_checkpoint
 from lightning_ckpt.async_saves import AsyncSavePipeline
 from lightning_ckpt.staging import Staged, Stager
@@ -193,3 +194,17 @@ def test_bad_async_options_fail_at_construction():
     with pytest.raises(ValueError, match="staging='overlapped' or 'eager'"):
         Checkpointer(async_save=True, staging="lazy")
     assert isinstance(AsyncSavePipeline, type)
+
+
+def test_sigterm_saves_asynchronously_waits_for_the_commit_and_resumes_bit_identically(tmp_path):
+    exact = {"checkpointer": {"every_n_steps": 4, "async_save": True}}  # overlapped staging, exact resume on
+    straight = run_fit(dirpath=tmp_path / "a", max_steps=20, out=tmp_path / "a.json", **exact)
+    stopped = run_fit(dirpath=tmp_path / "b", max_steps=20, sigterm_at=11, **exact)
+    assert straight.returncode == 0 and stopped.returncode == 0, stopped.stderr[-3000:]
+    assert [(e["step"], e["reason"]) for e in committed(tmp_path / "b").values()][-1] == (11, "preempted")
+    resumed = run_fit(dirpath=tmp_path / "b", max_steps=20, ckpt_path="last", out=tmp_path / "b.json", **exact)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = (json.loads((tmp_path / f"{run}.json").read_text())["losses"] for run in ("a", "b"))
+    assert [s for s, _ in got] == list(range(11, 20)) and got == expected[11:]  # every loss, bit for bit
+    a, b = (torch.load(tmp_path / f"{run}.json.pt", weights_only=True) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
