@@ -6,8 +6,8 @@ knows no Lightning: the caller passes how to take a snapshot, how to write it, a
 
 The steps split in two on purpose: ``snapshot`` must run on the training thread, while ``_execute``
 (write, commit, record, retain) only needs the snapshot, and ``_settle`` is the one collective that
-tells every rank how it went. An asynchronous variant runs ``_execute`` on a worker (one save in
-flight) and calls ``_settle`` for it at the next save or at the end of training.
+tells every rank how it went. The asynchronous variant (async_saves.py) runs ``_execute`` on a
+worker (one save in flight) and calls ``_settle`` for it at the next save or at the end of training.
 """
 
 from __future__ import annotations
