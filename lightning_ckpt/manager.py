@@ -143,9 +143,14 @@ class CheckpointManager:
         self.run_id, self.parent = fresh, resumed
         return True
 
-    def record_save(self, name: str) -> Entry:
-        """Add a just-committed checkpoint to the ledger (from its manifest)."""
+    def entry(self, name: str) -> Entry | None:
+        """The ledger's record of checkpoint ``name`` (None if it has none)."""
+        return next((e for e in self.entries if e.name == name), None)
+
+    def record_save(self, name: str, figures: Mapping[str, float] | None = None) -> Entry:
+        """Add a just-committed checkpoint to the ledger (from its manifest), with what the save cost."""
         entry = Entry.from_manifest(name, read_manifest(self.store, name))
+        entry.figures = dict(figures or {})
         self.entries = [e for e in self.entries if e.name != name] + [entry]
         return entry
 

@@ -6,21 +6,22 @@ knows no Lightning: the caller passes how to take a snapshot, how to write it, a
 
 The steps split in two on purpose: ``snapshot`` must run on the training thread, while ``_execute``
 (write, commit, record, retain) only needs the snapshot, and ``_settle`` is the one collective that
-tells every rank how it went. An asynchronous variant runs ``_execute`` on a worker (one save in
-flight) and calls ``_settle`` for it at the next save or at the end of training.
+tells every rank how it went. The asynchronous variant (async_saves.py) runs ``_execute`` on a
+worker (one save in flight) and calls ``_settle`` for it at the next save or at the end of training.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, StorageError
 from lightning_ckpt.manager import CheckpointManager
 from lightning_ckpt.mirror import Tiering
-from lightning_ckpt.store.ledger import Entry
+from lightning_ckpt.store.ledger import FIG_BLOCKING_S, FIG_WRITE_S, Entry
 
 T = TypeVar("T")
 OnError = Literal["raise", "warn"]
@@ -93,6 +94,15 @@ class SaveOutcome:
 _NO_SAVE = SaveOutcome("", "")
 
 
+@dataclass
+class SaveTiming:
+    """When a save began on the training thread, and (once known) how long it held it and the write took."""
+
+    started: float
+    blocking_s: float | None = None  # None: the save holds training until it is recorded (a sync save)
+    write_s: float = field(default=0.0)
+
+
 class SavePipeline:
     """Saves of one run lineage into one directory, with a collective outcome.
 
@@ -104,10 +114,10 @@ class SavePipeline:
     """
 
     def __init__(self, manager: CheckpointManager, agree: Agree, *, on_error: OnError = "raise",
-                 tiering: Tiering | None = None) -> None:
+                 tiering: Tiering | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_save_error={on_error!r}; use 'raise' (stop training) or 'warn' (train on)")
-        self.manager, self.agree, self.on_error = manager, agree, on_error
+        self.manager, self.agree, self.on_error, self.clock = manager, agree, on_error, clock
         self.tiering = tiering  # rank 0's mirror, if any (the other ranks upload nothing)
 
     def save(self, step: int, *, reason: str, metrics: Mapping[str, Any], snapshot: Snapshot,
@@ -121,14 +131,14 @@ class SavePipeline:
             StorageError: the storage refused the write on some rank (with ``on_error="raise"``).
             CheckpointError, or the original error on the rank it happened on: any other failure.
         """
-        name = self.manager.name_for(step)
-        outcome = SaveOutcome(name, self.manager.path(name))
-        options = {_K_RUN_ID: self.manager.run_id, _K_META: self.manager.manifest_meta(reason, metrics)}
+        timing = SaveTiming(started=self.clock())
+        outcome, options = self._begin(step, reason, metrics)
         try:
             state = snapshot()
         except Exception as err:  # noqa: BLE001 - every rank must learn of it, whatever it is
             return self._settle(outcome, err)
-        return self._settle(outcome, self._execute(name, outcome.path, state, options, write, final))
+        return self._settle(outcome, self._execute(outcome.name, outcome.path, state, options, write, timing,
+                                                   final))
 
     def finish_mirror(self) -> None:
         """End of training: wait for pending uploads (up to the mirror's timeout), record how they
@@ -147,6 +157,12 @@ class SavePipeline:
         if self.tiering is not None:
             self.tiering.close()
 
+    def _begin(self, step: int, reason: str, metrics: Mapping[str, Any]) -> tuple[SaveOutcome, dict[str, Any]]:
+        """The name and path of a save at ``step``, and what its manifest records."""
+        name = self.manager.name_for(step)
+        options = {_K_RUN_ID: self.manager.run_id, _K_META: self.manager.manifest_meta(reason, metrics)}
+        return SaveOutcome(name, self.manager.path(name)), options
+
     def attach_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record metrics logged after the save at ``step`` (a later validation): they may change the
         top-k, so retention runs again. Collective, like a save."""
@@ -160,12 +176,15 @@ class SavePipeline:
         self._settle(_NO_SAVE, failure)
 
     def _execute(self, name: str, path: str, state: Mapping[str, Any], options: Mapping[str, Any],
-                 write: Writer, final: bool) -> BaseException | None:
+                 write: Writer, timing: SaveTiming, final: bool = False) -> BaseException | None:
         """Write and commit, then (rank 0) record, retain and mirror: each only after the one before."""
         try:
+            start = self.clock()
             write(state, path, options)
+            timing.write_s = self.clock() - start
             if self.agree.is_rank_zero:
-                self.manager.record_save(name)
+                blocking_s = timing.blocking_s if timing.blocking_s is not None else self.clock() - timing.started
+                self.manager.record_save(name, figures={FIG_BLOCKING_S: blocking_s, FIG_WRITE_S: timing.write_s})
                 self._retain()
                 if self.tiering is not None:  # queued for upload, in the background
                     self.tiering.after_commit(name, self.manager.run_id, final=final)

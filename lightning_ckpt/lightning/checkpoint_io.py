@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
 
 from lightning_ckpt import engine
-from lightning_ckpt.errors import NotACheckpointError
+from lightning_ckpt.background import BackgroundJob
+from lightning_ckpt.errors import CheckpointWarning, NotACheckpointError
+from lightning_ckpt.staging import Stager
 from lightning_ckpt.store import locate
 from lightning_ckpt.store.local import remote_scheme
 
@@ -27,23 +32,39 @@ class SafetensorsCheckpointIO(CheckpointIO):
     ``last``, top-k deletion and version counter work unchanged; ``ckpt_path`` accepts the name
     with or without ``.ckpt``.
 
+    With ``async_save=True`` a save copies the state into host buffers reused from save to save
+    (training waits for this copy only), and a background thread writes and commits the copy while
+    training goes on. One save is in flight at most: the next one waits for it. A failed background
+    write raises at the next save, at :meth:`wait`, or when the Trainer tears down (the end of
+    ``fit``); a checkpoint ``ModelCheckpoint`` deletes meanwhile is deleted only once the save in
+    flight has committed, and kept if it failed.
+
     Args:
         allow_pickle: pickle values that have no safe representation (and allow unpickling them on
             load). Off by default: nothing is ever pickled or unpickled.
         remote_options: for paths that are fsspec URLs (``s3://...``), the filesystem's options
             (endpoint, credentials, ...); never logged or written.
+        async_save: write in the background (see above).
     """
 
-    def __init__(self, *, allow_pickle: bool = False, remote_options: Mapping[str, Any] | None = None) -> None:
-        self.allow_pickle = allow_pickle
+    def __init__(self, *, allow_pickle: bool = False, remote_options: Mapping[str, Any] | None = None,
+                 async_save: bool = False) -> None:
+        self.allow_pickle, self.async_save = allow_pickle, async_save
         self._remote_options = dict(remote_options) if remote_options else None
+        self._stager = Stager()
+        self._job: BackgroundJob[None] = BackgroundJob()
+        self._removals: list[str] = []  # deletions asked for while a save was in flight
 
     def _options(self, path: str | os.PathLike) -> Mapping[str, Any] | None:
         return self._remote_options if remote_scheme(path) else None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Mapping[str, Any] | None = None) -> None:
-        """Commit ``checkpoint`` at ``path``. ``storage_options`` may carry ``run_id`` and ``meta``."""
+        """Commit ``checkpoint`` at ``path``. ``storage_options`` may carry ``run_id`` and ``meta``.
+
+        Raises:
+            StorageError, CheckpointError: this save failed or, with ``async_save``, the previous one did.
+        """
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise TypeError(f"{type(self).__name__} takes storage_options as a dict with keys "
                             f"{sorted(_OPTION_KEYS)}, got a {type(storage_options).__name__}")
@@ -51,8 +72,44 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if not set(options) <= _OPTION_KEYS:
             raise TypeError(f"{type(self).__name__} takes storage_options keys {sorted(_OPTION_KEYS)}, "
                             f"got {sorted(options)}")
-        engine.save_checkpoint(checkpoint, path, allow_pickle=self.allow_pickle, storage_options=self._options(path),
+        if not self.async_save:
+            self._write(checkpoint, path, options)
+            return
+        self.wait()  # one save in flight; its buffers are about to be refilled
+        staged = self._stager.stage(checkpoint)
+        self._job.submit(partial(self._write, staged.state, os.fspath(path), options))
+
+    def _write(self, state: Mapping[str, Any], path: str | os.PathLike, options: Mapping[str, Any]) -> None:
+        """Encode, write and commit (a seam: tests slow it down or make it fail)."""
+        engine.save_checkpoint(state, path, allow_pickle=self.allow_pickle, storage_options=self._options(path),
                                **options)
+
+    def wait(self) -> None:
+        """Wait until the save in flight (if any) is committed, then delete what was asked meanwhile.
+
+        Raises:
+            StorageError, CheckpointError: the background save failed (nothing of it was committed,
+                and the checkpoints asked to be deleted meanwhile are kept).
+        """
+        removals, self._removals = self._removals, []
+        self._job.collect()
+        for path in removals:
+            self._remove(path)
+
+    def teardown(self) -> None:
+        """Lightning calls this at the end of fit/validate/test, also after an exception: the save in
+        flight is committed before it returns. Its error raises here, unless training already failed:
+        then it is warned about, and the training error is the one that propagates."""
+        training_failed = sys.exc_info()[1] is not None  # Lightning tears down inside its except clause
+        try:
+            self.wait()
+        except Exception as err:
+            if not training_failed:
+                raise
+            warnings.warn(f"{type(self).__name__}: the background save failed too: {err}", CheckpointWarning,
+                          stacklevel=2)
+        finally:
+            self._job.close()
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -64,6 +121,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
             NotACheckpointError: nothing is there (a ``FileNotFoundError``, worded as Lightning's).
             UnsafeCheckpointError: a ``.ckpt`` file that only a full unpickle could read.
         """
+        self.wait()  # it may be the checkpoint in flight
         store, name = locate(path, self._options(path))
         found = Path(store.location(name))
         if found.is_file():
@@ -80,6 +138,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
             ) from None
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
-        """Delete the checkpoint at ``path`` (it disappears from listings at once)."""
+        """Delete the checkpoint at ``path`` (it disappears from listings at once); with a save in flight,
+        once that save has committed."""
+        if self._job.pending:
+            self._removals.append(os.fspath(path))
+            return
+        self._remove(path)
+
+    def _remove(self, path: str | os.PathLike) -> None:
         store, name = locate(path, self._options(path))
         store.delete(name)

@@ -12,25 +12,33 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_ckpt.async_saves import AsyncSavePipeline
+from lightning_ckpt.background import WHEN_BUSY
 from lightning_ckpt.errors import CheckpointWarning
-from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.lightning.hparams_check import check_hparams_storable
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
-from lightning_ckpt.lightning.trainer_io import StrategyAgree, snapshot, write
+from lightning_ckpt.lightning.trainer_io import (
+    StrategyAgree,
+    ensure_safetensors_io,
+    from_rank_zero,
+    log_save_figures,
+    snapshot,
+    write,
+)
 from lightning_ckpt.lineage import newest_lineage
 from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_checkpoint, new_run_id
 from lightning_ckpt.mirror import Mirror, Tiering, download_if_newer
-from lightning_ckpt.pipeline import SavePipeline, decided_on_rank_zero
+from lightning_ckpt.pipeline import SaveOutcome, SavePipeline, decided_on_rank_zero
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store.local import DirectoryLock, LocalStore, local_path
 from lightning_ckpt.store.ledger import Entry
 
 TRAIN_END = "train_end"
 PREEMPTED = "preempted"
+STAGING = ("overlapped", "eager")
 _K_RUN_ID = "run_id"
 
 
@@ -80,6 +88,14 @@ class Checkpointer(ModelCheckpoint):
         allow_pickle: pickle values that have no safe representation (an object in the
             hyper-parameters), passed to the ``SafetensorsCheckpointIO`` this callback installs.
             Off by default; hyper-parameters that need it are refused when ``fit`` starts.
+        async_save: training waits only for a copy of the state into reused host buffers (pinned for
+            CUDA); a background thread writes, commits, records and retains it. One save is in
+            flight; its outcome reaches every rank at the next save or at the end of training.
+        when_busy: with ``async_save``, a save due while the previous one still writes ``"wait"``s
+            for it or is ``"skip"``ped with a warning (never the final or a preemption save).
+        staging: with ``async_save``, ``"overlapped"`` copies weights and optimizer state while the
+            next forward/backward runs (the next optimizer step waits for it), assuming nothing but
+            the optimizer changes them in place between steps; ``"eager"`` copies everything at once.
     """
 
     clock = staticmethod(time.monotonic)  # a seam: tests set an instance attribute instead of sleeping
@@ -105,6 +121,9 @@ class Checkpointer(ModelCheckpoint):
         preemption_exit_code: int | None = 0,
         allow_pickle: bool = False,
         mirror: Mirror | None = None,
+        async_save: bool = False,
+        when_busy: Literal["wait", "skip"] = "wait",
+        staging: Literal["overlapped", "eager"] = "overlapped",
     ) -> None:
         # ModelCheckpoint.__init__ is deliberately not called: we subclass it only so that Lightning
         # treats this callback as one (ckpt_path="last" asks ModelCheckpoint instances, loggers read
@@ -123,6 +142,10 @@ class Checkpointer(ModelCheckpoint):
         if on_save_error not in ("raise", "warn"):
             raise ValueError(f"on_save_error={on_save_error!r}; use 'raise' (stop training) or 'warn' (train on)")
         self.on_save_error, self.preemption_exit_code = on_save_error, preemption_exit_code
+        if when_busy not in WHEN_BUSY or staging not in STAGING:
+            raise ValueError(f"when_busy={when_busy!r}, staging={staging!r}; use when_busy='wait' or 'skip', "
+                             "staging='overlapped' or 'eager'")
+        self.async_save, self.when_busy, self.staging = async_save, when_busy, staging
         self._preemption = SignalFlag(preemption_signals)
         self.allow_pickle = allow_pickle
         if mirror is not None and not isinstance(mirror, Mirror):
@@ -163,7 +186,7 @@ class Checkpointer(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self._resolve_dirpath(trainer)
-        io = _ensure_safetensors_io(trainer, self.allow_pickle)
+        io = ensure_safetensors_io(trainer, self.allow_pickle)
         if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
             self._reader().refresh()
             return
@@ -171,8 +194,7 @@ class Checkpointer(ModelCheckpoint):
         agree = StrategyAgree(trainer)
         self._manager = CheckpointManager(self.dirpath, self._retention, run_id=None)
         self._manager.run_id = decided_on_rank_zero(agree, self._claim_directory)
-        tiering = Tiering(self.mirror, self._manager.store) if self.mirror and agree.is_rank_zero else None
-        self._pipeline = SavePipeline(self._manager, agree, on_error=self.on_save_error, tiering=tiering)
+        self._pipeline = self._new_pipeline(agree)
         self._inherited_run_id = None
         self._manager.refresh()
         if self.exact_resume:
@@ -191,6 +213,8 @@ class Checkpointer(ModelCheckpoint):
             rank_zero_info("Checkpointer: with several ranks, preemption signals are left to Lightning's handler")
         if trainer.ckpt_path is not None:  # resumed: the step we start from is saved already
             self._last_saved_step = trainer.global_step
+        if self.async_save:
+            self._pipeline.guard(trainer.optimizers)
         foreign = self._manager.foreign_runs()
         if foreign and trainer.is_global_zero:
             warnings.warn(f"{self.dirpath} holds checkpoints of other runs ({', '.join(sorted(foreign))}); this run "
@@ -203,7 +227,7 @@ class Checkpointer(ModelCheckpoint):
         reason = self._schedule.on_step(step, now=self.clock(), start_time=self._start_time,
                                         last_saved_step=self._last_saved_step, last_save_time=self._last_save_time)
         if self._schedule.every_seconds is not None:
-            reason = _from_rank_zero(trainer, reason)  # clocks differ across ranks; a save is collective
+            reason = from_rank_zero(trainer, reason)  # clocks differ across ranks; a save is collective
         if stepped and reason:
             self._save(trainer, reason)
         self._at_step_boundary = stepped
@@ -234,6 +258,8 @@ class Checkpointer(ModelCheckpoint):
         self._save_if_preempted(trainer)  # a signal after the last training batch (the final validation)
         if self.save_on_train_end and not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, TRAIN_END)
+        if self.async_save:  # the end of training waits for the save in flight; every rank learns of it
+            self._after_save(trainer, self._pipeline.finish())
         self._pipeline.finish_mirror()  # the end of fit waits for pending uploads, up to Mirror(timeout=)
         if self._val_limit is not None:  # set aside by _stop_now; a later trainer.validate() needs it
             trainer.limit_val_batches, self._val_limit = self._val_limit, None
@@ -245,12 +271,17 @@ class Checkpointer(ModelCheckpoint):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._catching and self._preemption.received is not None:
             self._preempted = True  # after training ended: the final save (save_on_train_end) stands for it
+        if isinstance(self._pipeline, AsyncSavePipeline):
+            self._pipeline.close()
         self._release()
         if self._preempted and stage == "fit":
             finish_preemption(trainer, self._preemption.received, self._last_saved_step, self.preemption_exit_code)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Only let go: what was committed is safe, and a torn save is never listed."""
+        """Only let go (once a save in flight has committed): what was committed is safe, and a torn
+        save is never listed."""
+        if isinstance(self._pipeline, AsyncSavePipeline):
+            self._pipeline.abandon()
         self._release()
         if self._pipeline is not None:
             self._pipeline.close_mirror()  # no waiting for queued uploads: they stay local
@@ -359,14 +390,32 @@ class Checkpointer(ModelCheckpoint):
                            "of the run it left are kept but never 'last' again")
 
     def _save(self, trainer: L.Trainer, reason: str) -> None:
-        outcome = self._pipeline.save(trainer.global_step, reason=reason, metrics=self._fresh_metrics(trainer),
+        step = trainer.global_step
+        if self.async_save and reason in (TRAIN_END, PREEMPTED):  # never skipped: wait for the save in flight
+            self._after_save(trainer, self._pipeline.finish())
+        outcome = self._pipeline.save(step, reason=reason, metrics=self._fresh_metrics(trainer),
                                       snapshot=partial(snapshot, trainer), write=partial(write, trainer),
                                       final=reason in (TRAIN_END, PREEMPTED))
-        if not outcome.committed:  # every rank warned; nothing was committed, nothing deleted
-            return
-        self._last_saved_step, self._last_save_time = trainer.global_step, self.clock()
+        committed = self._after_save(trainer, outcome)  # async: the previous save's, settled now
+        if committed if not self.async_save else self._pipeline.last_started == step:
+            self._last_saved_step, self._last_save_time = step, self.clock()
+
+    def _after_save(self, trainer: L.Trainer, outcome: SaveOutcome | None) -> bool:
+        """Loggers hear of a committed save: its figures, then ``after_save_checkpoint``. A failed one
+        (every rank warned) committed nothing and deleted nothing."""
+        if outcome is None or not outcome.committed:
+            return False
+        log_save_figures(trainer, self._manager.entry(outcome.name))
         for logger in trainer.loggers:
             logger.after_save_checkpoint(self)
+        return True
+
+    def _new_pipeline(self, agree: StrategyAgree) -> SavePipeline:
+        tiering = Tiering(self.mirror, self._manager.store) if self.mirror and agree.is_rank_zero else None
+        if not self.async_save:
+            return SavePipeline(self._manager, agree, on_error=self.on_save_error, tiering=tiering)
+        return AsyncSavePipeline(self._manager, agree, on_error=self.on_save_error, tiering=tiering,
+                                 when_busy=self.when_busy, overlap=self.staging == STAGING[0])
 
     def _fresh_metrics(self, trainer: L.Trainer) -> dict[str, Any]:
         """The logged metrics, less a monitored value from an earlier validation: it would rank this
@@ -409,25 +458,6 @@ class Checkpointer(ModelCheckpoint):
             warnings.warn(f"Checkpointer(monitor={self.monitor!r}): that metric was not logged by this validation "
                           f"(logged: {logged}); checkpoints cannot be ranked by it. Log it with self.log("
                           f"{self.monitor!r}, ...) or fix monitor=", CheckpointWarning, stacklevel=2)
-
-
-def _from_rank_zero(trainer: L.Trainer, value: Any) -> Any:
-    return trainer.strategy.broadcast(value, src=0) if trainer.world_size > 1 else value
-
-
-def _ensure_safetensors_io(trainer: L.Trainer, allow_pickle: bool) -> SafetensorsCheckpointIO:
-    io = trainer.strategy.checkpoint_io
-    if isinstance(io, SafetensorsCheckpointIO):
-        if allow_pickle and not io.allow_pickle:
-            raise ValueError("Checkpointer(allow_pickle=True), but the Trainer's SafetensorsCheckpointIO has "
-                             "allow_pickle=False; pass SafetensorsCheckpointIO(allow_pickle=True) to the Trainer")
-        return io
-    if type(io) is not TorchCheckpointIO:
-        raise ValueError(f"Checkpointer writes with SafetensorsCheckpointIO, but the Trainer has {type(io).__name__}; "
-                         "pass plugins=[SafetensorsCheckpointIO()] to the Trainer")
-    trainer.strategy.checkpoint_io = io = SafetensorsCheckpointIO(allow_pickle=allow_pickle)
-    rank_zero_info("Checkpointer: using SafetensorsCheckpointIO for this Trainer's checkpoints")
-    return io
 
 
 def _ensure_exact_resume(trainer: L.Trainer) -> None:

@@ -7,8 +7,20 @@ from typing import Any, TypeVar
 
 import lightning as L
 import torch.distributed as dist
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
+from lightning_ckpt.store.ledger import FIG_BLOCKING_S, FIG_WRITE_S, Entry
 
 T = TypeVar("T")
+# What the loggers receive for each committed save (the ledger keeps the figures under FIG_* keys).
+LOG_BLOCKING_S = "checkpoint/blocking_s"
+LOG_WRITE_S = "checkpoint/write_s"
+LOG_BYTES = "checkpoint/bytes"
+LOG_THROUGHPUT = "checkpoint/throughput_mib_s"
+LOG_STEP = "checkpoint/step"
+_MIB = float(1 << 20)
 
 
 class StrategyAgree:
@@ -54,3 +66,44 @@ def write(trainer: L.Trainer, state: Mapping[str, Any], path: str, options: Mapp
     """The strategy's write (rank 0 under DDP), through the Trainer's CheckpointIO, without its barrier."""
     with trainer.profiler.profile("save_checkpoint"):
         trainer.strategy.save_checkpoint(dict(state), path, storage_options=dict(options))
+
+
+def log_save_figures(trainer: L.Trainer, entry: Entry | None) -> None:
+    """Log what a committed save cost to the Trainer's loggers (rank 0 logs): the training thread's
+    stall, the write, the bytes and their rate; logged at the current step, with the saved one."""
+    if entry is None or not entry.figures:
+        return
+    write_s = entry.figures.get(FIG_WRITE_S, 0.0)
+    metrics = {LOG_BLOCKING_S: entry.figures.get(FIG_BLOCKING_S, 0.0), LOG_WRITE_S: write_s,
+               LOG_BYTES: float(entry.size), LOG_THROUGHPUT: entry.size / _MIB / write_s if write_s > 0 else 0.0,
+               LOG_STEP: float(entry.step)}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def from_rank_zero(trainer: L.Trainer, value: T) -> T:
+    """Rank 0's ``value`` on every rank (a collective under several ranks)."""
+    return trainer.strategy.broadcast(value, src=0) if trainer.world_size > 1 else value
+
+
+def ensure_safetensors_io(trainer: L.Trainer, allow_pickle: bool) -> SafetensorsCheckpointIO:
+    """The Trainer's SafetensorsCheckpointIO, installed in place of the default CheckpointIO if need be.
+
+    Raises:
+        ValueError: another CheckpointIO, an async one, or one without the ``allow_pickle`` asked for.
+    """
+    io = trainer.strategy.checkpoint_io
+    if isinstance(io, SafetensorsCheckpointIO) and io.async_save:
+        raise ValueError("Checkpointer records a save once it is committed, but SafetensorsCheckpointIO(async_save="
+                         "True) returns before that; use Checkpointer(async_save=True) with SafetensorsCheckpointIO()")
+    if isinstance(io, SafetensorsCheckpointIO):
+        if allow_pickle and not io.allow_pickle:
+            raise ValueError("Checkpointer(allow_pickle=True), but the Trainer's SafetensorsCheckpointIO has "
+                             "allow_pickle=False; pass SafetensorsCheckpointIO(allow_pickle=True) to the Trainer")
+        return io
+    if type(io) is not TorchCheckpointIO:
+        raise ValueError(f"Checkpointer writes with SafetensorsCheckpointIO, but the Trainer has {type(io).__name__}; "
+                         "pass plugins=[SafetensorsCheckpointIO()] to the Trainer")
+    trainer.strategy.checkpoint_io = io = SafetensorsCheckpointIO(allow_pickle=allow_pickle)
+    rank_zero_info("Checkpointer: using SafetensorsCheckpointIO for this Trainer's checkpoints")
+    return io

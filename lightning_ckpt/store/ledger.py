@@ -34,6 +34,8 @@ MIRROR_TIER = "mirror"  # the Mirror's URL
 META_METRICS = "metrics"
 META_REASON = "reason"
 META_PARENT = "parent"  # the checkpoint a branch resumed from (see manager.decide_lineage)
+FIG_BLOCKING_S = "blocking_s"  # keys of Entry.figures: how long training waited for the save ...
+FIG_WRITE_S = "write_s"  # ... and how long encoding, writing and committing took
 _K_VERSION = "ledger_version"
 _K_ENTRIES = "checkpoints"
 
@@ -67,6 +69,7 @@ class Entry:
     tiers: list[str] = field(default_factory=lambda: [LOCAL_TIER])  # which tiers hold it
     mirror_error: str | None = None  # why its upload was given up, if it was
     parent: str | None = None
+    figures: dict[str, float] = field(default_factory=dict)  # FIG_* keys; empty for saves recorded from manifests
 
     @classmethod
     def from_manifest(cls, name: str, m: Manifest) -> Entry:

@@ -96,3 +96,14 @@ def test_the_mirror_under_ddp_uploads_from_rank_0_and_every_rank_knows_the_tiers
     assert sorted(n for n in os.listdir(mirror) if n.startswith("step=")) == saved
     assert all(rows[0]["tiers"][n] == ["mirror"] for n in saved if n not in kept), rows[0]["tiers"]
     assert not any(r["warned"] for r in rows), rows
+
+
+@pytest.mark.timeout(400)
+def test_an_async_save_that_fails_on_rank_0_raises_on_every_rank_at_the_next_save(tmp_path):
+    root = tmp_path / "c"
+    rows, result = ddp_fit(root, 10, "--fail-step", 6, "--async-save", returncode=None)
+    assert result.returncode != 0  # and no hang: the background failure reached rank 1 too
+    errors = {r["rank"]: r.get("error", "") for r in rows}
+    assert all("StorageError" in e and "step=000000006" in e and "No space left" in e for e in errors.values()), errors
+    assert "rank 0" in errors[1]
+    assert committed_steps(root) == [3, 4]  # saved at 3, best-at-4 metrics kept; nothing after the failure
