@@ -55,7 +55,8 @@ def machine() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "memory_gib": round(int(mem) / 2**20, 1) if mem != "?" else "?", "torch": torch.__version__,
             "lightning": lightning.__version__, "safetensors": safetensors.__version__,
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def main() -> None:

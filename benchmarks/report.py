@@ -130,13 +130,16 @@ def write_report(results: dict, machine: dict, args: argparse.Namespace, path: P
         f"Written by `python benchmarks/bench.py --mb {args.mb} --repeat {args.repeat}` on "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. State: {size / MiB:.0f} MiB "
         f"(weights + two AdamW moments), median of {args.repeat}; loads read from the page cache.", "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None), "",
         *table(results), "",
         "## Goals (issue 10)", "",
         "| goal | measured | verdict |", "| --- | --- | --- |",
         *(f"| {g} | {m} | {v} |" for g, m, v in goal_rows), "",
         "Durability costs the difference between our save and the same bytes written without fsync; "
-        "it stays on.",
+        "it stays on.", "",
+        "CUDA: " + (f"measured on {machine['gpu']}." if machine.get("gpu") else
+                    "no GPU on this machine, so the CUDA path (pinned staging buffers, the device-to-host "
+                    "snapshot) is not measured here; the figures above are CPU tensors."),
     ]
     if plot(results, path.with_name("results.png")):
         lines += ["", "![median times](results.png)"]

@@ -7,17 +7,16 @@ import time
 import warnings
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.async_saves import AsyncSavePipeline
 from lightning_ckpt.background import WHEN_BUSY
 from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.lightning.checkpoint_view import ModelCheckpointView
 from lightning_ckpt.lightning.hparams_check import check_hparams_storable
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.lightning.trainer_io import (
@@ -28,12 +27,11 @@ from lightning_ckpt.lightning.trainer_io import (
     snapshot,
     write,
 )
-from lightning_ckpt.lineage import newest_lineage
-from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_checkpoint, new_run_id
-from lightning_ckpt.mirror import Mirror, Tiering, download_if_newer
+from lightning_ckpt.manager import CheckpointManager, new_run_id
+from lightning_ckpt.mirror import Mirror, Tiering
 from lightning_ckpt.pipeline import SaveOutcome, SavePipeline, decided_on_rank_zero
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
-from lightning_ckpt.store.local import DirectoryLock, LocalStore, local_path
+from lightning_ckpt.store.local import DirectoryLock, local_path
 from lightning_ckpt.store.ledger import Entry
 
 TRAIN_END = "train_end"
@@ -42,7 +40,7 @@ STAGING = ("overlapped", "eager")
 _K_RUN_ID = "run_id"
 
 
-class Checkpointer(ModelCheckpoint):
+class Checkpointer(ModelCheckpointView, ModelCheckpoint):
     """Save every N steps / epochs / seconds, keep the K newest + top-K + milestones, resume exactly.
 
     A drop-in for ``ModelCheckpoint``: ``trainer.fit(ckpt_path="last")`` resumes from the newest
@@ -300,56 +298,6 @@ class Checkpointer(ModelCheckpoint):
         """A resumed run inherits the lineage of the checkpoint it resumes from (or branches off it)."""
         self._inherited_run_id = state_dict.get(_K_RUN_ID) or None
 
-    # -- what Lightning asks of a ModelCheckpoint: this run's lineage (before a fit, the newest branch's)
-
-    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        dirpath = self._resolve_dirpath(trainer)
-        manager = self._manager
-        if manager is None or manager.run_id is None or manager.store.root != Path(dirpath):
-            if self.mirror is not None:  # a newer checkpoint only the mirror holds comes down first
-                download_if_newer(LocalStore(dirpath), self.mirror)
-            path = latest_checkpoint(dirpath)
-            return {path} if path else set()
-        entry = last_entry(manager.entries, manager.store, manager.run_id)
-        return {manager.path(entry.name)} if entry else set()
-
-    @property
-    def best_model_path(self) -> str:
-        if self._best_override is not None:
-            return self._best_override
-        entry = self._best_entry()
-        return self._reader().path(entry.name) if entry else ""
-
-    @best_model_path.setter
-    def best_model_path(self, value: str) -> None:  # Lightning's spawn launchers copy it back from workers
-        self._best_override = value
-
-    @property
-    def best_model_score(self) -> torch.Tensor | None:
-        entry = self._best_entry()
-        value = entry.metrics.get(self.monitor) if entry and self.monitor else None
-        return torch.tensor(value) if value is not None else None
-
-    @property
-    def last_model_path(self) -> str:
-        lineage = self._lineage()
-        return self._reader().path(lineage[0].name) if lineage else ""
-
-    @property
-    def current_score(self) -> torch.Tensor | None:
-        lineage = self._lineage()
-        value = lineage[0].metrics.get(self.monitor) if lineage and self.monitor else None
-        return torch.tensor(value) if value is not None else None
-
-    @property
-    def best_k_models(self) -> dict[str, torch.Tensor]:
-        if not self.monitor:
-            return {}
-        kept = [e for e in self._lineage() if e.metrics.get(self.monitor) is not None]
-        kept.sort(key=lambda e: e.metrics[self.monitor], reverse=self.mode == "max")
-        reader = self._reader()
-        return {reader.path(e.name): torch.tensor(e.metrics[self.monitor]) for e in kept[: self.save_top_k]}
-
     # -- internals -------------------------------------------------------------------------------
 
     def _save_if_preempted(self, trainer: L.Trainer) -> bool:
@@ -427,29 +375,6 @@ class Checkpointer(ModelCheckpoint):
 
     def _resolve_dirpath(self, trainer: L.Trainer) -> str:
         return self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
-
-    def _reader(self) -> CheckpointManager:
-        """The manager answering "best"/"last": this run's after a fit, else a reader of the directory."""
-        if self._manager is None or (self.dirpath is not None and self._manager.store.root != Path(self.dirpath)):
-            self._manager = CheckpointManager(self.dirpath or ".", self._retention, run_id=None)
-            if self.dirpath is not None:
-                self._manager.refresh()
-        return self._manager
-
-    def _lineage(self) -> list[Entry]:
-        """This run's checkpoints, newest first, with those it branched from; before a fit, the newest branch's."""
-        manager = self._reader()
-        return newest_lineage(manager.entries, manager.run_id)
-
-    def _best_entry(self) -> Entry | None:
-        # Verified once per change of the ledger, not per access: loggers read best_model_path often.
-        manager = self._reader()
-        if self._best_cache is None or self._best_cache[0] != manager.revision:
-            lineage = self._lineage()
-            best = best_entry(lineage, manager.store, self.monitor, self.mode) if self.monitor else (
-                lineage[0] if lineage else None)
-            self._best_cache = (manager.revision, best)
-        return self._best_cache[1]
 
     def _warn_if_monitor_missing(self, trainer: L.Trainer) -> None:
         if self.monitor and self.monitor not in trainer.callback_metrics and not self._warned_monitor:

@@ -1,0 +1,110 @@
+"""What Lightning and the loggers ask of a ``ModelCheckpoint`` (best, last, scores), answered from the
+ledger for the ``Checkpointer``: this run's lineage after a fit, the newest branch's before one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+
+from lightning_ckpt.lineage import newest_lineage
+from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_checkpoint
+from lightning_ckpt.mirror import download_if_newer
+from lightning_ckpt.store.ledger import Entry
+from lightning_ckpt.store.local import LocalStore
+
+if TYPE_CHECKING:
+    from lightning_ckpt.mirror import Mirror
+    from lightning_ckpt.policy import RetentionConfig
+
+
+class ModelCheckpointView:
+    """A mixin of the ``Checkpointer``: the attributes Lightning reads from a ``ModelCheckpoint``
+    (``best_model_path``, ``last_model_path``, ...), with the verified best cached per ledger change."""
+
+    dirpath: str | None
+    monitor: str | None
+    mode: str
+    save_top_k: int
+    mirror: Mirror | None
+    _manager: CheckpointManager | None
+    _retention: RetentionConfig
+    _best_override: str | None
+    _best_cache: tuple[int, Entry | None] | None
+    _resolve_dirpath: Callable[[L.Trainer], str]  # the Checkpointer's
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        dirpath = self._resolve_dirpath(trainer)
+        manager = self._manager
+        if manager is None or manager.run_id is None or manager.store.root != Path(dirpath):
+            if self.mirror is not None:  # a newer checkpoint only the mirror holds comes down first
+                download_if_newer(LocalStore(dirpath), self.mirror)
+            path = latest_checkpoint(dirpath)
+            return {path} if path else set()
+        entry = last_entry(manager.entries, manager.store, manager.run_id)
+        return {manager.path(entry.name)} if entry else set()
+
+    @property
+    def best_model_path(self) -> str:
+        if self._best_override is not None:
+            return self._best_override
+        entry = self._best_entry()
+        return self._reader().path(entry.name) if entry else ""
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:  # Lightning's spawn launchers copy it back from workers
+        self._best_override = value
+
+    @property
+    def best_model_score(self) -> torch.Tensor | None:
+        entry = self._best_entry()
+        value = entry.metrics.get(self.monitor) if entry and self.monitor else None
+        return torch.tensor(value) if value is not None else None
+
+    @property
+    def last_model_path(self) -> str:
+        lineage = self._lineage()
+        return self._reader().path(lineage[0].name) if lineage else ""
+
+    @property
+    def current_score(self) -> torch.Tensor | None:
+        lineage = self._lineage()
+        value = lineage[0].metrics.get(self.monitor) if lineage and self.monitor else None
+        return torch.tensor(value) if value is not None else None
+
+    @property
+    def best_k_models(self) -> dict[str, torch.Tensor]:
+        if not self.monitor:
+            return {}
+        kept = [e for e in self._lineage() if e.metrics.get(self.monitor) is not None]
+        kept.sort(key=lambda e: e.metrics[self.monitor], reverse=self.mode == "max")
+        reader = self._reader()
+        return {reader.path(e.name): torch.tensor(e.metrics[self.monitor]) for e in kept[: self.save_top_k]}
+
+    # -- reading the ledger --------------------------------------------------------------------
+
+    def _reader(self) -> CheckpointManager:
+        """The manager answering "best"/"last": this run's after a fit, else a reader of the directory."""
+        if self._manager is None or (self.dirpath is not None and self._manager.store.root != Path(self.dirpath)):
+            self._manager = CheckpointManager(self.dirpath or ".", self._retention, run_id=None)
+            if self.dirpath is not None:
+                self._manager.refresh()
+        return self._manager
+
+    def _lineage(self) -> list[Entry]:
+        """This run's checkpoints, newest first, with those it branched from; before a fit, the newest branch's."""
+        manager = self._reader()
+        return newest_lineage(manager.entries, manager.run_id)
+
+    def _best_entry(self) -> Entry | None:
+        # Verified once per change of the ledger, not per access: loggers read best_model_path often.
+        manager = self._reader()
+        if self._best_cache is None or self._best_cache[0] != manager.revision:
+            lineage = self._lineage()
+            best = best_entry(lineage, manager.store, self.monitor, self.mode) if self.monitor else (
+                lineage[0] if lineage else None)
+            self._best_cache = (manager.revision, best)
+        return self._best_cache[1]
