@@ -16,7 +16,7 @@ import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
-from lightning_ckpt.store import locate, read_verified, verify
+from lightning_ckpt.store import Store, locate, read_manifest, read_verified, verify
 
 _VERSIONED_PACKAGES = ("lightning-ckpt", "torch", "safetensors", "lightning", "numpy")
 
@@ -64,14 +64,17 @@ def commit_encoded(files: Mapping[str, Blob], state: Mapping[str, Any], path: st
 
     The second half of :func:`save_checkpoint`, for callers that stream the blobs (``convert``).
     """
-    unsealed = Manifest(
-        files={}, step=_int_or_none(state.get("global_step")), epoch=_int_or_none(state.get("epoch")), run_id=run_id,
-        versions=library_versions(), meta=dict(meta or {}),
-    )
+    unsealed = Manifest(files={}, versions=library_versions(), **manifest_fields(state, run_id, meta))
     store, name = locate(path, storage_options)
     # The checksums are taken while the files are written, so the manifest is sealed by the store.
     written = store.write(name, files, lambda entries: dataclasses.replace(unsealed, files=entries).to_bytes())
     return dataclasses.replace(unsealed, files=written)
+
+
+def manifest_fields(state: Mapping[str, Any], run_id: str | None, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a manifest records about the state it commits: its step and epoch, lineage and facts."""
+    return {"step": _int_or_none(state.get("global_step")), "epoch": _int_or_none(state.get("epoch")),
+            "run_id": run_id, "meta": dict(meta or {})}
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None, allow_pickle: bool = False,
@@ -90,6 +93,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None, allow_
         UnsafeCheckpointError: it holds pickled values and ``allow_pickle`` is False.
     """
     store, name = locate(path, storage_options)
+    if _is_sharded(store, name):
+        from lightning_ckpt.distributed.sharded import load_consolidated  # torch.distributed loads only if needed
+
+        return load_consolidated(store, name, allow_pickle=allow_pickle, map_location=map_location)
     _, files = read_verified(store, name)
     return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name))
@@ -122,6 +129,12 @@ def verify_checkpoint(path: str | os.PathLike, *, storage_options: Mapping[str, 
     """Check every file of a checkpoint (a path or a URL) against its manifest; returns the manifest if all match."""
     store, name = locate(path, storage_options)
     return verify(store, name)
+
+
+def _is_sharded(store: Store, name: str) -> bool:
+    from lightning_ckpt.distributed.sharded import is_sharded
+
+    return is_sharded(read_manifest(store, name))
 
 
 def _int_or_none(value: Any) -> int | None:

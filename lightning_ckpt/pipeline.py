@@ -238,6 +238,23 @@ def decided_on_rank_zero(agree: Agree, decide: Callable[[], T]) -> T:
     raise failure.error()
 
 
+def all_ranks(agree: Agree, work: Callable[[], T]) -> list[T]:
+    """Every rank runs ``work``; every rank returns all results by rank, or raises if any rank failed
+    (its own error on the rank it happened on, a CheckpointError naming it on the others): never a hang."""
+    local: BaseException | None = None
+    try:
+        mine: tuple[Any, Failure | None] = (work(), None)
+    except Exception as err:  # noqa: BLE001 - every rank must learn of it
+        local, mine = err, (None, _failure(err))
+    reports = agree.gather(mine)
+    failures = [_with_rank(f, rank) for rank, (_, f) in enumerate(reports) if f is not None]
+    if local is not None:
+        raise local
+    if failures:
+        raise failures[0].error()
+    return [value for value, _ in reports]
+
+
 def _failure(err: BaseException) -> Failure:
     return Failure(rank=-1, kind=type(err).__name__, message=str(err), storage=isinstance(err, StorageError))
 

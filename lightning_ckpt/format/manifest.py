@@ -46,8 +46,9 @@ _K_VERSIONS = "versions"
 _K_META = "meta"
 _K_SELF_DIGEST = "manifest_digest"  # always the last key; the digest is taken with its value zeroed
 _UNSET_DIGEST = "0" * 32
-# A listed file is a plain name inside the checkpoint directory: no path, no hidden file, no NUL.
-_FILE_NAME = re.compile(r"[\w-][\w.-]{0,127}", re.ASCII)
+# A listed file is a plain name inside the checkpoint directory, or inside one folder of it (a sharded
+# checkpoint's ``shards/``): no other path, no hidden file or folder (so no ``..``), no NUL.
+_FILE_NAME = re.compile(r"([\w-][\w.-]{0,127}/)?[\w-][\w.-]{0,127}", re.ASCII)
 
 
 def digest(data: bytes | memoryview) -> str:

@@ -7,6 +7,9 @@ Layout (documented in docs/FORMAT.md):
 - ``optimizer.safetensors``: the tensors of ``optimizer_states``.
 - ``state.safetensors``: every other tensor (schedulers, loops, callbacks, numpy arrays).
 - ``state.json``: the rest of the state, type-exact, with references to the tensors.
+- ``shards/``: a sharded checkpoint's DTensors, one safetensors file per rank (written by
+  torch.distributed.checkpoint, see :mod:`lightning_ckpt.distributed`); ``state.json`` refers to
+  each by its key path (``shards:state_dict/layer.weight``), and the ranks' chunks of it are joined on load.
 
 Tensors that are the same view of the same storage (tied weights) are stored once and come back as
 one tensor object, so the sharing survives; any other view is stored as its own values.
@@ -15,6 +18,7 @@ one tensor object, so the sharing survives; any other view is stored as its own 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +37,7 @@ STATE_FILE = "state.json"
 # The top-level key of the checkpoint dict whose tensors go to each file; the rest go to EXTRA.
 _FILE_FOR_TOP_KEY = {"state_dict": MODEL_FILE, "optimizer_states": OPTIMIZER_FILE}
 _REF_SEP = ":"  # a reference is "<file>:<tensor key>"; file names never hold a colon
+SHARDED_REF = "shards"  # the "file" part of a reference to a sharded tensor (a DTensor at save time)
 _META_ALIASES = "aliases"
 _K_SKELETON = "state"
 _K_PICKLED = "pickled"
@@ -45,9 +50,16 @@ class _TensorTable:
 
     files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     aliases: dict[str, dict[str, str]] = field(default_factory=dict)
+    sharded: dict[str, torch.Tensor] | None = None  # when collecting DTensors: their key -> the DTensor
     _seen: dict[tuple, str] = field(default_factory=dict)
 
     def add(self, path: tuple, tensor: torch.Tensor) -> str:
+        if self.sharded is not None and is_dtensor(tensor):
+            key = sharded_key(path)
+            if key in self.sharded:
+                raise UnsupportedTypeError(f"{describe_path(path)}: two sharded tensors share the key {key!r}")
+            self.sharded[key] = tensor
+            return f"{SHARDED_REF}{_REF_SEP}{key}"
         _check_storable(path, tensor)
         file = _FILE_FOR_TOP_KEY.get(path[0], EXTRA_TENSORS_FILE) if path else EXTRA_TENSORS_FILE
         table = self.files.setdefault(file, {})
@@ -76,11 +88,26 @@ def _check_storable(path: tuple, tensor: torch.Tensor) -> None:
         problem = "a meta tensor (no data)"
     elif tensor.dtype not in SUPPORTED_DTYPES:
         problem = f"of dtype {tensor.dtype}, which safetensors cannot store"
+    elif is_dtensor(tensor):
+        problem = ("a sharded tensor (DTensor); sharded state is saved by Checkpointer under ModelParallelStrategy "
+                   "(lightning_ckpt.distributed.save_sharded), or gather it with .full_tensor() first")
     elif type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         problem = f"a tensor subclass ({type(tensor).__qualname__})"
     if problem:
         raise UnsupportedTypeError(f"{describe_path(path)} is {problem}; convert it to a dense tensor of a "
                                    "standard dtype in on_save_checkpoint, or leave it out of the checkpoint")
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (its module loads only if in use)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def sharded_key(path: tuple) -> str:
+    """The key of a sharded tensor at ``path`` (``state_dict/layer.weight``): the same for the state
+    saved and for the live state a resume loads into, whatever the world size."""
+    return "/".join(str(part) for part in path)
 
 
 def _tensor_key(path: tuple, file: str) -> str:
@@ -107,12 +134,15 @@ def _standalone(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
-def encode_state(state: Mapping[str, Any], *, allow_pickle: bool = False) -> dict[str, Blob]:
+def encode_state(state: Mapping[str, Any], *, allow_pickle: bool = False,
+                 sharded: dict[str, torch.Tensor] | None = None) -> dict[str, Blob]:
     """Turn a checkpoint dict into the bytes of its files (manifest excluded).
 
     Args:
         state: the nested checkpoint dict (a Lightning checkpoint, or any state).
         allow_pickle: pickle leaves of unsupported types instead of refusing them.
+        sharded: collect the DTensors here (key -> DTensor) instead of refusing them; ``state.json``
+            refers to each by its key, and the caller writes them (``lightning_ckpt.distributed``).
 
     Returns:
         File name -> its bytes, for every file of the checkpoint but the manifest. The safetensors
@@ -122,7 +152,7 @@ def encode_state(state: Mapping[str, Any], *, allow_pickle: bool = False) -> dic
     Raises:
         UnsupportedTypeError: a leaf cannot be stored without pickling (the message names its key path).
     """
-    table = _TensorTable()
+    table = _TensorTable(sharded=sharded)
     encoder = Encoder(sink=table.add, allow_pickle=allow_pickle)
     skeleton = encoder.encode(dict(state) if type(state) is not dict else state)
     doc = {_K_SKELETON: skeleton, _K_PICKLED: encoder.pickled_paths}
@@ -146,7 +176,8 @@ def check_encodable(state: Mapping[str, Any], *, allow_pickle: bool = False) -> 
 
 
 def decode_state(files: Mapping[str, Buffer], *, allow_pickle: bool = False,
-                 device: torch.device | str | None = None, where: str = "") -> dict[str, Any]:
+                 device: torch.device | str | None = None, where: str = "",
+                 sharded: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, Any]:
     """Rebuild a checkpoint dict from the bytes of its files; the inverse of :func:`encode_state`.
 
     Args:
@@ -156,6 +187,7 @@ def decode_state(files: Mapping[str, Buffer], *, allow_pickle: bool = False,
         allow_pickle: unpickle leaves saved with ``allow_pickle=True``.
         device: where to put the tensors (CPU when None).
         where: the checkpoint location, for error messages.
+        sharded: a sharded checkpoint's tensors by key, already read (``lightning_ckpt.distributed``).
 
     Raises:
         CorruptCheckpointError: a file cannot be parsed or a reference points nowhere.
@@ -166,7 +198,7 @@ def decode_state(files: Mapping[str, Buffer], *, allow_pickle: bool = False,
         skeleton = doc[_K_SKELETON]
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, RecursionError) as err:
         raise CorruptCheckpointError(f"{where}/{STATE_FILE}: unreadable ({err!r})") from err
-    source = _TensorSource(files, device, where)
+    source = _TensorSource(files, device, where, sharded or {})
     decoder = Decoder(source=source, allow_pickle=allow_pickle, where=f"{where}/{STATE_FILE}")
     try:
         return decoder.decode(skeleton)
@@ -181,12 +213,18 @@ class _TensorSource:
     files: Mapping[str, Buffer]
     device: torch.device | str | None
     where: str
+    sharded: Mapping[str, torch.Tensor | None]
     _tables: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    def __call__(self, ref: str) -> torch.Tensor:
+    def __call__(self, ref: str) -> torch.Tensor | None:
         if not isinstance(ref, str) or _REF_SEP not in ref:
             raise CorruptCheckpointError(f"{self.where}/{STATE_FILE}: bad tensor reference {ref!r}")
         file, _, key = ref.partition(_REF_SEP)
+        if file == SHARDED_REF:
+            if key not in self.sharded:
+                raise CorruptCheckpointError(f"{self.where}/{STATE_FILE}: sharded tensor {key!r} was not read (it "
+                                             "is not in the shards, or the state loaded into has no such tensor)")
+            return self.sharded[key]
         table = self._tables.get(file)
         if table is None:
             table = self._tables[file] = self._load(file)

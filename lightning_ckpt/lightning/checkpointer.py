@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -185,6 +186,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self._resolve_dirpath(trainer)
         io = ensure_safetensors_io(trainer, self.allow_pickle)
+        self._route_sharded(trainer, io.allow_pickle)
         if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
             self._reader().refresh()
             return
@@ -197,6 +199,17 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         self._manager.refresh()
         if self.exact_resume:
             _ensure_exact_resume(trainer)
+
+    def _route_sharded(self, trainer: L.Trainer, allow_pickle: bool) -> None:
+        """Under ModelParallelStrategy, saves and resumes are sharded (every rank writes its shards)."""
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        if self.async_save:
+            raise ValueError("Checkpointer(async_save=True) does not support ModelParallelStrategy yet: its sharded "
+                             "save is a collective that cannot run beside training's; use async_save=False")
+        from lightning_ckpt.lightning.sharded_io import route_sharded_io  # loads torch.distributed.checkpoint
+
+        route_sharded_io(trainer, allow_pickle=allow_pickle)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_lineage(trainer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +82,10 @@ def read_manifest(store: Store, name: str) -> Manifest:
     return Manifest.from_bytes(data, where)
 
 
-def read_verified(store: Store, name: str) -> tuple[Manifest, dict[str, memoryview]]:
-    """Read every file of a checkpoint, checking each against the manifest as it is read.
+def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None = None
+                  ) -> tuple[Manifest, dict[str, memoryview]]:
+    """Read every file of a checkpoint (or those ``only`` accepts), checking each against the manifest
+    as it is read.
 
     Each file is read once, into one buffer of its own that nothing else maps (so the verified
     bytes cannot change afterwards, as those of a file mapping could), hashed chunk by chunk while
@@ -94,7 +96,8 @@ def read_verified(store: Store, name: str) -> tuple[Manifest, dict[str, memoryvi
     """
     manifest = read_manifest(store, name)
     where = store.location(name)
-    return manifest, {file: _read_file(store, name, file, manifest, where) for file in manifest.files}
+    return manifest, {file: _read_file(store, name, file, manifest, where) for file in manifest.files
+                      if only is None or only(file)}
 
 
 def verify(store: Store, name: str) -> Manifest:

@@ -75,20 +75,58 @@ class LocalStore:
             StorageError: a write failed (disk full, permissions); nothing is left behind.
         """
         self._check_free_space(name, sum(blob.size for blob in files.values()))
+        return self.commit_staged(self.stage(name), name, files, seal)
+
+    def stage(self, name: str, *, folders: Sequence[str] = ()) -> str:
+        """A new hidden directory (with ``folders`` in it) to write checkpoint ``name`` into.
+
+        Several processes may write into it (a sharded save: each rank its files); one then commits
+        it with :meth:`commit_staged`. Until then it is a leftover that ``clean_leftovers`` removes.
+
+        Raises:
+            StorageError: it cannot be created.
+        """
         tmp = self.root / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
         try:
-            tmp.mkdir(parents=True)
-            entries = {file: self._write_file(tmp / file, blob.chunks) for file, blob in files.items()}
+            for folder in ("", *folders):
+                (tmp / folder).mkdir(parents=True)
+        except OSError as err:
+            self.discard_staged(str(tmp))
+            raise StorageError(err.errno, f"{self.location(name)}: save failed, nothing was committed ({err})") from err
+        return str(tmp)
+
+    def commit_staged(self, staged: str, name: str, files: Mapping[str, Blob],
+                      seal: Callable[[dict[str, FileEntry]], bytes],
+                      written: Mapping[str, FileEntry] | None = None) -> dict[str, FileEntry]:
+        """Write ``files`` into the staged directory, then the manifest, and move it into place.
+
+        Args:
+            written: files other processes already wrote (and fsynced) there, with the size and
+                checksum each took while writing; the manifest lists them with ``files``.
+
+        Raises:
+            StorageError: a write failed; the staged directory is removed, older checkpoints are untouched.
+        """
+        tmp = Path(staged)
+        try:
+            entries = {**(written or {}), **{file: self._write_file(tmp / file, blob.chunks)
+                                              for file, blob in files.items()}}
             # The manifest is written last: a directory without one is a save that never finished.
             self._write_file(tmp / MANIFEST_FILE, [seal(entries)])
+            for folder in {file.rpartition("/")[0] for file in entries} - {""}:
+                fsync_dir(tmp / folder)  # the entries other processes made there
             fsync_dir(tmp)
             self._move_into_place(tmp, self.root / name)
             fsync_dir(self.root)
         except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.discard_staged(staged)
             raise StorageError(err.errno, f"{self.location(name)}: save failed, nothing was committed ({err}); "
                                "older checkpoints are untouched") from err
         return entries
+
+    def discard_staged(self, staged: str) -> None:
+        """Remove a staged directory that will not be committed (best effort: a leftover is cleaned later)."""
+        shutil.rmtree(staged, ignore_errors=True)
 
     def replace_file(self, file: str, data: bytes) -> None:
         """Atomically replace a small file in the store's root (the ledger): temporary file, fsync,
@@ -322,6 +360,16 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def hash_file(path: str | os.PathLike) -> FileEntry:
+    """A file's size and checksum, read back in chunks (for files another library wrote)."""
+    hasher, size = new_hasher(), 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(WRITE_SLICE):
+            hasher.update(chunk)
+            size += len(chunk)
+    return FileEntry(size=size, digest=hasher.hexdigest())
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,0 +1,83 @@
+"""Sharded checkpoints under Lightning's ModelParallelStrategy (FSDP2 ``fully_shard``, tensor parallel).
+
+ModelParallelStrategy does not write through the CheckpointIO: its ``save_checkpoint`` writes DCP
+files and a pickled ``meta.pt``, its ``load_checkpoint`` reads them. For a Trainer with a
+Checkpointer both are routed to :mod:`lightning_ckpt.distributed` (every rank writes its shards,
+rank 0 commits; a resume on any world size); directories that are not ours (Lightning's own DCP
+checkpoints, ``.ckpt`` files) still go to the strategy's own loader.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lightning_ckpt.distributed import checkpoint_is_sharded, load_sharded, save_sharded
+from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.pipeline import decided_on_rank_zero
+from lightning_ckpt.lightning.trainer_io import StrategyAgree
+
+_ROUTED = "_lightning_ckpt_sharded_io"  # marks a strategy whose save/load are already routed here
+_K_STATE_DICT = "state_dict"
+_K_OPTIMIZERS = "optimizer_states"
+
+
+def route_sharded_io(trainer: L.Trainer, *, allow_pickle: bool) -> None:
+    """Make the strategy save and load our sharded checkpoints, on this Trainer only.
+
+    An intervention on Lightning (listed in docs/INTERNALS.md): the strategy instance's public
+    ``save_checkpoint``/``load_checkpoint`` are replaced by ours, because ModelParallelStrategy
+    bypasses the CheckpointIO that a plugin could otherwise provide (checked with Lightning 2.6.6;
+    tests/distributed/test_sharded_internals.py fails if a release starts calling the CheckpointIO).
+    """
+    strategy = trainer.strategy
+    if getattr(strategy, _ROUTED, False):
+        return
+    own_load = strategy.load_checkpoint
+    agree = StrategyAgree(trainer)
+
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: str | os.PathLike,
+                        storage_options: Mapping[str, Any] | None = None) -> None:
+        options = dict(storage_options or {})
+        save_sharded(checkpoint, strategy.broadcast(os.fspath(filepath)), agree=agree, allow_pickle=allow_pickle,
+                     run_id=options.get("run_id"), meta=options.get("meta"))
+
+    def load_checkpoint(checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        path = strategy.broadcast(os.fspath(checkpoint_path))
+        if not decided_on_rank_zero(agree, lambda: checkpoint_is_sharded(path)):
+            return own_load(path, weights_only=weights_only)
+        return _load_into_strategy(trainer, path, allow_pickle=allow_pickle)
+
+    strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+    strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+    setattr(strategy, _ROUTED, True)
+
+
+def _load_into_strategy(trainer: L.Trainer, path: str, *, allow_pickle: bool) -> dict[str, Any]:
+    """Load the model's and optimizers' shards in place (resharding as needed); return the checkpoint
+    dict for Lightning to restore the rest (the strategy's own model/optimizer restore does nothing)."""
+    strategy = trainer.strategy
+    model, optimizers = strategy.model, list(strategy.optimizers)
+    into: dict[str, Any] = {_K_STATE_DICT: get_model_state_dict(model)}
+    if optimizers:  # none in validate/test: their shards are not read
+        into[_K_OPTIMIZERS] = [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]
+    checkpoint = load_sharded(path, into, agree=StrategyAgree(trainer), allow_pickle=allow_pickle)
+    saved_optimizers = checkpoint.get(_K_OPTIMIZERS, [])
+    if optimizers and len(saved_optimizers) != len(optimizers):
+        raise CheckpointError(f"{path}: holds {len(saved_optimizers)} optimizer states, the model configures "
+                              f"{len(optimizers)}; resume with the configure_optimizers it was saved with")
+    strict = trainer.lightning_module.strict_loading
+    set_model_state_dict(model, checkpoint[_K_STATE_DICT], options=StateDictOptions(strict=strict))
+    for optimizer, state in zip(optimizers, saved_optimizers):
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
+    return checkpoint
