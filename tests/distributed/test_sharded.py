@@ -1,0 +1,122 @@
+"""Sharded checkpoints with FSDP2 (ModelParallelStrategy + fully_shard) on CPU ranks over gloo: every rank
+writes its shards, rank 0 commits; crash and resume bit-exact; reshard 2 -> 1 and 1 -> 2; consolidated load
+in one process; a rank that fails or dies in a save commits nothing, on every rank, without a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_ckpt import latest_checkpoint, load_checkpoint
+from lightning_ckpt.format.manifest import MANIFEST_FILE
+from lightning_ckpt.store.ledger import LEDGER_FILE
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
+ROW = '{"rank"'  # each rank's result line (another process's unfinished line may precede it)
+pytestmark = pytest.mark.timeout(600)
+
+
+def fsdp_fit(*args, ranks: int = 2, returncode: int | None = 0) -> list[dict]:
+    # A hang is a defect these tests guard against: the timeout fails the test instead of CI.
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--ranks", str(ranks)],
+                            capture_output=True, text=True, timeout=240)
+    if returncode is not None:
+        assert result.returncode == returncode, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [json.loads(line[line.index(ROW):]) for line in result.stdout.splitlines() if ROW in line]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def full_expected(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The consolidated load of ``checkpoint``, keyed as the script dumps a gathered state."""
+    state = load_checkpoint(checkpoint)
+    out = {f"model/{k}": v for k, v in state["state_dict"].items()}
+    for fqn, moments in state["optimizer_states"][0]["state"].items():
+        out.update({f"optim/{fqn}/{k}": v.reshape(-1) if v.ndim == 0 else v for k, v in moments.items()})
+    return out
+
+
+def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        assert actual[key].shape == value.shape and actual[key].dtype == value.dtype, key
+        assert torch.equal(actual[key], value), key
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[Path, list[dict], Path]:
+    """An uninterrupted 2-rank run of 8 steps: its directory, its rows, its final full weights."""
+    root = tmp_path_factory.mktemp("straight")
+    rows = fsdp_fit(root / "c", 8, "--out", root / "final.safetensors")
+    return root / "c", rows, root / "final.safetensors"
+
+
+def test_crash_and_resume_on_two_ranks_is_bit_exact(straight, tmp_path):
+    _, straight_rows, straight_final = straight
+    root = tmp_path / "c"
+    fsdp_fit(root, 8, "--crash-at", 4, returncode=None)  # every rank exits after step 4 (saved at 3)
+    assert Path(latest_checkpoint(root)).name == "step=000000003"
+    resumed = fsdp_fit(root, 8, "last", "--out", tmp_path / "final.safetensors")
+    for rank, row in enumerate(resumed):  # each rank's losses after the resume are the uninterrupted run's
+        assert row["losses"][0][0] == 3 and row["losses"] == straight_rows[rank]["losses"][3:]
+    assert_same_tensors(load_file(tmp_path / "final.safetensors"), load_file(straight_final))
+
+
+def test_a_sharded_checkpoint_is_safetensors_and_json_with_every_ranks_files_in_its_manifest(straight):
+    root, _, final = straight
+    checkpoint = root / "step=000000008"
+    on_disk = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+    assert all(name.endswith((".safetensors", ".json")) for name in on_disk), on_disk  # no pickle anywhere
+    listed = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+    assert sorted(listed) == [n for n in on_disk if n != MANIFEST_FILE]
+    shard_files = [n for n in listed if n.startswith("shards/")]
+    assert len(shard_files) == 2  # one per rank
+    assert all(listed[n]["size"] == (checkpoint / n).stat().st_size for n in shard_files)
+    # One plain process, no process group: full tensors with their global shapes, equal to the gathered state.
+    state = load_checkpoint(checkpoint)
+    assert state["state_dict"]["inp.weight"].shape == (16, 8) and state["global_step"] == 8
+    assert_same_tensors({f"model/{k}": v for k, v in state["state_dict"].items()}, load_file(final))
+
+
+def test_resume_reshards_two_ranks_to_one_and_one_to_two(straight, tmp_path):
+    two_rank_checkpoint = straight[0] / "step=000000006"
+    fsdp_fit(tmp_path / "one", 7, two_rank_checkpoint, "--dump-start", tmp_path / "2to1.safetensors", ranks=1)
+    assert_same_tensors(load_file(tmp_path / "2to1.safetensors"), full_expected(two_rank_checkpoint))
+
+    fsdp_fit(tmp_path / "single", 3, ranks=1)
+    one_rank_checkpoint = tmp_path / "single" / "step=000000003"
+    assert len([n for n in os.listdir(one_rank_checkpoint / "shards")]) == 1
+    fsdp_fit(tmp_path / "two", 4, one_rank_checkpoint, "--dump-start", tmp_path / "1to2.safetensors")
+    assert_same_tensors(load_file(tmp_path / "1to2.safetensors"), full_expected(one_rank_checkpoint))
+
+
+def test_a_rank_killed_in_a_save_leaves_the_previous_checkpoint_last(tmp_path):
+    root = tmp_path / "c"
+    rows = fsdp_fit(root, 8, "--kill-rank-in-save", 6, returncode=None)  # rank 1 dies after writing its shard
+    assert any("error" in r for r in rows)  # rank 0 learned of it: an error, not a hang
+    assert Path(latest_checkpoint(root)).name == "step=000000003"
+    assert not (root / "step=000000006").exists()
+    assert [e["step"] for e in json.loads((root / LEDGER_FILE).read_text())["checkpoints"]] == [3]
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_a_shard_write_that_fails_on_rank_1_is_one_outcome_on_every_rank(tmp_path, on_error):
+    root = tmp_path / "c"
+    rows = fsdp_fit(root, 7, "--fail-shard-write", 6, "--on-save-error", on_error,
+                    returncode=0 if on_error == "warn" else None)
+    assert [r["rank"] for r in rows] == [0, 1]
+    if on_error == "raise":  # every rank raises the same StorageError, naming the checkpoint and the rank
+        assert {r["error"] for r in rows} == {rows[0]["error"]}
+        assert rows[0]["error"].startswith("StorageError") and "step=000000006" in rows[0]["error"]
+        assert "rank 1" in rows[0]["error"]
+    else:  # every rank warns once and trains on to the end
+        assert [r["step"] for r in rows] == [7, 7] and all(len(r["warned"]) == 1 for r in rows)
+    assert not (root / "step=000000006").exists()
+    assert not [p for p in os.listdir(root) if p.startswith(".tmp-")]  # nothing staged is left behind
+    assert Path(latest_checkpoint(root)).name == ("step=000000003" if on_error == "raise" else "step=000000007")
