@@ -29,6 +29,9 @@ _GROUP_OF_FILE = {"model.safetensors": MODEL, "optimizer.safetensors": OPTIMIZER
 _GROUP_OF_KEY = {"state_dict": MODEL, "optimizer_states": OPTIMIZER, "model": MODEL, "optimizer": OPTIMIZER,
                  "optim": OPTIMIZER}
 _K_HPARAMS = "hyper_parameters"
+SHARDS_DIR = "shards"  # lightning_ckpt.distributed.SHARDS_DIR (not imported: it loads torch.distributed)
+# Where torch.distributed.checkpoint's safetensors writer records each chunk's offset in the full tensor.
+_DCP_SHARDING_INFO, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "saved_offsets"
 _K_LIGHTNING_VERSION = "pytorch-lightning_version"
 # Bytes per element of the safetensors dtype names (the format's own table).
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -120,12 +123,36 @@ def _safetensors(p: Path) -> Inspection:
 def _ours(p: Path) -> Inspection:
     manifest = read_manifest(LocalStore(p.parent), p.name)
     found = Inspection(str(p), KIND_OURS, versions=dict(manifest.versions), step=manifest.step, epoch=manifest.epoch)
+    shards = [file for file in manifest.files if file.startswith(SHARDS_DIR + "/")]
     for file in manifest.files:
-        if file.endswith(".safetensors"):
+        if file.endswith(".safetensors") and file not in shards:
             infos, _ = _safetensors_infos(p / file)
             found.groups[_GROUP_OF_FILE.get(file, OTHER)] += [i for i in infos if not i.name.startswith("__")]
+    for info in _sharded_infos(p, shards):
+        group, _, name = info.name.partition("/")
+        group = _GROUP_OF_KEY.get(group, OTHER)
+        found.groups[group].append(TensorInfo(name if group == MODEL else info.name, info.dtype, info.shape,
+                                              info.nbytes))
     found.hyper_parameters = _our_hparams(p)
     return found
+
+
+def _sharded_infos(p: Path, shards: list[str]) -> list[TensorInfo]:
+    """A sharded checkpoint's tensors with their global shapes, joined from every rank's chunks (each
+    shard file's header holds its chunks' offsets, as torch.distributed.checkpoint wrote them)."""
+    extent: dict[str, tuple[str, list[int]]] = {}
+    for file in shards:
+        infos, metadata = _safetensors_infos(p / file)
+        try:
+            offsets = {k: v[_SAVED_OFFSETS] for k, v in json.loads(metadata.get(_DCP_SHARDING_INFO, "{}")).items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise CorruptCheckpointError(f"{p / file}: unreadable {_DCP_SHARDING_INFO} ({err})") from err
+        for info in infos:
+            ends = [o + n for o, n in zip(offsets.get(info.name, [0] * len(info.shape)), info.shape)]
+            _, known = extent.setdefault(info.name, (info.dtype, ends))
+            extent[info.name] = (info.dtype, [max(a, b) for a, b in zip(known, ends)])
+    return [TensorInfo(key, dtype, tuple(shape), math.prod(shape) * _ITEMSIZE.get(dtype, 0))
+            for key, (dtype, shape) in sorted(extent.items())]
 
 
 def _our_hparams(p: Path) -> dict[str, Any]:

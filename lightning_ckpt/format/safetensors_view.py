@@ -63,7 +63,21 @@ def load_tensors(data: Buffer | torch.Tensor, where: str) -> dict[str, torch.Ten
         end = last
     if end != body.numel():
         raise _corrupt(where, f"the tensors end at byte {end} of {body.numel()} data bytes")
-    return {key: _view(body, dtype, shape, span) for key, (dtype, shape, span) in entries.items()}
+    main = _main_dtype(entries)
+    return {key: _view(body, dtype, shape, span, copy=dtype != main) for key, (dtype, shape, span) in entries.items()}
+
+
+def _main_dtype(entries: Mapping[str, _Entry]) -> torch.dtype | None:
+    """The dtype holding most of a file's bytes: its tensors stay views into the file's buffer.
+
+    torch.save (so a Lightning .ckpt, or a user's own save of a loaded state) refuses two dtypes
+    viewing one storage, so the tensors of the other dtypes (RNG state bytes, integer counters:
+    small in practice) are copied out of the buffer.
+    """
+    size: dict[torch.dtype, int] = {}
+    for dtype, _, (first, last) in entries.values():
+        size[dtype] = size.get(dtype, 0) + last - first
+    return max(size, key=size.__getitem__) if size else None
 
 
 def _header(buf: torch.Tensor, where: str) -> tuple[dict[str, Any], int]:
@@ -116,11 +130,11 @@ def _entry(key: str, info: Any, where: str) -> _Entry:
     return _DTYPES[dtype], shape, offsets
 
 
-def _view(body: torch.Tensor, dtype: torch.dtype, shape: list[int], span: list[int]) -> torch.Tensor:
+def _view(body: torch.Tensor, dtype: torch.dtype, shape: list[int], span: list[int], *, copy: bool) -> torch.Tensor:
     if span[0] == span[1]:
         return torch.empty(shape, dtype=dtype)
     raw = body[span[0]:span[1]]
-    if raw.storage_offset() % dtype.itemsize:  # another writer's unaligned layout: copy this one tensor
+    if copy or raw.storage_offset() % dtype.itemsize:  # another writer's unaligned layout: copy this one tensor
         raw = raw.clone()
     return raw.view(dtype).view(shape)
 

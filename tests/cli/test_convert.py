@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from clirun import run
-from lightning_ckpt import load_checkpoint
+from lightning_ckpt import Checkpointer, load_checkpoint
 from tiny import TinyModel, tiny_loader
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
@@ -58,3 +58,24 @@ def test_convert_streams_a_state_larger_than_its_memory_allowance(tmp_path):
     assert growth_mib < allowance_mib, f"peak RSS grew {growth_mib:.0f} MiB for a {state_mib} MiB state"
     loaded = load_checkpoint(dst)["state_dict"]
     assert all(torch.equal(loaded[k], t) for k, t in tensors.items())
+
+
+def test_a_checkpoint_with_exact_resume_state_converts_to_ckpt(tmp_path):
+    # ExactResume keeps int64 and uint8 RNG states in one file; torch.save refuses two dtypes over one
+    # storage, so the conversion (and a user's own torch.save of a loaded state) used to crash.
+    L.seed_everything(0)
+    trainer = L.Trainer(max_steps=2, callbacks=[Checkpointer(tmp_path / "c", every_n_steps=2)], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyModel(), tiny_loader(shuffle=True))
+    result = run("convert", tmp_path / "c" / "step=000000002", tmp_path / "back.ckpt")
+    assert result.returncode == 0, result.stderr
+    back, ours = torch.load(tmp_path / "back.ckpt", weights_only=True), load_checkpoint(tmp_path / "c" / "step=000000002")
+    rng = ("exact_resume", "ranks", 0, "rng", "torch")
+    assert torch.equal(_at(back, rng), _at(ours, rng)) and torch.equal(back["state_dict"]["inp.weight"],
+                                                                       ours["state_dict"]["inp.weight"])
+
+
+def _at(state, path):
+    for key in path:
+        state = state[key]
+    return state
