@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
-from lightning_ckpt.format.manifest import MANIFEST_FILE
+from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR
 from lightning_ckpt.store import read_manifest
 from lightning_ckpt.store.local import LocalStore, local_path
 
@@ -29,7 +29,6 @@ _GROUP_OF_FILE = {"model.safetensors": MODEL, "optimizer.safetensors": OPTIMIZER
 _GROUP_OF_KEY = {"state_dict": MODEL, "optimizer_states": OPTIMIZER, "model": MODEL, "optimizer": OPTIMIZER,
                  "optim": OPTIMIZER}
 _K_HPARAMS = "hyper_parameters"
-SHARDS_DIR = "shards"  # lightning_ckpt.distributed.SHARDS_DIR (not imported: it loads torch.distributed)
 # Where torch.distributed.checkpoint's safetensors writer records each chunk's offset in the full tensor.
 _DCP_SHARDING_INFO, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "saved_offsets"
 _K_LIGHTNING_VERSION = "pytorch-lightning_version"

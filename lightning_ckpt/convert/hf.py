@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, StorageError
+from lightning_ckpt.format.manifest import SHARDS_DIR
 from lightning_ckpt.format.state import MODEL_FILE
 from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.local import TMP_PREFIX, fsync_dir, local_path
@@ -26,10 +27,12 @@ SINGLE_FILE = "model.safetensors"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _K_ALIASES = "aliases"  # safetensors metadata key of tied weights (see format/state.py)
 _REF_SEP = ":"
+_K_STATE_DICT = "state_dict"
 
 
 def model_weights(src: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a checkpoint, from ``model.safetensors`` alone, verified against the manifest.
+    """The ``state_dict`` of a checkpoint, from ``model.safetensors`` alone (a sharded one's: joined from its
+    shards), verified against the manifest.
 
     Tied weights come back under every name (each name its own tensor, as safetensors files need).
 
@@ -40,6 +43,10 @@ def model_weights(src: str | os.PathLike) -> dict[str, torch.Tensor]:
     store, name = locate(src)
     manifest = read_manifest(store, name)
     where = store.location(name)
+    if MODEL_FILE not in manifest.files and any(file.startswith(SHARDS_DIR + "/") for file in manifest.files):
+        from lightning_ckpt.distributed.sharded import load_consolidated  # loads torch.distributed.checkpoint
+
+        return {k: v for k, v in load_consolidated(store, name)[_K_STATE_DICT].items() if isinstance(v, torch.Tensor)}
     if MODEL_FILE not in manifest.files:
         raise NotACheckpointError(f"{where}: holds no model weights ({MODEL_FILE}); export needs a model's state_dict")
     data = store.read(name, MODEL_FILE, manifest.files[MODEL_FILE].size + 1)

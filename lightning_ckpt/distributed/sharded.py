@@ -37,14 +37,13 @@ from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorage
 from lightning_ckpt.engine import library_versions, manifest_fields
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format import Manifest, decode_state, device_from_map_location, encode_state
-from lightning_ckpt.format.manifest import FileEntry
+from lightning_ckpt.format.manifest import SHARDS_DIR, FileEntry
 from lightning_ckpt.format.state import is_dtensor, sharded_key
 from lightning_ckpt.pipeline import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, read_manifest, read_verified, verify
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.local import hash_file
 
-SHARDS_DIR = "shards"  # the folder of a checkpoint that holds the ranks' shard files
 _NO_PROCESS_GROUP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 

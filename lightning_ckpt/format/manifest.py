@@ -48,6 +48,7 @@ _K_SELF_DIGEST = "manifest_digest"  # always the last key; the digest is taken w
 _UNSET_DIGEST = "0" * 32
 # A listed file is a plain name inside the checkpoint directory, or inside one folder of it (a sharded
 # checkpoint's ``shards/``): no other path, no hidden file or folder (so no ``..``), no NUL.
+SHARDS_DIR = "shards"  # the folder of a sharded checkpoint that holds the ranks' shard files
 _FILE_NAME = re.compile(r"([\w-][\w.-]{0,127}/)?[\w-][\w.-]{0,127}", re.ASCII)
 
 

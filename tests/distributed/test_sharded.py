@@ -120,3 +120,25 @@ def test_a_shard_write_that_fails_on_rank_1_is_one_outcome_on_every_rank(tmp_pat
     assert not (root / "step=000000006").exists()
     assert not [p for p in os.listdir(root) if p.startswith(".tmp-")]  # nothing staged is left behind
     assert Path(latest_checkpoint(root)).name == ("step=000000003" if on_error == "raise" else "step=000000007")
+
+
+def test_the_command_line_reads_a_sharded_checkpoint_as_one(straight, tmp_path):
+    root, _, final = straight
+    checkpoint = root / "step=000000008"
+    inspected = cli("inspect", checkpoint, "--json")
+    model = {t["name"]: t["shape"] for t in json.loads(inspected.stdout)["groups"]["model weights"]}
+    assert model["inp.weight"] == [16, 8] and model["out.weight"] == [4, 16]  # global shapes, joined from 2 ranks
+    assert cli("verify", checkpoint).returncode == 0
+    assert cli("export", checkpoint, "--hf", tmp_path / "hf").returncode == 0
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert_same_tensors({f"model/{k}": v for k, v in exported.items()}, load_file(final))
+    assert cli("convert", checkpoint, tmp_path / "back.ckpt").returncode == 0
+    back = torch.load(tmp_path / "back.ckpt", weights_only=True)
+    assert_same_tensors({f"model/{k}": v for k, v in back["state_dict"].items()}, load_file(final))
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(Path(sys.executable).parent / "lightning-ckpt"), *map(str, args)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
