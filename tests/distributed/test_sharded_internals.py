@@ -1,0 +1,56 @@
+"""The torch and Lightning internals the sharded path leans on (docs/INTERNALS.md): each test fails
+loudly when a release moves one."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from safetensors import safe_open
+from torch.distributed.checkpoint import _hf_utils
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from lightning_ckpt import inspection, load_checkpoint
+from lightning_ckpt.distributed import save_sharded
+from lightning_ckpt.pipeline import SingleProcess
+
+
+@pytest.fixture
+def one_rank_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dcp_write_results_name_the_files_written_and_headers_hold_the_offsets(one_rank_group, tmp_path):
+    weight = distribute_tensor(torch.arange(12.0).reshape(4, 3), one_rank_group, [Shard(0)])
+    manifest = save_sharded({"state_dict": {"w": weight}, "global_step": 1}, tmp_path / "c", agree=SingleProcess())
+    shard_files = [f for f in manifest.files if f.startswith("shards/")]
+    # _ShardWriter learns the file from WriteResult.storage_data.relative_path (filesystem._StorageInfo).
+    assert len(shard_files) == 1
+    assert manifest.files[shard_files[0]].size == (tmp_path / "c" / shard_files[0]).stat().st_size
+    # inspection reads each chunk's offsets from the header key DCP's safetensors writer uses.
+    assert (inspection._DCP_SHARDING_INFO, inspection._SAVED_OFFSETS) == (_hf_utils.CUSTOM_METADATA_KEY,
+                                                                          _hf_utils.SAVED_OFFSETS_KEY)
+    with safe_open(str(tmp_path / "c" / shard_files[0]), framework="pt") as f:
+        assert json.loads(f.metadata()[_hf_utils.CUSTOM_METADATA_KEY])["state_dict/w"]["saved_offsets"] == [0, 0]
+    assert torch.equal(load_checkpoint(tmp_path / "c")["state_dict"]["w"], torch.arange(12.0).reshape(4, 3))
+
+
+def test_model_parallel_strategy_still_has_the_save_and_load_we_route():
+    # sharded_io.route_sharded_io replaces these two methods on the strategy instance, with these signatures.
+    save = inspect.signature(ModelParallelStrategy.save_checkpoint)
+    load = inspect.signature(ModelParallelStrategy.load_checkpoint)
+    assert list(save.parameters) == ["self", "checkpoint", "filepath", "storage_options"]
+    assert list(load.parameters) == ["self", "checkpoint_path", "weights_only"]
