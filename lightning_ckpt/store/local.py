@@ -75,7 +75,8 @@ class LocalStore:
             StorageError: a write failed (disk full, permissions); nothing is left behind.
         """
         self._check_free_space(name, sum(blob.size for blob in files.values()))
-        return self.commit_staged(self.stage(name), name, files, seal)
+        folders = sorted({file.rpartition("/")[0] for file in files} - {""})  # a sharded one's shards/
+        return self.commit_staged(self.stage(name, folders=folders), name, files, seal)
 
     def stage(self, name: str, *, folders: Sequence[str] = ()) -> str:
         """A new hidden directory (with ``folders`` in it) to write checkpoint ``name`` into.

@@ -122,6 +122,17 @@ def test_a_shard_write_that_fails_on_rank_1_is_one_outcome_on_every_rank(tmp_pat
     assert Path(latest_checkpoint(root)).name == ("step=000000003" if on_error == "raise" else "step=000000007")
 
 
+def test_a_mirrored_sharded_checkpoint_resumes_on_an_empty_directory(tmp_path):
+    remote = tmp_path / "remote"
+    fsdp_fit(tmp_path / "first", 6, "--mirror", remote)
+    mirrored = remote / "step=000000006"
+    assert sorted(p.name for p in (mirrored / "shards").iterdir()) == sorted(
+        p.name for p in (tmp_path / "first" / "step=000000006" / "shards").iterdir())
+    assert cli("verify", mirrored).returncode == 0
+    resumed = fsdp_fit(tmp_path / "new-machine", 7, "last", "--mirror", remote)  # downloaded, then resharded
+    assert [r["losses"][0][0] for r in resumed] == [6, 6]
+
+
 def test_the_command_line_reads_a_sharded_checkpoint_as_one(straight, tmp_path):
     root, _, final = straight
     checkpoint = root / "step=000000008"

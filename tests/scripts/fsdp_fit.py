@@ -2,7 +2,7 @@
 Checkpointer; print one JSON line per rank.
 
 Usage: python fsdp_fit.py DIRPATH MAX_STEPS [CKPT_PATH] [--ranks N] [--crash-at STEP] [--kill-rank-in-save STEP]
-       [--fail-shard-write STEP] [--on-save-error raise|warn] [--dump-start FILE] [--out FILE]
+       [--fail-shard-write STEP] [--on-save-error raise|warn] [--mirror URL] [--dump-start FILE] [--out FILE]
 
 ``--crash-at STEP``: every rank exits (os._exit) right after the step's save, as a crashed job would.
 ``--kill-rank-in-save STEP``: rank 1 dies in the middle of the save at STEP: after DCP wrote its shard
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import TinyModel, tiny_loader  # noqa: E402
 
 import lightning_ckpt.distributed.sharded as sharded  # noqa: E402
-from lightning_ckpt import Checkpointer, CheckpointWarning  # noqa: E402
+from lightning_ckpt import Checkpointer, CheckpointWarning, Mirror  # noqa: E402
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -114,7 +114,8 @@ def main(args: argparse.Namespace) -> None:
     if args.fail_shard_write is not None and rank == 1:
         fail_shard_write(args.fail_shard_write)
     L.seed_everything(0)
-    ckpt = Checkpointer(args.dirpath, every_n_steps=3, keep_last=2, on_save_error=args.on_save_error)
+    ckpt = Checkpointer(args.dirpath, every_n_steps=3, keep_last=2, on_save_error=args.on_save_error,
+                        mirror=Mirror(args.mirror) if args.mirror else None)
     strategy = ModelParallelStrategy(data_parallel_size=args.ranks, tensor_parallel_size=1)
     trainer = L.Trainer(max_steps=args.max_steps, strategy=strategy, devices=args.ranks, accelerator="cpu",
                         callbacks=[ckpt, Probe(args)], logger=False, enable_progress_bar=False,
@@ -142,6 +143,7 @@ if __name__ == "__main__":
     parser.add_argument("--kill-rank-in-save", type=int)
     parser.add_argument("--fail-shard-write", type=int)
     parser.add_argument("--on-save-error", default="raise")
+    parser.add_argument("--mirror")
     parser.add_argument("--dump-start")
     parser.add_argument("--out")
     main(parser.parse_args())
