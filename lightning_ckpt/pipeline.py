@@ -206,7 +206,13 @@ class SavePipeline:
         Then every rank raises, warns or goes on alike, and answers "best"/"last" from one ledger."""
         mine = _failure(local) if local is not None else None
         ledger = self.manager.entries if self.agree.is_rank_zero else None
-        reports: list[tuple[Failure | None, list[Entry] | None]] = self.agree.gather((mine, ledger))
+        try:
+            reports: list[tuple[Failure | None, list[Entry] | None]] = self.agree.gather((mine, ledger))
+        except RuntimeError as err:  # the process group broke (a rank died): no outcome can be agreed
+            raise CheckpointError(
+                f"{outcome.path or 'a save'}: the ranks could not agree on the outcome ({err}). A rank has stopped "
+                "(crashed, killed or timed out); the checkpoints committed before are intact: resume with "
+                "ckpt_path='last'") from (local or err)
         failures = [_with_rank(f, rank) for rank, (f, _) in enumerate(reports) if f is not None]
         if reports[0][1] is not None:
             self.manager.entries = reports[0][1]
