@@ -1,6 +1,7 @@
 """``Checkpointer(dirpath="s3://...")`` on a real Trainer against a real S3 server (moto on 127.0.0.1):
 what is kept in the bucket, "last" and "best" and ``ckpt_path=URL`` read straight from it, a
-preemption and a crash resumed exactly, asynchronous saves, and bad credentials."""
+preemption and a crash resumed exactly, asynchronous saves, loading a model from a URL, and bad
+credentials."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import uuid
 
 import lightning as L
 import pytest
+import s3fs
 import torch
 
+import lightning_ckpt
 from lightning_ckpt import (
     Checkpointer,
     CorruptCheckpointError,
@@ -141,6 +144,29 @@ def test_async_saves_to_s3_commit_the_state_of_their_step(s3, tmp_path):
     assert sorted(n for n in _in_bucket(s3) if n.startswith("step=")) == [_step(9), _step(10)]
     final = load_checkpoint(f"{url}/{_step(10)}", storage_options=opts)["state_dict"]
     assert all(torch.equal(final[key], value) for key, value in model.state_dict().items())
+
+
+def test_load_from_checkpoint_reads_s3_urls_and_leaves_other_objects_to_lightning(s3, tmp_path, monkeypatch):
+    url, opts = s3.url(), _options(s3)
+    _, model = _fit(tmp_path, Checkpointer(url, every_n_steps=2, exact_resume=False, storage_options=opts), 2,
+                    limit_val_batches=0)
+    path = f"{url}/{_step(2)}"
+    explicit = lightning_ckpt.load_from_checkpoint(TinyModel, path, storage_options=opts, map_location="cpu")
+    assert all(torch.equal(explicit.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    # Lightning's API has no storage_options: the hook reads with the backend's own configuration.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance made before the variable was set would keep its endpoint
+    hooked = TinyModel.load_from_checkpoint(path, lr=0.5)
+    assert all(torch.equal(hooked.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert hooked.hparams.lr == 0.5 and hooked.hparams.hidden == 16
+
+    plain = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+             "pytorch-lightning_version": L.__version__}
+    with s3.fs().open(f"{s3.bucket}/plain.ckpt", "wb") as f:
+        torch.save(plain, f)
+    stock = TinyModel.load_from_checkpoint(f"s3://{s3.bucket}/plain.ckpt")  # a .ckpt object: Lightning's own load
+    assert all(torch.equal(stock.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def _moto_auth(s3, count: str) -> None:
