@@ -13,7 +13,7 @@ answered from the registry for those URLs only (see :func:`_connector_module`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from types import ModuleType
 from typing import Any
@@ -85,7 +85,9 @@ class _Committed:
         return self._committed_at
 
 
-def _answer_for_noted(original: Any) -> Any:
+def _answer_for_noted(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Lightning's lookup, answering for the noted URLs itself."""
+
     def get_filesystem(path: Any, **kwargs: Any) -> Any:
         noted = _COMMITTED_AT.get(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else None
         return _Committed(noted) if noted is not None else original(path, **kwargs)
