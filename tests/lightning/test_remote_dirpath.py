@@ -176,19 +176,48 @@ def _moto_auth(s3, count: str) -> None:
     urllib.request.urlopen(request, timeout=10).read()
 
 
-def test_bad_credentials_fail_before_training_naming_the_url_but_not_the_secret(s3, tmp_path, caplog, capfd):
+def _read_only_key(s3) -> tuple[str, str]:
+    """An IAM user of the moto server that may list and read the bucket but not write to it."""
+    import boto3
+
+    iam, user = boto3.client("iam", endpoint_url=s3.endpoint, region_name="us-east-1"), f"reader-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    policy = {"Version": "2012-10-17",
+              "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}]}
+    iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+class _Steps(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.seen.append(trainer.global_step)
+
+
+@pytest.mark.parametrize("credentials", ["unknown", "read-only"])
+def test_bad_credentials_fail_naming_the_url_but_not_the_secret(credentials, s3, tmp_path, caplog, capfd):
     url = s3.url()
-    ckpt = Checkpointer(url, every_n_steps=1, exact_resume=False,
-                        storage_options={**s3.options, "key": "AKIAUNKNOWN", "secret": SECRET})
+    key, secret = ("AKIAUNKNOWN", SECRET) if credentials == "unknown" else _read_only_key(s3)
+    ckpt = Checkpointer(url, every_n_steps=2, exact_resume=False,
+                        storage_options={**s3.options, "key": key, "secret": secret})
+    steps = _Steps()
     caplog.set_level(logging.DEBUG)
     _moto_auth(s3, "0")
     try:
         with pytest.raises(StorageError) as err:
-            _fit(tmp_path, ckpt, 3, limit_val_batches=0)
+            _fit(tmp_path, ckpt, 3, steps, limit_val_batches=0)
     finally:
         _moto_auth(s3, "inf")
-    assert str(err.value).startswith(f"{url}/") and "check the URL, the storage_options" in str(err.value)
-    assert "Access Key Id" in str(err.value)  # the backend's reason
+    message = str(err.value)
+    if credentials == "unknown":  # the run's setup lists the bucket: it fails before the first step
+        assert message.startswith(f"{url}/: ") and "Access Key Id" in message and steps.seen == []
+    else:  # listing is allowed: the first save (step 2) fails, and nothing of it is left
+        assert message.startswith(f"{url}/{_step(2)}: save failed, nothing was committed") and steps.seen == [1, 2]
+        assert "Access Denied" in message
+    assert "check the URL, the storage_options" in message
     out, errs = capfd.readouterr()
-    assert SECRET not in str(err.value) + repr(err.value) + caplog.text + out + errs
-    assert _in_bucket(s3) == {}  # nothing was written
+    assert secret not in message + repr(err.value) + caplog.text + out + errs
+    assert _in_bucket(s3) == {}
