@@ -72,8 +72,14 @@ def is_checkpoint_directory(path: object, storage_options: Mapping[str, Any] | N
         return False
     try:
         read_manifest(*locate(text, storage_options))
-    except (NotACheckpointError, StorageError, ImportError, ValueError):  # not ours, or not reachable so:
-        return False  # Lightning's own error says why
+    except (NotACheckpointError, ImportError, ValueError):  # not ours: Lightning's own error says why
+        return False
+    except StorageError:
+        # Without options, a store that refuses our lookup may still serve Lightning's (a key allowed to
+        # read only that object); with options, the URL was meant as ours and the error names it.
+        if storage_options is None:
+            return False
+        raise
     except CheckpointError:  # a damaged or too new manifest: ours, and the load says what is wrong
         return True
     return True

@@ -168,6 +168,13 @@ def test_load_from_checkpoint_reads_s3_urls_and_leaves_other_objects_to_lightnin
     stock = TinyModel.load_from_checkpoint(f"s3://{s3.bucket}/plain.ckpt")  # a .ckpt object: Lightning's own load
     assert all(torch.equal(stock.state_dict()[k], v) for k, v in model.state_dict().items())
 
+    _moto_auth(s3, "0")
+    try:  # storage_options given: the URL is meant as ours, and our error names it (not Lightning's fallback)
+        with pytest.raises(StorageError, match=f"^{path}: "):
+            lightning_ckpt.load_from_checkpoint(TinyModel, path, storage_options={**opts, "key": "AKIAUNKNOWN"})
+    finally:
+        _moto_auth(s3, "inf")
+
 
 def _moto_auth(s3, count: str) -> None:
     """Switch moto's credential checks on ("0": from the next request) or off ("inf")."""
