@@ -12,13 +12,13 @@ import uuid
 import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
 from lightning_ckpt.lineage import continues_newest, lineage, newest_lineage
 from lightning_ckpt.policy import Record, RetentionConfig, RetentionPlan, best_record
 from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
+from lightning_ckpt.store.local import local_path, remote_scheme
 from lightning_ckpt.store.ledger import (
     COMMITTED,
     DELETED,
@@ -57,11 +57,12 @@ class CheckpointManager:
         retention: what to keep.
         run_id: this run's lineage id; None for a reader that saves nothing (before a fit).
         parent: the checkpoint this branch resumed from (see ``lightning_ckpt.lineage``).
+        storage_options: for a URL ``dirpath``, the fsspec filesystem's options (never logged or written).
     """
 
     def __init__(self, dirpath: str | os.PathLike, retention: RetentionConfig, run_id: str | None,
-                 parent: str | None = None) -> None:
-        self.store = LocalStore(dirpath)
+                 parent: str | None = None, *, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.store = open_store(dirpath, storage_options)
         self.ledger = Ledger(self.store)
         self.retention = retention
         self.run_id, self.parent = run_id, parent
@@ -105,10 +106,17 @@ class CheckpointManager:
         ours = {e.run_id for e in lineage(self.entries, self.run_id)} | {self.run_id}
         return {e.run_id or "unknown" for e in self.entries if e.status == COMMITTED and e.run_id not in ours}
 
+    def is_at(self, dirpath: str | os.PathLike) -> bool:
+        """Whether this manager's store is ``dirpath`` (a local directory or a URL)."""
+        return _same_place(self.store, dirpath)
+
     def resumed_name(self, path: str | os.PathLike) -> str:
         """How a branch names the checkpoint it resumed from: its name here, else its full path."""
+        name = self._own_name(path)
+        if name is not None or remote_scheme(path) is not None:
+            return name if name is not None else os.fspath(path).rstrip("/")
         store, name = locate(path)
-        return name if Path(store.root).resolve() == Path(self.store.root).resolve() else store.location(name)
+        return store.location(name)
 
     def run_id_recorded_at(self, path: str | os.PathLike) -> str | None:
         """The run id the manifest of a checkpoint *in this directory* records; None for any other path.
@@ -116,13 +124,21 @@ class CheckpointManager:
         The manifest, not the callback state, is the truth about a checkpoint's lineage: a resume whose
         callback state was not found (the directory moved, so ``state_key`` changed) still continues it.
         """
-        store, name = locate(path)
-        if Path(store.root).resolve() != Path(self.store.root).resolve():
+        name = self._own_name(path)
+        if name is None:
             return None
         try:
             return read_manifest(self.store, name).run_id
         except CheckpointError:
             return None
+
+    def _own_name(self, path: str | os.PathLike) -> str | None:
+        """The name of checkpoint ``path`` if it is in this store, else None."""
+        if remote_scheme(path) is not None:  # no locate(): it would open the URL without our storage_options
+            parent, _, name = os.fspath(path).rstrip("/").rpartition("/")
+            return name if _same_place(self.store, parent) else None
+        store, name = locate(path)
+        return name if _same_place(store, self.store.root) else None
 
     def start_run(self, inherited: str | None, resumed: str | None, step: int, fresh: str) -> bool:
         """Choose this run's lineage; returns True when it starts a new branch.
@@ -188,6 +204,13 @@ class CheckpointManager:
         self.ledger.save(self.entries)
 
 
+def _same_place(store: Store, location: str | os.PathLike) -> bool:
+    """Whether ``store`` is at ``location``: the same directory, or the same URL."""
+    if isinstance(store, LocalStore):
+        return remote_scheme(location) is None and store.root.resolve() == local_path(location).resolve()
+    return os.fspath(location).rstrip("/") == store.root
+
+
 def best_entry(entries: list[Entry], store: Store, monitor: str, mode: str) -> Entry | None:
     """The best committed entry by ``monitor`` whose files verify, passing over damaged ones with a warning."""
     candidates = {e.name: e for e in entries if e.status == COMMITTED}
@@ -230,16 +253,21 @@ def latest_checkpoint(dirpath: str | os.PathLike, *, storage_options: Mapping[st
         Its path, or None when the newest branch holds no good checkpoint.
     """
     store = open_store(dirpath, storage_options)
+    entry = latest_entry(store)
+    return store.location(entry.name) if entry else None
+
+
+def latest_entry(store: Store) -> Entry | None:
+    """:func:`latest_checkpoint`'s choice in ``store``, as the entry its manifest makes."""
     listed = list_checkpoints(store)
     for item in listed:
         if item.error is not None:  # its manifest is unreadable, so its step is unknown: always say so
-            warnings.warn(f"skipping unreadable checkpoint: {item.error}", CheckpointWarning, stacklevel=2)
+            warnings.warn(f"skipping unreadable checkpoint: {item.error}", CheckpointWarning, stacklevel=3)
     for name in store.uncommitted():  # saves commit through hidden temp dirs: a visible one is damage
         warnings.warn(f"skipping {store.location(name)}: no manifest (never committed, or its manifest was "
-                      "deleted)", CheckpointWarning, stacklevel=2)
+                      "deleted)", CheckpointWarning, stacklevel=3)
     entries = [Entry.from_manifest(x.name, x.manifest) for x in listed if x.manifest is not None]
-    entry = last_entry(entries, store)
-    return store.location(entry.name) if entry else None
+    return last_entry(entries, store)
 
 
 def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,

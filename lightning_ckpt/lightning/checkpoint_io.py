@@ -51,12 +51,24 @@ class SafetensorsCheckpointIO(CheckpointIO):
                  async_save: bool = False) -> None:
         self.allow_pickle, self.async_save = allow_pickle, async_save
         self._remote_options = dict(remote_options) if remote_options else None
+        self._prefix_options: dict[str, Mapping[str, Any]] = {}  # see add_remote_options
         self._stager = Stager()
         self._job: BackgroundJob[None] = BackgroundJob()
         self._removals: list[str] = []  # deletions asked for while a save was in flight
 
+    def add_remote_options(self, url: str, options: Mapping[str, Any] | None) -> None:
+        """Use ``options`` for every path under ``url`` (a ``Checkpointer``'s remote ``dirpath`` registers
+        its ``storage_options`` so), in place of ``remote_options``; never logged or written."""
+        self._prefix_options[url.rstrip("/")] = dict(options or {})
+
     def _options(self, path: str | os.PathLike) -> Mapping[str, Any] | None:
-        return self._remote_options if remote_scheme(path) else None
+        if not remote_scheme(path):
+            return None
+        text = os.fspath(path)
+        under = [url for url in self._prefix_options if text == url or text.startswith(url + "/")]
+        if not under:
+            return self._remote_options
+        return self._prefix_options[max(under, key=len)] or None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Mapping[str, Any] | None = None) -> None:

@@ -3,18 +3,19 @@ ledger for the ``Checkpointer``: this run's lineage after a fit, the newest bran
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 
 from lightning_ckpt.lineage import newest_lineage
-from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_checkpoint
+from lightning_ckpt.lightning.remote_dirpath import note_remote_last
+from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_entry
 from lightning_ckpt.mirror import download_if_newer
+from lightning_ckpt.store import open_store
 from lightning_ckpt.store.ledger import Entry
-from lightning_ckpt.store.local import LocalStore
+from lightning_ckpt.store.local import LocalStore, remote_scheme
 
 if TYPE_CHECKING:
     from lightning_ckpt.mirror import Mirror
@@ -30,6 +31,7 @@ class ModelCheckpointView:
     mode: str
     save_top_k: int
     mirror: Mirror | None
+    _storage_options: Mapping[str, Any] | None
     _manager: CheckpointManager | None
     _retention: RetentionConfig
     _best_override: str | None
@@ -39,13 +41,19 @@ class ModelCheckpointView:
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         dirpath = self._resolve_dirpath(trainer)
         manager = self._manager
-        if manager is None or manager.run_id is None or manager.store.root != Path(dirpath):
+        if manager is None or manager.run_id is None or not manager.is_at(dirpath):
             if self.mirror is not None:  # a newer checkpoint only the mirror holds comes down first
                 download_if_newer(LocalStore(dirpath), self.mirror)
-            path = latest_checkpoint(dirpath)
-            return {path} if path else set()
-        entry = last_entry(manager.entries, manager.store, manager.run_id)
-        return {manager.path(entry.name)} if entry else set()
+            store = open_store(dirpath, self._storage_options)
+            entry = latest_entry(store)
+        else:
+            store, entry = manager.store, last_entry(manager.entries, manager.store, manager.run_id)
+        if entry is None:
+            return set()
+        path = store.location(entry.name)
+        if remote_scheme(path) is not None:  # Lightning cannot date a prefix: tell it when this one was committed
+            note_remote_last(path, entry.wall_time)
+        return {path}
 
     @property
     def best_model_path(self) -> str:
@@ -88,8 +96,9 @@ class ModelCheckpointView:
 
     def _reader(self) -> CheckpointManager:
         """The manager answering "best"/"last": this run's after a fit, else a reader of the directory."""
-        if self._manager is None or (self.dirpath is not None and self._manager.store.root != Path(self.dirpath)):
-            self._manager = CheckpointManager(self.dirpath or ".", self._retention, run_id=None)
+        if self._manager is None or (self.dirpath is not None and not self._manager.is_at(self.dirpath)):
+            self._manager = CheckpointManager(self.dirpath or ".", self._retention, run_id=None,
+                                              storage_options=self._storage_options)
             if self.dirpath is not None:
                 self._manager.refresh()
         return self._manager

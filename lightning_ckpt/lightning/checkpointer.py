@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.lightning.checkpoint_view import ModelCheckpointView
 from lightning_ckpt.lightning.hparams_check import check_hparams_storable
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
+from lightning_ckpt.lightning.remote_dirpath import checked_dirpath
 from lightning_ckpt.lightning.trainer_io import (
     StrategyAgree,
     ensure_safetensors_io,
@@ -32,7 +33,7 @@ from lightning_ckpt.manager import CheckpointManager, new_run_id
 from lightning_ckpt.mirror import Mirror, Tiering
 from lightning_ckpt.pipeline import SaveOutcome, SavePipeline, decided_on_rank_zero
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
-from lightning_ckpt.store.local import DirectoryLock, local_path
+from lightning_ckpt.store.base import Lock
 from lightning_ckpt.store.ledger import Entry
 
 TRAIN_END = "train_end"
@@ -54,9 +55,9 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
     save is recorded in ``dirpath/ledger.json``.
 
     Args:
-        dirpath: where checkpoints go: a local directory (or a ``file://`` URL); default
-            ``<default_root_dir>/checkpoints``. Other URLs (``s3://``, ...) raise ``ValueError``:
-            object storage is a second tier, see ``mirror``.
+        dirpath: where checkpoints go: a local directory (or a ``file://`` URL), default
+            ``<default_root_dir>/checkpoints``; or any fsspec URL (``s3://bucket/run``, ``gs://``,
+            ``az://``, ``memory://``), written through the remote store (data first, manifest last).
         every_n_steps: save every N optimizer steps (``trainer.global_step``).
         every_n_epochs: save at the end of every N-th training epoch.
         every_seconds: save when this much wall-clock time passed since the last save.
@@ -95,6 +96,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         staging: with ``async_save``, ``"overlapped"`` copies weights and optimizer state while the
             next forward/backward runs (the next optimizer step waits for it), assuming nothing but
             the optimizer changes them in place between steps; ``"eager"`` copies everything at once.
+        storage_options: for a URL ``dirpath``, the fsspec filesystem's options (endpoint,
+            credentials, ...); never logged or written.
     """
 
     clock = staticmethod(time.monotonic)  # a seam: tests set an instance attribute instead of sleeping
@@ -123,6 +126,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         async_save: bool = False,
         when_busy: Literal["wait", "skip"] = "wait",
         staging: Literal["overlapped", "eager"] = "overlapped",
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         # ModelCheckpoint.__init__ is deliberately not called: we subclass it only so that Lightning
         # treats this callback as one (ckpt_path="last" asks ModelCheckpoint instances, loggers read
@@ -134,7 +138,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         top_k = (1 if monitor else 0) if top_k is None else top_k
         self._retention = RetentionConfig(keep_last=keep_last, top_k=top_k, monitor=monitor, mode=mode,
                                           keep_every_n_steps=keep_every_n_steps, max_total_bytes=max_total_bytes)
-        self.dirpath = str(local_path(dirpath)) if dirpath is not None else None  # a URL is refused here
+        self.dirpath, self._storage_options = checked_dirpath(dirpath, storage_options, mirror is not None)
         self._dirpath_arg = self.dirpath  # as given, for state_key: stable from one run to the next
         self.monitor, self.mode, self.save_top_k = monitor, mode, top_k
         self.save_on_train_end, self.exact_resume = save_on_train_end, exact_resume
@@ -150,7 +154,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         if mirror is not None and not isinstance(mirror, Mirror):
             raise TypeError(f"mirror={mirror!r}; pass mirror=Mirror('s3://bucket/run', every_n_saves=..., keep_last=...)")
         self.mirror = mirror
-        self._lock: DirectoryLock | None = None
+        self._lock: Lock | None = None
         self._manager: CheckpointManager | None = None
         self._pipeline: SavePipeline | None = None
         self._inherited_run_id: str | None = None
@@ -187,12 +191,15 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         self.dirpath = self._resolve_dirpath(trainer)
         io = ensure_safetensors_io(trainer, self.allow_pickle)
         self._route_sharded(trainer, io.allow_pickle)
+        if self._storage_options is not None:  # the plugin writes and reads under dirpath with them
+            io.add_remote_options(self.dirpath, self._storage_options)
         if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
             self._reader().refresh()
             return
         check_hparams_storable(trainer, pl_module, allow_pickle=io.allow_pickle)
         agree = StrategyAgree(trainer)
-        self._manager = CheckpointManager(self.dirpath, self._retention, run_id=None)
+        self._manager = CheckpointManager(self.dirpath, self._retention, run_id=None,
+                                          storage_options=self._storage_options)
         self._manager.run_id = decided_on_rank_zero(agree, self._claim_directory)
         self._pipeline = self._new_pipeline(agree)
         self._inherited_run_id = None
@@ -204,6 +211,10 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         """Under ModelParallelStrategy, saves and resumes are sharded (every rank writes its shards)."""
         if not isinstance(trainer.strategy, ModelParallelStrategy):
             return
+        if self._storage_options is not None:
+            raise ValueError(f"Checkpointer(dirpath={self.dirpath!r}): sharded checkpoints (ModelParallelStrategy) are "
+                             "written by every rank to a filesystem all ranks see; use a local or shared dirpath, "
+                             "with mirror=Mirror(url) for a copy on object storage")
         if self.async_save:
             raise ValueError("Checkpointer(async_save=True) does not support ModelParallelStrategy yet: its sharded "
                              "save is a collective that cannot run beside training's; use async_save=False")

@@ -3,8 +3,12 @@
 Lightning's ``LightningModule.load_from_checkpoint`` and ``LightningDataModule.load_from_checkpoint``
 read the checkpoint with one function, ``pl_load``, looked up in ``lightning.pytorch.core.saving``.
 The hook puts a narrow wrapper in its place: a local path that is a directory (a lightning-ckpt
-checkpoint, named with or without ``.ckpt``) is loaded and verified by the engine; anything else
-(a ``.ckpt`` file, a URL, a file object) goes to Lightning's own function untouched.
+checkpoint, named with or without ``.ckpt``), or an fsspec URL (``s3://``, ``gs://``, ``memory://``, ...)
+under which our manifest is committed, is loaded and verified by the engine; anything else (a
+``.ckpt`` file or object, an ``http(s)://`` URL, a file object) goes to Lightning's own function
+untouched. Lightning's API has no place for storage options: the hook reads URLs with the backend's
+own configuration (environment variables, profiles); :func:`load_from_checkpoint` takes
+``storage_options``.
 
 The hook is installed when the Lightning adapters are imported (``Checkpointer``,
 ``SafetensorsCheckpointIO``, ``lightning_ckpt.lightning``), and by ``import lightning_ckpt`` when
@@ -17,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any, TypeVar
@@ -25,13 +29,17 @@ from typing import IO, Any, TypeVar
 import lightning as L
 
 from lightning_ckpt import engine
-from lightning_ckpt.errors import CheckpointError
-from lightning_ckpt.store import locate
+from lightning_ckpt.errors import CheckpointError, NotACheckpointError, StorageError
+from lightning_ckpt.store import locate, read_manifest
+from lightning_ckpt.store.local import remote_scheme
 
 HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
 _LOADER_ATTR = "pl_load"
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
+_LIGHTNING_URL_SCHEMES = frozenset({"http", "https"})  # Lightning downloads these with torch.hub itself
 _allow_pickle: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_ckpt_allow_pickle", default=False)
+_storage_options: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "lightning_ckpt_storage_options", default=None)
 _Loadable = TypeVar("_Loadable", L.LightningModule, L.LightningDataModule)
 
 
@@ -50,19 +58,39 @@ def _lightning_saving_module() -> ModuleType:
     return saving
 
 
-def is_checkpoint_directory(path: object) -> bool:
-    """Whether ``path`` names a local directory (with or without ``.ckpt``): ours to load."""
+def is_checkpoint_directory(path: object, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``path`` is ours to load: a local directory (with or without ``.ckpt``), or a URL
+    whose manifest is committed. A URL that cannot be looked up is left to Lightning."""
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-    if not isinstance(text, str) or ("://" in text and not text.startswith("file://")):
+    if not isinstance(text, str):
         return False
-    store, name = locate(text)
-    return Path(store.location(name)).is_dir()
+    scheme = remote_scheme(text)
+    if scheme is None:
+        store, name = locate(text)
+        return Path(store.location(name)).is_dir()
+    if scheme in _LIGHTNING_URL_SCHEMES:
+        return False
+    try:
+        read_manifest(*locate(text, storage_options))
+    except (NotACheckpointError, ImportError, ValueError):  # not ours: Lightning's own error says why
+        return False
+    except StorageError:
+        # Without options, a store that refuses our lookup may still serve Lightning's (a key allowed to
+        # read only that object); with options, the URL was meant as ours and the error names it.
+        if storage_options is None:
+            return False
+        raise
+    except CheckpointError:  # a damaged or too new manifest: ours, and the load says what is wrong
+        return True
+    return True
 
 
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     def load(path_or_url: IO | str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        if is_checkpoint_directory(path_or_url):
-            return engine.load_checkpoint(path_or_url, map_location=map_location, allow_pickle=_allow_pickle.get())
+        options = _storage_options.get()
+        if is_checkpoint_directory(path_or_url, options):
+            return engine.load_checkpoint(path_or_url, map_location=map_location, allow_pickle=_allow_pickle.get(),
+                                          storage_options=options)
         return original(path_or_url, map_location=map_location, weights_only=weights_only)
 
     setattr(load, _ORIGINAL_ATTR, original)
@@ -88,10 +116,11 @@ def install_load_hook() -> bool:
 
 
 @contextlib.contextmanager
-def _hooked(allow_pickle: bool) -> Iterator[None]:
+def _hooked(allow_pickle: bool, storage_options: Mapping[str, Any] | None) -> Iterator[None]:
     saving = _lightning_saving_module()
     before = getattr(saving, _LOADER_ATTR)
     token = _allow_pickle.set(allow_pickle)
+    options_token = _storage_options.set(storage_options)
     if not hasattr(before, _ORIGINAL_ATTR):
         setattr(saving, _LOADER_ATTR, _wrap(before))
     try:
@@ -99,18 +128,22 @@ def _hooked(allow_pickle: bool) -> Iterator[None]:
     finally:
         setattr(saving, _LOADER_ATTR, before)
         _allow_pickle.reset(token)
+        _storage_options.reset(options_token)
 
 
 def load_from_checkpoint(cls: type[_Loadable], path: str | os.PathLike, *, map_location: Any = None,
-                         strict: bool | None = None, allow_pickle: bool = False, **kwargs: Any) -> _Loadable:
+                         strict: bool | None = None, allow_pickle: bool = False,
+                         storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> _Loadable:
     """``cls.load_from_checkpoint(path, ...)`` for any checkpoint, with no process-wide hook.
 
     Args:
         cls: a LightningModule or LightningDataModule subclass.
-        path: a lightning-ckpt checkpoint directory (with or without ``.ckpt``) or a ``.ckpt`` file.
+        path: a lightning-ckpt checkpoint directory (with or without ``.ckpt``) or its fsspec URL, or a
+            ``.ckpt`` file.
         map_location: where to put the tensors, as in Lightning.
         strict: whether the state_dict must match the model exactly (modules only), as in Lightning.
         allow_pickle: allow values saved with ``allow_pickle=True`` (only for checkpoints you trust).
+        storage_options: for a URL, the fsspec filesystem's options (endpoint, credentials, ...).
         **kwargs: hyper-parameters that override the saved ones, as in Lightning.
 
     Raises:
@@ -118,5 +151,5 @@ def load_from_checkpoint(cls: type[_Loadable], path: str | os.PathLike, *, map_l
     """
     if strict is not None:
         kwargs["strict"] = strict
-    with _hooked(allow_pickle):
+    with _hooked(allow_pickle, storage_options):
         return cls.load_from_checkpoint(path, map_location=map_location, **kwargs)

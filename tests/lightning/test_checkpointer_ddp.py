@@ -107,3 +107,20 @@ def test_an_async_save_that_fails_on_rank_0_raises_on_every_rank_at_the_next_sav
     assert all("StorageError" in e and "step=000000006" in e and "No space left" in e for e in errors.values()), errors
     assert "rank 0" in errors[1]
     assert committed_steps(root) == [3, 4]  # saved at 3, best-at-4 metrics kept; nothing after the failure
+
+
+@pytest.mark.timeout(400)
+def test_ddp_saves_to_s3_and_both_ranks_resume_from_last_in_the_bucket(s3):
+    url, options = s3.url(), json.dumps(s3.options)
+    first, _ = ddp_fit(url, 10, "--storage-options", options)
+    for key in ("best", "last", "run_id"):  # rank 1 learnt them from rank 0, which wrote
+        assert len({r[key] for r in first}) == 1, (key, first)
+    assert first[0]["last"] == f"{url}/step=000000010"
+    fs, prefix = s3.fs(), f"{s3.bucket}/run"
+    kept = sorted(p.rsplit("/", 1)[1] for p in fs.ls(prefix) if "/step=" in p)
+    assert kept == ["step=000000008", "step=000000009", "step=000000010"]  # as on a local disk
+    resumed, _ = ddp_fit(url, 15, "last", "--storage-options", options)
+    assert {r["first_step"] for r in resumed} == {10} and {r["step"] for r in resumed} == {15}
+    assert {r["run_id"] for r in resumed} == {r["run_id"] for r in first}
+    entries = json.loads(fs.cat(f"{prefix}/{LEDGER_FILE}"))["checkpoints"]
+    assert len({e["run_id"] for e in entries}) == 1 and entries[-1]["step"] == 15

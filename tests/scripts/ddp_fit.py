@@ -1,6 +1,7 @@
 """Train TinyModel on 2 CPU ranks (DDP, gloo) with a Checkpointer; print one JSON line per rank.
 
 Usage: python ddp_fit.py DIRPATH MAX_STEPS [CKPT_PATH] [--fail-step N] [--on-save-error raise|warn] [--mirror URL] [--async-save]
+[--storage-options JSON]
 
 ``--fail-step N``: the save at step N runs out of disk space on rank 0 (the rank that writes), an
 injected ENOSPC inside the store's real write. A rank that raises prints its error, then re-raises.
@@ -49,7 +50,8 @@ def main(args: argparse.Namespace) -> None:
     L.seed_everything(0)
     ckpt = Checkpointer(args.dirpath, every_n_steps=3, keep_last=2, monitor="val_loss", top_k=1,
                         on_save_error=args.on_save_error, mirror=Mirror(args.mirror) if args.mirror else None,
-                        async_save=args.async_save)
+                        async_save=args.async_save,
+                        storage_options=json.loads(args.storage_options) if args.storage_options else None)
     trainer = L.Trainer(max_steps=args.max_steps, strategy="ddp", devices=2, accelerator="cpu", callbacks=[ckpt],
                         logger=False, enable_progress_bar=False, enable_model_summary=False, val_check_interval=4,
                         limit_val_batches=2)
@@ -77,4 +79,5 @@ if __name__ == "__main__":
     parser.add_argument("--on-save-error", default="raise")
     parser.add_argument("--mirror")
     parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--storage-options")
     main(parser.parse_args())
