@@ -12,7 +12,8 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from lightning_ckpt.convert.dcp_metadata import PICKLE_HINT
 from lightning_ckpt.errors import NotACheckpointError, UnsafeCheckpointError, UnsupportedFormatError
@@ -55,19 +56,25 @@ def deepspeed_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, *, 
     if not allow_pickle:
         raise UnsafeCheckpointError(f"{src}: DeepSpeed's reader (zero_to_fp32) unpickles its files in full, which "
                                     f"can run code from them; {PICKLE_HINT}")
+    from lightning_ckpt.convert.single_file import write_safetensors
+
+    folder, tag = found
+    # DeepSpeed logs and prints progress on stdout, which is the caller's (the CLI's result line);
+    # its logger binds the stream when first imported, hence the import in here.
+    with contextlib.redirect_stdout(sys.stderr):
+        merge = _zero_to_fp32(src)
+        try:
+            weights = merge(str(folder), tag=tag)
+        except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+            raise NotACheckpointError(f"{src}: DeepSpeed could not read it as a ZeRO 2/3 checkpoint "
+                                      f"({type(err).__name__}: {err})") from err
+    return write_safetensors(weights, dst, progress)
+
+
+def _zero_to_fp32(src: str | os.PathLike) -> Callable[..., dict[str, Any]]:
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as err:
         raise UnsupportedFormatError(f"{src}: a DeepSpeed checkpoint, and reading it needs deepspeed ({err}); "
                                      "pip install 'lightning-ckpt[deepspeed]'") from err
-    from lightning_ckpt.convert.single_file import write_safetensors
-
-    folder, tag = found
-    try:
-        # DeepSpeed prints its progress on stdout, which is the caller's (the CLI's result line).
-        with contextlib.redirect_stdout(sys.stderr):
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        raise NotACheckpointError(f"{src}: DeepSpeed could not read it as a ZeRO 2/3 checkpoint "
-                                  f"({type(err).__name__}: {err})") from err
-    return write_safetensors(weights, dst, progress)
+    return get_fp32_state_dict_from_zero_checkpoint
