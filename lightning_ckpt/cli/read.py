@@ -37,8 +37,9 @@ def _storage_options(ctx: click.Context, param: click.Parameter, value: str | No
 
 ALLOW_PICKLE = click.option(
     "--allow-pickle", is_flag=True,
-    help="Read files that need full unpickling (a DCP .metadata naming other classes, a meta.pt or value that "
-         "weights_only=True refuses, DeepSpeed's files): this runs code from them, so only for checkpoints you trust.")
+    help="DCP and DeepSpeed checkpoints: read files that need full unpickling (a .metadata naming classes other "
+         "than torch's own, a meta.pt or value that weights_only=True refuses, DeepSpeed's files). This runs code "
+         "from them: only for checkpoints you trust.")
 _STORAGE_OPTIONS = click.option("--storage-options", "options", callback=_storage_options, help=_OPTIONS_HELP)
 _MODE = click.option("--mode", type=click.Choice(MODES), default="min", show_default=True,
                      help="min: lower is better (a loss); max: higher is better (an accuracy).")
