@@ -74,7 +74,8 @@ def convert(src: Path, dst: Path, allow_pickle: bool) -> None:
       a DeepSpeed ZeRO 2/3 checkpoint -> one .safetensors file of fp32 weights
                                          (needs deepspeed and --allow-pickle)
 
-    Streams with bounded memory (a tensor or a chunk at a time); the result appears whole or not at all.
+    .ckpt and DCP sources stream with bounded memory (about a tensor or a few chunks); the result
+    appears whole or not at all.
 
     \b
     Example:
@@ -83,20 +84,7 @@ def convert(src: Path, dst: Path, allow_pickle: bool) -> None:
       lightning-ckpt convert fsdp/epoch=3-step=4000.ckpt/ checkpoints/step=000004000
       lightning-ckpt convert fsdp/epoch=3-step=4000.ckpt/ model.safetensors
     """
-    from lightning_ckpt.convert.deepspeed import deepspeed_tag
-
-    if src.is_dir() and (src / MANIFEST_FILE).is_file():
-        way = _ours_to_ckpt
-    elif src.is_dir() and (src / DCP_METADATA_FILE).is_file():
-        way = _dcp
-    elif src.is_dir() and deepspeed_tag(src) is not None:
-        way = _deepspeed
-    elif src.is_file():
-        way = _ckpt_to_ours
-    else:
-        raise UnsupportedFormatError(f"{src}: not a lightning-ckpt checkpoint (no {MANIFEST_FILE}), a DCP directory "
-                                     f"(no {DCP_METADATA_FILE}), a DeepSpeed checkpoint or a .ckpt file; convert "
-                                     "reads those")
+    way = _converter(src)
     total = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) if src.is_dir() else src.stat().st_size
     advance, close = progress_bar(total, f"{src.name} -> {dst.name}")
     try:
@@ -104,6 +92,22 @@ def convert(src: Path, dst: Path, allow_pickle: bool) -> None:
     finally:
         close()
     click.echo(message)
+
+
+def _converter(src: Path) -> Callable[[Path, Path, Progress, bool], str]:
+    from lightning_ckpt.convert.deepspeed import deepspeed_tag
+
+    if src.is_dir() and (src / MANIFEST_FILE).is_file():
+        return _ours_to_ckpt
+    if src.is_dir() and (src / DCP_METADATA_FILE).is_file():
+        return _dcp
+    if src.is_dir() and deepspeed_tag(src) is not None:
+        return _deepspeed
+    if src.is_file():
+        return _ckpt_to_ours
+    raise UnsupportedFormatError(f"{src}: not a lightning-ckpt checkpoint (no {MANIFEST_FILE}), a DCP directory "
+                                 f"(no {DCP_METADATA_FILE}), a DeepSpeed checkpoint or a .ckpt file; convert "
+                                 "reads those")
 
 
 def _ours_to_ckpt(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
