@@ -21,6 +21,14 @@ from lightning_ckpt import load_checkpoint
 from lightning_ckpt.convert import dcp_metadata
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the tests' own 1-process dcp.save
+# A conversion killed after its first written chunk, as a crash would stop it.
+_KILLED_MIDWAY = """
+import os, sys
+from lightning_ckpt.convert.dcp import dcp_to_ours, dcp_to_safetensors
+convert = dcp_to_safetensors if sys.argv[2].endswith(".safetensors") else dcp_to_ours
+convert(sys.argv[1], sys.argv[2], progress=lambda n: os._exit(9))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +203,16 @@ def test_convert_a_dcp_dir_larger_than_its_memory_allowance(tmp_path):
     assert growth_mib < allowance_mib, f"peak RSS grew {growth_mib:.0f} MiB for a {state_mib} MiB state"
     loaded = load_checkpoint(dst)["model"]
     assert all(torch.equal(loaded[k], t) for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("name", ["step=000000007", "model.safetensors"])
+def test_a_conversion_killed_midway_leaves_nothing_that_reads_as_a_checkpoint(plain, tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.run([sys.executable, "-c", _KILLED_MIDWAY, str(plain), str(out / name)], capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == 9, child.stderr
+    assert not (out / name).exists()
+    assert all(p.name.startswith(".tmp-") and not p.name.endswith(".dcp-spill") for p in out.iterdir())
+    assert run("list", out).returncode == 2  # no checkpoint there
+    assert run("convert", plain, out / name).returncode == 0  # and a second try just works
