@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -216,3 +217,19 @@ def test_a_conversion_killed_midway_leaves_nothing_that_reads_as_a_checkpoint(pl
     assert all(p.name.startswith(".tmp-") and not p.name.endswith(".dcp-spill") for p in out.iterdir())
     assert run("list", out).returncode == 2  # no checkpoint there
     assert run("convert", plain, out / name).returncode == 0  # and a second try just works
+
+
+def test_a_meta_pt_that_weights_only_refuses_needs_allow_pickle(plain, tmp_path):
+    lightning_like = tmp_path / "dcp"
+    lightning_like.mkdir()
+    for f in plain.iterdir():
+        (lightning_like / f.name).write_bytes(f.read_bytes())
+    torch.save({"global_step": 7, "hyper_parameters": {"args": argparse.Namespace(lr=0.1)}},
+               lightning_like / dcp_metadata.LIGHTNING_META_FILE)
+    refused = run("inspect", lightning_like)
+    assert refused.returncode == 2 and "UnsafeCheckpointError" in refused.stderr
+    assert dcp_metadata.LIGHTNING_META_FILE in refused.stderr and "--allow-pickle" in refused.stderr
+    trusted = run("convert", lightning_like, tmp_path / "ours", "--allow-pickle")
+    assert trusted.returncode == 0, trusted.stderr
+    state = load_checkpoint(tmp_path / "ours")
+    assert state["global_step"] == 7 and state["hyper_parameters"]["args"] == argparse.Namespace(lr=0.1)
