@@ -1,7 +1,8 @@
 """What is inside a checkpoint, without loading its tensors: names, dtypes, shapes and bytes by group.
 
 Reads our checkpoint directories, Lightning ``.ckpt`` files (``weights_only=True``) and plain
-safetensors files. DCP directories are recognised and refused (see ``_dcp``).
+safetensors files, and torch.distributed.checkpoint (DCP) directories from their metadata alone
+(``.metadata`` through a restricted unpickler, Lightning's ``meta.pt`` with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, UnsupportedFormatError
+from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
+from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR
 from lightning_ckpt.store import read_manifest
 from lightning_ckpt.store.local import LocalStore, local_path
@@ -24,7 +26,7 @@ OPTIMIZER = "optimizer state"
 OTHER = "other"
 GROUPS = (MODEL, OPTIMIZER, OTHER)
 KIND_OURS, KIND_LIGHTNING, KIND_SAFETENSORS, KIND_DCP = "lightning-ckpt", "lightning .ckpt", "safetensors", "dcp"
-DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's FileSystemWriter writes it last
+_OPTIMIZER_PREFIX = "optimizer_"  # Lightning's ModelParallelStrategy: optimizer_states[i] as optimizer_{i} in DCP
 _GROUP_OF_FILE = {"model.safetensors": MODEL, "optimizer.safetensors": OPTIMIZER}
 _GROUP_OF_KEY = {"state_dict": MODEL, "optimizer_states": OPTIMIZER, "model": MODEL, "optimizer": OPTIMIZER,
                  "optim": OPTIMIZER}
@@ -67,19 +69,23 @@ class Inspection:
         return sum(self.group_bytes().values())
 
 
-def inspect_checkpoint(path: str | os.PathLike) -> Inspection:
+def inspect_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Inspection:
     """Describe the checkpoint at ``path`` (any of the four kinds above).
+
+    Args:
+        allow_pickle: read a DCP directory whose ``.metadata`` or ``meta.pt`` needs full unpickling.
 
     Raises:
         NotACheckpointError: nothing at ``path``, or a directory that is none of the kinds.
-        UnsupportedFormatError: a file that is neither a torch file nor safetensors; a DCP directory.
-        UnsafeCheckpointError: a ``.ckpt`` that ``weights_only=True`` refuses to read.
+        UnsupportedFormatError: a file that is neither a torch file nor safetensors.
+        UnsafeCheckpointError: a ``.ckpt`` that ``weights_only=True`` refuses to read, or a DCP
+            directory that needs unpickling (without ``allow_pickle``).
     """
     p = local_path(path, what="path")
     if p.is_dir() and (p / MANIFEST_FILE).is_file():
         return _ours(p)
     if p.is_dir() and (p / DCP_METADATA_FILE).is_file():
-        return _dcp(p)
+        return _dcp(p, allow_pickle)
     if p.is_file() and _is_safetensors(p):
         return _safetensors(p)
     if p.is_file():
@@ -198,10 +204,32 @@ def _walk(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
             yield from _walk(v, (*path, i))
 
 
-def _dcp(p: Path) -> Inspection:
-    # DCP's FileSystemReader.read_metadata() is a plain pickle.load (torch 2.13): reading it could run
-    # code from the file, which nothing here may do. Refused until a non-executing reader lands.
-    raise UnsupportedFormatError(f"{p}: a torch.distributed.checkpoint (DCP) directory; its {DCP_METADATA_FILE} is a "
-                                 "pickle that only code-executing readers open, so lightning-ckpt does not read it "
-                                 "yet. Use torch.distributed.checkpoint.format_utils.dcp_to_torch_save on a "
-                                 "trusted copy")
+def _dcp(p: Path, allow_pickle: bool) -> Inspection:
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from lightning_ckpt.convert.dcp_metadata import read_dcp_metadata, read_lightning_meta
+
+    metadata = read_dcp_metadata(p, allow_pickle=allow_pickle)
+    meta = read_lightning_meta(p, allow_pickle=allow_pickle)
+    found = Inspection(str(p), KIND_DCP, step=meta.get("global_step"), epoch=meta.get("epoch"))
+    for key, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            path = tuple((metadata.planner_data or {}).get(key) or (key,))
+            group = _dcp_group(str(path[0]))
+            name = ".".join(map(str, path[1:] if group == MODEL and len(path) == 2 else path))
+            found.groups[group].append(TensorInfo(name, str(md.properties.dtype).removeprefix("torch."),
+                                                  tuple(md.size), math.prod(md.size) * md.properties.dtype.itemsize))
+    found.hyper_parameters = dict(meta.get(_K_HPARAMS) or {})
+    if _K_LIGHTNING_VERSION in meta:
+        found.versions["lightning"] = str(meta[_K_LIGHTNING_VERSION])
+    if metadata.version:
+        found.versions["dcp format"] = str(metadata.version)
+    found.versions["torch (reading)"] = torch.__version__
+    return found
+
+
+def _dcp_group(top: str) -> str:
+    if top.startswith(_OPTIMIZER_PREFIX) and top[len(_OPTIMIZER_PREFIX):].isdigit():
+        return OPTIMIZER
+    return _GROUP_OF_KEY.get(top, OTHER)

@@ -35,6 +35,11 @@ def _storage_options(ctx: click.Context, param: click.Parameter, value: str | No
     return options
 
 
+ALLOW_PICKLE = click.option(
+    "--allow-pickle", is_flag=True,
+    help="DCP and DeepSpeed checkpoints: read files that need full unpickling (a .metadata naming classes other "
+         "than torch's own, a meta.pt or value that weights_only=True refuses, DeepSpeed's files). This runs code "
+         "from them: only for checkpoints you trust.")
 _STORAGE_OPTIONS = click.option("--storage-options", "options", callback=_storage_options, help=_OPTIONS_HELP)
 _MODE = click.option("--mode", type=click.Choice(MODES), default="min", show_default=True,
                      help="min: lower is better (a loss); max: higher is better (an accuracy).")
@@ -131,19 +136,22 @@ def _verified(path: str, options: dict[str, Any] | None) -> list[Row]:
 @main.command()
 @click.argument("path", type=_PATH)
 @click.option("--tensors", "every", is_flag=True, help="List every tensor, not only the totals per group.")
+@ALLOW_PICKLE
 @JSON_OPTION
-def inspect(path: Path, every: bool, as_json: bool) -> None:
+def inspect(path: Path, every: bool, allow_pickle: bool, as_json: bool) -> None:
     """What is inside a checkpoint: tensors by group (model weights, optimizer state, other) with
     dtypes, shapes and bytes, hyper-parameters and library versions. Reads our checkpoints,
-    Lightning .ckpt files (weights_only=True) and plain .safetensors files.
+    Lightning .ckpt files (weights_only=True), plain .safetensors files and DCP / FSDP directories
+    (their metadata only; global shapes).
 
     \b
     Example:
       lightning-ckpt inspect checkpoints/step=000001000 --tensors
+      lightning-ckpt inspect checkpoints/epoch=1-step=600.ckpt/     # a DCP directory
     """
     from lightning_ckpt.inspection import inspect_checkpoint
 
-    found = inspect_checkpoint(path)
+    found = inspect_checkpoint(path, allow_pickle=allow_pickle)
     if as_json:
         return emit_json(asdict(found) | {"group_bytes": found.group_bytes(), "total_bytes": found.total_bytes})
     click.echo(f"{found.path}  ({found.kind})  step {num(found.step)}  epoch {num(found.epoch)}")

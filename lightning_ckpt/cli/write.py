@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from lightning_ckpt.cli import main
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, progress_bar
-from lightning_ckpt.cli.read import _MODE, _PATH, retention_options
+from lightning_ckpt.cli.read import _MODE, _PATH, ALLOW_PICKLE, retention_options
+from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
 from lightning_ckpt.errors import UnsupportedFormatError
 from lightning_ckpt.format.manifest import MANIFEST_FILE
+
+Progress = Callable[[int], None]
+SAFETENSORS_SUFFIX = ".safetensors"
 from lightning_ckpt.policy.retention import RetentionConfig
 
 
@@ -57,36 +62,89 @@ def prune(path: Path, keep_last: int | None, top_k: int, monitor: str | None, mo
 @main.command()
 @click.argument("src", type=_PATH)
 @click.argument("dst", type=click.Path(path_type=Path))
-def convert(src: Path, dst: Path) -> None:
-    """Convert between a Lightning .ckpt file and a lightning-ckpt checkpoint, either way (the
-    direction follows SRC). Streams a .ckpt a tensor at a time; the result appears whole or not at all.
+@ALLOW_PICKLE
+def convert(src: Path, dst: Path, allow_pickle: bool) -> None:
+    """Convert checkpoint SRC into DST; what SRC is picks the way:
+
+    \b
+      a Lightning .ckpt file          -> a lightning-ckpt checkpoint
+      a lightning-ckpt checkpoint     -> a Lightning .ckpt file
+      a DCP / FSDP directory          -> one consolidated lightning-ckpt checkpoint,
+                                         or one .safetensors file of its weights (DST ending .safetensors)
+      a DeepSpeed ZeRO 2/3 checkpoint -> one .safetensors file of fp32 weights
+                                         (needs deepspeed and --allow-pickle)
+
+    .ckpt and DCP sources stream with bounded memory (about a tensor or a few chunks); the result
+    appears whole or not at all.
 
     \b
     Example:
       lightning-ckpt convert epoch=3.ckpt checkpoints/step=000004000     # .ckpt -> ours
       lightning-ckpt convert checkpoints/step=000004000 back.ckpt        # ours -> .ckpt
+      lightning-ckpt convert fsdp/epoch=3-step=4000.ckpt/ checkpoints/step=000004000
+      lightning-ckpt convert fsdp/epoch=3-step=4000.ckpt/ model.safetensors
     """
-    from lightning_ckpt.convert.lightning import ckpt_to_ours, ours_to_ckpt
+    way = _converter(src)
+    total = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) if src.is_dir() else src.stat().st_size
+    advance, close = progress_bar(total, f"{src.name} -> {dst.name}")
+    try:
+        message = way(src, dst, advance, allow_pickle)
+    finally:
+        close()
+    click.echo(message)
+
+
+def _converter(src: Path) -> Callable[[Path, Path, Progress, bool], str]:
+    from lightning_ckpt.convert.deepspeed import deepspeed_tag
 
     if src.is_dir() and (src / MANIFEST_FILE).is_file():
-        advance, close = progress_bar(sum(f.stat().st_size for f in src.iterdir()), f"{src.name} -> {dst.name}")
-        try:
-            size = ours_to_ckpt(src, dst, progress=advance)
-        finally:
-            close()
-        click.echo(f"wrote {dst} ({size} bytes): a Lightning .ckpt; resume with "
-                   f"Trainer.fit(..., ckpt_path={str(dst)!r})")
-    elif src.is_file():
-        advance, close = progress_bar(os.path.getsize(src), f"{src.name} -> {dst.name}")
-        try:
-            manifest = ckpt_to_ours(src, dst, progress=advance)
-        finally:
-            close()
-        click.echo(f"wrote {dst} ({manifest.total_bytes} bytes, {len(manifest.files)} files): "
-                   "a lightning-ckpt checkpoint")
-    else:
-        raise UnsupportedFormatError(f"{src}: neither a lightning-ckpt checkpoint (no {MANIFEST_FILE}) nor a .ckpt "
-                                     "file; convert reads those two")
+        return _ours_to_ckpt
+    if src.is_dir() and (src / DCP_METADATA_FILE).is_file():
+        return _dcp
+    if src.is_dir() and deepspeed_tag(src) is not None:
+        return _deepspeed
+    if src.is_file():
+        return _ckpt_to_ours
+    raise UnsupportedFormatError(f"{src}: not a lightning-ckpt checkpoint (no {MANIFEST_FILE}), a DCP directory "
+                                 f"(no {DCP_METADATA_FILE}), a DeepSpeed checkpoint or a .ckpt file; convert "
+                                 "reads those")
+
+
+def _ours_to_ckpt(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
+    from lightning_ckpt.convert.lightning import ours_to_ckpt
+
+    size = ours_to_ckpt(src, dst, progress=advance)
+    return f"wrote {dst} ({size} bytes): a Lightning .ckpt; resume with Trainer.fit(..., ckpt_path={str(dst)!r})"
+
+
+def _ckpt_to_ours(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
+    from lightning_ckpt.convert.lightning import ckpt_to_ours
+
+    manifest = ckpt_to_ours(src, dst, progress=advance)
+    return f"wrote {dst} ({manifest.total_bytes} bytes, {len(manifest.files)} files): a lightning-ckpt checkpoint"
+
+
+def _dcp(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
+    from lightning_ckpt.convert.dcp import dcp_to_ours, dcp_to_safetensors
+
+    if dst.name.endswith(SAFETENSORS_SUFFIX):
+        written, left_out = dcp_to_safetensors(src, dst, progress=advance, allow_pickle=allow_pickle)
+        rest = f"; left out {left_out} other tensors (optimizer state, ...): convert to a directory to keep them" \
+            if left_out else ""
+        return f"wrote {dst} ({os.path.getsize(dst)} bytes, {written} tensors): the model weights{rest}"
+    manifest = dcp_to_ours(src, dst, progress=advance, allow_pickle=allow_pickle)
+    return (f"wrote {dst} ({manifest.total_bytes} bytes, {len(manifest.files)} files): a lightning-ckpt checkpoint "
+            "consolidated from DCP (full tensors)")
+
+
+def _deepspeed(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
+    from lightning_ckpt.convert.deepspeed import deepspeed_to_safetensors
+
+    if not dst.name.endswith(SAFETENSORS_SUFFIX):
+        raise ValueError(f"{dst}: a DeepSpeed checkpoint converts to one safetensors file; pass a DST ending in "
+                         f"{SAFETENSORS_SUFFIX}")
+    written = deepspeed_to_safetensors(src, dst, progress=advance, allow_pickle=allow_pickle)
+    return f"wrote {dst} ({os.path.getsize(dst)} bytes, {written} tensors): fp32 weights consolidated from ZeRO"
 
 
 @main.command()

@@ -11,7 +11,7 @@ import ctypes
 import mmap
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,8 +40,12 @@ def ckpt_to_ours(src: str | os.PathLike, dst: str | os.PathLike, *, progress: Pr
         StorageError: the write failed; nothing was committed at ``dst``.
     """
     state = read_torch_file(local_path(src, what="src"))
-    files = {name: _StreamedBlob(_Released(blob.chunks, progress)) for name, blob in encode_state(state).items()}
-    return commit_encoded(files, state, dst, run_id=run_id)
+    return commit_encoded(streamed(encode_state(state), progress), state, dst, run_id=run_id)
+
+
+def streamed(files: Mapping[str, Blob], progress: Progress | None) -> dict[str, Blob]:
+    """Blobs whose chunks are handed back to the kernel as they are written, reporting ``progress``."""
+    return {name: _StreamedBlob(_Released(blob.chunks, progress)) for name, blob in files.items()}
 
 
 def ours_to_ckpt(src: str | os.PathLike, dst: str | os.PathLike, *, progress: Progress | None = None) -> int:

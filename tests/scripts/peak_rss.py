@@ -13,7 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-import lightning_ckpt.convert.lightning  # noqa: F401  (import cost is not the command's memory)
+import lightning_ckpt.convert.dcp  # noqa: F401  (import cost is not the command's memory; torch.distributed too)
+import lightning_ckpt.convert.lightning  # noqa: F401
 from lightning_ckpt.cli import main
 
 
