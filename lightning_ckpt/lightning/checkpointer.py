@@ -10,7 +10,6 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -21,6 +20,7 @@ from lightning_ckpt.lightning.checkpoint_view import ModelCheckpointView
 from lightning_ckpt.lightning.hparams_check import check_hparams_storable
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.lightning.remote_dirpath import checked_dirpath
+from lightning_ckpt.lightning.sharded_io import route_if_sharded
 from lightning_ckpt.lightning.trainer_io import (
     StrategyAgree,
     ensure_safetensors_io,
@@ -190,7 +190,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self._resolve_dirpath(trainer)
         io = ensure_safetensors_io(trainer, self.allow_pickle)
-        self._route_sharded(trainer, io.allow_pickle)
+        route_if_sharded(trainer, dirpath=self.dirpath, async_save=self.async_save, allow_pickle=io.allow_pickle)
         if self._storage_options is not None:  # the plugin writes and reads under dirpath with them
             io.add_remote_options(self.dirpath, self._storage_options)
         if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
@@ -206,21 +206,6 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         self._manager.refresh()
         if self.exact_resume:
             _ensure_exact_resume(trainer)
-
-    def _route_sharded(self, trainer: L.Trainer, allow_pickle: bool) -> None:
-        """Under ModelParallelStrategy, saves and resumes are sharded (every rank writes its shards)."""
-        if not isinstance(trainer.strategy, ModelParallelStrategy):
-            return
-        if self._storage_options is not None:
-            raise ValueError(f"Checkpointer(dirpath={self.dirpath!r}): sharded checkpoints (ModelParallelStrategy) are "
-                             "written by every rank to a filesystem all ranks see; use a local or shared dirpath, "
-                             "with mirror=Mirror(url) for a copy on object storage")
-        if self.async_save:
-            raise ValueError("Checkpointer(async_save=True) does not support ModelParallelStrategy yet: its sharded "
-                             "save is a collective that cannot run beside training's; use async_save=False")
-        from lightning_ckpt.lightning.sharded_io import route_sharded_io  # loads torch.distributed.checkpoint
-
-        route_sharded_io(trainer, allow_pickle=allow_pickle)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_lineage(trainer)

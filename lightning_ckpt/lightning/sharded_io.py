@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -24,12 +25,31 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lightning_ckpt.distributed import checkpoint_is_sharded, load_sharded, save_sharded
 from lightning_ckpt.errors import CheckpointError
-from lightning_ckpt.pipeline import decided_on_rank_zero
 from lightning_ckpt.lightning.trainer_io import StrategyAgree
+from lightning_ckpt.pipeline import decided_on_rank_zero
+from lightning_ckpt.store.local import remote_scheme
 
 _ROUTED = "_lightning_ckpt_sharded_io"  # marks a strategy whose save/load are already routed here
 _K_STATE_DICT = "state_dict"
 _K_OPTIMIZERS = "optimizer_states"
+
+
+def route_if_sharded(trainer: L.Trainer, *, dirpath: str | None, async_save: bool, allow_pickle: bool) -> None:
+    """Under ModelParallelStrategy, the Checkpointer's saves and resumes are sharded (every rank writes its shards).
+
+    Raises:
+        ValueError: a URL ``dirpath`` (every rank writes: it must be a filesystem all see) or ``async_save``.
+    """
+    if not isinstance(trainer.strategy, ModelParallelStrategy):
+        return
+    if dirpath is not None and remote_scheme(dirpath) is not None:
+        raise ValueError(f"Checkpointer(dirpath={dirpath!r}): sharded checkpoints (ModelParallelStrategy) are written "
+                         "by every rank to a filesystem all ranks see; use a local or shared dirpath, with "
+                         "mirror=Mirror(url) for a copy on object storage")
+    if async_save:
+        raise ValueError("Checkpointer(async_save=True) does not support ModelParallelStrategy yet: its sharded "
+                         "save is a collective that cannot run beside training's; use async_save=False")
+    route_sharded_io(trainer, allow_pickle=allow_pickle)
 
 
 def route_sharded_io(trainer: L.Trainer, *, allow_pickle: bool) -> None:
