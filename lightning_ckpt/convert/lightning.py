@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,10 +18,9 @@ import torch
 
 from lightning_ckpt.engine import commit_encoded, load_checkpoint
 from lightning_ckpt.convert.torchfile import read_torch_file
-from lightning_ckpt.errors import StorageError
 from lightning_ckpt.format import Blob, Manifest, encode_state
 from lightning_ckpt.format.blob import Buffer
-from lightning_ckpt.store.local import TMP_PREFIX, fsync_dir, local_path
+from lightning_ckpt.store.local import atomic_file, local_path
 
 Progress = Callable[[int], None]
 """Called with a number of bytes just written (each chunk is hashed and written in one pass)."""
@@ -60,17 +58,8 @@ def ours_to_ckpt(src: str | os.PathLike, dst: str | os.PathLike, *, progress: Pr
     """
     state = load_checkpoint(src)
     target = local_path(dst, what="dst")
-    tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(err.errno, f"{target}: could not write the .ckpt ({err}); nothing was written") from err
+    with atomic_file(target, "the .ckpt") as f:
+        torch.save(state, f)
     size = target.stat().st_size
     if progress:
         progress(size)

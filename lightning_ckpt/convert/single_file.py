@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from lightning_ckpt.convert.lightning import Progress, streamed
-from lightning_ckpt.errors import StorageError
 from lightning_ckpt.format.blob import Buffer, safetensors_blob
-from lightning_ckpt.store.local import TMP_PREFIX, fsync_dir, local_path
+from lightning_ckpt.store.local import atomic_file, local_path
 
 FORMAT_METADATA = {"format": "pt"}  # what transformers checks in a safetensors file's metadata
 
@@ -36,15 +34,6 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], dst: str | os.PathLik
 
 
 def _write_file(target: Path, chunks: Iterable[Buffer]) -> None:
-    tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(err.errno, f"{target}: could not write ({err}); nothing was written there") from err
+    with atomic_file(target, "the safetensors file") as f:
+        for chunk in chunks:
+            f.write(chunk)

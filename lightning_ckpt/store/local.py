@@ -8,6 +8,7 @@ are removed by :meth:`LocalStore.clean_leftovers`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import io
@@ -16,9 +17,9 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from lightning_ckpt.errors import CheckpointError, DirectoryInUseError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
@@ -361,6 +362,30 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, what: str) -> Iterator[BinaryIO]:
+    """A new file that appears at ``target`` whole or not at all: a temporary file beside it, fsynced,
+    renamed into place, and the folder fsynced.
+
+    Raises:
+        StorageError: the write failed; ``target`` is untouched and the temporary file removed.
+    """
+    tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(err.errno, f"{target}: could not write {what} ({err}); nothing was written") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def hash_file(path: str | os.PathLike) -> FileEntry:
