@@ -142,7 +142,7 @@ class Rollback(Callback):
                              "callbacks: Checkpointer(dirpath=..., every_n_steps=...)")
         self._skipped = set()
         undos = [rollback_seams.rerun_fit_loop_after(trainer, _RollbackSignal, partial(self._roll_back, trainer)),
-                 rollback_seams.hold_step_schedulers(trainer, lambda epoch, batch: (epoch, batch) in self._skipped)]
+                 rollback_seams.hold_step_schedulers(trainer, lambda: bool(self._skipped))]
         self._undo += [undo for undo in undos if undo is not None]
         if None in undos:
             raise RuntimeError("Rollback: this Lightning release lacks the fit-loop internals it restores through "

@@ -55,25 +55,27 @@ def rerun_fit_loop_after(trainer: pl.Trainer, signal: type[BaseException],
     return lambda: vars(fit_loop).pop("run", None)
 
 
-def hold_step_schedulers(trainer: pl.Trainer, held: Callable[[int, int], bool]) -> Callable[[], None] | None:
-    """Keep step-interval LR schedulers still after the batches for which ``held(epoch, batch)`` is true.
+def hold_step_schedulers(trainer: pl.Trainer, holding: Callable[[], bool]) -> Callable[[], None] | None:
+    """While ``holding()``, keep step-interval LR schedulers still after a None batch (a skipped one).
 
-    Lightning steps them after every batch, a skipped (None) one too; a skipped batch trains nothing, so
-    the schedule must not move. Epoch-interval ones still step at the epoch's end. Wraps
-    ``_TrainingEpochLoop.update_lr_schedulers`` (and reads its ``batch_idx``) as instance attributes;
-    returns the undo, or None when this Lightning lacks it. Checked with Lightning 2.6.6.
+    Lightning steps them after every batch, a None one too; a skipped batch trains nothing, so the
+    schedule must not move. Epoch-interval ones still step at the epoch's end. The batch is read where
+    the loop leaves it (``_ResultCollection.batch``, set for every batch), not from the loop's
+    counters: after a resume at an epoch's end Lightning numbers the next batch as one more of the
+    finished epoch. Wraps ``_TrainingEpochLoop.update_lr_schedulers`` as an instance attribute; returns
+    the undo, or None when this Lightning lacks either. Checked with Lightning 2.6.6.
     """
     epoch_loop = trainer.fit_loop.epoch_loop
     update = getattr(epoch_loop, "update_lr_schedulers", None)
-    if not callable(update):
+    if not (callable(update) and hasattr(getattr(epoch_loop, "_results", None), "batch")):
         return None
 
-    def update_unless_held(interval: str, update_plateau_schedulers: bool) -> None:
-        if interval == "step" and held(trainer.current_epoch, epoch_loop.batch_idx):
+    def update_unless_skipped(interval: str, update_plateau_schedulers: bool) -> None:
+        if interval == "step" and holding() and epoch_loop._results.batch is None:
             return
         update(interval, update_plateau_schedulers=update_plateau_schedulers)
 
-    epoch_loop.update_lr_schedulers = update_unless_held  # type: ignore[method-assign]
+    epoch_loop.update_lr_schedulers = update_unless_skipped  # type: ignore[method-assign]
     return lambda: vars(epoch_loop).pop("update_lr_schedulers", None)
 
 

@@ -25,14 +25,14 @@ BATCH_7 = list(range(28, 32))
 
 
 def fit(root: Path, poison: dict[int, str], *callbacks: L.Callback, max_steps: int = 12, logger: object = False,
-        checkpointer: Checkpointer | None = None) -> tuple[L.Trainer, RecordingModel]:
+        checkpointer: Checkpointer | None = None, clean_reads: int = 0) -> tuple[L.Trainer, RecordingModel]:
     L.seed_everything(0)
     checkpointer = checkpointer or Checkpointer(root, every_n_steps=3, keep_last=2)
     trainer = L.Trainer(max_steps=max_steps, callbacks=[checkpointer, *callbacks], logger=logger,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=root)
     model = RecordingModel()
-    trainer.fit(model, poisoned_loader(poison=poison))
+    trainer.fit(model, poisoned_loader(poison=poison, clean_reads=clean_reads))
     return trainer, model
 
 
@@ -160,3 +160,28 @@ def test_watching_the_gradient_norm_also_rolls_back_a_non_finite_batch(tmp_path:
     trainer, model = fit(tmp_path, {POISONED: NAN}, rollback)
     assert [(e.bad_step, e.restored_step) for e in rollback.events] == [(8, 6)]
     assert trainer.global_step == 12 and model.weights_finite()
+
+
+def test_a_skip_across_an_epoch_end_leaves_the_schedule_and_the_epoch_order_intact(tmp_path: Path) -> None:
+    """Sample 58 is in batch 14 of 16; a margin of 3 skips into the next epoch (saves every 5 steps)."""
+    rollback = Rollback(margin=3)
+    checkpointer = Checkpointer(tmp_path, every_n_steps=5, keep_last=2)
+    trainer, model = fit(tmp_path, {58: NAN}, rollback, checkpointer=checkpointer, max_steps=20)
+    [event] = rollback.events
+    assert (event.bad_step, event.restored_step) == (15, 10)
+    assert event.skipped_batches == (*((0, b) for b in range(10, 16)), (1, 0), (1, 1))
+    assert trainer.global_step == 20 and model.weights_finite()
+    assert model.seen[15:] == [list(range(4 * b, 4 * b + 4)) for b in range(2, 12)]  # epoch 1 from batch 2 on
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 20
+
+
+def test_a_rollback_to_an_epoch_end_save_skips_into_the_next_epoch_without_moving_the_schedule(tmp_path: Path) -> None:
+    """Saves at each epoch end (16 batches); sample 8 (batch 2) is poisoned from its second read, in epoch 1."""
+    rollback = Rollback()
+    checkpointer = Checkpointer(tmp_path, every_n_epochs=1, keep_last=2)
+    trainer, model = fit(tmp_path, {8: NAN}, rollback, checkpointer=checkpointer, max_steps=24, clean_reads=1)
+    [event] = rollback.events
+    assert (event.bad_step, event.restored_step, event.skipped_batches) == (19, 16, ((1, 0), (1, 1), (1, 2)))
+    assert trainer.global_step == 24 and model.weights_finite()
+    assert model.seen[19:] == [list(range(4 * b, 4 * b + 4)) for b in range(3, 11)]
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 24  # Lightning steps it after a None batch

@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.loops import training_epoch_loop
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 from tiny import TinyModel, tiny_loader
 
 from lightning_ckpt.lightning import rollback_seams
@@ -25,7 +26,7 @@ def test_the_internals_rollback_restores_through_exist(tmp_path: Path) -> None:
     assert fit_loop._data_fetcher is None and fit_loop._combined_loader is None
     assert isinstance(fit_loop.epoch_loop.batch_idx, int)
     undos = [rollback_seams.rerun_fit_loop_after(trainer, KeyError, lambda exc: None),
-             rollback_seams.hold_step_schedulers(trainer, lambda epoch, batch: False)]
+             rollback_seams.hold_step_schedulers(trainer, lambda: False)]
     assert None not in undos
     trainer.fit(TinyModel(), tiny_loader())  # the loops run through both wrappers
     assert callable(fit_loop.epoch_loop._results.reset)
@@ -49,4 +50,6 @@ def test_lightning_steps_step_schedulers_after_a_none_batch_and_warns_with_the_t
     """What hold_step_schedulers undoes, and the warning Rollback silences while it skips."""
     advance = inspect.getsource(training_epoch_loop._TrainingEpochLoop.advance)
     assert "if batch is None" in advance and 'self.update_lr_schedulers("step"' in advance
+    assert "trainer._logger_connector.on_batch_start(batch)" in advance
+    assert "results.batch = batch" in inspect.getsource(_LoggerConnector.on_batch_start)
     assert rollback_seams.NONE_BATCH_WARNING in advance

@@ -16,20 +16,27 @@ SPIKE = "spike"  # the sample's input is scaled up: a finite loss far above the 
 
 
 class PoisonedData(Dataset):
-    """``n`` samples ``(x, y, index)`` of tiny_loader's task; ``poison`` maps an index to NAN or SPIKE."""
+    """``n`` samples ``(x, y, index)`` of tiny_loader's task; ``poison`` maps an index to NAN or SPIKE.
 
-    def __init__(self, n: int = 64, poison: Mapping[int, str] | None = None, seed: int = 0) -> None:
+    A poisoned sample is clean for its first ``clean_reads`` reads (e.g. 1: poisoned from the second epoch on).
+    """
+
+    def __init__(self, n: int = 64, poison: Mapping[int, str] | None = None, seed: int = 0,
+                 clean_reads: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 8, generator=g)
         self.y = (self.x[:, 0] > 0).long() + 2 * (self.x[:, 1] > 0).long()
         self.poison = dict(poison or {})
+        self.clean_reads = clean_reads
+        self.reads = [0] * n
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         x = self.x[index]
-        kind = self.poison.get(index)
+        self.reads[index] += 1
+        kind = self.poison.get(index) if self.reads[index] > self.clean_reads else None
         if kind == NAN:
             x = torch.full_like(x, float("nan"))
         elif kind == SPIKE:
@@ -37,8 +44,9 @@ class PoisonedData(Dataset):
         return x, self.y[index], index
 
 
-def poisoned_loader(n: int = 64, batch_size: int = 4, poison: Mapping[int, str] | None = None) -> DataLoader:
-    return DataLoader(PoisonedData(n, poison), batch_size=batch_size)
+def poisoned_loader(n: int = 64, batch_size: int = 4, poison: Mapping[int, str] | None = None,
+                    clean_reads: int = 0) -> DataLoader:
+    return DataLoader(PoisonedData(n, poison, clean_reads=clean_reads), batch_size=batch_size)
 
 
 class RecordingModel(TinyModel):
