@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_ckpt.errors import RollbackError
+from lightning_ckpt.errors import CheckpointWarning, RollbackError
 from lightning_ckpt.lightning import data_position, fit_loop_seams, rollback_seams
 from lightning_ckpt.lightning.checkpointer import Checkpointer
 from lightning_ckpt.lightning.data_position import DataPosition
@@ -269,7 +269,7 @@ class Rollback(Callback):
         rank_zero_warn(f"Rollback {len(self.events)}/{self.max_rollbacks}: {event.reason} at step {event.bad_step}; "
                        f"restored {event.restored} (step {event.restored_step}) and skipped "
                        f"{len(event.skipped_batches)} batches ({len(event.skipped)} samples); the run goes on as "
-                       f"branch {event.run_id}")
+                       f"branch {event.run_id}", category=CheckpointWarning)
 
     def _exhausted(self, bad_step: int, reason: str) -> str:
         done = "; ".join(f"{e.reason} at step {e.bad_step} -> {e.restored} (step {e.restored_step}), "
