@@ -250,6 +250,11 @@ class Rollback(Callback):
         per_epoch = int(trainer.num_training_batches)
         position = _normal(DataPosition(state[K_EPOCH], state[K_BATCH]), per_epoch)
         last = _normal(DataPosition(bad.epoch, bad.batch + self.margin), per_epoch)
+        bad_at = _normal(DataPosition(bad.epoch, bad.batch), per_epoch)
+        if (position.epoch, position.batch) > (bad_at.epoch, bad_at.batch):  # a number read from disk: check it
+            raise RollbackError(f"Rollback: {path} says its data stood at epoch {position.epoch}, batch "
+                                f"{position.batch}, after the bad batch (epoch {bad_at.epoch}, batch {bad_at.batch}) "
+                                "it was saved before; it does not belong to this run's data order")
         positions = []
         while (position.epoch, position.batch) <= (last.epoch, last.batch):
             positions.append(position)
