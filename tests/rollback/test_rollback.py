@@ -62,16 +62,18 @@ def test_a_poisoned_batch_is_rolled_back_to_the_last_good_save_and_never_trained
 
 
 def test_the_rolled_back_run_equals_a_run_that_never_had_the_skipped_batches(tmp_path: Path) -> None:
+    """Weights and the epoch's logged mean, through the end of the epoch the rollback happened in."""
     rollback = Rollback()
-    _, rolled = fit(tmp_path / "rolled", {POISONED: NAN}, rollback)
+    rolled_trainer, rolled = fit(tmp_path / "rolled", {POISONED: NAN}, rollback, max_steps=14)
     L.seed_everything(0)
-    trainer = L.Trainer(max_steps=12, callbacks=[Checkpointer(tmp_path / "clean", every_n_steps=3)], logger=False,
+    trainer = L.Trainer(max_steps=14, callbacks=[Checkpointer(tmp_path / "clean", every_n_steps=3)], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     clean = RecordingModel()
     kept = [i for i in range(64) if i not in rollback.events[0].skipped]
     trainer.fit(clean, DataLoader(Subset(PoisonedData(64), kept), batch_size=4))
     for (name, a), b in zip(rolled.state_dict().items(), clean.state_dict().values()):
         assert torch.equal(a, b), name
+    assert rolled_trainer.callback_metrics["epoch_loss"] == trainer.callback_metrics["epoch_loss"]
 
 
 def test_the_rollback_is_in_the_ledger_and_the_run_goes_on_as_a_branch_of_the_restored_save(tmp_path: Path) -> None:
@@ -185,3 +187,14 @@ def test_a_rollback_to_an_epoch_end_save_skips_into_the_next_epoch_without_movin
     assert trainer.global_step == 24 and model.weights_finite()
     assert model.seen[19:] == [list(range(4 * b, 4 * b + 4)) for b in range(3, 11)]
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 24  # Lightning steps it after a None batch
+
+
+def test_a_save_due_at_the_step_after_the_restored_one_is_made(tmp_path: Path) -> None:
+    """Sample 26 (batch 6) is found at batch 7's end: back to step 6, whose next step, 7, is a save step."""
+    rollback = Rollback(check_every_n_batches=2)
+    checkpointer = Checkpointer(tmp_path, at_steps=(6, 7), save_on_train_end=False)
+    fit(tmp_path, {26: NAN}, rollback, checkpointer=checkpointer, max_steps=9)
+    [event] = rollback.events
+    assert (event.bad_step, event.restored_step) == (7, 6)
+    branch = sorted(e["name"] for e in ledger(tmp_path) if e["run_id"] == event.run_id)
+    assert branch == ["step=000000007-" + event.run_id]

@@ -59,7 +59,9 @@ class RecordingModel(TinyModel):
     def training_step(self, batch, batch_idx):
         x, y, index = batch
         self.seen.append(index.tolist())
-        return super().training_step((x, y), batch_idx)
+        loss = super().training_step((x, y), batch_idx)
+        self.log("epoch_loss", loss, on_step=False, on_epoch=True)  # a running sum across the epoch
+        return loss
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters())
