@@ -106,10 +106,14 @@ class Rollback(Callback):
             before each optimizer step, one more pass over the gradients; a non-finite norm is bad too).
         check_every_n_batches: the values stay on the device and are read every N trained batches
             (one host sync per check); the rollback still finds the first bad batch of the N.
+        lr_factor: after each rollback, the next ``lr_steps`` optimizer steps use the learning rate
+            times this factor (whatever the schedulers set; saved checkpoints hold the unscaled one).
+        lr_steps: how many optimizer steps the lowered learning rate lasts (0: never lowered).
     """
 
     def __init__(self, *, max_rollbacks: int = 3, margin: int = 0, zscore: float | None = None, window: int = 100,
-                 watch: Sequence[str] = (LOSS,), check_every_n_batches: int = 1) -> None:
+                 watch: Sequence[str] = (LOSS,), check_every_n_batches: int = 1, lr_factor: float = 1.0,
+                 lr_steps: int = 0) -> None:
         if max_rollbacks < 0 or margin < 0 or check_every_n_batches < 1:
             raise ValueError(f"max_rollbacks={max_rollbacks}, margin={margin}, check_every_n_batches="
                              f"{check_every_n_batches}; use max_rollbacks>=0, margin>=0, check_every_n_batches>=1")
@@ -117,6 +121,11 @@ class Rollback(Callback):
             raise ValueError(f"watch={tuple(watch)!r}; watch {LOSS!r} and/or {GRAD_NORM!r}")
         self.max_rollbacks, self.margin, self.check_every_n_batches = max_rollbacks, margin, check_every_n_batches
         self.watch = tuple(watch)
+        if not 0 < lr_factor <= 1 or lr_steps < 0 or (lr_factor < 1) != (lr_steps > 0):
+            raise ValueError(f"lr_factor={lr_factor}, lr_steps={lr_steps}; to lower the learning rate after a "
+                             "rollback give both, e.g. lr_factor=0.1, lr_steps=100 (0 < lr_factor <= 1)")
+        self._cooldown = _LowerLR(lr_factor)
+        self.lr_steps = lr_steps
         spike = SpikeRule(zscore=zscore, window=window)
         self._rules = {name: spike if name in self.watch else SpikeRule(window=window) for name in (LOSS, GRAD_NORM)}
         self.events: list[RollbackEvent] = []
@@ -134,7 +143,7 @@ class Rollback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.events, self._pending = [], []
+        self.events, self._pending, self._cooldown.steps_left = [], [], 0
         self._history = {name: deque(maxlen=self._rules[name].window) for name in (LOSS, GRAD_NORM)}
         self._checkpointer = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpointer)), None)
         if self._checkpointer is None:
@@ -161,6 +170,8 @@ class Rollback(Callback):
             raise RollbackError("Rollback cannot skip data here: ExactResume does not track the train loader's "
                                 "position (its warning says why); use a single map-style torch DataLoader")
         self._undo.append(fit_loop_seams.silence_warning(rollback_seams.NONE_BATCH_WARNING))
+        if self.lr_steps:
+            self._undo += [self._cooldown.attach(optimizer) for optimizer in trainer.optimizers]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -264,6 +275,7 @@ class Rollback(Callback):
     def _after(self, trainer: pl.Trainer, event: RollbackEvent) -> None:
         """Record, log and announce ``event``; forget what the abandoned steps contributed to the windows."""
         self.events.append(event)
+        self._cooldown.steps_left = self.lr_steps
         self._pending = []
         for history in self._history.values():
             kept = [(s, v) for s, v in history if s < event.restored_step]
@@ -313,3 +325,34 @@ def _settle_saves(checkpointer: Checkpointer, trainer: pl.Trainer) -> None:
 def _normal(position: DataPosition, per_epoch: int) -> DataPosition:
     return DataPosition(position.epoch + position.batch // per_epoch, position.batch % per_epoch)
 
+
+class _LowerLR:
+    """Scales the learning rates for the span of each optimizer step while ``steps_left``; torch's
+    step pre- and post-hooks, so that no scheduler reads or keeps the scaled value."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor, self.steps_left = factor, 0
+        self._saved: dict[int, list[float]] = {}
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+        """Hook ``optimizer``; returns the undo."""
+        handles = [optimizer.register_step_pre_hook(self._before), optimizer.register_step_post_hook(self._after)]
+
+        def undo() -> None:
+            for handle in handles:
+                handle.remove()
+
+        return undo
+
+    def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.steps_left > 0:
+            self._saved[id(optimizer)] = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * self.factor
+
+    def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        saved = self._saved.pop(id(optimizer), None)
+        if saved is not None:
+            for group, lr in zip(optimizer.param_groups, saved):
+                group["lr"] = lr
+            self.steps_left -= 1

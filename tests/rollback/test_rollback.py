@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from poisoned import NAN, SPIKE, PoisonedData, RecordingModel, poisoned_loader
 from torch.utils.data import DataLoader, Subset
 
-from lightning_ckpt import Checkpointer, ExactResume, Rollback, RollbackError, latest_checkpoint
+from lightning_ckpt import Checkpointer, ExactResume, Rollback, RollbackError, latest_checkpoint, load_checkpoint
 from lightning_ckpt.lightning.rollback import LOG_COUNT
 
 POISONED = 30  # in batch 7: the 8th optimizer step
@@ -144,7 +144,9 @@ def test_rollback_without_what_it_needs_fails_as_fit_starts_naming_the_fix(tmp_p
 
 
 @pytest.mark.parametrize("kwargs", [dict(zscore=-1), dict(window=1), dict(max_rollbacks=-1), dict(margin=-2),
-                                    dict(check_every_n_batches=0), dict(watch=("accuracy",)), dict(watch=())])
+                                    dict(check_every_n_batches=0), dict(watch=("accuracy",)), dict(watch=()),
+                                    dict(lr_factor=0.1), dict(lr_steps=5), dict(lr_factor=0, lr_steps=5),
+                                    dict(lr_factor=2.0, lr_steps=5)])
 def test_bad_config_fails_at_construction(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="; "):
         Rollback(**kwargs)
@@ -198,3 +200,30 @@ def test_a_save_due_at_the_step_after_the_restored_one_is_made(tmp_path: Path) -
     assert (event.bad_step, event.restored_step) == (7, 6)
     branch = sorted(e["name"] for e in ledger(tmp_path) if e["run_id"] == event.run_id)
     assert branch == ["step=000000007-" + event.run_id]
+
+
+class _StepLRs(L.Callback):
+    """Records the learning rate each optimizer step uses (a step pre-hook added after Rollback's)."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.optimizers[0].register_step_pre_hook(lambda opt, args, kwargs: self.lrs.append(opt.param_groups[0]["lr"]))
+
+
+def test_after_a_rollback_the_learning_rate_is_lowered_for_lr_steps_steps_then_follows_the_schedule(
+        tmp_path: Path) -> None:
+    rollback, used = Rollback(lr_factor=0.1, lr_steps=3), _StepLRs()
+    trainer, model = fit(tmp_path, {POISONED: NAN}, rollback, used)
+
+    def schedule(step: int) -> float:  # TinyModel: AdamW(lr=0.05), StepLR(step_size=3, gamma=0.9) per step
+        return 0.05 * 0.9 ** (step // 3)
+    # Steps 1-8 (the 8th made the NaN), then steps 7-9 again at a tenth, then 10-12 on the schedule.
+    expected = [schedule(k) for k in range(8)] + [schedule(k) * 0.1 for k in (6, 7, 8)] + [
+        schedule(k) for k in (9, 10, 11)]
+    assert used.lrs == pytest.approx(expected, rel=1e-12)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(schedule(12))
+    saved = load_checkpoint(tmp_path / "step=000000009")  # the branch saved it in the lowered span
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(schedule(9))  # unscaled
+    assert model.weights_finite()
