@@ -154,6 +154,7 @@ class CheckpointManager:
     def branch(self, parent: str, fresh: str) -> None:
         """Go on as a new branch ``fresh`` grown from checkpoint ``parent`` (``lightning_ckpt.lineage``)."""
         self.run_id, self.parent = fresh, parent
+        self.revision = next(_REVISIONS)  # "best" and "last" are cached per revision, and they change with the lineage
 
     def record_rollback(self, name: str, record: Mapping[str, Any]) -> None:
         """Add a rollback's record to the ledger entry of the checkpoint it restored."""
