@@ -87,7 +87,8 @@ def test_the_rollback_is_in_the_ledger_and_the_run_goes_on_as_a_branch_of_the_re
     branch = {name for name, e in entries.items() if e["run_id"] == event.run_id}
     assert branch == {"step=000000009", "step=000000012"}
     assert all(entries[name]["parent"] == "step=000000006" for name in branch)
-    assert latest_checkpoint(tmp_path) == str(tmp_path / "step=000000012") == trainer.checkpoint_callback.last_model_path
+    last = str(tmp_path / "step=000000012")
+    assert latest_checkpoint(tmp_path) == last == trainer.checkpoint_callback.last_model_path
 
 
 def test_a_poisoned_save_made_before_the_check_is_abandoned_never_last(tmp_path: Path) -> None:
@@ -209,7 +210,8 @@ class _StepLRs(L.Callback):
         self.lrs: list[float] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.optimizers[0].register_step_pre_hook(lambda opt, args, kwargs: self.lrs.append(opt.param_groups[0]["lr"]))
+        optimizer = trainer.optimizers[0]
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.lrs.append(opt.param_groups[0]["lr"]))
 
 
 def test_after_a_rollback_the_learning_rate_is_lowered_for_lr_steps_steps_then_follows_the_schedule(

@@ -1,4 +1,5 @@
-"""The Lightning internals Rollback restores through (checked with Lightning 2.6.6): fails loudly if a release moves one."""
+"""The Lightning internals Rollback restores through (checked with Lightning 2.6.6): fails loudly if a release
+moves one."""
 
 from __future__ import annotations
 
