@@ -9,6 +9,7 @@ from lightning_ckpt.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     NotACheckpointError,
+    RollbackError,
     StorageError,
     UnknownMetricError,
     UnsafeCheckpointError,
@@ -35,6 +36,8 @@ _LAZY = {
     "SafetensorsCheckpointIO": "lightning_ckpt.lightning.checkpoint_io",
     "load_from_checkpoint": "lightning_ckpt.lightning.loading",
     "Mirror": "lightning_ckpt.mirror",
+    "Rollback": "lightning_ckpt.lightning.rollback",
+    "RollbackEvent": "lightning_ckpt.lightning.rollback",
 }
 
 
@@ -54,5 +57,5 @@ __all__ = [
     "CheckpointError", "CheckpointWarning", "Checkpointer", "CorruptCheckpointError", "IncompleteCheckpointError",
     "NotACheckpointError", "SafetensorsCheckpointIO", "StorageError", "UnknownMetricError", "UnsafeCheckpointError",
     "UnsupportedFormatError", "UnsupportedTypeError", "best_checkpoint", "inspect_checkpoint", "latest_checkpoint",
-    "Mirror", "load_checkpoint", "load_from_checkpoint", "save_checkpoint", "select_best", "verify_checkpoint",
+    "Mirror", "Rollback", "RollbackError", "RollbackEvent", "load_checkpoint", "load_from_checkpoint", "save_checkpoint", "select_best", "verify_checkpoint",
 ]

@@ -42,6 +42,10 @@ class DirectoryInUseError(CheckpointError):
     """Another live run is writing checkpoints to the same directory."""
 
 
+class RollbackError(CheckpointError):
+    """Training diverged and ``Rollback`` could not roll it back, or rolled back ``max_rollbacks`` times already."""
+
+
 class CheckpointWarning(UserWarning):
     """Something was skipped or could not be honoured, and training goes on (a damaged checkpoint
     passed over by ``ckpt_path="last"``, a disk budget the protected checkpoints exceed, ...)."""

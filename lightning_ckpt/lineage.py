@@ -32,9 +32,12 @@ def runs_by_creation(entries: Sequence[Entry]) -> list[str | None]:
     return sorted(first, key=lambda run: (first[run], run or ""))
 
 
-def lineage(entries: Sequence[Entry], run_id: str | None) -> list[Entry]:
+def lineage(entries: Sequence[Entry], run_id: str | None, parent: str | None = None) -> list[Entry]:
     """The committed checkpoints of ``run_id``'s lineage, newest first: its own by step, then those
-    of the run it branched from up to the branch point, and so on up the chain."""
+    of the run it branched from up to the branch point, and so on up the chain.
+
+    ``parent`` names ``run_id``'s branch point when none of its saves records it yet (a branch that
+    has saved nothing since it started, as after a rollback)."""
     by_name = {e.name: e for e in entries}
     chain: list[Entry] = []
     seen: set[str | None] = set()
@@ -44,21 +47,22 @@ def lineage(entries: Sequence[Entry], run_id: str | None) -> list[Entry]:
         own = [e for e in entries if e.run_id == run_id]
         chain += sorted((e for e in own if e.status == COMMITTED and (limit is None or _age(e) <= limit)),
                         key=_age, reverse=True)
-        parent = by_name.get(next((e.parent for e in own if e.parent), None) or "")
-        if parent is None:
+        branch_point = by_name.get(next((e.parent for e in own if e.parent), parent) or "")
+        parent = None  # names the first branch's point only
+        if branch_point is None:
             break
-        run_id, limit = parent.run_id, _age(parent)
+        run_id, limit = branch_point.run_id, _age(branch_point)
     return chain
 
 
-def newest_lineage(entries: Sequence[Entry], run_id: str | None = None) -> list[Entry]:
-    """``lineage`` of ``run_id``, or of the newest branch when None: the candidates for "last"."""
+def newest_lineage(entries: Sequence[Entry], run_id: str | None = None, parent: str | None = None) -> list[Entry]:
+    """``lineage`` of ``run_id`` (and its ``parent``), or of the newest branch when None: the candidates for "last"."""
     if run_id is None:
         runs = runs_by_creation(entries)
         if not runs:
             return []
         run_id = runs[-1]
-    return lineage(entries, run_id)
+    return lineage(entries, run_id, parent)
 
 
 def continues_newest(entries: Sequence[Entry], run_id: str, step: int, verifies: Callable[[str], bool]) -> bool:

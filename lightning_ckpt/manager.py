@@ -103,7 +103,7 @@ class CheckpointManager:
 
     def foreign_runs(self) -> set[str]:
         """Lineages other than this one (and the ones it branched from) with committed checkpoints here."""
-        ours = {e.run_id for e in lineage(self.entries, self.run_id)} | {self.run_id}
+        ours = {e.run_id for e in self.lineage()} | {self.run_id}
         return {e.run_id or "unknown" for e in self.entries if e.status == COMMITTED and e.run_id not in ours}
 
     def is_at(self, dirpath: str | os.PathLike) -> bool:
@@ -158,6 +158,24 @@ class CheckpointManager:
             return False
         self.run_id, self.parent = fresh, resumed
         return True
+
+    def lineage(self) -> list[Entry]:
+        """This run's committed checkpoints with those it branched from, newest first."""
+        return lineage(self.entries, self.run_id, self.parent)
+
+    def rollback_target(self, before_step: int) -> Entry | None:
+        """The newest checkpoint of this lineage saved before step ``before_step`` that verifies."""
+        return next((e for e in self.lineage() if e.step < before_step and _verifies(self.store, e.name)), None)
+
+    def branch(self, parent: str, fresh: str) -> None:
+        """Go on as a new branch ``fresh`` grown from checkpoint ``parent`` (``lightning_ckpt.lineage``)."""
+        self.run_id, self.parent = fresh, parent
+        self.revision = next(_REVISIONS)  # "best" and "last" are cached per revision, and they change with the lineage
+
+    def record_rollback(self, name: str, record: Mapping[str, Any]) -> None:
+        """Add a rollback's record to the ledger entry of the checkpoint it restored."""
+        self.entries = [replace(e, rollbacks=[*e.rollbacks, dict(record)]) if e.name == name else e
+                        for e in self.entries]
 
     def entry(self, name: str) -> Entry | None:
         """The ledger's record of checkpoint ``name`` (None if it has none)."""

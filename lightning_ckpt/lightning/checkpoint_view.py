@@ -106,7 +106,7 @@ class ModelCheckpointView:
     def _lineage(self) -> list[Entry]:
         """This run's checkpoints, newest first, with those it branched from; before a fit, the newest branch's."""
         manager = self._reader()
-        return newest_lineage(manager.entries, manager.run_id)
+        return newest_lineage(manager.entries, manager.run_id, manager.parent)
 
     def _best_entry(self) -> Entry | None:
         # Verified once per change of the ledger, not per access: loggers read best_model_path often.

@@ -6,14 +6,16 @@ The batch sampler of the train loader is wrapped by :class:`ResumableBatchSample
   on private random streams, so its shuffle neither depends on nor disturbs the training RNG;
 - starts a resumed epoch ``k`` batches in by skipping indices, without loading the skipped samples;
 - tags each batch with a seed that dataloader workers apply before loading it, so a batch's random
-  augmentations do not depend on which worker loads it or on what that worker loaded before.
+  augmentations do not depend on which worker loads it or on what that worker loaded before;
+- yields nothing to train on at positions a rollback skips: an empty batch, which the loader's
+  collate turns into None, a batch Lightning's training loop counts without training on it.
 
 Nothing here imports Lightning; the callback decides when to install and where to resume.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence, Sized
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -72,9 +74,10 @@ class ResumableBatchSampler:
     """
 
     def __init__(self, inner: Iterable[list[int]], *, order_seed: int, rank: int,
-                 epoch_fn: Callable[[], int]) -> None:
+                 epoch_fn: Callable[[], int], skip: Collection[DataPosition] = ()) -> None:
         self.inner = inner
         self.order_seed = order_seed
+        self.skip = frozenset(skip)  # positions yielded empty: counted by the loop, never loaded nor trained
         self._rank = rank
         self._epoch_fn = epoch_fn
         self._resume_at: DataPosition | None = None
@@ -111,8 +114,8 @@ class ResumableBatchSampler:
         self._resume_at = None
         batches = self.epoch_batches(position.epoch)
         for index in range(position.batch, len(batches)):
-            yield SeededBatch(batches[index], derive_seed(_BATCH_SALT, self.order_seed, position.epoch, index,
-                                                          self._rank))
+            indices = () if DataPosition(position.epoch, index) in self.skip else batches[index]
+            yield SeededBatch(indices, derive_seed(_BATCH_SALT, self.order_seed, position.epoch, index, self._rank))
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Every batch of ``epoch`` in order, computed without loading any data."""
@@ -167,15 +170,31 @@ def default_order_seed(loader: DataLoader) -> int:
     return torch.initial_seed()
 
 
-def install(loader: DataLoader, *, order_seed: int, rank: int, epoch_fn: Callable[[], int]) -> ResumableBatchSampler:
+class NoneForEmpty:
+    """A ``collate_fn`` that gives None for an empty batch (a skipped position), else the loader's own collate.
+
+    A class, not a closure, so that dataloader workers started with ``spawn`` can unpickle it.
+    """
+
+    def __init__(self, inner: Callable[[Any], Any]) -> None:
+        self.inner = inner
+
+    def __call__(self, items: Sequence[Any]) -> Any:
+        return None if len(items) == 0 else self.inner(items)
+
+
+def install(loader: DataLoader, *, order_seed: int, rank: int, epoch_fn: Callable[[], int],
+            skip: Collection[DataPosition] = ()) -> ResumableBatchSampler:
     """Replace ``loader``'s batch sampler by a :class:`ResumableBatchSampler` (idempotent).
 
     Must run before the loader's next ``iter()``; an iterator that exists already keeps the old sampler.
+    Positions in ``skip`` come as None batches (the loader's collate is wrapped while there are any).
     """
     current = loader.batch_sampler
     inner = current.inner if isinstance(current, ResumableBatchSampler) else current
     assert inner is not None
-    wrapper = ResumableBatchSampler(inner, order_seed=order_seed, rank=rank, epoch_fn=epoch_fn)
+    wrapper = ResumableBatchSampler(inner, order_seed=order_seed, rank=rank, epoch_fn=epoch_fn, skip=skip)
+    _wrap_collate(loader, bool(skip))
     if isinstance(current, ResumableBatchSampler) and current.pending_resume is not None:
         wrapper.resume_at(current.pending_resume)  # a second install must not lose a pending resume
     # DataLoader refuses to swap the batch sampler after __init__ because a live iterator would keep
@@ -191,6 +210,25 @@ def uninstall(loader: DataLoader) -> None:
     if isinstance(current, ResumableBatchSampler):
         _drop_persistent_iterator(loader)
         object.__setattr__(loader, "batch_sampler", current.inner)
+        _wrap_collate(loader, False)
+
+
+def skipped_indices(sampler: ResumableBatchSampler, positions: Iterable[DataPosition]) -> list[int]:
+    """The sample indices this rank's loader has at ``positions``, in order (computed, never loaded)."""
+    epochs: dict[int, list[list[int]]] = {}
+    out: list[int] = []
+    for position in positions:
+        if position.epoch not in epochs:
+            epochs[position.epoch] = sampler.epoch_batches(position.epoch)
+        batches = epochs[position.epoch]
+        out += batches[position.batch] if position.batch < len(batches) else []
+    return out
+
+
+def _wrap_collate(loader: DataLoader, wrap: bool) -> None:
+    collate = loader.collate_fn
+    inner = collate.inner if isinstance(collate, NoneForEmpty) else collate
+    loader.collate_fn = NoneForEmpty(inner) if wrap else inner
 
 
 def _drop_persistent_iterator(loader: DataLoader) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,9 @@ class ExactResume(Callback):
         self._verifier: AuditVerifier | None = None
         self._limits: dict[str, None] = {}  # why this fit cannot resume (or be resumed) exactly; ordered, unique
         self._resumed_mid_epoch: int | None = None  # the epoch a resume restored in its middle
+        self._sampler: data_position.ResumableBatchSampler | None = None
+        self._skip: frozenset[DataPosition] = frozenset()  # batches a rollback skips (see skip_after_restore)
+        self._rolling_back = False
 
     # ---------------------------------------------------------------- Lightning hooks
 
@@ -125,6 +128,7 @@ class ExactResume(Callback):
         if stage != "fit" or (self._trainer is trainer and self._undo):
             return  # not fitting, or set up already (a callback that adds this one may call setup too)
         self._trainer, self._resumed, self._limits = trainer, False, {}
+        self._sampler, self._skip = None, frozenset()
         undo = fit_loop_seams.patch_fit_loop(trainer, self._on_train_loaders, self._before_fetch)
         self._has_fetch_seam = undo is not None
         if undo is None:
@@ -203,6 +207,16 @@ class ExactResume(Callback):
                              "written by another version of lightning-ckpt")
         self._loaded, self._resumed = state, True
 
+    @property
+    def sampler(self) -> data_position.ResumableBatchSampler | None:
+        """The train loader's batch sampler while this fit tracks its position, else None."""
+        return self._sampler
+
+    def skip_after_restore(self, positions: Collection[DataPosition]) -> None:
+        """The next restore of a checkpoint in this fit is a rollback: the batches at ``positions`` are
+        skipped, and the audit does not compare the replay (skipping makes it differ on purpose)."""
+        self._skip, self._rolling_back = self._skip | frozenset(positions), True
+
     # ---------------------------------------------------------------- checkpoint state
 
     def _checkpoint_state(self, trainer: pl.Trainer) -> dict[str, Any]:
@@ -264,7 +278,8 @@ class ExactResume(Callback):
             rank_zero_warn(f"ExactResume: the resume from {trainer.ckpt_path} (step {state[K_GLOBAL_STEP]}) cannot "
                            f"be exact: {'; '.join(self._limits)}. Training resumes from the checkpoint, not bit "
                            "for bit.")
-        if self.audit_steps and trainer.global_rank < len(ranks):
+        rolling_back, self._rolling_back = self._rolling_back, False
+        if self.audit_steps and trainer.global_rank < len(ranks) and not rolling_back:
             self._start_verifying(trainer, state, ranks[trainer.global_rank][K_SAVE_ID])
 
     def _restore_rank_state(self, state: dict[str, Any], mine: dict[str, Any]) -> None:
@@ -293,7 +308,8 @@ class ExactResume(Callback):
         if self._order_seed is None:
             self._order_seed = data_position.default_order_seed(loader)
         sampler = data_position.install(loader, order_seed=self._order_seed, rank=trainer.global_rank,
-                                        epoch_fn=lambda: trainer.current_epoch)
+                                        epoch_fn=lambda: trainer.current_epoch, skip=self._skip)
+        self._sampler = sampler
         self._undo.append(lambda: data_position.uninstall(loader))
         position, self._resume_position = self._resume_position, None
         if position is not None:

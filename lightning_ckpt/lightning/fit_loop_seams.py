@@ -56,7 +56,12 @@ def patch_fit_loop(trainer: pl.Trainer, on_train_loaders: Callable[[Sequence[obj
 
 def silence_not_resumable_warning() -> Callable[[], None]:
     """Mute Lightning's "your dataloader is not resumable" warning while this fit restores the position."""
-    warnings.filterwarnings("ignore", message=NOT_RESUMABLE_WARNING)
+    return silence_warning(NOT_RESUMABLE_WARNING)
+
+
+def silence_warning(message: str) -> Callable[[], None]:
+    """Mute warnings that start with ``message`` until the returned undo is called."""
+    warnings.filterwarnings("ignore", message=message)
     entry = warnings.filters[0]
 
     def undo() -> None:

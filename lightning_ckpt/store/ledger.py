@@ -36,6 +36,12 @@ META_REASON = "reason"
 META_PARENT = "parent"  # the checkpoint a branch resumed from (see manager.decide_lineage)
 FIG_BLOCKING_S = "blocking_s"  # keys of Entry.figures: how long training waited for the save ...
 FIG_WRITE_S = "write_s"  # ... and how long encoding, writing and committing took
+ROLLBACK_BAD_STEP = "bad_step"  # keys of an Entry.rollbacks record (see lightning_ckpt.lightning.rollback)
+ROLLBACK_REASON = "reason"
+ROLLBACK_RUN_ID = "run_id"  # the branch the rollback started
+ROLLBACK_SKIPPED = "skipped"  # the sample indices never trained on, every rank's
+ROLLBACK_SKIPPED_BATCHES = "skipped_batches"  # their [epoch, batch] positions
+ROLLBACK_TIME = "time"
 _K_VERSION = "ledger_version"
 _K_ENTRIES = "checkpoints"
 
@@ -70,6 +76,8 @@ class Entry:
     mirror_error: str | None = None  # why its upload was given up, if it was
     parent: str | None = None
     figures: dict[str, float] = field(default_factory=dict)  # FIG_* keys; empty for saves recorded from manifests
+    # One record per rollback that restored this checkpoint (ROLLBACK_* keys); empty in older ledgers.
+    rollbacks: list[dict[str, int | float | str | list[int] | list[list[int]]]] = field(default_factory=list)
 
     @classmethod
     def from_manifest(cls, name: str, m: Manifest) -> Entry:

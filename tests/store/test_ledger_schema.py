@@ -55,6 +55,7 @@ DAMAGE = {
     "the entries are an empty object": lambda doc: doc.update(checkpoints={}),
     "an entry is a list": lambda doc: doc["checkpoints"].append([1, 2]),
     "a required key is missing": lambda doc: doc["checkpoints"][0].pop("step"),
+    "a rollback record is a string": lambda doc: doc["checkpoints"][-1].update(rollbacks=["step 8"]),
 }
 
 
@@ -87,7 +88,7 @@ def test_unknown_and_missing_optional_keys_are_read_without_a_rebuild(ckpts, rec
     doc = _doc(ckpts)
     for entry in doc["checkpoints"]:
         entry["parent"] = "step=000000004"  # a field a newer release added
-        del entry["deleted_reason"], entry["epoch"]  # fields with defaults, left out
+        del entry["deleted_reason"], entry["epoch"], entry["rollbacks"]  # fields with defaults, left out
     _write(ckpts, doc)
     entries = Ledger(LocalStore(ckpts)).load()
     assert not [w for w in recwarn if issubclass(w.category, CheckpointWarning)]
