@@ -1,0 +1,123 @@
+"""Sharded save and load on 2 CPU ranks (gloo, FSDP2): lightning-ckpt against stock DCP, side by side.
+
+Not a pass/fail test. Each rank holds its half of a model + AdamW state of ``--mb`` MiB in all
+(``fully_shard`` over 2 ranks). In the same run, medians of ``--repeat`` repetitions of:
+
+- ``ours``: ``lightning_ckpt.distributed.save_sharded`` (DCP's safetensors writer, a checksum of
+  every file, one manifest; the commit is a rename) and ``load_sharded`` (verify every file, then
+  DCP's reader), as the Checkpointer under ModelParallelStrategy does;
+- ``dcp``: ``torch.distributed.checkpoint.save``/``load`` with its default ``FileSystemWriter``/
+  ``Reader`` (torch.save chunks and a pickled ``.metadata``), what Lightning's ModelParallelStrategy
+  writes.
+
+    python benchmarks/bench_sharded.py --mb 512 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+WIDTH = 1024  # each layer: WIDTH x WIDTH float32 = 4 MiB; weights + 2 AdamW moments = 12 MiB per layer
+
+
+class _Agree:
+    """The pipeline's Agree over the default process group."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.is_rank_zero, self._world = rank == 0, world
+
+    def broadcast(self, value):
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value):
+        out = [None] * self._world
+        dist.all_gather_object(out, value)
+        return out
+
+
+def _state(layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(layers)])
+    for layer in model:
+        fully_shard(layer, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, WIDTH)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _timed(fn) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, root: str, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from lightning_ckpt.distributed import load_sharded, save_sharded
+
+    model, optimizer = _state(max(1, args.mb // 12))
+    state = {"state_dict": get_model_state_dict(model), "optimizer_states": [get_optimizer_state_dict(model, optimizer)]}
+    agree = _Agree(rank, world)
+    times: dict[str, list[float]] = {"ours save": [], "dcp save": [], "ours load": [], "dcp load": []}
+    for i in range(args.repeat):
+        ours, stock = os.path.join(root, f"ours{i}"), os.path.join(root, f"dcp{i}")
+        times["ours save"].append(_timed(lambda: save_sharded(state, ours, agree=agree)))
+        times["dcp save"].append(_timed(lambda: dcp.save(state, checkpoint_id=stock)))
+        times["ours load"].append(_timed(lambda: load_sharded(ours, state, agree=agree)))
+        times["dcp load"].append(_timed(lambda: dcp.load(state, checkpoint_id=stock)))
+        if rank == 0:
+            shutil.rmtree(ours), shutil.rmtree(stock)
+        dist.barrier()
+    if rank == 0:
+        out.update({k: statistics.median(v) for k, v in times.items()})
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=int, default=512, help="model + AdamW state in MiB, over both ranks")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tempfile.mkdtemp(dir=args.dir)
+    try:
+        with mp.Manager() as manager:
+            out = manager.dict()
+            mp.spawn(_worker, args=(2, port, args, root, out), nprocs=2)
+            figures = dict(out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"sharded state {args.mb} MiB on 2 gloo ranks, median of {args.repeat} (torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs)")
+    for what in ("save", "load"):
+        ours, stock = figures[f"ours {what}"], figures[f"dcp {what}"]
+        print(f"{what}: ours {ours * 1000:.0f} ms, stock DCP {stock * 1000:.0f} ms ({ours / stock:.2f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
