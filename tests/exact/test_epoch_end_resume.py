@@ -2,8 +2,8 @@
 ``max_steps`` too (where Lightning restarts the finished epoch and would fetch one batch more of it).
 
 In-process: 32 samples in batches of 8 (4 batches an epoch), shuffled, the TinyModel's per-step StepLR
-plus an epoch-interval StepLR; the first run saves at every epoch end, the second resumes from the
-first save in a fresh Trainer and checkpoint directory.
+plus an epoch-interval StepLR; the first run saves at every epoch end (or validation end), the second
+resumes from the first save in a fresh Trainer and checkpoint directory.
 """
 
 from __future__ import annotations
