@@ -209,7 +209,8 @@ class ExactResume(Callback):
             raise ValueError(f"ExactResume state version {version!r} is not {STATE_VERSION}; this checkpoint was "
                              "written by another version of lightning-ckpt")
         self._loaded, self._resumed = state, True
-        if fit_loop_seams.complete_finished_epoch(checkpoint) is None:
+        # Saved after the epoch's last batch (not at a stop by max_steps mid-epoch): resume with the next epoch.
+        if state[K_BATCH] == 0 and fit_loop_seams.complete_finished_epoch(checkpoint) is None:
             self._limits[UNKNOWN_LOOP_LAYOUT] = None
 
     @property

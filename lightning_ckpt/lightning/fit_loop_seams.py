@@ -105,6 +105,8 @@ def complete_finished_epoch(checkpoint: dict[str, Any]) -> bool | None:
     """Make a checkpoint saved after an epoch's last batch and before the epoch completed (in
     ``on_train_epoch_end``) load as one saved right after the epoch completed.
 
+    Call it only for a save whose next batch is the first of an epoch (``ExactResume``'s data position).
+
     Lightning does this itself for epoch-based training (``_FitLoop.reset`` counts the epoch completed,
     ``_TrainingEpochLoop.reset`` starts the next one). Under ``max_steps`` it restarts the finished
     epoch instead, and ``_TrainingEpochLoop.done`` (waiting for a validation that never runs) fetches
@@ -117,11 +119,13 @@ def complete_finished_epoch(checkpoint: dict[str, Any]) -> bool | None:
     if not all(isinstance(fit_loop.get(key), dict) for key in keys):
         return None
     epoch = _Progress.from_state_dict(fit_loop[EPOCH_PROGRESS])
+    batches = _BatchProgress.from_state_dict(fit_loop[BATCH_PROGRESS])
     total = epoch.total
-    if not total.ready == total.started == total.processed == total.completed + 1:  # type: ignore[attr-defined]
+    # An epoch cut short by max_steps ends too, but its next batch is in the same epoch.
+    if not (total.ready == total.started == total.processed == total.completed + 1  # type: ignore[attr-defined]
+            and batches.is_last_batch):
         return False  # not between the epoch's last batch and its completion
     epoch.increment_completed()  # as _FitLoop.reset does for an epoch-based resume
-    batches = _BatchProgress.from_state_dict(fit_loop[BATCH_PROGRESS])
     schedulers = _SchedulerProgress.from_state_dict(fit_loop[SCHEDULER_PROGRESS])
     optimization = _OptimizationProgress.from_state_dict(fit_loop[OPTIM_PROGRESS])
     for progress in (batches, schedulers, optimization):  # as _TrainingEpochLoop.reset does for a new epoch

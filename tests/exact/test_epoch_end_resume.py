@@ -84,6 +84,19 @@ def test_a_resume_from_an_epoch_end_save_trains_what_the_uninterrupted_run_train
     assert exact.last_audit is not None and exact.last_audit.status == "exact", exact.last_audit
 
 
+@pytest.mark.timeout(60)
+def test_a_save_at_the_end_of_an_epoch_cut_short_by_max_steps_resumes_in_that_epoch(tmp_path: Path) -> None:
+    """``max_steps=6`` ends epoch 1 after 2 of its 4 batches, and ``on_train_epoch_end`` saves there: training
+    on to 12 steps from that save continues epoch 1 with its batch 2, as a run of 12 steps does."""
+    saver = {"every_n_epochs": 1}
+    straight, _ = _fit(tmp_path / "straight", saver, {"max_steps": 12})
+    _fit(tmp_path / "short", saver, {"max_steps": 6})
+    (saved,) = (tmp_path / "short" / "ckpt").glob(f"step={6:09d}*")
+    resumed, _ = _fit(tmp_path / "resumed", saver, {"max_steps": 12}, ckpt_path=saved)
+    assert resumed.seen == [record for record in straight.seen if record[0] >= 6]
+    assert resumed.seen[0][1:3] == (1, 2)
+
+
 class _Plateau(TinyModel):
     """ReduceLROnPlateau on the epoch's mean training loss, epoch interval."""
 
@@ -140,6 +153,7 @@ def test_lightning_still_keeps_an_epoch_end_save_as_an_unfinished_epoch_where_we
     assert fit_loop[fit_loop_seams.EPOCH_PROGRESS]["total"] == {"ready": 1, "started": 1, "processed": 1,
                                                                "completed": 0}
     assert fit_loop[fit_loop_seams.BATCH_PROGRESS]["current"]["completed"] == BATCHES_PER_EPOCH
+    assert fit_loop[fit_loop_seams.BATCH_PROGRESS]["is_last_batch"] is True
     assert fit_loop_seams.complete_finished_epoch(checkpoint) is True
     assert fit_loop[fit_loop_seams.EPOCH_PROGRESS]["current"]["completed"] == 1
     assert fit_loop[fit_loop_seams.BATCH_PROGRESS]["current"] == {"ready": 0, "started": 0, "processed": 0,
