@@ -69,8 +69,6 @@ K_RNG = "rng"
 K_METRICS = "metrics"
 K_LOGGED = "logged"
 K_GRADS = "grads"
-UNKNOWN_LOOP_LAYOUT = ("this Lightning version keeps the loop progress where ExactResume does not look, so a save made "
-                       "at an epoch end may resume with a batch trained twice")
 
 
 @dataclass
@@ -211,7 +209,7 @@ class ExactResume(Callback):
         self._loaded, self._resumed = state, True
         # Saved after the epoch's last batch (not at a stop by max_steps mid-epoch): resume with the next epoch.
         if state[K_BATCH] == 0 and fit_loop_seams.complete_finished_epoch(checkpoint) is None:
-            self._limits[UNKNOWN_LOOP_LAYOUT] = None
+            self._limits[fit_loop_seams.UNKNOWN_LOOP_LAYOUT] = None
 
     @property
     def sampler(self) -> data_position.ResumableBatchSampler | None:

@@ -21,6 +21,8 @@ BATCH_PROGRESS = "epoch_loop.batch_progress"
 SCHEDULER_PROGRESS = "epoch_loop.scheduler_progress"
 OPTIM_PROGRESS = "epoch_loop.automatic_optimization.optim_progress"
 VAL_BATCH_PROGRESS = "epoch_loop.val_loop.batch_progress"
+UNKNOWN_LOOP_LAYOUT = ("this Lightning version keeps the loop progress where ExactResume does not look, so a save made "
+                       "at an epoch end may resume with a batch trained twice")
 
 
 def patch_fit_loop(trainer: pl.Trainer, on_train_loaders: Callable[[Sequence[object]], None],
