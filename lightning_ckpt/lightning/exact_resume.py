@@ -117,7 +117,7 @@ class ExactResume(Callback):
         self._record_from = (0, 0)  # (epoch, batch_idx) of the first batch the recorder takes
         self._verifier: AuditVerifier | None = None
         self._limits: dict[str, None] = {}  # why this fit cannot resume (or be resumed) exactly; ordered, unique
-        self._resumed_mid_epoch: int | None = None  # the epoch a resume restored in its middle
+        self._resumed_epoch: int | None = None  # the first epoch a resume trains batches of
         self._sampler: data_position.ResumableBatchSampler | None = None
         self._skip: frozenset[DataPosition] = frozenset()  # batches a rollback skips (see skip_after_restore)
         self._rolling_back = False
@@ -128,7 +128,7 @@ class ExactResume(Callback):
         if stage != "fit" or (self._trainer is trainer and self._undo):
             return  # not fitting, or set up already (a callback that adds this one may call setup too)
         self._trainer, self._resumed, self._limits = trainer, False, {}
-        self._sampler, self._skip = None, frozenset()
+        self._sampler, self._skip, self._resumed_epoch = None, frozenset(), None
         undo = fit_loop_seams.patch_fit_loop(trainer, self._on_train_loaders, self._before_fetch)
         self._has_fetch_seam = undo is not None
         if undo is None:
@@ -171,11 +171,12 @@ class ExactResume(Callback):
         self._audit_epoch_end(trainer)  # of the epoch before: its schedulers have stepped by now
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        resumed_epoch, self._resumed_mid_epoch = self._resumed_mid_epoch, None
-        if resumed_epoch != trainer.current_epoch or K_LOGGED in self._pending:
-            return  # not the epoch resumed mid-way, or no batch of it trained since
-        # Lightning skips the plateau schedulers at the end of a resumed epoch, whose metrics it assumes
-        # lost; they are restored here, so the schedulers step as in the uninterrupted run.
+        if self._resumed_epoch != trainer.current_epoch or K_LOGGED in self._pending:
+            return  # not the first epoch after a resume, or no batch of it trained since
+        self._resumed_epoch = None
+        # Lightning skips the plateau schedulers at the end of the first epoch after a resume (under
+        # max_steps always), whose metrics it assumes lost; they are restored or logged anew here, so the
+        # schedulers step as in the uninterrupted run.
         if fit_loop_seams.let_epoch_end_schedulers_step(trainer) is False:
             rank_zero_warn("ExactResume: this Lightning version skips ReduceLROnPlateau at the end of the resumed "
                            "epoch in a way ExactResume cannot undo; learning rates may differ")
@@ -206,6 +207,9 @@ class ExactResume(Callback):
             raise ValueError(f"ExactResume state version {version!r} is not {STATE_VERSION}; this checkpoint was "
                              "written by another version of lightning-ckpt")
         self._loaded, self._resumed = state, True
+        # Saved after the epoch's last batch (not at a stop by max_steps mid-epoch): resume with the next epoch.
+        if state[K_BATCH] == 0 and fit_loop_seams.complete_finished_epoch(checkpoint) is None:
+            self._limits[fit_loop_seams.UNKNOWN_LOOP_LAYOUT] = None
 
     @property
     def sampler(self) -> data_position.ResumableBatchSampler | None:
@@ -287,8 +291,7 @@ class ExactResume(Callback):
         self._anchor = _Anchor(RNGSnapshot.from_state_dict(mine[K_RNG]), self._resume_position,
                                state[K_GLOBAL_STEP], save_id=mine[K_SAVE_ID])
         self._pending = {K_METRICS: mine[K_METRICS], K_GRADS: mine[K_GRADS], K_LOGGED: mine[K_LOGGED]}
-        if self._resume_position.batch > 0:
-            self._resumed_mid_epoch = self._resume_position.epoch
+        self._resumed_epoch = self._resume_position.epoch
 
     def _on_train_loaders(self, loaders: Sequence[object]) -> None:
         """Seam: the train loaders exist and no iterator over them does yet."""

@@ -8,10 +8,21 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.loops.progress import _BatchProgress, _OptimizationProgress, _Progress, _SchedulerProgress
 
 NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
+# Where Lightning 2.6.6 keeps the fit loop's progress in a checkpoint: checkpoint[LOOPS][FIT_LOOP][key].
+LOOPS, FIT_LOOP = "loops", "fit_loop"
+EPOCH_PROGRESS = "epoch_progress"
+BATCH_PROGRESS = "epoch_loop.batch_progress"
+SCHEDULER_PROGRESS = "epoch_loop.scheduler_progress"
+OPTIM_PROGRESS = "epoch_loop.automatic_optimization.optim_progress"
+VAL_BATCH_PROGRESS = "epoch_loop.val_loop.batch_progress"
+UNKNOWN_LOOP_LAYOUT = ("this Lightning version keeps the loop progress where ExactResume does not look, so a save made "
+                       "at an epoch end may resume with a batch trained twice")
 
 
 def patch_fit_loop(trainer: pl.Trainer, on_train_loaders: Callable[[Sequence[object]], None],
@@ -89,4 +100,41 @@ def let_epoch_end_schedulers_step(trainer: pl.Trainer) -> bool | None:
     if not isinstance(getattr(fit_loop, "_restarting", None), bool):
         return False
     fit_loop._restarting = False
+    return True
+
+
+def complete_finished_epoch(checkpoint: dict[str, Any]) -> bool | None:
+    """Make a checkpoint saved after an epoch's last batch and before the epoch completed (in
+    ``on_train_epoch_end``) load as one saved right after the epoch completed.
+
+    Call it only for a save whose next batch is the first of an epoch (``ExactResume``'s data position).
+
+    Lightning does this itself for epoch-based training (``_FitLoop.reset`` counts the epoch completed,
+    ``_TrainingEpochLoop.reset`` starts the next one). Under ``max_steps`` it restarts the finished
+    epoch instead, and ``_TrainingEpochLoop.done`` (waiting for a validation that never runs) fetches
+    one more batch as a part of it. Edits ``checkpoint`` in place with Lightning's own progress
+    counters, before the loops are restored. Returns whether it changed the state, or None if the
+    layout is not Lightning 2.6.6's, against which this was checked.
+    """
+    fit_loop = checkpoint.get(LOOPS, {}).get(FIT_LOOP, {})
+    keys = (EPOCH_PROGRESS, BATCH_PROGRESS, SCHEDULER_PROGRESS, OPTIM_PROGRESS, VAL_BATCH_PROGRESS)
+    if not all(isinstance(fit_loop.get(key), dict) for key in keys):
+        return None
+    epoch = _Progress.from_state_dict(fit_loop[EPOCH_PROGRESS])
+    batches = _BatchProgress.from_state_dict(fit_loop[BATCH_PROGRESS])
+    total = epoch.total
+    # An epoch cut short by max_steps ends too, but its next batch is in the same epoch.
+    if not (total.ready == total.started == total.processed == total.completed + 1  # type: ignore[attr-defined]
+            and batches.is_last_batch):
+        return False  # not between the epoch's last batch and its completion
+    epoch.increment_completed()  # as _FitLoop.reset does for an epoch-based resume
+    schedulers = _SchedulerProgress.from_state_dict(fit_loop[SCHEDULER_PROGRESS])
+    optimization = _OptimizationProgress.from_state_dict(fit_loop[OPTIM_PROGRESS])
+    for progress in (batches, schedulers, optimization):  # as _TrainingEpochLoop.reset does for a new epoch
+        progress.reset_on_run()
+    validation = _BatchProgress.from_state_dict(fit_loop[VAL_BATCH_PROGRESS])
+    validation.total.reset()
+    fit_loop.update({EPOCH_PROGRESS: epoch.state_dict(), BATCH_PROGRESS: batches.state_dict(),
+                     SCHEDULER_PROGRESS: schedulers.state_dict(), OPTIM_PROGRESS: optimization.state_dict(),
+                     VAL_BATCH_PROGRESS: validation.state_dict()})
     return True
