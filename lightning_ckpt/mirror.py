@@ -13,16 +13,17 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
-from lightning_ckpt.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError
+from lightning_ckpt.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.format.blob import Blob
-from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest
+from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, missing_manifest
 from lightning_ckpt.policy import Record, RetentionConfig
 from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified, verify
-from lightning_ckpt.store.committed import MAX_MANIFEST_BYTES
+from lightning_ckpt.store.committed import MAX_MANIFEST_BYTES, READ_CHUNK
+from lightning_ckpt.store.local import LocalStore
 from lightning_ckpt.store.ledger import MIRROR_TIER, Entry
 
 MAX_BACKOFF = 60.0  # seconds: a long outage is retried about once a minute until the retries run out
@@ -90,23 +91,84 @@ class UploadEvent:
 
 
 def copy_checkpoint(source: Store, target: Store, name: str) -> None:
-    """Copy a committed checkpoint to another store, verifying every file on the way (a damaged
-    source is never copied) and committing it there by the same rule: the manifest last.
+    """Copy a committed checkpoint to another store, committing it there by the same rule: the
+    manifest last, and only if every file's bytes as written there match the source manifest's size
+    and checksum (a damaged or changing source is never committed; what was written is removed).
+
+    From a local store (an upload) the files stream through in chunks: the memory used is a
+    chunk's, not the checkpoint's. From a remote one (a download) each file is read whole first.
 
     Raises:
         CheckpointError: the source is missing or damaged; StorageError: the target refused.
     """
     manifest_bytes = source.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES)
-    manifest, files = read_verified(source, name)  # also checks these manifest bytes (their own digest)
-    if manifest_bytes is None or Manifest.from_bytes(manifest_bytes, source.location(name)) != manifest:
-        raise CheckpointError(f"{source.location(name)}: its manifest changed while it was read; copy it again")
+    if manifest_bytes is None:
+        raise missing_manifest(source.location(name))
+    manifest = Manifest.from_bytes(manifest_bytes, source.location(name))  # also checks its own digest
+    if isinstance(source, LocalStore):
+        files: dict[str, Blob] = {file: _Streamed(_FileChunks(source, name, file, entry.size), entry.size)
+                                  for file, entry in manifest.files.items()}
+    else:
+        verified, data = read_verified(source, name)
+        if verified != manifest:
+            raise CheckpointError(f"{source.location(name)}: its manifest changed while it was read; copy it again")
+        files = {file: Blob([chunk]) for file, chunk in data.items()}
 
     def seal(written: dict[str, FileEntry]) -> bytes:
         if written != dict(manifest.files):  # the bytes sent are the bytes verified, or nothing commits
-            raise CorruptCheckpointError(f"{target.location(name)}: the uploaded files differ from the verified ones")
+            raise CorruptCheckpointError(f"{source.location(name)}: its files do not match its manifest (checked "
+                                         f"while copying them to {target.location(name)}); nothing was copied")
         return manifest_bytes
 
-    target.write(name, {file: Blob([data]) for file, data in files.items()}, seal)
+    target.write(name, files, seal)
+
+
+@dataclass(frozen=True)
+class _Streamed(Blob):
+    """A file read in chunks while it is written elsewhere; its size is the manifest's claim (only a
+    free-space estimate: what is written is measured and checked against the manifest)."""
+
+    claimed: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.claimed
+
+
+@dataclass(frozen=True)
+class _FileChunks(Sequence[bytes]):
+    """One file of a checkpoint as successive chunks, read on iteration; never more than the
+    manifest's size + 1 bytes (a longer file is caught by the size check, not read without bound)."""
+
+    store: LocalStore
+    name: str
+    file: str
+    claimed: int
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _open(self.store, self.name, self.file) as f:
+            left = self.claimed + 1
+            while left > 0 and (chunk := f.read(min(READ_CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+
+    def __len__(self) -> int:
+        raise TypeError("streamed chunks are only iterated")
+
+    def __getitem__(self, index: Any) -> Any:
+        raise TypeError("streamed chunks are only iterated")
+
+
+def _open(store: LocalStore, name: str, file: str) -> Any:
+    """A checkpoint file opened for reading.
+
+    Raises:
+        IncompleteCheckpointError: the file is missing.
+    """
+    opened = store.open(name, file)
+    if opened is None:
+        raise IncompleteCheckpointError(f"{store.location(name)}/{file}: missing (listed in its manifest)")
+    return opened[0]
 
 
 def prune_remote(target: Store, run_id: str | None, keep_last: int | None) -> list[str]:

@@ -3,6 +3,8 @@ retries through an outage of a real S3 server, the remote retention, and what it
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -155,3 +157,30 @@ def test_fetch_newest_downloads_only_a_newer_verified_checkpoint(s3, tmp_path):
         assert fetch_newest(local, remote, newer_than=None) == "step=000000003"
     assert local.names() == ["step=000000003"]
     assert load_checkpoint(tmp_path / "step=000000003")["global_step"] == 3
+
+
+_COPY_IN_CHILD = """
+import re, sys
+from pathlib import Path
+from lightning_ckpt.mirror import copy_checkpoint
+from lightning_ckpt.store import LocalStore
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1])
+before = peak()
+copy_checkpoint(LocalStore(sys.argv[1]), LocalStore(sys.argv[2]), sys.argv[3])
+print("PEAK_RSS_GROWTH_KIB", peak() - before)
+"""
+
+
+def test_an_upload_streams_a_checkpoint_larger_than_its_memory_allowance(tmp_path):
+    # The mirror's copy used to read the whole checkpoint into memory before uploading it.
+    state_mib = 12 * 16
+    save_checkpoint({"state_dict": {f"w{i}": torch.full((4 * 2**20,), float(i)) for i in range(12)}},
+                    tmp_path / "src" / "step=000000001")
+    child = subprocess.run([sys.executable, "-c", _COPY_IN_CHILD, str(tmp_path / "src"), str(tmp_path / "dst"),
+                            "step=000000001"], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    growth_mib = int(child.stdout.split("PEAK_RSS_GROWTH_KIB")[1]) / 1024
+    assert growth_mib < state_mib // 3, f"peak RSS grew {growth_mib:.0f} MiB copying a {state_mib} MiB checkpoint"
+    copied = load_checkpoint(tmp_path / "dst" / "step=000000001")["state_dict"]
+    assert all(torch.equal(copied[f"w{i}"], torch.full((4 * 2**20,), float(i))) for i in range(12))

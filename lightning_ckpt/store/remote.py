@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import fsspec.utils
 
-from lightning_ckpt.errors import StorageError
+from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
 from lightning_ckpt.store.local import TMP_PREFIX
 
@@ -260,7 +260,7 @@ class FsspecStore:
     def _storage_errors(self, name: str, what: str) -> Iterator[None]:
         try:
             yield
-        except StorageError:
+        except CheckpointError:  # ours already (a StorageError, or a damaged source found while copying)
             raise
         except Exception as err:  # noqa: BLE001 - each backend raises its own types (botocore, aiohttp, ...)
             message = (f"{self.location(name)}: {what} ({type(err).__name__}: {err}); check the URL, the "
