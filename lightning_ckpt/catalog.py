@@ -18,7 +18,7 @@ from lightning_ckpt.policy.retention import Record, RetentionConfig, best_record
 from lightning_ckpt.policy.explain import kept_by
 from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.ledger import COMMITTED, Entry, Ledger
-from lightning_ckpt.store.local import local_path, remote_scheme
+from lightning_ckpt.store.fsutil import local_path, remote_scheme
 
 TIER_LOCAL = "local"  # where the checkpoint was listed; the ledger names the other tiers that hold it
 OK = "ok"  # every file present with the size the manifest records

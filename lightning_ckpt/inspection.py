@@ -19,7 +19,8 @@ from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
 from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR
 from lightning_ckpt.store import read_manifest
-from lightning_ckpt.store.local import LocalStore, local_path
+from lightning_ckpt.store.fsutil import local_path
+from lightning_ckpt.store.local import LocalStore
 
 MODEL = "model weights"
 OPTIMIZER = "optimizer state"

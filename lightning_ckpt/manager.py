@@ -18,7 +18,7 @@ from lightning_ckpt.errors import CheckpointError, CheckpointWarning
 from lightning_ckpt.lineage import continues_newest, lineage, newest_lineage
 from lightning_ckpt.policy import Record, RetentionConfig, RetentionPlan, best_record
 from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
-from lightning_ckpt.store.local import local_path, remote_scheme
+from lightning_ckpt.store.fsutil import local_path, remote_scheme
 from lightning_ckpt.store.ledger import (
     COMMITTED,
     DELETED,

@@ -15,7 +15,7 @@ from lightning_ckpt.cli import main
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, size, when
 from lightning_ckpt.errors import NotACheckpointError
 from lightning_ckpt.policy.retention import MODES, RetentionConfig
-from lightning_ckpt.store.local import remote_scheme
+from lightning_ckpt.store.fsutil import remote_scheme
 
 EXIT_DAMAGED = 1
 _PATH = click.Path(exists=True, path_type=Path)

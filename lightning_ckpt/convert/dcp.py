@@ -33,7 +33,7 @@ from lightning_ckpt.convert.single_file import write_safetensors
 from lightning_ckpt.engine import commit_encoded
 from lightning_ckpt.errors import StorageError, UnsafeCheckpointError
 from lightning_ckpt.format import Manifest, encode_state
-from lightning_ckpt.store.local import TMP_PREFIX, local_path
+from lightning_ckpt.store.fsutil import TMP_PREFIX, local_path
 
 K_STATE_DICT = "state_dict"
 K_OPTIMIZER_STATES = "optimizer_states"

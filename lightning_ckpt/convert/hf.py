@@ -20,7 +20,7 @@ from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, S
 from lightning_ckpt.format.manifest import SHARDS_DIR
 from lightning_ckpt.format.state import MODEL_FILE
 from lightning_ckpt.store import locate, read_manifest
-from lightning_ckpt.store.local import TMP_PREFIX, fsync_dir, local_path
+from lightning_ckpt.store.fsutil import TMP_PREFIX, fsync_dir, local_path
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -20,7 +20,7 @@ from lightning_ckpt.engine import commit_encoded, load_checkpoint
 from lightning_ckpt.convert.torchfile import read_torch_file
 from lightning_ckpt.format import Blob, Manifest, encode_state
 from lightning_ckpt.format.blob import Buffer
-from lightning_ckpt.store.local import atomic_file, local_path
+from lightning_ckpt.store.fsutil import atomic_file, local_path
 
 Progress = Callable[[int], None]
 """Called with a number of bytes just written (each chunk is hashed and written in one pass)."""

@@ -10,7 +10,7 @@ import torch
 
 from lightning_ckpt.convert.lightning import Progress, streamed
 from lightning_ckpt.format.blob import Buffer, safetensors_blob
-from lightning_ckpt.store.local import atomic_file, local_path
+from lightning_ckpt.store.fsutil import atomic_file, local_path
 
 FORMAT_METADATA = {"format": "pt"}  # what transformers checks in a safetensors file's metadata
 

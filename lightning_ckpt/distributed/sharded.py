@@ -42,7 +42,7 @@ from lightning_ckpt.format.state import is_dtensor, sharded_key
 from lightning_ckpt.pipeline import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, read_manifest, read_verified, verify
 from lightning_ckpt.store.base import Store
-from lightning_ckpt.store.local import hash_file
+from lightning_ckpt.store.fsutil import hash_file
 
 _NO_PROCESS_GROUP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 

@@ -17,7 +17,7 @@ from lightning_ckpt.background import BackgroundJob
 from lightning_ckpt.errors import CheckpointWarning, NotACheckpointError
 from lightning_ckpt.staging import Stager
 from lightning_ckpt.store import locate
-from lightning_ckpt.store.local import remote_scheme
+from lightning_ckpt.store.fsutil import remote_scheme
 
 _OPTION_KEYS = frozenset({"run_id", "meta"})
 # Lightning's TorchCheckpointIO words a missing ckpt_path so; users and their tooling grep for it.

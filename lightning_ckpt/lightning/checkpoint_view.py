@@ -15,7 +15,8 @@ from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, la
 from lightning_ckpt.mirror import download_if_newer
 from lightning_ckpt.store import open_store
 from lightning_ckpt.store.ledger import Entry
-from lightning_ckpt.store.local import LocalStore, remote_scheme
+from lightning_ckpt.store.fsutil import remote_scheme
+from lightning_ckpt.store.local import LocalStore
 
 if TYPE_CHECKING:
     from lightning_ckpt.mirror import Mirror

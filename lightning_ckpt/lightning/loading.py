@@ -31,7 +31,7 @@ import lightning as L
 from lightning_ckpt import engine
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError, StorageError
 from lightning_ckpt.store import locate, read_manifest
-from lightning_ckpt.store.local import remote_scheme
+from lightning_ckpt.store.fsutil import remote_scheme
 
 HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
 _LOADER_ATTR = "pl_load"

@@ -22,7 +22,7 @@ import lightning as L
 
 from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.store import open_store
-from lightning_ckpt.store.local import local_path, remote_scheme
+from lightning_ckpt.store.fsutil import local_path, remote_scheme
 
 _LOOKUP_ATTR = "get_filesystem"
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it

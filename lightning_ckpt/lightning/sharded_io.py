@@ -27,7 +27,7 @@ from lightning_ckpt.distributed import checkpoint_is_sharded, load_sharded, save
 from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.lightning.trainer_io import StrategyAgree
 from lightning_ckpt.pipeline import decided_on_rank_zero
-from lightning_ckpt.store.local import remote_scheme
+from lightning_ckpt.store.fsutil import remote_scheme
 
 _ROUTED = "_lightning_ckpt_sharded_io"  # marks a strategy whose save/load are already routed here
 _K_STATE_DICT = "state_dict"

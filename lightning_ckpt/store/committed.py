@@ -12,7 +12,8 @@ from typing import Any
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, digest, missing_manifest, new_hasher
 from lightning_ckpt.store.base import Store
-from lightning_ckpt.store.local import LocalStore, local_path, remote_scheme
+from lightning_ckpt.store.fsutil import local_path, remote_scheme
+from lightning_ckpt.store.local import LocalStore
 
 LIGHTNING_SUFFIX = ".ckpt"
 MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a larger one is damaged

@@ -23,7 +23,7 @@ import fsspec.utils
 
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
-from lightning_ckpt.store.local import TMP_PREFIX
+from lightning_ckpt.store.fsutil import TMP_PREFIX
 
 if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
     from lightning_ckpt.format.blob import Blob, Buffer

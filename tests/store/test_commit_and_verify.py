@@ -151,7 +151,7 @@ def test_files_larger_than_a_write_slice_are_written_and_checksummed_in_one_pass
     """A tensor spanning several write slices and a tiny one: the bytes on disk are the encoded
     bytes, and the manifest's sizes and checksums (taken while writing) are those of the files."""
     from lightning_ckpt.format import digest, encode_state
-    from lightning_ckpt.store.local import WRITE_SLICE
+    from lightning_ckpt.store.fsutil import WRITE_SLICE
 
     state = {"state_dict": {"big": torch.randn(WRITE_SLICE // 4 * 2 + 3), "tiny": torch.ones(1)}, "global_step": 1}
     manifest = save_checkpoint(state, tmp_path / "c")
@@ -164,7 +164,7 @@ def test_files_larger_than_a_write_slice_are_written_and_checksummed_in_one_pass
 
 
 def test_starting_writeback_is_only_a_hint(tmp_path):
-    from lightning_ckpt.store.local import start_writeback
+    from lightning_ckpt.store.fsutil import start_writeback
 
     with open(tmp_path / "f", "wb") as f:
         f.write(b"x" * 10)
