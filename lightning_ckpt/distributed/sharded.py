@@ -36,7 +36,7 @@ from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorage
 
 from lightning_ckpt.engine import library_versions, manifest_fields
 from lightning_ckpt.errors import CheckpointError, StorageError
-from lightning_ckpt.format import Manifest, decode_state, device_from_map_location, encode_state
+from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.format.manifest import SHARDS_DIR, FileEntry
 from lightning_ckpt.format.state import is_dtensor, sharded_key
 from lightning_ckpt.pipeline import Agree, SingleProcess, all_ranks, decided_on_rank_zero
@@ -81,9 +81,13 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
         failed; nothing was committed.
     """
     sharded: dict[str, torch.Tensor] = {}
-    files = encode_state(state, allow_pickle=allow_pickle, sharded=sharded)
-    store = _local_store(path)
-    name = Path(path).name
+    files: dict[str, Blob] = {}
+
+    def encode() -> None:
+        files.update(encode_state(state, allow_pickle=allow_pickle, sharded=sharded))
+
+    all_ranks(agree, encode)  # a value no checkpoint can hold fails every rank alike, before anything is written
+    store, name = _locate_local(path)
     staged = decided_on_rank_zero(agree, lambda: store.stage(name, folders=[SHARDS_DIR]))
     try:
         written = _write_shards(sharded, staged, agree, store.location(name))
@@ -226,11 +230,6 @@ def _in_shards(file: str) -> bool:
 
 def _shards_dir(store: LocalStore, name: str) -> str:
     return os.path.join(store.location(name), SHARDS_DIR)
-
-
-def _local_store(path: str | os.PathLike) -> LocalStore:
-    store, _ = _locate_local(path)
-    return store
 
 
 def _locate_local(path: str | os.PathLike) -> tuple[LocalStore, str]:
