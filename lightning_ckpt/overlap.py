@@ -26,18 +26,24 @@ _CLOSURE = "closure"
 
 
 def optimizer_owned(optimizers: Iterable[torch.optim.Optimizer]) -> Defer:
-    """A ``Defer`` that is true for the parameters the optimizers update and for their state tensors."""
-    storages: set[tuple[torch.device, int]] = set()
+    """A ``Defer`` that is true for the parameters the optimizers update and for their state tensors.
+
+    Decided per tensor (where it starts, its dtype, shape and strides), not per storage: parameters
+    and buffers may share one storage (a model filled by ``load_state_dict(assign=True)`` from one
+    read buffer), and a buffer in it changes outside the optimizer, so it is never deferred.
+    """
+    owned: set[tuple] = set()
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            storages.update(_storage_key(p) for p in group["params"])
+            owned.update(_tensor_key(p) for p in group["params"])
         for state in optimizer.state.values():
-            storages.update(_storage_key(t) for t in state.values() if isinstance(t, torch.Tensor))
-    return lambda tensor: _storage_key(tensor) in storages
+            owned.update(_tensor_key(t) for t in state.values() if isinstance(t, torch.Tensor))
+    return lambda tensor: _tensor_key(tensor) in owned
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[torch.device, int]:
-    return tensor.device, tensor.untyped_storage().data_ptr()
+def _tensor_key(tensor: torch.Tensor) -> tuple:
+    # The state dict holds detached views of the parameters: other objects, the same memory and layout.
+    return tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
 
 
 class StepGuard:

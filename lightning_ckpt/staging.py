@@ -25,10 +25,29 @@ from typing import Any
 import torch
 
 Defer = Callable[[torch.Tensor], bool]
-"""Says, for a tensor of the state, whether its storage may be copied later (``Staged.copy_deferred``)."""
+"""Says, for a tensor of the state, whether it may be copied later (``Staged.copy_deferred``): only
+its own bytes are deferred, so a storage shared with tensors copied at once is split between the two."""
 
-_Pair = tuple[torch.UntypedStorage, torch.UntypedStorage]  # (staging buffer, source storage)
+_Range = tuple[int, int]  # [start, end) in bytes of a storage
 _Buffer = tuple[torch.UntypedStorage, bool]  # (staging buffer, pinned)
+
+
+@dataclass
+class _Copy:
+    """A copy from a source storage into its staging buffer: the whole storage, or some byte ranges."""
+
+    buffer: torch.UntypedStorage
+    source: torch.UntypedStorage
+    ranges: list[_Range] | None = None  # None: all of it
+    non_blocking: bool = False
+
+    def run(self) -> None:
+        if self.ranges is None:
+            self.buffer.copy_(self.source, non_blocking=self.non_blocking)
+            return
+        dst, src = _as_bytes(self.buffer), _as_bytes(self.source)
+        for start, end in self.ranges:
+            dst[start:end].copy_(src[start:end], non_blocking=self.non_blocking)
 
 
 @dataclass
@@ -39,18 +58,20 @@ class Staged:
     Attributes:
         state: the copy, same structure and types as the source, tensors on the host.
         nbytes: bytes copied (deferred ones included).
+        deferred: the copies left for ``copy_deferred``, one per source storage.
     """
 
     state: Any
     nbytes: int = 0
-    deferred: list[_Pair] = field(default_factory=list)
+    deferred: list[_Copy] = field(default_factory=list)
 
     def copy_deferred(self) -> None:
         """Copy the deferred tensors; the copy is exact only if their sources did not change since
         ``stage`` (the caller's guarantee, e.g. no optimizer step in between)."""
-        pairs, self.deferred = self.deferred, []
-        for buffer, source in pairs:
-            buffer.copy_(source, non_blocking=False)
+        copies, self.deferred = self.deferred, []
+        for deferred in copies:
+            deferred.non_blocking = False
+            deferred.run()
 
 
 class Stager:
@@ -71,26 +92,36 @@ class Stager:
 
     @torch.no_grad()
     def stage(self, state: Any, *, defer: Defer | None = None) -> Staged:
-        """Copy ``state``; tensors for which ``defer`` is true get their buffer now and their copy
-        in :meth:`Staged.copy_deferred`. Other values are deep-copied (they may be mutated later)."""
+        """Copy ``state``; the bytes of tensors for which ``defer`` is true are copied in
+        :meth:`Staged.copy_deferred`, the rest now. Other values are deep-copied (they may be mutated later)."""
         walk = _Walk(self._buffers, self.pin_memory, defer)
         staged = Staged(walk.copy(state, ()))
+        staged.deferred = walk.copy_storages()
         if walk.device_copies:
             torch.cuda.synchronize()  # non-blocking device->host copies: done before training goes on
         self._buffers = walk.used  # positions no longer in the state let their buffers go
-        staged.nbytes, staged.deferred = walk.nbytes, walk.deferred
+        staged.nbytes = walk.nbytes
         return staged
 
 
+@dataclass
+class _Plan:
+    """One source storage of a state: its buffer, and the byte ranges of its tensors, by when they are copied."""
+
+    copy: _Copy
+    now: list[_Range] = field(default_factory=list)
+    later: list[_Range] = field(default_factory=list)
+
+
 class _Walk:
-    """One pass over a state: rebuilds containers, copies storages once each (so views stay shared)."""
+    """One pass over a state: rebuilds containers, gives each storage one buffer (so views stay shared)
+    and notes which of its bytes may be copied later; :meth:`copy_storages` then copies."""
 
     def __init__(self, buffers: dict[tuple, _Buffer], pin_memory: bool, defer: Defer | None) -> None:
         self.buffers, self.pin_memory, self.defer = buffers, pin_memory, defer
         self.used: dict[tuple, _Buffer] = {}
-        self.seen: dict[tuple, torch.UntypedStorage] = {}  # source storage -> its copy, in this pass
+        self.plans: dict[tuple, _Plan] = {}  # source storage -> its buffer and ranges, in this pass
         self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (source, copy)
-        self.deferred: list[_Pair] = []
         self.nbytes = 0
         self.device_copies = False
 
@@ -115,23 +146,83 @@ class _Walk:
         if source.nbytes() == 0:
             return torch.empty(tensor.shape, dtype=tensor.dtype)
         key = (source.device, source.data_ptr(), source.nbytes())
-        buffer = self.seen.get(key)
-        if buffer is None:
-            buffer = self.seen[key] = self.fill(tensor, source, path)
-        view = torch.empty(0, dtype=tensor.dtype).set_(buffer, tensor.storage_offset(), tensor.shape, tensor.stride())
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = _Plan(self.buffer(source, path))
+        deferred = self.defer is not None and self.defer(tensor)
+        (plan.later if deferred else plan.now).append(_byte_range(tensor))
+        view = torch.empty(0, dtype=tensor.dtype).set_(plan.copy.buffer, tensor.storage_offset(), tensor.shape,
+                                                        tensor.stride())
         self.views[id(tensor)] = (tensor, view)  # the source is held so that its id is not reused
         return view
 
-    def fill(self, tensor: torch.Tensor, source: torch.UntypedStorage, path: tuple) -> torch.UntypedStorage:
+    def buffer(self, source: torch.UntypedStorage, path: tuple) -> _Copy:
+        """The reused buffer of the position where ``source`` is first met (a new one if its size changed)."""
         pin = self.pin_memory and source.device.type == "cuda"
         buffer, pinned = self.buffers.get(path, (None, False))
         if buffer is None or buffer.nbytes() != source.nbytes() or pinned != pin:
             buffer = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
         self.used[path] = (buffer, pin)
         self.nbytes += source.nbytes()
-        if self.defer is not None and self.defer(tensor):
-            self.deferred.append((buffer, source))
+        return _Copy(buffer, source, non_blocking=pin)
+
+    def copy_storages(self) -> list[_Copy]:
+        """Copy what may not wait; return the copies deferred. A storage whose tensors all may wait is
+        deferred whole; one shared with tensors that may not (parameters and BatchNorm statistics in one
+        loaded buffer) has only its deferred tensors' bytes left for later, and the rest copied now."""
+        deferred: list[_Copy] = []
+        for plan in self.plans.values():
+            later = _merged(plan.later)
+            if later and not plan.now:
+                deferred.append(plan.copy)
+                continue
+            if later and not _overlap(later, _merged(plan.now)):
+                deferred.append(_Copy(plan.copy.buffer, plan.copy.source, later))
+                plan.copy.ranges = _gaps(later, plan.copy.source.nbytes())
+            plan.copy.run()  # with overlapping ranges (a view of both kinds), the whole storage now
+            self.device_copies |= plan.copy.non_blocking
+        return deferred
+
+
+def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+def _byte_range(tensor: torch.Tensor) -> _Range:
+    """The bytes of its storage a strided tensor can reach."""
+    if tensor.numel() == 0:
+        return (0, 0)
+    size = tensor.element_size()
+    extent = 1 + sum((n - 1) * abs(stride) for n, stride in zip(tensor.shape, tensor.stride()))
+    start = tensor.storage_offset() * size
+    return (start, start + extent * size)
+
+
+def _merged(ranges: list[_Range]) -> list[_Range]:
+    out: list[_Range] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
         else:
-            buffer.copy_(source, non_blocking=pin)
-            self.device_copies |= pin
-        return buffer
+            out.append((start, end))
+    return out
+
+
+def _overlap(a: list[_Range], b: list[_Range]) -> bool:
+    """Whether two merged (sorted, disjoint) lists of ranges share a byte."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][0] < b[j][1] and b[j][0] < a[i][1]:
+            return True
+        i, j = (i + 1, j) if a[i][1] <= b[j][1] else (i, j + 1)
+    return False
+
+
+def _gaps(ranges: list[_Range], nbytes: int) -> list[_Range]:
+    """The bytes of ``[0, nbytes)`` outside the merged ``ranges``."""
+    out, at = [], 0
+    for start, end in ranges:
+        if start > at:
+            out.append((at, start))
+        at = end
+    return out + ([(at, nbytes)] if at < nbytes else [])
