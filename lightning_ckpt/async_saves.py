@@ -87,10 +87,10 @@ class AsyncSavePipeline(SavePipeline):
             settled = self.finish()
         outcome, options = self._begin(step, reason, metrics)
         defer = optimizer_owned(self._optimizers) if self.overlap else None
-        try:
-            staged = self.stager.stage(snapshot(), defer=defer)
-        except Exception as err:  # noqa: BLE001 - every rank must learn of it
-            self._settle(outcome, err)
+        # Staging that fails on one rank is settled here by every rank, before any rank writes (settled by
+        # the failing rank alone, it waited in the collective while the others trained on: a hang).
+        staged, failed = self._snapshot_everywhere(outcome, lambda: self.stager.stage(snapshot(), defer=defer))
+        if failed is not None:
             return settled
         timing.blocking_s = self.clock() - timing.started
         flight = self._in_flight = _InFlight(step, outcome, timing)

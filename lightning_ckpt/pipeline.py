@@ -6,12 +6,15 @@ knows no Lightning: the caller passes how to take a snapshot, how to write it, a
 
 The steps split in two on purpose: ``snapshot`` must run on the training thread, while ``_execute``
 (write, commit, record, retain) only needs the snapshot, and ``_settle`` is the one collective that
-tells every rank how it went. The asynchronous variant (async_saves.py) runs ``_execute`` on a
-worker (one save in flight) and calls ``_settle`` for it at the next save or at the end of training.
+tells every rank how it went (before any rank writes, ``_snapshot_everywhere`` tells every rank
+whether every rank took its snapshot: a save one rank could not take is written by none). The
+asynchronous variant (async_saves.py) runs ``_execute`` on a worker (one save in flight) and calls
+``_settle`` for it at the next save or at the end of training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -85,6 +88,7 @@ class SaveOutcome:
     name: str
     path: str
     failure: Failure | None = None
+    step: int | None = None
 
     @property
     def committed(self) -> bool:
@@ -133,12 +137,31 @@ class SavePipeline:
         """
         timing = SaveTiming(started=self.clock())
         outcome, options = self._begin(step, reason, metrics)
-        try:
-            state = snapshot()
-        except Exception as err:  # noqa: BLE001 - every rank must learn of it, whatever it is
-            return self._settle(outcome, err)
+        state, failed = self._snapshot_everywhere(outcome, snapshot)
+        if failed is not None:
+            return failed
         return self._settle(outcome, self._execute(outcome.name, outcome.path, state, options, write, timing,
                                                    final))
+
+    def _snapshot_everywhere(self, outcome: SaveOutcome, take: Callable[[], T]) -> tuple[T | None, SaveOutcome | None]:
+        """Take the snapshot on every rank; then every rank learns whether every rank took it (a collective),
+        before any rank writes: a sharded write is collective, and under DDP rank 0 must not commit a save
+        that another rank could not snapshot (its outcome would be a failure while "last" moved).
+
+        Returns:
+            The snapshot and None; or None and the settled outcome when some rank failed (warned).
+
+        Raises:
+            as ``_settle``, when some rank failed (every rank raises alike).
+        """
+        state, failed = None, None
+        try:
+            state = take()
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, whatever it is
+            failed = err
+        if any(self.agree.gather(failed is not None)):
+            return None, self._settle(outcome, failed)
+        return state, None
 
     def finish_mirror(self) -> None:
         """End of training: wait for pending uploads (up to the mirror's timeout), record how they
@@ -161,7 +184,7 @@ class SavePipeline:
         """The name and path of a save at ``step``, and what its manifest records."""
         name = self.manager.name_for(step)
         options = {_K_RUN_ID: self.manager.run_id, _K_META: self.manager.manifest_meta(reason, metrics)}
-        return SaveOutcome(name, self.manager.path(name)), options
+        return SaveOutcome(name, self.manager.path(name), step=step), options
 
     def attach_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record metrics logged after the save at ``step`` (a later validation): they may change the
@@ -184,22 +207,43 @@ class SavePipeline:
             timing.write_s = self.clock() - start
             if self.agree.is_rank_zero:
                 blocking_s = timing.blocking_s if timing.blocking_s is not None else self.clock() - timing.started
-                self.manager.record_save(name, figures={FIG_BLOCKING_S: blocking_s, FIG_WRITE_S: timing.write_s})
-                self._retain()
+                self._record(name, {FIG_BLOCKING_S: blocking_s, FIG_WRITE_S: timing.write_s})
+                self._retain(unless_unchanged_since=self.manager.revision)
                 if self.tiering is not None:  # queued for upload, in the background
                     self.tiering.after_commit(name, self.manager.run_id, final=final)
         except Exception as err:  # noqa: BLE001 - every rank must learn of it
             return err
         return None
 
-    def _retain(self) -> None:
-        """Retention, less the checkpoints whose upload is pending (they go once it committed)."""
+    def _record(self, name: str, figures: Mapping[str, float]) -> None:
+        """Record a committed save in the ledger, durably, before retention may delete anything for it.
+
+        Raises:
+            StorageError, CheckpointError: it could not be recorded; the commit was undone (the save reads
+                as never made: "last" and the ledger stay as they were).
+        """
+        before = self.manager.entries
+        try:
+            self.manager.record_save(name, figures=figures)
+            self.manager.commit_ledger()
+        except Exception as err:
+            self.manager.entries = before
+            self.manager.store.delete(name)  # if this fails too, its error is the outcome
+            what = (f"{self.manager.path(name)}: save failed, the ledger could not record it ({err.__cause__ or err}); "
+                    "its commit was undone, older checkpoints are untouched")
+            raise (StorageError(getattr(err, "errno", None), what) if isinstance(err, StorageError)
+                   else CheckpointError(what)) from err
+
+    def _retain(self, unless_unchanged_since: int | None = None) -> None:
+        """Retention, less the checkpoints whose upload is pending (they go once it committed); then the
+        ledger is written, unless nothing changed since revision ``unless_unchanged_since`` (just written)."""
         held: frozenset[str] = frozenset()
         if self.tiering is not None:
             self.manager.entries = self.tiering.apply(self.manager.entries)
             held = self.tiering.held()
         self.manager.prune(held=held)
-        self.manager.commit_ledger()
+        if self.manager.revision != unless_unchanged_since:
+            self.manager.commit_ledger()
 
     def _settle(self, outcome: SaveOutcome, local: BaseException | None) -> SaveOutcome:
         """The one collective of a save: every rank reports its failure (if any), rank 0 its ledger.
@@ -221,7 +265,7 @@ class SavePipeline:
         first = failures[0]
         if self.on_error == "warn" and all(f.storage for f in failures):
             warnings.warn(f"Checkpointer: {first.message}; training goes on", CheckpointWarning, stacklevel=3)
-            return SaveOutcome(outcome.name, outcome.path, first)
+            return dataclasses.replace(outcome, failure=first)
         if local is not None:
             raise local
         raise first.error()

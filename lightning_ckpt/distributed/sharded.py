@@ -112,7 +112,11 @@ def _write_shards(sharded: dict[str, torch.Tensor], staged: str, agree: Agree, w
         dcp.save(sharded, storage_writer=writer, no_dist=isinstance(agree, SingleProcess))
 
     def checksum_mine() -> dict[str, FileEntry]:
-        return {f"{SHARDS_DIR}/{file}": hash_file(Path(staged, SHARDS_DIR, file)) for file in writer.files}
+        try:
+            return {f"{SHARDS_DIR}/{file}": hash_file(Path(staged, SHARDS_DIR, file)) for file in writer.files}
+        except OSError as err:  # the storage failed reading back what it wrote: a storage failure, on every rank
+            raise StorageError(err.errno, f"{where}: save failed, nothing was committed: this rank's shard could "
+                               f"not be read back ({err}); older checkpoints are untouched") from err
 
     written: dict[str, FileEntry] = {}
     for entries in all_ranks(agree, checksum_mine):
