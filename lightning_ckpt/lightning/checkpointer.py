@@ -263,6 +263,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_if_preempted(trainer)  # a signal after the last training batch (the final validation)
+        if self.async_save:  # settled first: if the save of this step failed, the final state is saved again
+            self._after_save(trainer, self._pipeline.finish())
         if self.save_on_train_end and not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, TRAIN_END)
         if self.async_save:  # the end of training waits for the save in flight; every rank learns of it
@@ -313,6 +315,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         """Once a preemption signal was received, save this step (once, unless saved already); True then."""
         if self._preemption.received is None:
             return False
+        if self.async_save and not self._preempted:  # a save of this step in flight may yet fail: settle it
+            self._after_save(trainer, self._pipeline.finish())
         if not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, PREEMPTED)
         self._preempted = True
@@ -360,6 +364,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
     def _after_save(self, trainer: L.Trainer, outcome: SaveOutcome | None) -> bool:
         """Loggers hear of a committed save: its figures, then ``after_save_checkpoint``. A failed one
         (every rank warned) committed nothing and deleted nothing."""
+        if outcome is not None and not outcome.committed and outcome.step == self._last_saved_step:
+            self._last_saved_step = None  # an async save counted when it started; it failed, so that step is unsaved
         if outcome is None or not outcome.committed:
             return False
         log_save_figures(trainer, self._manager.entry(outcome.name))

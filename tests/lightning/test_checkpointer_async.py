@@ -121,11 +121,14 @@ def test_overlapped_staging_of_a_model_loaded_into_one_buffer_saves_the_batchnor
 def enospc_at(monkeypatch):
     """The save at a step runs out of disk space inside the store's real write (the seam of test_disk_full)."""
 
-    def arm(step: int) -> None:
+    def arm(step: int, once: bool = False) -> None:
         real = LocalStore._write_file
+        failed_in: set[str] = set()  # with once: only the first attempt's staging directory
 
         def write_file(self, path, chunks):
-            if path.parent.name.startswith(f".tmp-step={step:09d}."):
+            folder = path.parent.name
+            if folder.startswith(f".tmp-step={step:09d}.") and not (once and failed_in - {folder}):
+                failed_in.add(folder)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             return real(self, path, chunks)
 
@@ -150,6 +153,16 @@ def test_a_failed_background_save_can_warn_and_train_on(tmp_path, enospc_at):
         trainer, ckpt = fit(tmp_path, async_save=True, on_save_error="warn")
     assert trainer.global_step == 8 and sorted(committed(tmp_path)) == [2, 6, 8]
     assert ckpt.last_model_path.endswith("step=000000008")
+
+
+def test_a_failed_async_save_of_the_last_step_is_saved_again_at_train_end(tmp_path, enospc_at):
+    enospc_at(8, once=True)  # the save at the last step fails once; the disk has room again at the end
+    with pytest.warns(CheckpointWarning, match="step=000000008.*training goes on"):
+        trainer, ckpt = fit(tmp_path, async_save=True, on_save_error="warn")
+    saved = committed(tmp_path)
+    assert sorted(saved) == [2, 4, 6, 8] and saved[8]["reason"] == "train_end"  # the final state is saved
+    assert ckpt.last_model_path.endswith("step=000000008")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
 
 def test_when_busy_skip_skips_saves_while_one_writes_but_never_the_last(tmp_path, monkeypatch):
