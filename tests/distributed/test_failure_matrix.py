@@ -52,8 +52,6 @@ def run_job(pipeline: str, root: Path) -> dict:
             for other in procs:
                 other.kill()
             outs.append(proc.communicate()[0])
-    for proc in procs[len(outs):]:
-        outs.append(proc.communicate()[0])
     rows = [json.loads(line[line.index(ROW):]) for out in outs for line in out.splitlines() if ROW in line]
     stderr = [(log.seek(0), log.read()[-3000:])[1] for log in logs]
     return {"rows": {(r["fit"], r["rank"]): r for r in rows}, "hung": hung, "stderr": stderr,
