@@ -18,12 +18,15 @@ from lightning_ckpt.lineage import best_of, last_of, to_record
 from lightning_ckpt.policy.explain import kept_by
 from lightning_ckpt.policy.retention import RetentionConfig
 from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
-from lightning_ckpt.store.ledger import COMMITTED, Entry, Ledger
+from lightning_ckpt.store.ledger import COMMITTED, LOCAL_TIER, Entry, Ledger
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
 
-TIER_LOCAL = "local"  # where the checkpoint was listed; the ledger names the other tiers that hold it
-OK = "ok"  # every file present with the size the manifest records
+TIER_LOCAL = "local"  # a directory listed; a URL is named by its scheme. The ledger names the other tiers
+OK = "ok"  # every file present with the size the manifest records (CHECKED_SIZES), or, for a URL, its manifest read
 VERIFIED = "verified"  # ... and every checksum matches
+CHECKED_HASHES = "checksums"  # what a row's status is based on (Row.checked)
+CHECKED_SIZES = "sizes"
+CHECKED_MANIFEST = "manifest"
 DAMAGED = "damaged"
 # The files a save writes before its manifest (format.state's names, repeated here: that module imports torch).
 SAVE_FILE_SUFFIX = ".safetensors"
@@ -44,8 +47,9 @@ class Row:
     metrics: dict[str, float | None] = field(default_factory=dict)
     metric_steps: dict[str, int] = field(default_factory=dict)  # where a value came from; none: its own step
     size: int | None = None
-    tiers: tuple[str, ...] = (TIER_LOCAL,)
+    tiers: tuple[str, ...] = (TIER_LOCAL,)  # where it was listed, then the other tiers the ledger names
     status: str = OK
+    checked: str = CHECKED_SIZES  # what "ok" rests on: sizes, the manifest only (a URL), or checksums
     problem: str | None = None  # "ErrorType: message" when damaged
     kept_by: tuple[str, ...] | None = None  # None: no retention options given
     last: bool = False
@@ -112,19 +116,19 @@ def _rows(store: Store, check: bool, entries: Mapping[str, Entry]) -> list[tuple
     rows: list[tuple[Row, Entry | None]] = []
     for listed in list_checkpoints(store):
         if listed.manifest is None:
-            rows.append((Row(name=listed.name, path=store.location(listed.name), status=DAMAGED,
+            rows.append((Row(name=listed.name, path=store.location(listed.name), tiers=(_tier(store),), status=DAMAGED,
                              problem=_problem(listed.error)), None))
         else:
             rows.append(_row(store, listed.name, check, listed.manifest, entries.get(listed.name)))
     for name in store.uncommitted():
-        rows.append((Row(name=name, path=store.location(name), status=DAMAGED,
+        rows.append((Row(name=name, path=store.location(name), tiers=(_tier(store),), status=DAMAGED,
                          problem=_problem(missing_manifest(store.location(name)))), None))
     return rows
 
 
 def _row(store: Store, name: str, check: bool, manifest: Manifest | None = None,
          entry: Entry | None = None) -> tuple[Row, Entry | None]:
-    where = store.location(name)
+    where, tier = store.location(name), _tier(store)
     try:
         manifest = manifest or read_manifest(store, name)
         if check:
@@ -134,12 +138,20 @@ def _row(store: Store, name: str, check: bool, manifest: Manifest | None = None,
     except CheckpointError as err:
         m = manifest
         return Row(name=name, path=where, step=m and m.step, epoch=m and m.epoch, run_id=m and m.run_id,
-                   size=m and m.total_bytes, status=DAMAGED, problem=_problem(err)), None
+                   size=m and m.total_bytes, tiers=(tier,), status=DAMAGED, problem=_problem(err)), None
     entry = entry or Entry.from_manifest(name, manifest)
+    checked = CHECKED_HASHES if check else CHECKED_SIZES if isinstance(store, LocalStore) else CHECKED_MANIFEST
+    # The ledger's "local" is the Checkpointer's dirpath, whatever it is: named by where it was listed.
+    tiers = tuple(tier if t == LOCAL_TIER else t for t in entry.tiers)
     return Row(name=name, path=where, step=manifest.step, epoch=manifest.epoch, created=manifest.created,
                run_id=manifest.run_id, parent=entry.parent, metrics=dict(entry.metrics),
-               metric_steps=dict(entry.metric_steps), size=manifest.total_bytes, tiers=tuple(entry.tiers),
-               status=VERIFIED if check else OK), entry
+               metric_steps=dict(entry.metric_steps), size=manifest.total_bytes, tiers=tiers,
+               status=VERIFIED if check else OK, checked=checked), entry
+
+
+def _tier(store: Store) -> str:
+    """How ``list`` names the tier it listed: ``local`` for a directory, else the URL's scheme (``s3``, ...)."""
+    return TIER_LOCAL if isinstance(store, LocalStore) else remote_scheme(store.location("")) or TIER_LOCAL
 
 
 def _problem(err: Exception | None) -> str:

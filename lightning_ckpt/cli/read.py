@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from lightning_ckpt.catalog import DAMAGED, Row, describe
+from lightning_ckpt.catalog import DAMAGED, OK, Row, describe
 from lightning_ckpt.cli import main
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, size, when
 from lightning_ckpt.errors import NotACheckpointError
@@ -60,6 +60,13 @@ def _rows(path: str | Path, **kw: object) -> list[Row]:
     return rows
 
 
+def _status(row: Row) -> str:
+    """``ok (sizes)``: what "ok" rests on, so that nobody reads it as checksums checked (``--verify``)."""
+    if row.status == DAMAGED:
+        return f"{DAMAGED}: {row.problem}"
+    return f"{OK} ({row.checked})" if row.status == OK else row.status
+
+
 def _metrics(row: Row) -> str:
     """``name=value``, and ``@step`` after a value computed at another step (it does not rank this checkpoint)."""
     def at(key: str) -> str:
@@ -99,8 +106,7 @@ def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int
     columns += ["kept by"] if retention else []
     table = []
     for r in rows:
-        cells = [r.name, num(r.step), num(r.epoch), when(r.created), size(r.size),
-                 r.status if r.status != DAMAGED else f"{DAMAGED}: {r.problem}", _flags(r),
+        cells = [r.name, num(r.step), num(r.epoch), when(r.created), size(r.size), _status(r), _flags(r),
                  ",".join(r.tiers), r.run_id or "-", _metrics(r)]
         table.append(cells + ([", ".join(r.kept_by or ()) or "(would be pruned)"] if retention else []))
     emit_table(columns, table)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.lineage import newest_lineage
 from lightning_ckpt.lightning.remote_dirpath import note_remote_last
@@ -54,8 +55,12 @@ class ModelCheckpointView:
         return {path}
 
     def _last_with_mirror(self, store: Store) -> Entry | None:
-        """"Last" of both tiers; one only the mirror holds is downloaded first."""
-        return last_across_tiers(store, self.mirror)[0]  # type: ignore[arg-type]
+        """"Last" of both tiers; one only the mirror holds is downloaded first, and the user told so."""
+        entry, url = last_across_tiers(store, self.mirror)  # type: ignore[arg-type]
+        if entry is not None and url is not None:
+            rank_zero_info(f"Checkpointer: restored step {entry.step} from {url} (the mirror held a newer checkpoint "
+                           f"than the local directory): resuming from {store.location(entry.name)}")
+        return entry
 
     @property
     def best_model_path(self) -> str:

@@ -9,6 +9,7 @@ step 14, a save between two validations that recorded step 12's score, which is 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_a_save_between_validations_records_the_score_with_the_step_it_was_compu
         f"step=000000012-{branch}": (12.0, 12), f"step=000000014-{branch}": (12.0, 12)}
 
 
-def test_every_caller_names_one_last_and_one_best(branched, tmp_path):
+def test_every_caller_names_one_last_and_one_best(branched, tmp_path, caplog):
     root, model = branched.root, TinyModel()
     assert latest_checkpoint(root) == branched.last  # a fresh process, no ledger needed
     assert best_checkpoint(root, "val_score", "max") == branched.best
@@ -93,11 +94,13 @@ def test_every_caller_names_one_last_and_one_best(branched, tmp_path):
     # A new machine: an empty dirpath, the mirror (here a folder) holding a copy of the directory.
     remote, fresh = tmp_path / "remote", tmp_path / "fresh"
     shutil.copytree(root, remote)
+    caplog.set_level(logging.INFO)
     mirrored = _trainer([Checkpointer(fresh, every_n_steps=2, exact_resume=False, mirror=Mirror(str(remote)))], 14)
     mirrored.validate(model, tiny_loader(seed=1), ckpt_path="last")
     name = Path(branched.last).name
     assert mirrored.ckpt_path == str(fresh / name)
     assert LocalStore(fresh).names() == [name]  # only "last" came down, not the abandoned step 18
+    assert f"restored step 14 from {remote / name}" in caplog.text  # the user is told where it came from
 
 
 def test_an_older_ledger_without_metric_steps_still_loads(branched, tmp_path):
