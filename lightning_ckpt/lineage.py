@@ -74,15 +74,15 @@ def newest_lineage(entries: Sequence[Entry], run_id: str | None = None, parent: 
 
 def continues_newest(entries: Sequence[Entry], run_id: str, step: int, verifies: Callable[[str], bool]) -> bool:
     """Whether resuming from the checkpoint of run ``run_id`` at ``step`` (in this directory or
-    another one) continues the newest branch: it is the checkpoint "last" would pick, as no newer
-    one of the newest lineage verifies. An empty directory has nothing to branch from."""
-    candidates = newest_lineage(entries)
-    for entry in candidates:
-        if entry.run_id == run_id and entry.step == step:
-            return True
-        if verifies(entry.name):
-            return False
-    return not candidates
+    another one) continues the newest branch: it is the checkpoint "last" (:func:`last_of`) would
+    pick, as no newer one of the newest lineage verifies. An empty directory has nothing to branch from."""
+    by_name = {e.name: e for e in entries}
+
+    def resumed(name: str) -> bool:
+        return by_name[name].run_id == run_id and by_name[name].step == step
+
+    last = last_of(entries, lambda name: resumed(name) or verifies(name))
+    return resumed(last.name) if last is not None else not newest_lineage(entries)
 
 
 def last_of(entries: Sequence[Entry], verifies: Verifies, run_id: str | None = None,
