@@ -14,15 +14,19 @@ from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, IncompleteCheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest
-from lightning_ckpt.policy.retention import Record, RetentionConfig, best_record, latest_record
+from lightning_ckpt.lineage import best_of, last_of, to_record
 from lightning_ckpt.policy.explain import kept_by
+from lightning_ckpt.policy.retention import RetentionConfig
 from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
-from lightning_ckpt.store.ledger import COMMITTED, Entry, Ledger
+from lightning_ckpt.store.ledger import COMMITTED, LOCAL_TIER, Entry, Ledger
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
 
-TIER_LOCAL = "local"  # where the checkpoint was listed; the ledger names the other tiers that hold it
-OK = "ok"  # every file present with the size the manifest records
+TIER_LOCAL = "local"  # a directory listed; a URL is named by its scheme. The ledger names the other tiers
+OK = "ok"  # every file present with the size the manifest records (CHECKED_SIZES), or, for a URL, its manifest read
 VERIFIED = "verified"  # ... and every checksum matches
+CHECKED_HASHES = "checksums"  # what a row's status is based on (Row.checked)
+CHECKED_SIZES = "sizes"
+CHECKED_MANIFEST = "manifest"
 DAMAGED = "damaged"
 # The files a save writes before its manifest (format.state's names, repeated here: that module imports torch).
 SAVE_FILE_SUFFIX = ".safetensors"
@@ -39,10 +43,13 @@ class Row:
     epoch: int | None = None
     created: float | None = None
     run_id: str | None = None
+    parent: str | None = None  # the checkpoint its branch resumed from (lightning_ckpt.lineage)
     metrics: dict[str, float | None] = field(default_factory=dict)
+    metric_steps: dict[str, int] = field(default_factory=dict)  # where a value came from; none: its own step
     size: int | None = None
-    tiers: tuple[str, ...] = (TIER_LOCAL,)
+    tiers: tuple[str, ...] = (TIER_LOCAL,)  # where it was listed, then the other tiers the ledger names
     status: str = OK
+    checked: str = CHECKED_SIZES  # what "ok" rests on: sizes, the manifest only (a URL), or checksums
     problem: str | None = None  # "ErrorType: message" when damaged
     kept_by: tuple[str, ...] | None = None  # None: no retention options given
     last: bool = False
@@ -80,6 +87,10 @@ def describe(path: str | os.PathLike, *, check: bool = False, retention: Retenti
              storage_options: Mapping[str, Any] | None = None) -> list[Row]:
     """Every checkpoint at ``path`` (a directory, or one checkpoint), by step.
 
+    "Last" and "best" are marked by the rules ``ckpt_path="last"`` and ``best_checkpoint`` follow
+    (``lineage.last_of``/``best_of``: the newest branch's lineage), over the checkpoints this listing
+    found sound.
+
     Args:
         check: verify every checksum (reads all bytes); otherwise files are checked by size only.
         retention: retention options; each row then says which rules keep it (per run lineage).
@@ -87,33 +98,37 @@ def describe(path: str | os.PathLike, *, check: bool = False, retention: Retenti
         storage_options: fsspec options for a URL ``path``.
     """
     store, only = split_path(path, storage_options)
-    rows = [_row(store, name, check) for name in only] if only else _rows(store, check)
-    good = {r.name: r for r in rows if r.status != DAMAGED}
-    records = [to_record(_entry(r)) for r in good.values()]
-    last = latest_record(records)
-    best = best_record(records, monitor, mode) if monitor else None  # type: ignore[arg-type]
-    labels = _kept_labels(list(good.values()), retention) if retention else {}
+    if only:
+        found = [_row(store, name, check) for name in only]
+        entries = [e for _, e in found if e is not None]
+    else:
+        entries = Ledger(store).load()  # reconciled with the manifests; holds the metrics logged after a save
+        found = _rows(store, check, {e.name: e for e in entries if e.status == COMMITTED})
+    rows = [row for row, _ in found]
+    sound = {r.name for r in rows if r.status != DAMAGED}.__contains__
+    last = last_of(entries, sound)
+    best = best_of(entries, monitor, mode, sound) if monitor else None
+    labels = _kept_labels([e for e in entries if sound(e.name)], retention) if retention else {}
     return [_mark(r, last, best, labels) for r in rows]
 
 
-def _rows(store: Store, check: bool) -> list[Row]:
-    entries = {e.name: e for e in Ledger(store).load() if e.status == COMMITTED}  # metrics logged after a save
-    rows = []
+def _rows(store: Store, check: bool, entries: Mapping[str, Entry]) -> list[tuple[Row, Entry | None]]:
+    rows: list[tuple[Row, Entry | None]] = []
     for listed in list_checkpoints(store):
         if listed.manifest is None:
-            rows.append(Row(name=listed.name, path=store.location(listed.name), status=DAMAGED,
-                            problem=_problem(listed.error)))
+            rows.append((Row(name=listed.name, path=store.location(listed.name), tiers=(_tier(store),), status=DAMAGED,
+                             problem=_problem(listed.error)), None))
         else:
             rows.append(_row(store, listed.name, check, listed.manifest, entries.get(listed.name)))
     for name in store.uncommitted():
-        rows.append(Row(name=name, path=store.location(name), status=DAMAGED,
-                        problem=_problem(missing_manifest(store.location(name)))))
+        rows.append((Row(name=name, path=store.location(name), tiers=(_tier(store),), status=DAMAGED,
+                         problem=_problem(missing_manifest(store.location(name)))), None))
     return rows
 
 
 def _row(store: Store, name: str, check: bool, manifest: Manifest | None = None,
-         entry: Entry | None = None) -> Row:
-    where = store.location(name)
+         entry: Entry | None = None) -> tuple[Row, Entry | None]:
+    where, tier = store.location(name), _tier(store)
     try:
         manifest = manifest or read_manifest(store, name)
         if check:
@@ -123,11 +138,20 @@ def _row(store: Store, name: str, check: bool, manifest: Manifest | None = None,
     except CheckpointError as err:
         m = manifest
         return Row(name=name, path=where, step=m and m.step, epoch=m and m.epoch, run_id=m and m.run_id,
-                   size=m and m.total_bytes, status=DAMAGED, problem=_problem(err))
+                   size=m and m.total_bytes, tiers=(tier,), status=DAMAGED, problem=_problem(err)), None
     entry = entry or Entry.from_manifest(name, manifest)
+    checked = CHECKED_HASHES if check else CHECKED_SIZES if isinstance(store, LocalStore) else CHECKED_MANIFEST
+    # The ledger's "local" is the Checkpointer's dirpath, whatever it is: named by where it was listed.
+    tiers = tuple(tier if t == LOCAL_TIER else t for t in entry.tiers)
     return Row(name=name, path=where, step=manifest.step, epoch=manifest.epoch, created=manifest.created,
-               run_id=manifest.run_id, metrics=dict(entry.metrics), size=manifest.total_bytes,
-               tiers=tuple(entry.tiers), status=VERIFIED if check else OK)
+               run_id=manifest.run_id, parent=entry.parent, metrics=dict(entry.metrics),
+               metric_steps=dict(entry.metric_steps), size=manifest.total_bytes, tiers=tiers,
+               status=VERIFIED if check else OK, checked=checked), entry
+
+
+def _tier(store: Store) -> str:
+    """How ``list`` names the tier it listed: ``local`` for a directory, else the URL's scheme (``s3``, ...)."""
+    return TIER_LOCAL if isinstance(store, LocalStore) else remote_scheme(store.location("")) or TIER_LOCAL
 
 
 def _problem(err: Exception | None) -> str:
@@ -149,27 +173,16 @@ def check_sizes(where: str, manifest: Manifest) -> None:
             raise IncompleteCheckpointError(f"{where}/{file}: {size} bytes, the manifest says {entry.size}")
 
 
-def _entry(row: Row) -> Entry:
-    return Entry(name=row.name, step=row.step or 0, epoch=row.epoch, wall_time=row.created or 0.0,
-                 run_id=row.run_id, metrics=row.metrics, size=row.size or 0)
-
-
-def to_record(entry: Entry) -> Record:
-    """The retention record of a ledger entry (metrics without a value left out)."""
-    return Record(name=entry.name, step=entry.step, epoch=entry.epoch, wall_time=entry.wall_time,
-                  metrics={k: v for k, v in entry.metrics.items() if v is not None}, size=entry.size,
-                  verified=entry.status == COMMITTED, reason=entry.reason)
-
-
-def _kept_labels(rows: Sequence[Row], retention: RetentionConfig) -> dict[str, list[str]]:
+def _kept_labels(entries: Sequence[Entry], retention: RetentionConfig) -> dict[str, list[str]]:
     labels: dict[str, list[str]] = {}
-    for run in {r.run_id for r in rows}:  # each lineage keeps its own, as the Checkpointer prunes
-        own = [to_record(_entry(r)) for r in rows if r.run_id == run]
+    committed = [e for e in entries if e.status == COMMITTED]
+    for run in {e.run_id for e in committed}:  # each lineage keeps its own, as the Checkpointer prunes
+        own = [to_record(e) for e in committed if e.run_id == run]
         labels |= kept_by(own, retention.rules())
     return labels
 
 
-def _mark(row: Row, last: Record | None, best: Record | None, labels: dict[str, list[str]]) -> Row:
+def _mark(row: Row, last: Entry | None, best: Entry | None, labels: dict[str, list[str]]) -> Row:
     kept = tuple(labels[row.name]) if row.name in labels else None
     return replace(row, last=last is not None and last.name == row.name,
                    best=best is not None and best.name == row.name, kept_by=kept)

@@ -1,4 +1,4 @@
-"""Run lineages and branches: which checkpoints are one run's, and which one "last" is.
+"""Run lineages and branches: which checkpoints are one run's, and which ones "last" and "best" are.
 
 A run id names a lineage; a run resumed from the checkpoint ``ckpt_path="last"`` would pick keeps
 it. Resuming from any other checkpoint starts a *branch*: a new run id whose saves record the
@@ -6,13 +6,20 @@ checkpoint they grew from (``parent``). Branches are ordered by when they were c
 committed save), never by step: a branch resumed from step 10 of a run that reached step 20 is
 newer than that run, so "last" follows the branch, and the abandoned steps keep to their own run's
 retention but are never "last" again. Pure functions over ledger entries: no I/O here.
+
+:func:`last_of` and :func:`best_of` are the only places that decide "last" and "best": the Trainer's
+``ckpt_path``, ``latest_checkpoint``/``best_checkpoint``, the mirror's resume and the command line
+all call them, each passing how it checks a candidate (``verifies``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from lightning_ckpt.policy.retention import Record, best_record
 from lightning_ckpt.store.ledger import COMMITTED, Entry
+
+Verifies = Callable[[str], bool]  # whether the checkpoint of that name is sound (warning when it is not)
 
 
 def _age(entry: Entry) -> tuple[int, float, str]:
@@ -67,12 +74,49 @@ def newest_lineage(entries: Sequence[Entry], run_id: str | None = None, parent: 
 
 def continues_newest(entries: Sequence[Entry], run_id: str, step: int, verifies: Callable[[str], bool]) -> bool:
     """Whether resuming from the checkpoint of run ``run_id`` at ``step`` (in this directory or
-    another one) continues the newest branch: it is the checkpoint "last" would pick, as no newer
-    one of the newest lineage verifies. An empty directory has nothing to branch from."""
-    candidates = newest_lineage(entries)
-    for entry in candidates:
-        if entry.run_id == run_id and entry.step == step:
-            return True
-        if verifies(entry.name):
-            return False
-    return not candidates
+    another one) continues the newest branch: it is the checkpoint "last" (:func:`last_of`) would
+    pick, as no newer one of the newest lineage verifies. An empty directory has nothing to branch from."""
+    by_name = {e.name: e for e in entries}
+
+    def resumed(name: str) -> bool:
+        return by_name[name].run_id == run_id and by_name[name].step == step
+
+    last = last_of(entries, lambda name: resumed(name) or verifies(name))
+    return resumed(last.name) if last is not None else not newest_lineage(entries)
+
+
+def last_of(entries: Sequence[Entry], verifies: Verifies, run_id: str | None = None,
+            parent: str | None = None) -> Entry | None:
+    """"Last": the newest checkpoint of ``run_id``'s lineage (default: the newest branch's) that verifies.
+
+    Args:
+        entries: every checkpoint known (any runs, deleted ones included).
+        verifies: checks a candidate, newest first; the first that passes is "last".
+        run_id, parent: the lineage (see :func:`newest_lineage`).
+    """
+    return next((e for e in newest_lineage(entries, run_id, parent) if verifies(e.name)), None)
+
+
+def best_of(entries: Sequence[Entry], monitor: str, mode: str, verifies: Verifies, run_id: str | None = None,
+            parent: str | None = None) -> Entry | None:
+    """"Best": the best checkpoint by ``monitor`` of the same lineage as :func:`last_of` that verifies.
+
+    A checkpoint ranks only by a value computed for its own state (``Entry.own_metrics``); NaN never
+    ranks; equal values prefer the newer checkpoint.
+
+    Raises:
+        ValueError: ``mode`` is not "min" or "max".
+    """
+    candidates = {e.name: e for e in newest_lineage(entries, run_id, parent)}
+    while True:
+        best = best_record([to_record(e) for e in candidates.values()], monitor, mode)  # type: ignore[arg-type]
+        if best is None or verifies(best.name):
+            return candidates[best.name] if best is not None else None
+        del candidates[best.name]
+
+
+def to_record(entry: Entry) -> Record:
+    """The retention record of a ledger entry, ranked only by the metrics of its own state."""
+    return Record(name=entry.name, step=entry.step, epoch=entry.epoch, wall_time=entry.wall_time,
+                  metrics=entry.own_metrics(), size=entry.size, verified=entry.status == COMMITTED,
+                  reason=entry.reason)

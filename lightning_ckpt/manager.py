@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import itertools
 import os
+from functools import partial
 import uuid
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
-from lightning_ckpt.lineage import continues_newest, lineage, newest_lineage
-from lightning_ckpt.policy import Record, RetentionConfig, RetentionPlan, best_record
-from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
+from lightning_ckpt.lineage import Verifies, best_of, continues_newest, last_of, lineage, to_record
+from lightning_ckpt.policy import RetentionConfig, RetentionPlan
+from lightning_ckpt.store import Listed, LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
 from lightning_ckpt.store.ledger import (
     COMMITTED,
     DELETED,
     LOCAL_TIER,
+    META_METRIC_STEPS,
     META_METRICS,
     META_PARENT,
     META_REASON,
@@ -35,15 +37,17 @@ NAME_FORMAT = "step={step:09d}"  # zero-padded: a directory listing sorts by ste
 _REVISIONS = itertools.count()
 
 
+class StepMetrics(dict[str, Any]):
+    """Metric values as a save passes them, with ``steps``: the step each value was computed at."""
+
+    def __init__(self, values: Mapping[str, Any], steps: Mapping[str, int]) -> None:
+        super().__init__(values)
+        self.steps = dict(steps)
+
+
 def new_run_id() -> str:
     """A fresh lineage id; a resumed run inherits its checkpoint's instead."""
     return uuid.uuid4().hex[:12]
-
-
-def _record(entry: Entry) -> Record:
-    return Record(name=entry.name, step=entry.step, epoch=entry.epoch, wall_time=entry.wall_time,
-                  metrics={k: v for k, v in entry.metrics.items() if v is not None}, size=entry.size,
-                  verified=entry.status == COMMITTED, reason=entry.reason)
 
 
 class CheckpointManager:
@@ -96,7 +100,10 @@ class CheckpointManager:
 
     def manifest_meta(self, reason: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """What a save records in its manifest besides the state: why, the metrics, the branch point."""
-        meta: dict[str, Any] = {META_REASON: reason, META_METRICS: clean_metrics(metrics)}
+        values = clean_metrics(metrics)
+        meta: dict[str, Any] = {META_REASON: reason, META_METRICS: values}
+        if isinstance(metrics, StepMetrics):  # where each value came from: it ranks only its own step's state
+            meta[META_METRIC_STEPS] = {k: metrics.steps[k] for k in values if k in metrics.steps}
         if self.parent is not None:  # in every save of a branch, so a rebuilt ledger keeps it
             meta[META_PARENT] = self.parent
         return meta
@@ -192,7 +199,9 @@ class CheckpointManager:
         """Attach metrics logged after the save at ``step`` (e.g. a later validation) to its record."""
         for i, e in enumerate(self.entries):
             if e.step == step and e.status == COMMITTED and e.run_id == self.run_id:
-                updated = replace(e, metrics={**e.metrics, **clean_metrics(metrics)})
+                values = clean_metrics(metrics)  # computed at ``step``: this checkpoint's own state
+                updated = replace(e, metrics={**e.metrics, **values},
+                                  metric_steps={**e.metric_steps, **dict.fromkeys(values, step)})
                 self.entries = [*self.entries[:i], updated, *self.entries[i + 1:]]
                 return updated
         return None
@@ -203,7 +212,7 @@ class CheckpointManager:
         Args:
             held: checkpoints not to delete yet (an upload of theirs is pending); a later prune deletes them.
         """
-        own = [_record(e) for e in self.entries if e.status == COMMITTED and e.run_id == self.run_id]
+        own = [to_record(e) for e in self.entries if e.status == COMMITTED and e.run_id == self.run_id]
         plan = self.retention.plan(own)
         for record in plan.delete:
             if record.name in held:
@@ -229,17 +238,11 @@ def _same_place(store: Store, location: str | os.PathLike) -> bool:
     return os.fspath(location).rstrip("/") == store.root
 
 
-def best_entry(entries: list[Entry], store: Store, monitor: str, mode: str) -> Entry | None:
-    """The best committed entry by ``monitor`` whose files verify, passing over damaged ones with a warning."""
-    candidates = {e.name: e for e in entries if e.status == COMMITTED}
-    while candidates:
-        best = best_record([_record(e) for e in candidates.values()], monitor, mode)  # type: ignore[arg-type]
-        if best is None:
-            return None
-        if _verifies(store, best.name):
-            return candidates[best.name]
-        del candidates[best.name]
-    return None
+def best_entry(entries: list[Entry], store: Store, monitor: str, mode: str, run_id: str | None = None,
+               parent: str | None = None) -> Entry | None:
+    """"Best" in ``store`` (``lineage.best_of``): of ``run_id``'s lineage (default: the newest branch's),
+    by values computed for each checkpoint's own state, passing over damaged ones with a warning."""
+    return best_of(entries, monitor, mode, partial(_verifies, store), run_id, parent)
 
 
 def _verifies(store: Store, name: str) -> bool:
@@ -251,9 +254,11 @@ def _verifies(store: Store, name: str) -> bool:
         return False
 
 
-def last_entry(entries: list[Entry], store: Store, run_id: str | None = None) -> Entry | None:
-    """The newest checkpoint of ``run_id``'s lineage (default: the newest branch's) that verifies."""
-    return next((e for e in newest_lineage(entries, run_id) if _verifies(store, e.name)), None)
+def last_entry(entries: list[Entry], store: Store, run_id: str | None = None,
+               parent: str | None = None) -> Entry | None:
+    """"Last" in ``store`` (``lineage.last_of``): the newest checkpoint of ``run_id``'s lineage
+    (default: the newest branch's) whose files verify, passing over damaged ones with a warning."""
+    return last_of(entries, partial(_verifies, store), run_id, parent)
 
 
 def latest_checkpoint(dirpath: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
@@ -275,8 +280,14 @@ def latest_checkpoint(dirpath: str | os.PathLike, *, storage_options: Mapping[st
     return store.location(entry.name) if entry else None
 
 
-def latest_entry(store: Store) -> Entry | None:
-    """:func:`latest_checkpoint`'s choice in ``store``, as the entry its manifest makes."""
+def latest_entry(store: Store, elsewhere: Sequence[Entry] = (), fetch: Verifies | None = None) -> Entry | None:
+    """:func:`latest_checkpoint`'s choice in ``store``, as the entry its manifest makes.
+
+    Args:
+        elsewhere: checkpoints another tier holds (a mirror's, from their manifests); "last" is then
+            chosen among both tiers' checkpoints, by the same rule.
+        fetch: brings a checkpoint only ``elsewhere`` holds into ``store`` and checks it (False: damaged).
+    """
     listed = list_checkpoints(store)
     for item in listed:
         if item.error is not None:  # its manifest is unreadable, so its step is unknown: always say so
@@ -284,8 +295,18 @@ def latest_entry(store: Store) -> Entry | None:
     for name in store.uncommitted():  # saves commit through hidden temp dirs: a visible one is damage
         warnings.warn(f"skipping {store.location(name)}: no manifest (never committed, or its manifest was "
                       "deleted)", CheckpointWarning, stacklevel=3)
-    entries = [Entry.from_manifest(x.name, x.manifest) for x in listed if x.manifest is not None]
-    return last_entry(entries, store)
+    here = manifest_entries(listed)
+    local = {e.name for e in here}
+
+    def verifies(name: str) -> bool:
+        return _verifies(store, name) if name in local or fetch is None else fetch(name)
+
+    return last_of([*here, *(e for e in elsewhere if e.name not in local)], verifies)
+
+
+def manifest_entries(listed: list[Listed]) -> list[Entry]:
+    """The entries the listed checkpoints' own manifests make (no ledger needed)."""
+    return [Entry.from_manifest(x.name, x.manifest) for x in listed if x.manifest is not None]
 
 
 def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,
@@ -304,5 +325,5 @@ def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min",
         Its path, or None when no checkpoint of that lineage has a value for ``monitor``.
     """
     store = open_store(dirpath, storage_options)
-    entry = best_entry(newest_lineage(Ledger(store).load(), run_id), store, monitor, mode)
+    entry = best_entry(Ledger(store).load(), store, monitor, mode, run_id)
     return store.location(entry.name) if entry else None

@@ -20,8 +20,9 @@ from typing import Any
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.format.blob import Blob
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, missing_manifest
+from lightning_ckpt.manager import latest_entry, manifest_entries
 from lightning_ckpt.policy import Record, RetentionConfig
-from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified, verify
+from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
 from lightning_ckpt.store.committed import MAX_MANIFEST_BYTES, READ_CHUNK
 from lightning_ckpt.store.local import LocalStore
 from lightning_ckpt.store.ledger import MIRROR_TIER, Entry
@@ -338,44 +339,34 @@ class Tiering:
         return self.apply(entries)
 
 
-def fetch_newest(local: Store, remote: Store, newer_than: int | None) -> str | None:
-    """Download the newest verified remote checkpoint into ``local`` when its step is above
-    ``newer_than`` (the newest local one's; None: there is none). Returns its name, or None.
+def last_across_tiers(local: Store, mirror: Mirror) -> tuple[Entry | None, str | None]:
+    """``ckpt_path="last"`` across tiers: "last" (``lineage.last_of``) among the checkpoints of both
+    tiers, by their manifests, as if they were one directory. When it is one only the mirror holds (a
+    new machine, a lost disk), it is downloaded into ``local`` and verified; a damaged one is passed
+    over with a warning (nothing partial is left) and the next candidate tried.
 
-    Damaged remote checkpoints are passed over with a warning; nothing partial is left locally.
-    """
-    listed = [x for x in list_checkpoints(remote) if x.manifest is not None]
-    for item in sorted(listed, key=lambda x: (x.manifest.step or 0, x.manifest.created), reverse=True):
-        if newer_than is not None and (item.manifest.step or 0) <= newer_than:
-            return None
-        try:
-            copy_checkpoint(remote, local, item.name)
-        except CheckpointError as err:
-            if isinstance(err, OSError):  # the local disk or the connection: not the checkpoint's fault
-                raise
-            warnings.warn(f"skipping damaged remote checkpoint: {err}", CheckpointWarning, stacklevel=2)
-            continue
-        return item.name
-    return None
-
-
-def download_if_newer(local: Store, mirror: Mirror) -> str | None:
-    """``ckpt_path="last"`` across tiers: when the mirror holds a checkpoint newer (by step) than the
-    newest local one that verifies (a new machine, a lost disk), download and verify it into
-    ``local``. Returns its name, or None when the local tier is as new.
+    Returns:
+        "Last" (now in ``local``), and the URL it was downloaded from (None when it was local already).
 
     Raises:
         StorageError: the mirror is unreachable or the local disk refused the copy.
     """
-    newest = None
-    for item in sorted((x for x in list_checkpoints(local) if x.manifest), reverse=True,
-                       key=lambda x: (x.manifest.step or 0, x.manifest.created)):
+    remote = mirror.open()
+    downloaded: list[str] = []
+
+    def fetch(name: str) -> bool:
         try:
-            newest = verify(local, item.name).step or 0
-            break
-        except CheckpointError:  # latest_checkpoint warns of it when it passes over it
-            continue
-    return fetch_newest(local, mirror.open(), newer_than=newest)
+            copy_checkpoint(remote, local, name)
+        except CheckpointError as err:
+            if isinstance(err, OSError):  # the local disk or the connection: not the checkpoint's fault
+                raise
+            warnings.warn(f"skipping damaged remote checkpoint: {err}", CheckpointWarning, stacklevel=4)
+            return False
+        downloaded.append(remote.location(name))
+        return True
+
+    entry = latest_entry(local, manifest_entries(list_checkpoints(remote)), fetch)
+    return entry, downloaded[-1] if downloaded else None
 
 
 def _with(tiers: list[str], tier: str) -> list[str]:

@@ -6,59 +6,89 @@ Torch-free, like the rest of the read-only path of the CLI.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
-from lightning_ckpt.catalog import check_sizes, to_record
+from lightning_ckpt.catalog import check_sizes
+from lightning_ckpt.lineage import to_record
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError, UnknownMetricError
 from lightning_ckpt.logs import read_metric
 from lightning_ckpt.manager import best_entry
 from lightning_ckpt.policy import RetentionConfig, RetentionPlan
 from lightning_ckpt.policy.log_join import scores_by_step
-from lightning_ckpt.store import LocalStore, read_manifest
+from lightning_ckpt.store import LocalStore, Store, open_store, read_manifest
 from lightning_ckpt.store.ledger import COMMITTED, DELETED, Entry, Ledger
 
 
 def _committed(dirpath: str | os.PathLike) -> tuple[LocalStore, list[Entry]]:
     store = LocalStore(dirpath)
+    return store, _committed_in(store)
+
+
+def _committed_in(store: Store) -> list[Entry]:
     entries = [e for e in Ledger(store).load() if e.status == COMMITTED]
     if not entries:
-        raise NotACheckpointError(f"{store.root}: no committed checkpoints there; pass the Checkpointer's dirpath")
-    return store, entries
+        raise NotACheckpointError(f"{store.location('').rstrip('/')}: no committed checkpoints there; pass the "
+                                  "Checkpointer's dirpath")
+    return entries
 
 
 def select_best(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,
-                logs: str | os.PathLike | None = None) -> str:
-    """The path of the best committed checkpoint in ``dirpath`` by ``monitor`` that verifies.
+                logs: str | os.PathLike | None = None, run_id: str | None = None,
+                storage_options: Mapping[str, Any] | None = None) -> str:
+    """The path of the best committed checkpoint in ``dirpath`` by ``monitor`` that verifies: the one
+    ``best_checkpoint`` picks (the newest branch's lineage, or ``run_id``'s), ranked by values computed
+    for each checkpoint's own state.
 
     Args:
-        dirpath: the checkpoint directory.
+        dirpath: the checkpoint directory (or an fsspec URL).
         monitor: the metric; recorded by the Checkpointer, or, with ``logs``, logged by a logger.
         mode: "min" (lower is better) or "max".
         logs: a CSVLogger / TensorBoardLogger log directory or file; each checkpoint is then scored
             by the value logged at its step, else the first logged after it and before the next
             checkpoint (see ``lightning_ckpt.policy.log_join``).
+        run_id: rank this run's lineage instead (``lightning-ckpt list`` shows run ids).
+        storage_options: fsspec options for a URL ``dirpath``.
 
     Raises:
         NotACheckpointError: no committed checkpoint in ``dirpath``, or no log files at ``logs``.
         UnknownMetricError: no checkpoint has a value of ``monitor`` (the message lists the known metrics).
         ValueError: ``mode`` is not "min" or "max".
     """
-    store, entries = _committed(dirpath)
+    store = open_store(dirpath, storage_options)
+    entries = _committed_in(store)
     if logs is not None:
-        logged = read_metric(logs, monitor)
-        scores = scores_by_step([e.step for e in entries], logged)
-        entries = [replace(e, metrics={monitor: scores[e.step]} if e.step in scores else {}) for e in entries]
-        if not scores:
-            raise UnknownMetricError(f"{logs}: none of the {len(logged)} logged values of {monitor!r} (steps "
-                                     f"{logged[0][0]}..{logged[-1][0]}) falls at or after a checkpoint's step and "
-                                     "before the next one's; were these logs written by this run?")
-    best = best_entry(entries, store, monitor, mode)
+        entries = _scored_by_logs(entries, read_metric(logs, monitor), monitor, logs)
+    best = best_entry(entries, store, monitor, mode, run_id)
     if best is None:
-        known = sorted({k for e in entries for k, v in e.metrics.items() if v is not None})
-        raise UnknownMetricError(f"{store.root}: no verified checkpoint has a value of {monitor!r}; metrics recorded "
-                                 f"there: {', '.join(known) or 'none'}. To rank by a metric the Checkpointer did not "
-                                 "record, pass --logs with the logger's directory")
+        raise UnknownMetricError(_no_score(store, entries, monitor, run_id))
     return store.location(best.name)
+
+
+def _scored_by_logs(entries: list[Entry], logged: list[tuple[int, float]], monitor: str,
+                    logs: str | os.PathLike) -> list[Entry]:
+    """The entries with the logged value of ``monitor`` joined to each step as their only metric."""
+    scores = scores_by_step([e.step for e in entries], logged)
+    if not scores:
+        raise UnknownMetricError(f"{logs}: none of the {len(logged)} logged values of {monitor!r} (steps "
+                                 f"{logged[0][0]}..{logged[-1][0]}) falls at or after a checkpoint's step and "
+                                 "before the next one's; were these logs written by this run?")
+    return [replace(e, metrics={monitor: scores[e.step]} if e.step in scores else {}, metric_steps={})
+            for e in entries]
+
+
+def _no_score(store: Store, entries: list[Entry], monitor: str, run_id: str | None) -> str:
+    """Why no checkpoint ranks by ``monitor``: the metrics recorded, and any value only from another step."""
+    known = sorted({k for e in entries for k, v in e.metrics.items() if v is not None})
+    stale = sorted({e.step for e in entries if e.metrics.get(monitor) is not None and monitor not in e.own_metrics()})
+    steps = ", ".join(map(str, stale[:5])) + (", ..." if len(stale) > 5 else "")
+    why = (f" (the checkpoints of steps {steps} hold a value computed at an earlier step, a save between "
+           "validations: it is not theirs)" if stale else "")
+    lineage = f"run {run_id}'s lineage" if run_id else "the newest branch"
+    return (f"{store.location('').rstrip('/')}: no verified checkpoint of {lineage} has a value of "
+            f"{monitor!r} for its own state{why}; metrics recorded there: {', '.join(known) or 'none'}. To rank by "
+            "a metric the Checkpointer did not record for each checkpoint, pass --logs with the logger's directory")
 
 
 @dataclass(frozen=True)

@@ -141,22 +141,26 @@ def test_a_given_up_upload_warns_and_is_recorded(tmp_path):
     assert "EndpointConnectionError" in entries[0].mirror_error and entries[0].tiers == ["local"]
 
 
-def test_fetch_newest_downloads_only_a_newer_verified_checkpoint(s3, tmp_path):
-    from lightning_ckpt.mirror import fetch_newest
+def test_last_across_tiers_downloads_only_a_newer_verified_checkpoint(s3, tmp_path):
+    from lightning_ckpt.mirror import last_across_tiers
 
-    remote = FsspecStore(s3.url(), s3.options)
+    mirror = Mirror(s3.url(), storage_options=s3.options)
     for step in (3, 5):
-        save_checkpoint({"global_step": step}, f"{s3.url()}/step={step:09d}", storage_options=s3.options)
+        save_checkpoint({"global_step": step}, f"{s3.url()}/step={step:09d}", storage_options=s3.options, run_id="r1")
     fs = s3.fs()
     key = f"{s3.bucket}/run/step=000000005/state.json"
     fs.pipe_file(key, fs.cat_file(key).replace(b"5", b"6"))  # the newest remote one is damaged
-    local = LocalStore(tmp_path)
+    here = tmp_path / "here"
+    _save(here, 3, run_id="r1")  # the local tier holds step 3 already: nothing to download
     with pytest.warns(match="skipping damaged remote checkpoint"):
-        assert fetch_newest(local, remote, newer_than=3) is None
+        entry, url = last_across_tiers(LocalStore(here), mirror)
+    assert (entry.name, url) == ("step=000000003", None)
+    local = LocalStore(tmp_path / "new")  # a new machine: the next older one is downloaded and verified
     with pytest.warns(match="skipping damaged remote checkpoint"):
-        assert fetch_newest(local, remote, newer_than=None) == "step=000000003"
+        entry, url = last_across_tiers(local, mirror)
+    assert (entry.name, url) == ("step=000000003", f"{s3.url()}/step=000000003")
     assert local.names() == ["step=000000003"]
-    assert load_checkpoint(tmp_path / "step=000000003")["global_step"] == 3
+    assert load_checkpoint(tmp_path / "new" / "step=000000003")["global_step"] == 3
 
 
 _COPY_IN_CHILD = """

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from lightning_ckpt.catalog import DAMAGED, Row, describe
+from lightning_ckpt.catalog import DAMAGED, OK, Row, describe
 from lightning_ckpt.cli import main
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, size, when
 from lightning_ckpt.errors import NotACheckpointError
@@ -60,6 +60,22 @@ def _rows(path: str | Path, **kw: object) -> list[Row]:
     return rows
 
 
+def _status(row: Row) -> str:
+    """``ok (sizes)``: what "ok" rests on, so that nobody reads it as checksums checked (``--verify``)."""
+    if row.status == DAMAGED:
+        return f"{DAMAGED}: {row.problem}"
+    return f"{OK} ({row.checked})" if row.status == OK else row.status
+
+
+def _metrics(row: Row) -> str:
+    """``name=value``, and ``@step`` after a value computed at another step (it does not rank this checkpoint)."""
+    def at(key: str) -> str:
+        step = row.metric_steps.get(key, row.step)
+        return "" if step == row.step else f"@{step}"
+
+    return " ".join(f"{k}={num(v)}{at(k)}" for k, v in sorted(row.metrics.items())) or "-"
+
+
 def _flags(row: Row) -> str:
     return ",".join(f for f, on in (("last", row.last), ("best", row.best)) if on) or "-"
 
@@ -90,11 +106,8 @@ def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int
     columns += ["kept by"] if retention else []
     table = []
     for r in rows:
-        metrics = " ".join(f"{k}={num(v)}" for k, v in sorted(r.metrics.items()))
-        cells = [r.name, num(r.step), num(r.epoch), when(r.created), size(r.size),
-                 r.status if r.status != DAMAGED else f"{DAMAGED}: {r.problem}", _flags(r), ",".join(r.tiers),
-                 r.run_id or "-",
-                 metrics or "-"]
+        cells = [r.name, num(r.step), num(r.epoch), when(r.created), size(r.size), _status(r), _flags(r),
+                 ",".join(r.tiers), r.run_id or "-", _metrics(r)]
         table.append(cells + ([", ".join(r.kept_by or ()) or "(would be pruned)"] if retention else []))
     emit_table(columns, table)
 
@@ -171,17 +184,22 @@ def inspect(path: Path, every: bool, allow_pickle: bool, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("path", type=_PATH)
+@click.argument("path")
 @click.option("--monitor", required=True, help="The metric to rank by (recorded by the Checkpointer, or logged).")
 @_MODE
 @click.option("--logs", type=_PATH, default=None,
               help="A CSVLogger or TensorBoardLogger log directory (or its metrics.csv / event file): score each "
                    "checkpoint by the value logged at its step, else the first logged after it and before the "
                    "next checkpoint.")
+@click.option("--run", "run_id", default=None, help="Rank this run lineage (a run id `list` shows); default: the "
+                                                   "newest branch's, the lineage ckpt_path='last' resumes.")
+@_STORAGE_OPTIONS
 @JSON_OPTION
-def best(path: Path, monitor: str, mode: str, logs: Path | None, as_json: bool) -> None:
-    """Print the path of the best checkpoint in PATH by --monitor (the last line of stdout).
-    Damaged checkpoints are passed over.
+def best(path: str, monitor: str, mode: str, logs: Path | None, run_id: str | None, options: dict[str, Any] | None,
+         as_json: bool) -> None:
+    """Print the path of the best checkpoint in PATH (a directory or an fsspec URL) by --monitor (the last
+    line of stdout): the one best_checkpoint() and ckpt_path="best" pick, of the newest branch's lineage,
+    ranked by values computed for each checkpoint's own step. Damaged checkpoints are passed over.
 
     \b
     Example:
@@ -189,5 +207,6 @@ def best(path: Path, monitor: str, mode: str, logs: Path | None, as_json: bool) 
     """
     from lightning_ckpt.selection import select_best
 
-    chosen = select_best(path, monitor, mode, logs=logs)
+    where = path if remote_scheme(path) is not None else _PATH.convert(path, None, None)  # a local PATH must exist
+    chosen = select_best(where, monitor, mode, logs=logs, run_id=run_id, storage_options=options)
     emit_json({"path": chosen, "monitor": monitor, "mode": mode}) if as_json else click.echo(chosen)

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.lineage import newest_lineage
 from lightning_ckpt.lightning.remote_dirpath import note_remote_last
 from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_entry
-from lightning_ckpt.mirror import download_if_newer
-from lightning_ckpt.store import open_store
+from lightning_ckpt.mirror import last_across_tiers
+from lightning_ckpt.store import Store, open_store
 from lightning_ckpt.store.ledger import Entry
 from lightning_ckpt.store.fsutil import remote_scheme
-from lightning_ckpt.store.local import LocalStore
 
 if TYPE_CHECKING:
     from lightning_ckpt.mirror import Mirror
@@ -43,18 +43,24 @@ class ModelCheckpointView:
         dirpath = self._resolve_dirpath(trainer)
         manager = self._manager
         if manager is None or manager.run_id is None or not manager.is_at(dirpath):
-            if self.mirror is not None:  # a newer checkpoint only the mirror holds comes down first
-                download_if_newer(LocalStore(dirpath), self.mirror)
             store = open_store(dirpath, self._storage_options)
-            entry = latest_entry(store)
+            entry = latest_entry(store) if self.mirror is None else self._last_with_mirror(store)
         else:
-            store, entry = manager.store, last_entry(manager.entries, manager.store, manager.run_id)
+            store, entry = manager.store, last_entry(manager.entries, manager.store, manager.run_id, manager.parent)
         if entry is None:
             return set()
         path = store.location(entry.name)
         if remote_scheme(path) is not None:  # Lightning cannot date a prefix: tell it when this one was committed
             note_remote_last(path, entry.wall_time)
         return {path}
+
+    def _last_with_mirror(self, store: Store) -> Entry | None:
+        """"Last" of both tiers; one only the mirror holds is downloaded first, and the user told so."""
+        entry, url = last_across_tiers(store, self.mirror)  # type: ignore[arg-type]
+        if entry is not None and url is not None:
+            rank_zero_info(f"Checkpointer: restored step {entry.step} from {url} (the mirror held a newer checkpoint "
+                           f"than the local directory): resuming from {store.location(entry.name)}")
+        return entry
 
     @property
     def best_model_path(self) -> str:
@@ -70,7 +76,7 @@ class ModelCheckpointView:
     @property
     def best_model_score(self) -> torch.Tensor | None:
         entry = self._best_entry()
-        value = entry.metrics.get(self.monitor) if entry and self.monitor else None
+        value = entry.own_metrics().get(self.monitor) if entry and self.monitor else None
         return torch.tensor(value) if value is not None else None
 
     @property
@@ -81,17 +87,17 @@ class ModelCheckpointView:
     @property
     def current_score(self) -> torch.Tensor | None:
         lineage = self._lineage()
-        value = lineage[0].metrics.get(self.monitor) if lineage and self.monitor else None
+        value = lineage[0].own_metrics().get(self.monitor) if lineage and self.monitor else None
         return torch.tensor(value) if value is not None else None
 
     @property
     def best_k_models(self) -> dict[str, torch.Tensor]:
         if not self.monitor:
             return {}
-        kept = [e for e in self._lineage() if e.metrics.get(self.monitor) is not None]
-        kept.sort(key=lambda e: e.metrics[self.monitor], reverse=self.mode == "max")
+        scores = [(e, s) for e in self._lineage() if (s := e.own_metrics().get(self.monitor)) is not None]
+        scores.sort(key=lambda pair: pair[1], reverse=self.mode == "max")
         reader = self._reader()
-        return {reader.path(e.name): torch.tensor(e.metrics[self.monitor]) for e in kept[: self.save_top_k]}
+        return {reader.path(e.name): torch.tensor(score) for e, score in scores[: self.save_top_k]}
 
     # -- reading the ledger --------------------------------------------------------------------
 
@@ -113,8 +119,8 @@ class ModelCheckpointView:
         # Verified once per change of the ledger, not per access: loggers read best_model_path often.
         manager = self._reader()
         if self._best_cache is None or self._best_cache[0] != manager.revision:
-            lineage = self._lineage()
-            best = best_entry(lineage, manager.store, self.monitor, self.mode) if self.monitor else (
-                lineage[0] if lineage else None)
+            lineage = self._lineage()  # without a monitor, "best" is the newest (as ModelCheckpoint's)
+            best = best_entry(manager.entries, manager.store, self.monitor, self.mode, manager.run_id,
+                              manager.parent) if self.monitor else (lineage[0] if lineage else None)
             self._best_cache = (manager.revision, best)
         return self._best_cache[1]

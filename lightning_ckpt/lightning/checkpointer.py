@@ -29,12 +29,12 @@ from lightning_ckpt.lightning.trainer_io import (
     snapshot,
     write,
 )
-from lightning_ckpt.manager import CheckpointManager, new_run_id
+from lightning_ckpt.manager import CheckpointManager, StepMetrics, new_run_id
 from lightning_ckpt.mirror import Mirror, Tiering
 from lightning_ckpt.pipeline import SaveOutcome, SavePipeline, decided_on_rank_zero
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store.base import Lock
-from lightning_ckpt.store.ledger import Entry
+from lightning_ckpt.store.ledger import Entry, clean_metrics
 
 TRAIN_END = "train_end"
 PREEMPTED = "preempted"
@@ -166,6 +166,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         self._last_step_seen: int | None = None
         self._warned_monitor = False
         self._validated_step: int | None = None
+        self._validated: dict[str, float | None] = {}  # callback_metrics as the last validation left them
         self._preempted = False
         self._catching = False  # our signal handlers are installed for this fit
         self._at_step_boundary = False  # the last training batch ended an optimizer step
@@ -202,7 +203,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
                                           storage_options=self._storage_options)
         self._manager.run_id = decided_on_rank_zero(agree, self._claim_directory)
         self._pipeline = self._new_pipeline(agree)
-        self._inherited_run_id = None
+        self._inherited_run_id, self._validated_step, self._validated = None, None, {}
         self._manager.refresh()
         if self.exact_resume:
             _ensure_exact_resume(trainer)
@@ -251,7 +252,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self._warn_if_monitor_missing(trainer)
-        self._validated_step = trainer.global_step
+        self._validated_step, self._validated = trainer.global_step, clean_metrics(trainer.callback_metrics)
         reason = self._schedule.on_validation_end(trainer.global_step, last_saved_step=self._last_saved_step,
                                                   monitor_set=self.monitor is not None)
         if reason:
@@ -380,13 +381,15 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         return AsyncSavePipeline(self._manager, agree, on_error=self.on_save_error, tiering=tiering,
                                  when_busy=self.when_busy, overlap=self.staging == STAGING[0])
 
-    def _fresh_metrics(self, trainer: L.Trainer) -> dict[str, Any]:
-        """The logged metrics, less a monitored value from an earlier validation: it would rank this
-        checkpoint by another step's score. A validation at this step attaches the value later."""
-        metrics = dict(trainer.callback_metrics)
-        if self.monitor and self._validated_step != trainer.global_step:
-            metrics.pop(self.monitor, None)
-        return metrics
+    def _fresh_metrics(self, trainer: L.Trainer) -> StepMetrics:
+        """The logged metrics, each with the step it was computed at: a value the last validation left
+        unchanged is that validation's (from an earlier step it never ranks this checkpoint; a validation
+        at this step attaches its values later), any other is this step's."""
+        metrics, step = dict(trainer.callback_metrics), trainer.global_step
+        origin = self._validated_step if self._validated_step is not None else step
+        steps = {k: origin if k in self._validated and self._validated[k] == v else step
+                 for k, v in clean_metrics(metrics).items()}
+        return StepMetrics(metrics, steps)
 
     def _resolve_dirpath(self, trainer: L.Trainer) -> str:
         return self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")

@@ -178,7 +178,9 @@ class RetentionPlan:
 
 
 def latest_record(records: Sequence[Record]) -> Record | None:
-    """The newest verified record, for ``ckpt_path="last"``.
+    """The newest verified record of one run's records, which retention always keeps.
+
+    Not "last" of a directory: ``lineage.last_of`` decides that, following branches.
 
     Args:
         records: the committed checkpoints.
@@ -190,7 +192,7 @@ def latest_record(records: Sequence[Record]) -> Record | None:
 
 
 def best_record(records: Sequence[Record], monitor: str, mode: Mode) -> Record | None:
-    """The best verified record by ``monitor``, for ``ckpt_path="best"``.
+    """The best verified record by ``monitor``: the ranking ``lineage.best_of`` applies to one lineage.
 
     Unverified records are skipped, like in ``latest_record``: "best" must be loadable.
 

@@ -32,6 +32,7 @@ DELETED = "deleted"
 LOCAL_TIER = "local"  # the Checkpointer's dirpath, whatever its URL
 MIRROR_TIER = "mirror"  # the Mirror's URL
 META_METRICS = "metrics"
+META_METRIC_STEPS = "metric_steps"  # the step each metric was computed at (absent in older manifests)
 META_REASON = "reason"
 META_PARENT = "parent"  # the checkpoint a branch resumed from (see manager.decide_lineage)
 FIG_BLOCKING_S = "blocking_s"  # keys of Entry.figures: how long training waited for the save ...
@@ -58,6 +59,13 @@ def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def clean_steps(steps: Any) -> dict[str, int]:
+    """The ``metric_steps`` read from a manifest: names to integer steps; anything else is dropped."""
+    if not isinstance(steps, dict):
+        return {}
+    return {str(k): v for k, v in steps.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
 @dataclass(kw_only=True)
 class Entry:
     """One checkpoint as the ledger records it."""
@@ -69,6 +77,8 @@ class Entry:
     run_id: str | None = None
     reason: str = ""
     metrics: dict[str, float | None] = field(default_factory=dict)
+    # The step each metric was computed at; a metric without one (older ledgers) is the checkpoint's own.
+    metric_steps: dict[str, int] = field(default_factory=dict)
     size: int = 0
     status: str = COMMITTED
     deleted_reason: str | None = None
@@ -84,7 +94,17 @@ class Entry:
         """The entry of a committed checkpoint, from what its manifest records."""
         return cls(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created, run_id=m.run_id,
                    reason=str(m.meta.get(META_REASON, "")), metrics=clean_metrics(m.meta.get(META_METRICS) or {}),
-                   size=m.total_bytes, parent=_str_or_none(m.meta.get(META_PARENT)))
+                   metric_steps=clean_steps(m.meta.get(META_METRIC_STEPS)), size=m.total_bytes,
+                   parent=_str_or_none(m.meta.get(META_PARENT)))
+
+    def own_metrics(self) -> dict[str, float]:
+        """The metric values computed for this checkpoint's own state: the only ones that rank it.
+
+        A value recorded from another step (a save between validations keeps the last validation's
+        score) belongs to that step's state, not this one's; NaN and inf (None) never rank.
+        """
+        own = self.step
+        return {k: v for k, v in self.metrics.items() if v is not None and self.metric_steps.get(k, own) == own}
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -13,16 +13,18 @@ from lightning_ckpt.format import MODEL_FILE
 from lightning_ckpt.store.ledger import LEDGER_FILE
 
 
-def _recorded_best(ckpts) -> str:
-    entries = json.loads((ckpts / LEDGER_FILE).read_text())["checkpoints"]
-    scored = [(e["metrics"]["val_loss"], -e["step"], e["name"]) for e in entries if e["metrics"].get("val_loss")]
-    return str(ckpts / min(scored)[2])
-
-
-def test_best_prints_the_path_of_the_best_recorded_checkpoint_last(trained):
+def test_a_score_computed_at_an_earlier_step_never_makes_a_checkpoint_best(trained):
+    # Saves at 4, 8, ..., 24 and validations at 6, 14, 22: each save after a validation recorded its
+    # val_loss, a score of another state (the step-22 score on the step-24 save). It ranked them, ties
+    # going to the newer save; now no checkpoint has a val_loss of its own, and the error says why.
+    # (tests/lightning/test_last_and_best.py prints a best that was validated at its own step.)
+    entries = json.loads((trained.ckpts / LEDGER_FILE).read_text())["checkpoints"]
+    assert {e["step"]: e["metric_steps"].get("val_loss") for e in entries if "val_loss" in e["metrics"]} == {
+        8: 6, 12: 6, 16: 14, 20: 14, 24: 22}
     result = run("best", trained.ckpts, "--monitor", "val_loss", "--mode", "min")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == _recorded_best(trained.ckpts)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "steps 8, 12, 16, 20, 24 hold a value computed at an earlier step" in result.stderr
 
 
 @pytest.mark.parametrize("logger", ["csv", "tb"])

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from clirun import run
 from lightning_ckpt.format import MODEL_FILE
 
@@ -21,8 +23,12 @@ def test_list_json_shows_every_checkpoint_with_its_facts(trained):
     assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]  # 8 batches an epoch
     assert all(r["status"] == "ok" and r["tiers"] == ["local"] and r["size"] > 0 and r["created"] > 0 for r in rows)
     assert [r["name"] for r in rows if r["last"]] == ["step=000000024"]
-    scored = [(r["metrics"]["val_loss"], -r["step"]) for r in rows if r["metrics"].get("val_loss") is not None]
-    assert [r["step"] for r in rows if r["best"]] == [-min(scored)[1]]
+    # Validations ran at steps 6, 14 and 22, never at a save: each save recorded the last validation's
+    # val_loss with the step it was computed at, a score of another state, so no checkpoint is "best".
+    assert {r["step"]: r["metric_steps"]["val_loss"] for r in rows if "val_loss" in r["metrics"]} == {
+        8: 6, 12: 6, 16: 14, 20: 14, 24: 22}
+    assert not any(r["best"] for r in rows)
+    assert all(r["metric_steps"]["train_loss"] == r["step"] for r in rows)
     assert len({r["run_id"] for r in rows}) == 1
 
 
@@ -81,3 +87,41 @@ def test_list_in_a_terminal_is_a_rich_table(trained):
     text = out.decode()
     assert proc.returncode == 0, proc.stderr
     assert "┃" in text and "step=000000024" in text and "last" in text
+
+
+def test_plain_list_says_it_checked_sizes_only_and_verify_finds_changed_bytes(trained, tmp_path):
+    copy = tmp_path / "c"
+    subprocess.run(["cp", "-r", str(trained.ckpts), str(copy)], check=True)
+    weights = copy / "step=000000012" / MODEL_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: only a checksum tells
+    weights.write_bytes(bytes(data))
+
+    def row(*options: str) -> str:
+        listed = run("list", copy, *options)
+        assert listed.returncode == 0, listed.stderr
+        return next(line for line in listed.stdout.splitlines() if line.startswith("step=000000012"))
+
+    assert "ok (sizes)" in row()  # never a bare "ok": the bytes were not hashed
+    assert "damaged: CorruptCheckpointError" in row("--verify")
+    assert json.loads(run("list", copy, "--json").stdout)[2]["checked"] == "sizes"
+
+
+def test_list_of_a_url_names_its_tier_by_the_scheme(capsys, monkeypatch):
+    import warnings
+
+    from lightning_ckpt import save_checkpoint
+    from lightning_ckpt.cli import main
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() installs its own
+    url = "memory://list-tier/run"
+    save_checkpoint({"global_step": 3}, f"{url}/step=000000003")
+    for options in ([], ["--json"]):
+        with pytest.raises(SystemExit) as done:
+            main(["list", url, *options])
+        assert done.value.code == 0
+    table, doc = capsys.readouterr().out.split("\n[")
+    line = table.splitlines()[1]
+    assert line.startswith("step=000000003") and " memory " in line and "local" not in line
+    assert "ok (manifest)" in line  # a URL's plain list reads the manifests only
+    assert json.loads("[" + doc)[0]["tiers"] == ["memory"]

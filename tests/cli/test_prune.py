@@ -40,8 +40,9 @@ def test_prune_is_a_dry_run_until_yes(trained, tmp_path):
 
 def test_prune_top_k_keeps_the_best_and_the_newest(trained, tmp_path):
     ckpts = _copy(trained, tmp_path)
-    best = run("best", ckpts, "--monitor", "val_loss").stdout.splitlines()[-1]
-    result = run("prune", ckpts, "--top-k", "1", "--monitor", "val_loss", "--yes", "--json")
+    # train_loss: every save's own (the fixture's val_loss always comes from an earlier step, so it ranks none)
+    best = run("best", ckpts, "--monitor", "train_loss").stdout.splitlines()[-1]
+    result = run("prune", ckpts, "--top-k", "1", "--monitor", "train_loss", "--yes", "--json")
     assert result.returncode == 0, result.stderr
     kept = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step="))
     assert kept == sorted({best.rsplit("/", 1)[1], "step=000000024"})

@@ -53,7 +53,8 @@ def test_kept_directories_are_exactly_what_the_rules_say(tmp_path):
     # every 4 steps, each validation (every 6 batches of 8-batch epochs), and the end of training
     assert steps == sorted({*range(4, 43, 4), *(e * 8 + 6 for e in range(5) if e * 8 + 6 <= 42), 42})
     newest2 = set(steps[-2:])
-    scored = sorted((e["metrics"]["val_loss"], -e["step"]) for e in entries if e["metrics"].get("val_loss") is not None)
+    scored = sorted((e["metrics"]["val_loss"], -e["step"]) for e in entries  # a score of the checkpoint's own step
+                    if e["metrics"].get("val_loss") is not None and e["metric_steps"]["val_loss"] == e["step"])
     top2 = {-s for _, s in scored[:2]}
     milestones = {s for s in steps if s % 16 == 0}
     expected = sorted(newest2 | top2 | milestones)
