@@ -74,13 +74,14 @@ def inspect_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -
     """Describe the checkpoint at ``path`` (any of the four kinds above).
 
     Args:
-        allow_pickle: read a DCP directory whose ``.metadata`` or ``meta.pt`` needs full unpickling.
+        allow_pickle: the checkpoint is trusted: read a ``.ckpt``, or a DCP directory's ``.metadata`` or
+            ``meta.pt``, that needs full unpickling (which runs code the file names).
 
     Raises:
         NotACheckpointError: nothing at ``path``, or a directory that is none of the kinds.
         UnsupportedFormatError: a file that is neither a torch file nor safetensors.
         UnsafeCheckpointError: a ``.ckpt`` that ``weights_only=True`` refuses to read, or a DCP
-            directory that needs unpickling (without ``allow_pickle``).
+            directory that needs unpickling (either without ``allow_pickle``).
     """
     p = local_path(path, what="path")
     if p.is_dir() and (p / MANIFEST_FILE).is_file():
@@ -92,7 +93,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -
     if p.is_file():
         from lightning_ckpt.convert.torchfile import read_torch_file  # torch: only for .ckpt files
 
-        return _lightning(p, read_torch_file(p))
+        return _lightning(p, read_torch_file(p, allow_pickle=allow_pickle))
     raise NotACheckpointError(f"{p}: not a checkpoint (no {MANIFEST_FILE}, no DCP {DCP_METADATA_FILE}, not a file); "
                               "pass a checkpoint directory, a .ckpt file or a .safetensors file")
 

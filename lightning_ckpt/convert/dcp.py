@@ -17,7 +17,7 @@ import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,13 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 
 from lightning_ckpt.convert.dcp_metadata import PICKLE_HINT, read_dcp_metadata, read_lightning_meta
 from lightning_ckpt.convert.lightning import Progress, page_out, streamed
-from lightning_ckpt.convert.single_file import write_safetensors
+from lightning_ckpt.convert.destination import CHECKPOINT, check_destination
+from lightning_ckpt.convert.single_file import write_weights
 from lightning_ckpt.engine import commit_encoded
 from lightning_ckpt.errors import StorageError, UnsafeCheckpointError
 from lightning_ckpt.format import Manifest, encode_state
 from lightning_ckpt.store.fsutil import TMP_PREFIX, local_path
 
-K_STATE_DICT = "state_dict"
 K_OPTIMIZER_STATES = "optimizer_states"
 OPTIMIZER_PREFIX = "optimizer_"  # Lightning's ModelParallelStrategy saves optimizer_states[i] as optimizer_{i}
 _NO_DIST_WARNING = "torch.distributed is disabled"
@@ -189,8 +189,10 @@ def dcp_to_ours(src: str | os.PathLike, dst: str | os.PathLike, *, progress: Pro
         UnsafeCheckpointError, CorruptCheckpointError: as :func:`load_dcp`.
         UnsupportedTypeError: a value our format cannot store without pickling (and ``allow_pickle`` is False).
         StorageError: the write failed; nothing was committed at ``dst``.
+        FileExistsError: ``dst`` exists and is not a checkpoint of ours (never replaced).
     """
     target = local_path(dst, what="dst")
+    check_destination(target, CHECKPOINT, force=True)  # a checkpoint of ours may be replaced, nothing else
     state = load_dcp(local_path(src, what="src"), _spill_dir(target), allow_pickle=allow_pickle)
     files = streamed(encode_state(state, allow_pickle=allow_pickle), progress)
     return commit_encoded(files, state, target, run_id=run_id)
@@ -211,23 +213,11 @@ def dcp_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, *, progre
         StorageError: the write failed; ``dst`` is untouched.
     """
     target = local_path(dst, what="dst")
-    state = load_dcp(local_path(src, what="src"), _spill_dir(target), allow_pickle=allow_pickle)
-    weights = state[K_STATE_DICT] if isinstance(state.get(K_STATE_DICT), Mapping) else state
-    written = write_safetensors(dict(_tensors(weights)), target, progress)
-    return written, sum(1 for _ in _tensors(state)) - written
+    return write_weights(load_dcp(local_path(src, what="src"), _spill_dir(target), allow_pickle=allow_pickle),
+                         target, progress)
 
 
 def _spill_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     return target.parent
 
-
-def _tensors(node: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(node, torch.Tensor):
-        yield prefix, node
-    elif isinstance(node, Mapping):
-        for key, value in node.items():
-            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _tensors(value, f"{prefix}.{i}" if prefix else str(i))
