@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
@@ -147,17 +148,26 @@ def _ours(p: Path) -> Inspection:
 def _sharded_infos(p: Path, shards: list[str]) -> list[TensorInfo]:
     """A sharded checkpoint's tensors with their global shapes, joined from every rank's chunks (each
     shard file's header holds its chunks' offsets, as torch.distributed.checkpoint wrote them)."""
+    from lightning_ckpt.convert.chunks import tiling_problem
+
     extent: dict[str, tuple[str, list[int]]] = {}
+    chunks: dict[str, list[SimpleNamespace]] = {}
     for file in shards:
         infos, metadata = _safetensors_infos(p / file)
         try:
             offsets = {k: v[_SAVED_OFFSETS] for k, v in json.loads(metadata.get(_DCP_SHARDING_INFO, "{}")).items()}
+            for info in infos:
+                start = offsets.get(info.name, [0] * len(info.shape))
+                chunks.setdefault(info.name, []).append(SimpleNamespace(offsets=tuple(start), sizes=info.shape))
+                ends = [o + n for o, n in zip(start, info.shape)]
+                _, known = extent.setdefault(info.name, (info.dtype, ends))
+                extent[info.name] = (info.dtype, [max(a, b) for a, b in zip(known, ends)])
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise CorruptCheckpointError(f"{p / file}: unreadable {_DCP_SHARDING_INFO} ({err})") from err
-        for info in infos:
-            ends = [o + n for o, n in zip(offsets.get(info.name, [0] * len(info.shape)), info.shape)]
-            _, known = extent.setdefault(info.name, (info.dtype, ends))
-            extent[info.name] = (info.dtype, [max(a, b) for a, b in zip(known, ends)])
+    for key, (_, shape) in extent.items():  # the same check a sharded load makes (distributed/shard_reader.py)
+        if (problem := tiling_problem(shape, chunks[key])) is not None:
+            raise CorruptCheckpointError(f"{p}/{SHARDS_DIR}: the chunks of {key!r} do not make one tensor ({problem}); "
+                                         "the checkpoint was changed after it was saved")
     return [TensorInfo(key, dtype, tuple(shape), math.prod(shape) * _ITEMSIZE.get(dtype, 0))
             for key, (dtype, shape) in sorted(extent.items())]
 

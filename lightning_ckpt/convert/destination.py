@@ -45,7 +45,8 @@ def check_destination(dst: str | os.PathLike, kind: str, *, force: bool) -> None
     if there is None:
         return
     if not force:
-        raise FileExistsError(f"{there}: already exists; pass a new DST, or --force to replace it "
+        alias = f" (readers find checkpoint {Path(dst).name} under that name too)" if there != Path(dst) else ""
+        raise FileExistsError(f"{there}: already exists{alias}; pass a new DST, or --force to replace it "
                               "(a file, or a lightning-ckpt checkpoint; never another folder)")
     if kind == CHECKPOINT and not is_our_checkpoint(there):
         raise FileExistsError(f"{there}: exists and is not a lightning-ckpt checkpoint (no {MANIFEST_FILE}), so "

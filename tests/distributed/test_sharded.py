@@ -192,3 +192,6 @@ def test_a_sharded_load_reads_the_files_its_manifest_lists_and_bounds_their_offs
     _resign(checkpoint)
     with pytest.raises(CorruptCheckpointError, match=f"{shard.name}.*'state_dict/inp.weight'"):
         load_checkpoint(checkpoint)
+    inspected = subprocess.run([str(Path(sys.executable).parent / "lightning-ckpt"), "inspect", str(checkpoint)],
+                               capture_output=True, text=True, timeout=120)
+    assert inspected.returncode == 2 and inspected.stderr.startswith("error: CorruptCheckpointError:")
