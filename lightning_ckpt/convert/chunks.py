@@ -25,8 +25,10 @@ def tiling_problem(size: Sequence[Any], chunks: Sequence[Any]) -> str | None:
     boxes: list[Box] = []
     for chunk in chunks:
         offsets, sizes = tuple(getattr(chunk, "offsets", ())), tuple(getattr(chunk, "sizes", ()))
-        if len(offsets) != len(shape) or len(sizes) != len(shape) or not all(map(_is_count, offsets + sizes)):
-            return f"a chunk at {offsets} of size {sizes} does not fit its {len(shape)} dimensions"
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            return f"a chunk at {offsets} of size {sizes} does not have its {len(shape)} dimensions"
+        if not all(map(_is_count, offsets + sizes)):
+            return f"a chunk at {offsets} of size {sizes} has a negative or non-integer offset or size"
         if any(o + s > n for o, s, n in zip(offsets, sizes, shape)):
             return f"a chunk at {offsets} of size {sizes} lies outside its shape {shape}"
         if math.prod(sizes):
