@@ -112,7 +112,13 @@ def load_torch_file(path: str | os.PathLike, *, map_location: Any = None) -> dic
         UnsafeCheckpointError: the file holds objects that only a full unpickle could build.
         CorruptCheckpointError: the file is not a torch checkpoint at all, or is damaged.
     """
+    from lightning_ckpt.convert.torchfile import is_torch_file
+
     try:
+        if not is_torch_file(path):  # torch.load calls random bytes a pickle it refuses: say what it is
+            raise CorruptCheckpointError(f"{os.fspath(path)}: not a checkpoint (neither a zip nor a pickle that "
+                                         "torch.save writes); pass a .ckpt written by torch.save or a lightning-ckpt "
+                                         "checkpoint directory")
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
@@ -121,7 +127,7 @@ def load_torch_file(path: str | os.PathLike, *, map_location: Any = None) -> dic
             "would run code named by the file, so it was not loaded. If you trust where it came from, load it with "
             "a Trainer without SafetensorsCheckpointIO (stock TorchCheckpointIO) and save it again with the plugin."
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
+    except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError, TypeError) as err:
         raise CorruptCheckpointError(f"{os.fspath(path)}: not a readable torch checkpoint file ({err})") from err
 
 

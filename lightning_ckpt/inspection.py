@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
@@ -74,13 +75,14 @@ def inspect_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -
     """Describe the checkpoint at ``path`` (any of the four kinds above).
 
     Args:
-        allow_pickle: read a DCP directory whose ``.metadata`` or ``meta.pt`` needs full unpickling.
+        allow_pickle: the checkpoint is trusted: read a ``.ckpt``, or a DCP directory's ``.metadata`` or
+            ``meta.pt``, that needs full unpickling (which runs code the file names).
 
     Raises:
         NotACheckpointError: nothing at ``path``, or a directory that is none of the kinds.
         UnsupportedFormatError: a file that is neither a torch file nor safetensors.
         UnsafeCheckpointError: a ``.ckpt`` that ``weights_only=True`` refuses to read, or a DCP
-            directory that needs unpickling (without ``allow_pickle``).
+            directory that needs unpickling (either without ``allow_pickle``).
     """
     p = local_path(path, what="path")
     if p.is_dir() and (p / MANIFEST_FILE).is_file():
@@ -92,7 +94,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -
     if p.is_file():
         from lightning_ckpt.convert.torchfile import read_torch_file  # torch: only for .ckpt files
 
-        return _lightning(p, read_torch_file(p))
+        return _lightning(p, read_torch_file(p, allow_pickle=allow_pickle))
     raise NotACheckpointError(f"{p}: not a checkpoint (no {MANIFEST_FILE}, no DCP {DCP_METADATA_FILE}, not a file); "
                               "pass a checkpoint directory, a .ckpt file or a .safetensors file")
 
@@ -146,17 +148,26 @@ def _ours(p: Path) -> Inspection:
 def _sharded_infos(p: Path, shards: list[str]) -> list[TensorInfo]:
     """A sharded checkpoint's tensors with their global shapes, joined from every rank's chunks (each
     shard file's header holds its chunks' offsets, as torch.distributed.checkpoint wrote them)."""
+    from lightning_ckpt.convert.chunks import tiling_problem
+
     extent: dict[str, tuple[str, list[int]]] = {}
+    chunks: dict[str, list[SimpleNamespace]] = {}
     for file in shards:
         infos, metadata = _safetensors_infos(p / file)
         try:
             offsets = {k: v[_SAVED_OFFSETS] for k, v in json.loads(metadata.get(_DCP_SHARDING_INFO, "{}")).items()}
+            for info in infos:
+                start = offsets.get(info.name, [0] * len(info.shape))
+                chunks.setdefault(info.name, []).append(SimpleNamespace(offsets=tuple(start), sizes=info.shape))
+                ends = [o + n for o, n in zip(start, info.shape)]
+                _, known = extent.setdefault(info.name, (info.dtype, ends))
+                extent[info.name] = (info.dtype, [max(a, b) for a, b in zip(known, ends)])
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise CorruptCheckpointError(f"{p / file}: unreadable {_DCP_SHARDING_INFO} ({err})") from err
-        for info in infos:
-            ends = [o + n for o, n in zip(offsets.get(info.name, [0] * len(info.shape)), info.shape)]
-            _, known = extent.setdefault(info.name, (info.dtype, ends))
-            extent[info.name] = (info.dtype, [max(a, b) for a, b in zip(known, ends)])
+    for key, (_, shape) in extent.items():  # the same check a sharded load makes (distributed/shard_reader.py)
+        if (problem := tiling_problem(shape, chunks[key])) is not None:
+            raise CorruptCheckpointError(f"{p}/{SHARDS_DIR}: the chunks of {key!r} do not make one tensor ({problem}); "
+                                         "the checkpoint was changed after it was saved")
     return [TensorInfo(key, dtype, tuple(shape), math.prod(shape) * _ITEMSIZE.get(dtype, 0))
             for key, (dtype, shape) in sorted(extent.items())]
 

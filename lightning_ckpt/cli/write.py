@@ -15,9 +15,9 @@ from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
 from lightning_ckpt.errors import UnsupportedFormatError
 from lightning_ckpt.format.manifest import MANIFEST_FILE
 
-Progress = Callable[[int], None]
-SAFETENSORS_SUFFIX = ".safetensors"
 from lightning_ckpt.policy.retention import RetentionConfig
+
+Progress = Callable[[int], None]
 
 
 @main.command()
@@ -63,19 +63,21 @@ def prune(path: Path, keep_last: int | None, top_k: int, monitor: str | None, mo
 @click.argument("src", type=_PATH)
 @click.argument("dst", type=click.Path(path_type=Path))
 @ALLOW_PICKLE
-def convert(src: Path, dst: Path, allow_pickle: bool) -> None:
-    """Convert checkpoint SRC into DST; what SRC is picks the way:
+@click.option("--force", is_flag=True, help="Replace an existing DST: a file by a file, or a lightning-ckpt "
+                                            "checkpoint by one; never any other folder.")
+def convert(src: Path, dst: Path, allow_pickle: bool, force: bool) -> None:
+    """Convert checkpoint SRC into DST. DST's name chooses what is written: a name ending .ckpt a
+    Lightning .ckpt file, .safetensors one safetensors file of the model weights, any other name a
+    lightning-ckpt checkpoint directory. What each SRC converts to:
 
     \b
-      a Lightning .ckpt file          -> a lightning-ckpt checkpoint
-      a lightning-ckpt checkpoint     -> a Lightning .ckpt file
-      a DCP / FSDP directory          -> one consolidated lightning-ckpt checkpoint,
-                                         or one .safetensors file of its weights (DST ending .safetensors)
-      a DeepSpeed ZeRO 2/3 checkpoint -> one .safetensors file of fp32 weights
-                                         (needs deepspeed and --allow-pickle)
+      a Lightning .ckpt file          -> a lightning-ckpt checkpoint, or .safetensors
+      a lightning-ckpt checkpoint     -> a Lightning .ckpt file, or .safetensors
+      a DCP / FSDP directory          -> one consolidated lightning-ckpt checkpoint, or .safetensors
+      a DeepSpeed ZeRO 2/3 checkpoint -> .safetensors of fp32 weights (needs deepspeed and --allow-pickle)
 
-    .ckpt and DCP sources stream with bounded memory (about a tensor or a few chunks); the result
-    appears whole or not at all.
+    An existing DST is refused unless --force. .ckpt and DCP sources stream with bounded memory
+    (about a tensor or a few chunks); the result appears whole or not at all.
 
     \b
     Example:
@@ -84,7 +86,11 @@ def convert(src: Path, dst: Path, allow_pickle: bool) -> None:
       lightning-ckpt convert fsdp/epoch=3-step=4000.ckpt/ checkpoints/step=000004000
       lightning-ckpt convert fsdp/epoch=3-step=4000.ckpt/ model.safetensors
     """
-    way = _converter(src)
+    from lightning_ckpt.convert.destination import check_destination, output_kind
+
+    kind = output_kind(dst)
+    way = _converter(src, kind, dst)
+    check_destination(dst, kind, force=force)
     total = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) if src.is_dir() else src.stat().st_size
     advance, close = progress_bar(total, f"{src.name} -> {dst.name}")
     try:
@@ -94,17 +100,43 @@ def convert(src: Path, dst: Path, allow_pickle: bool) -> None:
     click.echo(message)
 
 
-def _converter(src: Path) -> Callable[[Path, Path, Progress, bool], str]:
+Way = Callable[[Path, Path, Progress, bool], str]
+# What each kind of source converts to, by the kind of output DST's name chooses.
+_DIRECTORY = "a lightning-ckpt checkpoint (a DST name not ending .ckpt)"
+_TARGETS = {
+    "ours": "a Lightning .ckpt file or a .safetensors file",
+    "ckpt": f"{_DIRECTORY} or a .safetensors file",
+    "dcp": f"{_DIRECTORY}, which converts on to a .ckpt, or a .safetensors file",
+    "deepspeed": "a .safetensors file",
+}
+
+
+def _converter(src: Path, kind: str, dst: Path) -> Way:
+    """The conversion from what SRC is to the output ``kind``.
+
+    Raises:
+        UnsupportedFormatError: SRC is none of the kinds convert reads.
+        ValueError: SRC does not convert to that kind of output.
+    """
+    source = _source_kind(src)
+    way = _WAYS.get((source, kind))
+    if way is None:
+        raise ValueError(f"{dst}: {src} converts to {_TARGETS[source]}, chosen by DST's name; pass a DST ending "
+                         f"in what you want")
+    return way
+
+
+def _source_kind(src: Path) -> str:
     from lightning_ckpt.convert.deepspeed import deepspeed_tag
 
     if src.is_dir() and (src / MANIFEST_FILE).is_file():
-        return _ours_to_ckpt
+        return "ours"
     if src.is_dir() and (src / DCP_METADATA_FILE).is_file():
-        return _dcp
+        return "dcp"
     if src.is_dir() and deepspeed_tag(src) is not None:
-        return _deepspeed
+        return "deepspeed"
     if src.is_file():
-        return _ckpt_to_ours
+        return "ckpt"
     raise UnsupportedFormatError(f"{src}: not a lightning-ckpt checkpoint (no {MANIFEST_FILE}), a DCP directory "
                                  f"(no {DCP_METADATA_FILE}), a DeepSpeed checkpoint or a .ckpt file; convert "
                                  "reads those")
@@ -117,34 +149,59 @@ def _ours_to_ckpt(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -
     return f"wrote {dst} ({size} bytes): a Lightning .ckpt; resume with Trainer.fit(..., ckpt_path={str(dst)!r})"
 
 
+def _ours_to_safetensors(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
+    from lightning_ckpt.convert.single_file import ours_to_safetensors
+
+    written = ours_to_safetensors(src, dst, progress=advance)
+    return f"wrote {dst} ({os.path.getsize(dst)} bytes, {written} tensors): the model weights"
+
+
 def _ckpt_to_ours(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
     from lightning_ckpt.convert.lightning import ckpt_to_ours
 
-    manifest = ckpt_to_ours(src, dst, progress=advance)
+    manifest = ckpt_to_ours(src, dst, progress=advance, allow_pickle=allow_pickle)
     return f"wrote {dst} ({manifest.total_bytes} bytes, {len(manifest.files)} files): a lightning-ckpt checkpoint"
 
 
-def _dcp(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
-    from lightning_ckpt.convert.dcp import dcp_to_ours, dcp_to_safetensors
+def _ckpt_to_safetensors(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
+    from lightning_ckpt.convert.single_file import ckpt_to_safetensors
 
-    if dst.name.endswith(SAFETENSORS_SUFFIX):
-        written, left_out = dcp_to_safetensors(src, dst, progress=advance, allow_pickle=allow_pickle)
-        rest = f"; left out {left_out} other tensors (optimizer state, ...): convert to a directory to keep them" \
-            if left_out else ""
-        return f"wrote {dst} ({os.path.getsize(dst)} bytes, {written} tensors): the model weights{rest}"
+    return _weights_written(dst, *ckpt_to_safetensors(src, dst, progress=advance, allow_pickle=allow_pickle))
+
+
+def _dcp_to_ours(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
+    from lightning_ckpt.convert.dcp import dcp_to_ours
+
     manifest = dcp_to_ours(src, dst, progress=advance, allow_pickle=allow_pickle)
     return (f"wrote {dst} ({manifest.total_bytes} bytes, {len(manifest.files)} files): a lightning-ckpt checkpoint "
             "consolidated from DCP (full tensors)")
 
 
+def _dcp_to_safetensors(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
+    from lightning_ckpt.convert.dcp import dcp_to_safetensors
+
+    return _weights_written(dst, *dcp_to_safetensors(src, dst, progress=advance, allow_pickle=allow_pickle))
+
+
+def _weights_written(dst: Path, written: int, left_out: int) -> str:
+    rest = f"; left out {left_out} other tensors (optimizer state, ...): convert to a directory to keep them" \
+        if left_out else ""
+    return f"wrote {dst} ({os.path.getsize(dst)} bytes, {written} tensors): the model weights{rest}"
+
+
 def _deepspeed(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
     from lightning_ckpt.convert.deepspeed import deepspeed_to_safetensors
 
-    if not dst.name.endswith(SAFETENSORS_SUFFIX):
-        raise ValueError(f"{dst}: a DeepSpeed checkpoint converts to one safetensors file; pass a DST ending in "
-                         f"{SAFETENSORS_SUFFIX}")
     written = deepspeed_to_safetensors(src, dst, progress=advance, allow_pickle=allow_pickle)
     return f"wrote {dst} ({os.path.getsize(dst)} bytes, {written} tensors): fp32 weights consolidated from ZeRO"
+
+
+_WAYS: dict[tuple[str, str], Way] = {
+    ("ours", ".ckpt"): _ours_to_ckpt, ("ours", ".safetensors"): _ours_to_safetensors,
+    ("ckpt", "checkpoint"): _ckpt_to_ours, ("ckpt", ".safetensors"): _ckpt_to_safetensors,
+    ("dcp", "checkpoint"): _dcp_to_ours, ("dcp", ".safetensors"): _dcp_to_safetensors,
+    ("deepspeed", ".safetensors"): _deepspeed,
+}
 
 
 @main.command()

@@ -17,25 +17,25 @@ import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from lightning_ckpt.convert.dcp_metadata import PICKLE_HINT, read_dcp_metadata, read_lightning_meta
 from lightning_ckpt.convert.lightning import Progress, page_out, streamed
-from lightning_ckpt.convert.single_file import write_safetensors
+from lightning_ckpt.convert.destination import CHECKPOINT, check_destination
+from lightning_ckpt.convert.single_file import write_weights
 from lightning_ckpt.engine import commit_encoded
-from lightning_ckpt.errors import StorageError, UnsafeCheckpointError
+from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError, UnsafeCheckpointError
 from lightning_ckpt.format import Manifest, encode_state
 from lightning_ckpt.store.fsutil import TMP_PREFIX, local_path
 
-K_STATE_DICT = "state_dict"
 K_OPTIMIZER_STATES = "optimizer_states"
 OPTIMIZER_PREFIX = "optimizer_"  # Lightning's ModelParallelStrategy saves optimizer_states[i] as optimizer_{i}
 _NO_DIST_WARNING = "torch.distributed is disabled"
@@ -134,39 +134,63 @@ def load_dcp(folder: str | os.PathLike, spill_dir: str | os.PathLike, *, allow_p
         for fqn, md in metadata.state_dict_metadata.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)  # one process is what we mean
-        dcp_load(flat, storage_reader=_Reader(folder, metadata), planner=_Planner(folder, allow_pickle), no_dist=True)
-    nested = nest(flat, metadata.planner_data or {})
+        try:
+            dcp_load(flat, storage_reader=_Reader(folder, metadata), planner=_Planner(folder, allow_pickle),
+                     no_dist=True)
+        except CheckpointException as err:  # DCP wraps what failed inside it; ours pass through as they are
+            raise _cause(err, folder) from None
+    nested = nest(flat, metadata.planner_data or {}, str(folder))
     return lightning_layout(nested, meta) if meta else nested
 
 
-def nest(flat: Mapping[str, Any], paths: Mapping[str, Any]) -> dict[str, Any]:
-    """Undo DCP's flattening: each key goes back to its path (``planner_data``); an int step is a list index.
+def _cause(err: CheckpointException, folder: Path) -> BaseException:
+    """The error a DCP load failed with: one of ours as raised (the planner's), else a CorruptCheckpointError."""
+    causes = [exc for exc, _ in err.failures.values()]
+    ours = next((exc for exc in causes if isinstance(exc, CheckpointError)), None)
+    text = "; ".join(f"{type(exc).__name__}: {exc}" for exc in causes) or str(err)
+    return ours or CorruptCheckpointError(f"{folder}: could not read its data files ({text}); the checkpoint is "
+                                          "damaged or from another save")
+
+
+def nest(flat: Mapping[str, Any], paths: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Undo DCP's flattening: each key goes back to its path (``planner_data``, checked by
+    ``read_dcp_metadata``); a mapping whose keys are exactly 0..n-1 becomes a list, as torch's own
+    unflattening makes it (a list is saved as its indexes), and any other stays a mapping, so no
+    index from the file ever sizes a list.
 
     Hand-written because torch's ``unflatten_state_dict`` is private and expects its own mapping type.
+
+    Raises:
+        CorruptCheckpointError: two keys claim one place, or one claims a place inside another's value.
     """
-    root: dict[str, Any] = {}
+    root: dict[Any, Any] = {}
     for key, value in flat.items():
         path = tuple(paths.get(key) or (key,))
-        node: Any = root
-        for part, nxt in zip(path, path[1:]):
-            node = _child(node, part, [] if isinstance(nxt, int) else {})
-        _put(node, path[-1], value)
-    return root
+        node = root
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CorruptCheckpointError(f"{where}: {key!r} would go inside the value of another key")
+        if path[-1] in node:
+            raise CorruptCheckpointError(f"{where}: {key!r} and another key have one place {path}")
+        node[path[-1]] = _Leaf(value)
+    return {part: _listed(child) for part, child in root.items()}
 
 
-def _child(node: Any, part: Any, empty: Any) -> Any:
-    if isinstance(node, list):
-        node.extend([None] * (part + 1 - len(node)))
-        if node[part] is None:
-            node[part] = empty
-        return node[part]
-    return node.setdefault(part, empty)
+class _Leaf:
+    """A value placed by ``nest``, told apart from the mappings ``nest`` builds (a value may be a dict)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
-def _put(node: Any, part: Any, value: Any) -> None:
-    if isinstance(node, list):
-        node.extend([None] * (part + 1 - len(node)))
-    node[part] = value
+def _listed(node: Any) -> Any:
+    if isinstance(node, _Leaf):
+        return node.value
+    items = {part: _listed(child) for part, child in node.items()}
+    if items and all(type(part) is int for part in items) and sorted(items) == list(range(len(items))):
+        return [items[i] for i in range(len(items))]
+    return items
 
 
 def lightning_layout(nested: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -189,8 +213,10 @@ def dcp_to_ours(src: str | os.PathLike, dst: str | os.PathLike, *, progress: Pro
         UnsafeCheckpointError, CorruptCheckpointError: as :func:`load_dcp`.
         UnsupportedTypeError: a value our format cannot store without pickling (and ``allow_pickle`` is False).
         StorageError: the write failed; nothing was committed at ``dst``.
+        FileExistsError: ``dst`` exists and is not a checkpoint of ours (never replaced).
     """
     target = local_path(dst, what="dst")
+    check_destination(target, CHECKPOINT, force=True)  # a checkpoint of ours may be replaced, nothing else
     state = load_dcp(local_path(src, what="src"), _spill_dir(target), allow_pickle=allow_pickle)
     files = streamed(encode_state(state, allow_pickle=allow_pickle), progress)
     return commit_encoded(files, state, target, run_id=run_id)
@@ -211,23 +237,11 @@ def dcp_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, *, progre
         StorageError: the write failed; ``dst`` is untouched.
     """
     target = local_path(dst, what="dst")
-    state = load_dcp(local_path(src, what="src"), _spill_dir(target), allow_pickle=allow_pickle)
-    weights = state[K_STATE_DICT] if isinstance(state.get(K_STATE_DICT), Mapping) else state
-    written = write_safetensors(dict(_tensors(weights)), target, progress)
-    return written, sum(1 for _ in _tensors(state)) - written
+    return write_weights(load_dcp(local_path(src, what="src"), _spill_dir(target), allow_pickle=allow_pickle),
+                         target, progress)
 
 
 def _spill_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     return target.parent
 
-
-def _tensors(node: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(node, torch.Tensor):
-        yield prefix, node
-    elif isinstance(node, Mapping):
-        for key, value in node.items():
-            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _tensors(value, f"{prefix}.{i}" if prefix else str(i))

@@ -10,11 +10,11 @@ so the file names here cost the CLI nothing.
 
 from __future__ import annotations
 
-import math
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_ckpt.convert.chunks import tiling_problem
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 DCP_METADATA_FILE = ".metadata"  # FileSystemWriter writes it last: a directory without one is an unfinished save
 LIGHTNING_META_FILE = "meta.pt"  # Lightning's FSDP/ModelParallel strategies: the non-sharded rest of the checkpoint
+MAX_DEPTH = 64  # levels of nesting a DCP key's path may have (a Lightning checkpoint's have up to 5)
 PICKLE_HINT = "only if you trust the files, pass --allow-pickle (allow_pickle=True)"
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 # What torch 2.13's FileSystemWriter pickles into .metadata (checked by reading what it wrote: see
@@ -78,39 +79,67 @@ def read_dcp_metadata(folder: Path, *, allow_pickle: bool = False) -> Metadata:
 
 
 def check_dcp_metadata(metadata: Metadata, folder: Path) -> None:
-    """Trust no offset or size from ``.metadata`` before checking it: every tensor is covered by its
-    chunks exactly, and every chunk lies inside a data file of ``folder``.
+    """Trust no offset, size or index from ``.metadata`` before checking it: every tensor is tiled by
+    its chunks exactly, every chunk and value has its place in a data file, inside that file, and
+    every path that nests a key again is a short list of names and indexes.
 
     Raises:
-        CorruptCheckpointError: naming the tensor or file that disagrees.
+        CorruptCheckpointError: naming the tensor, key or file that disagrees.
     """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
     where = folder / DCP_METADATA_FILE
-    for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, TensorStorageMetadata) and not _chunks_cover(md):
-            raise CorruptCheckpointError(f"{where}: the chunks of {fqn!r} do not cover its shape "
-                                         f"{tuple(md.size)} exactly; the checkpoint is damaged or incomplete")
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise CorruptCheckpointError(f"{where}: its tensors or their places are not a mapping; the checkpoint is "
+                                     "damaged")
+    for fqn, md in entries.items():
+        if not isinstance(md, (TensorStorageMetadata, BytesStorageMetadata)):
+            raise CorruptCheckpointError(f"{where}: {fqn!r} is described by a {type(md).__name__}; the checkpoint "
+                                         "is damaged")
+        chunks = md.chunks if isinstance(md, TensorStorageMetadata) else [None]
+        if isinstance(md, TensorStorageMetadata) and (problem := tiling_problem(md.size, md.chunks)) is not None:
+            raise CorruptCheckpointError(f"{where}: the chunks of {fqn!r} do not tile it exactly ({problem}); the "
+                                         "checkpoint is damaged or incomplete")
+        for chunk in chunks:
+            if MetadataIndex(fqn, None if chunk is None else chunk.offsets) not in storage:
+                raise CorruptCheckpointError(f"{where}: {fqn!r} has no place in any data file; the checkpoint is "
+                                             "damaged or incomplete")
+    _check_paths(metadata.planner_data, len(entries), where)
     sizes: dict[str, int] = {}
-    for index, info in (metadata.storage_data or {}).items():
+    for index, info in storage.items():
         name = str(getattr(info, "relative_path", ""))
         if name not in sizes:
             sizes[name] = _data_file_size(folder, name, where)
-        if not 0 <= info.offset <= info.offset + info.length <= sizes[name]:
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset <= offset + length <= sizes[name]):
             raise CorruptCheckpointError(f"{where}: {getattr(index, 'fqn', index)!r} lies at bytes "
-                                         f"{info.offset}+{info.length} of {name}, which has {sizes[name]}; the file "
+                                         f"{offset}+{length} of {name}, which has {sizes[name]}; the file "
                                          "is truncated or from another save")
 
 
-def _chunks_cover(md: Any) -> bool:
-    total = math.prod(md.size)
-    covered = 0
-    for chunk in md.chunks:
-        if len(chunk.offsets) != len(md.size) or any(
-                o < 0 or s < 0 or o + s > n for o, s, n in zip(chunk.offsets, chunk.sizes, md.size)):
-            return False
-        covered += math.prod(chunk.sizes)
-    return covered == total
+def _check_paths(paths: Any, keys: int, where: Path) -> None:
+    """``planner_data``: each DCP key's path back into the nested state, a short list of names (str)
+    and list indexes (int). A list of n values is saved as n keys, so no index reaches the number of
+    keys (torch's flattening writes no negative one); ``dcp.nest`` sizes no list from one anyway."""
+    if paths is None:
+        return
+    if not isinstance(paths, dict):
+        raise CorruptCheckpointError(f"{where}: its planner_data is a {type(paths).__name__}, not a mapping")
+    for key, path in paths.items():
+        if not (isinstance(path, (list, tuple)) and 0 < len(path) <= MAX_DEPTH and all(
+                isinstance(part, str) or type(part) is int and 0 <= part < keys for part in path)):
+            raise CorruptCheckpointError(f"{where}: the path of {key!r} in planner_data is {_short(path)}, not a "
+                                         f"list of up to {MAX_DEPTH} names and indexes below {keys}; the checkpoint "
+                                         "is damaged")
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python prints
+        return f"a {type(value).__name__} too large to print"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _data_file_size(folder: Path, name: str, where: Path) -> int:

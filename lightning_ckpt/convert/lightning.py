@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lightning_ckpt.engine import commit_encoded, load_checkpoint
+from lightning_ckpt.convert.destination import CHECKPOINT, check_destination
 from lightning_ckpt.convert.torchfile import read_torch_file
 from lightning_ckpt.format import Blob, Manifest, encode_state
 from lightning_ckpt.format.blob import Buffer
@@ -28,17 +29,24 @@ _MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL and the pages si
 
 
 def ckpt_to_ours(src: str | os.PathLike, dst: str | os.PathLike, *, progress: Progress | None = None,
-                 run_id: str | None = None) -> Manifest:
+                 run_id: str | None = None, allow_pickle: bool = False) -> Manifest:
     """Convert a Lightning ``.ckpt`` file into a checkpoint directory at ``dst`` (bit-exact tensors).
 
+    Args:
+        allow_pickle: the file is trusted: unpickle it in full (``weights_only=False``, which runs code
+            it names), and pickle into the checkpoint the values our format cannot store otherwise.
+
     Raises:
-        UnsafeCheckpointError: the file holds objects ``weights_only=True`` refuses.
+        UnsafeCheckpointError: the file holds objects ``weights_only=True`` refuses (and not ``allow_pickle``).
         UnsupportedFormatError: not a torch file.
-        UnsupportedTypeError: a value our format cannot store without pickling.
+        UnsupportedTypeError: a value our format cannot store without pickling (and not ``allow_pickle``).
         StorageError: the write failed; nothing was committed at ``dst``.
+        FileExistsError: ``dst`` exists and is not a checkpoint of ours (never replaced).
     """
-    state = read_torch_file(local_path(src, what="src"))
-    return commit_encoded(streamed(encode_state(state), progress), state, dst, run_id=run_id)
+    check_destination(local_path(dst, what="dst"), CHECKPOINT, force=True)  # ours may be replaced, nothing else
+    state = read_torch_file(local_path(src, what="src"), allow_pickle=allow_pickle)
+    return commit_encoded(streamed(encode_state(state, allow_pickle=allow_pickle), progress), state, dst,
+                          run_id=run_id)
 
 
 def streamed(files: Mapping[str, Blob], progress: Progress | None) -> dict[str, Blob]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -9,28 +10,57 @@ from typing import Any
 
 import torch
 
+from lightning_ckpt.convert.dcp_metadata import PICKLE_HINT
 from lightning_ckpt.errors import CheckpointError, UnsafeCheckpointError, UnsupportedFormatError
 
 
-def read_torch_file(path: Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True, mmap=True)``: tensors stay mapped from the file until touched.
+# torch.save's legacy (non-zip) format starts with a pickled magic number: PROTO n, a FRAME (protocol 4+),
+# then LONG1 of 10 bytes.
+_PROTO, _FRAME = b"\x80", b"\x95"
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts as a file ``torch.save`` wrote: a zip (torch>=1.6) or the legacy pickle
+    with torch's magic number. Anything else is not a checkpoint, whatever ``torch.load`` says of it.
 
     Raises:
-        UnsafeCheckpointError: the file holds Python objects that ``weights_only=True`` refuses.
+        OSError: it cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(32)
+    start = 11 if head[2:3] == _FRAME else 2
+    return (head[:1] == _PROTO and head[start:start + len(_LEGACY_MAGIC)] == _LEGACY_MAGIC) or zipfile.is_zipfile(path)
+
+
+def read_torch_file(path: Path, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True, mmap=True)``: tensors stay mapped from the file until touched.
+
+    Args:
+        allow_pickle: the file is trusted: ``weights_only=False``, which builds (and so runs code
+            from) whatever objects its pickle names.
+
+    Raises:
+        UnsafeCheckpointError: the file holds Python objects that ``weights_only=True`` refuses (and
+            ``allow_pickle`` is False).
         UnsupportedFormatError: not a torch file (or an old non-zip one, which cannot be memory-mapped).
     """
     if not zipfile.is_zipfile(path):
         raise UnsupportedFormatError(f"{path}: not a torch zip file, a lightning-ckpt checkpoint or a safetensors "
                                      "file; lightning-ckpt reads .ckpt files written by torch>=1.6 (torch.save)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if allow_pickle:
+            raise UnsupportedFormatError(f"{path}: unreadable pickle ({first})") from err
         raise UnsafeCheckpointError(f"{path}: holds Python objects that weights_only=True refuses ({first}); "
-                                    "only if you trust the file, re-save it with plain types, or load it with "
-                                    "torch.load(weights_only=False) yourself") from err
+                                    f"{PICKLE_HINT}") from err
     except (RuntimeError, ValueError, EOFError, OSError) as err:
         raise UnsupportedFormatError(f"{path}: unreadable torch file ({err})") from err
+    except (AttributeError, ImportError) as err:  # allow_pickle: a class the file names is not importable here
+        raise UnsupportedFormatError(f"{path}: its pickle names a class this Python cannot import ({err}); "
+                                     "install the code that saved it") from err
     if not isinstance(state, dict):
         raise UnsupportedFormatError(f"{path}: holds a {type(state).__name__}, not a checkpoint dict")
     return state

@@ -32,13 +32,14 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
 
 from lightning_ckpt.engine import library_versions, manifest_fields
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.format.manifest import SHARDS_DIR, FileEntry
 from lightning_ckpt.format.state import is_dtensor, sharded_key
+from lightning_ckpt.distributed.shard_reader import ListedShardReader
 from lightning_ckpt.pipeline import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, read_manifest, read_verified, verify
 from lightning_ckpt.store.base import Store
@@ -165,13 +166,13 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
     """
     store, name = _locate_local(path)
     decided_on_rank_zero(agree, lambda: verify(store, name))  # every file, shards included, streamed
-    _, files = read_verified(store, name, only=lambda file: not _in_shards(file))
+    manifest, files = read_verified(store, name, only=lambda file: not _in_shards(file))
     targets = collect_dtensors(into)
-    saved = _saved_keys(store, name)
+    reader = _shard_reader(store, name, manifest)
+    saved = set(reader.read_metadata().state_dict_metadata)
     _check_keys(targets, saved, set(into), store.location(name))
     with _dcp_errors(f"{store.location(name)}: could not read its shards"):
-        dcp.load(targets, storage_reader=HuggingFaceStorageReader(_shards_dir(store, name)),
-                 no_dist=isinstance(agree, SingleProcess))
+        dcp.load(targets, storage_reader=reader, no_dist=isinstance(agree, SingleProcess))
     # What ``into`` does not ask for at all (optimizer state for a test run) comes back as None.
     return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name), sharded={**dict.fromkeys(saved), **targets})
@@ -188,8 +189,8 @@ def load_consolidated(store: Store, name: str, *, allow_pickle: bool = False, ma
         raise CheckpointError(f"{store.location(name)}: a sharded checkpoint is read from a local or shared "
                               "filesystem; download it first (lightning_ckpt.Mirror does, for a resume)")
     verify(store, name)
-    _, files = read_verified(store, name, only=lambda file: not _in_shards(file))
-    reader = HuggingFaceStorageReader(_shards_dir(store, name))
+    manifest, files = read_verified(store, name, only=lambda file: not _in_shards(file))
+    reader = _shard_reader(store, name, manifest)
     full = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
             for key, meta in reader.read_metadata().state_dict_metadata.items()}
     with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards"):
@@ -214,8 +215,11 @@ def _dcp_errors(what: str) -> Iterator[None]:
         raise CheckpointError(f"{what} ({text})") from first
 
 
-def _saved_keys(store: LocalStore, name: str) -> set[str]:
-    return set(HuggingFaceStorageReader(_shards_dir(store, name)).read_metadata().state_dict_metadata)
+def _shard_reader(store: LocalStore, name: str, manifest: Manifest) -> ListedShardReader:
+    """DCP's reader over the shard files the manifest lists (and ``verify`` checked), never any other
+    file that lies in ``shards/``: the manifest is the only list of a checkpoint's files."""
+    listed = [file[len(SHARDS_DIR) + 1:] for file in manifest.files if _in_shards(file)]
+    return ListedShardReader(_shards_dir(store, name), listed)
 
 
 def _check_keys(targets: Mapping[str, torch.Tensor], saved: set[str], asked: set[str], where: str) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+from safetensors.torch import load_file
 
 from clirun import run
 from lightning_ckpt import Checkpointer, load_checkpoint
@@ -79,3 +81,63 @@ def _at(state, path):
     for key in path:
         state = state[key]
     return state
+
+
+def test_convert_replaces_nothing_it_was_not_asked_to(stock_ckpt, tmp_path):
+    ours = tmp_path / "ours"
+    assert run("convert", stock_ckpt, ours).returncode == 0
+    user = tmp_path / "my_runs"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    lightning_file = tmp_path / "model.ckpt"  # `convert x.ckpt model` would land on it: readers find either name
+    lightning_file.write_bytes(stock_ckpt.read_bytes())
+    existing = tmp_path / "existing.ckpt"
+    existing.write_bytes(b"a user's file")
+    (tmp_path / "my_runs.safetensors").mkdir()  # a folder named like a file: never replaced
+    for args in (["convert", stock_ckpt, user], ["convert", stock_ckpt, user, "--force"],
+                 ["convert", stock_ckpt, tmp_path / "model"], ["convert", ours, existing],
+                 ["convert", stock_ckpt, ours], ["convert", ours, tmp_path / "my_runs.safetensors", "--force"]):
+        refused = run(*args)
+        assert refused.returncode == 2 and "FileExistsError" in refused.stderr, (args, refused.stderr)
+        assert len(refused.stderr.strip().splitlines()) == 1 and "--force" in refused.stderr
+    assert (user / "notes.txt").read_text() == "mine" and sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    assert lightning_file.read_bytes() == stock_ckpt.read_bytes() and existing.read_bytes() == b"a user's file"
+    assert (ours / "manifest.json").is_file()
+    # --force replaces a file by a file and one of our checkpoints by another.
+    assert run("convert", ours, existing, "--force").returncode == 0
+    assert torch.load(existing, weights_only=True)["global_step"] == 5
+    assert run("convert", existing, ours, "--force").returncode == 0 and run("verify", ours).returncode == 0
+
+
+def test_the_name_of_dst_chooses_the_format_or_convert_refuses(stock_ckpt, trained, tmp_path):
+    stock = torch.load(stock_ckpt, weights_only=True)["state_dict"]
+    from_ckpt, from_ours = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    result = run("convert", stock_ckpt, from_ckpt)
+    assert result.returncode == 0 and "left out" in result.stdout, result.stderr
+    assert sorted(load_file(from_ckpt)) == sorted(stock)
+    assert all(torch.equal(load_file(from_ckpt)[k], t) for k, t in stock.items())
+    checkpoint = trained.ckpts / "step=000000024"
+    assert run("convert", checkpoint, from_ours).returncode == 0
+    saved = load_checkpoint(checkpoint)["state_dict"]
+    assert sorted(load_file(from_ours)) == sorted(saved)
+    assert all(torch.equal(load_file(from_ours)[k], t) for k, t in saved.items())
+    for args in (["convert", stock_ckpt, tmp_path / "again.ckpt"], ["convert", checkpoint, tmp_path / "ours"],
+                 ["convert", stock_ckpt, tmp_path / "weights.pt"]):
+        refused = run(*args)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert not args[2].exists()
+
+
+def test_allow_pickle_reads_a_trusted_ckpt_with_a_pickled_hparam(tmp_path):
+    src = tmp_path / "objects.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "global_step": 3,
+                "hyper_parameters": {"args": argparse.Namespace(lr=0.1)}}, src)
+    refused = run("inspect", src)
+    assert refused.returncode == 2 and "UnsafeCheckpointError" in refused.stderr and "--allow-pickle" in refused.stderr
+    inspected = run("inspect", src, "--allow-pickle")
+    assert inspected.returncode == 0 and "Namespace(lr=0.1)" in inspected.stdout, inspected.stderr
+    converted = run("convert", src, tmp_path / "ours", "--allow-pickle")
+    assert converted.returncode == 0, converted.stderr
+    state = load_checkpoint(tmp_path / "ours")
+    assert state["hyper_parameters"]["args"] == argparse.Namespace(lr=0.1) and torch.equal(state["state_dict"]["w"],
+                                                                                          torch.ones(3))

@@ -233,3 +233,52 @@ def test_a_meta_pt_that_weights_only_refuses_needs_allow_pickle(plain, tmp_path)
     assert trusted.returncode == 0, trusted.stderr
     state = load_checkpoint(tmp_path / "ours")
     assert state["global_step"] == 7 and state["hyper_parameters"]["args"] == argparse.Namespace(lr=0.1)
+
+
+def _crafted(plain: Path, folder: Path, change) -> Path:
+    """A copy of ``plain`` whose ``.metadata`` (read with torch's own pickle) ``change`` edits in place."""
+    folder.mkdir()
+    for f in plain.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    where = folder / dcp_metadata.DCP_METADATA_FILE
+    metadata = pickle.loads(where.read_bytes())
+    change(metadata)
+    where.write_bytes(pickle.dumps(metadata))
+    return folder
+
+
+def _overlapping_chunks(metadata) -> None:
+    # "w" (4x3) from two real 2x3 chunks placed at rows 0-1 and 1-2: 12 elements in all, as many as the
+    # shape, so adding up sizes says "covered"; row 1 is written twice and row 3 never.
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
+    halves = [storage[MetadataIndex(f"model.{n}", (0, 0))] for n in ("top", "bottom")]
+    md = entries.pop("model.top")
+    entries.pop("model.bottom")
+    entries["model.w"] = TensorStorageMetadata(md.properties, torch.Size([4, 3]), [
+        ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 3])),
+        ChunkStorageMetadata(torch.Size([1, 0]), torch.Size([2, 3]))])
+    storage[MetadataIndex("model.w", (0, 0))], storage[MetadataIndex("model.w", (1, 0))] = halves
+    metadata.planner_data = {"model.w": ("model", "w")}
+
+
+def _index(value):
+    def change(metadata) -> None:
+        metadata.planner_data["model.layer.bias"] = ("model", value)
+    return change
+
+
+def test_crafted_metadata_chunks_and_indexes_are_refused_in_one_line(plain, tmp_path):
+    two = tmp_path / "two"
+    dcp.save({"model": {"top": torch.ones(2, 3), "bottom": torch.full((2, 3), 2.0)}}, checkpoint_id=two, no_dist=True)
+    cases = {"overlap": (two, _overlapping_chunks, "overlap"), "huge": (plain, _index(2**62), "planner_data"),
+             "negative": (plain, _index(-3), "planner_data")}
+    for name, (source, change, says) in cases.items():
+        crafted = _crafted(source, tmp_path / name, change)
+        for args in (["convert", crafted, tmp_path / f"{name}.safetensors"], ["inspect", crafted]):
+            result = run(*args)
+            assert result.returncode == 2, (name, args[0], result.stdout, result.stderr[-2000:])
+            assert result.stderr.startswith("error: CorruptCheckpointError:") and says in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / f"{name}.safetensors").exists()

@@ -4,18 +4,23 @@ in one process; a rank that fails or dies in a save commits nothing, on every ra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lightning_ckpt import latest_checkpoint, load_checkpoint
-from lightning_ckpt.format.manifest import MANIFEST_FILE
+from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest
+from lightning_ckpt.store.fsutil import hash_file
 from lightning_ckpt.store.ledger import LEDGER_FILE
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
@@ -153,3 +158,40 @@ def cli(*args) -> subprocess.CompletedProcess:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result
+
+
+def _resign(checkpoint: Path) -> None:
+    """Re-seal the manifest over the files as they now are: what a crafted checkpoint would come with."""
+    manifest = Manifest.from_bytes((checkpoint / MANIFEST_FILE).read_bytes(), str(checkpoint))
+    files = {name: hash_file(checkpoint / name) for name in manifest.files}
+    (checkpoint / MANIFEST_FILE).write_bytes(dataclasses.replace(manifest, files=files).to_bytes())
+
+
+def test_a_sharded_load_reads_the_files_its_manifest_lists_and_bounds_their_offsets(straight, tmp_path):
+    checkpoint = tmp_path / "step=000000008"
+    shutil.copytree(straight[0] / "step=000000008", checkpoint)
+    expected = load_checkpoint(checkpoint)["state_dict"]
+    # A file the manifest does not list, with a chunk one row past the real tensor: DCP's reader, which
+    # lists the folder, would read it and grow inp.weight to 17 rows.
+    sharding = {"state_dict/inp.weight": {"saved_offsets": [16, 0]}}
+    save_file({"state_dict/inp.weight": torch.full((1, 8), 7.0)}, checkpoint / "shards" / "extra.safetensors",
+              metadata={"DCP_SHARDING_INFO": json.dumps(sharding)})
+    assert cli("verify", checkpoint).returncode == 0  # verify checks what the manifest lists, and says so
+    loaded = load_checkpoint(checkpoint)["state_dict"]
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items()) and loaded["inp.weight"].shape == (16, 8)
+    assert cli("convert", checkpoint, tmp_path / "w.safetensors").returncode == 0  # the sharded weights, as one
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["inp.weight"], expected["inp.weight"])
+    # A shard file whose header puts a chunk 2^40 rows down, under a manifest re-sealed to match: a
+    # CorruptCheckpointError naming the file, not terabytes asked of the allocator.
+    (shard, *_) = sorted(p for p in (checkpoint / "shards").glob("*.safetensors") if p.name != "extra.safetensors")
+    with safe_open(str(shard), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    offsets = json.loads(metadata["DCP_SHARDING_INFO"])
+    offsets["state_dict/inp.weight"]["saved_offsets"] = [2**40, 0]
+    save_file(tensors, shard, metadata={**metadata, "DCP_SHARDING_INFO": json.dumps(offsets)})
+    _resign(checkpoint)
+    with pytest.raises(CorruptCheckpointError, match=f"{shard.name}.*'state_dict/inp.weight'"):
+        load_checkpoint(checkpoint)
+    inspected = subprocess.run([str(Path(sys.executable).parent / "lightning-ckpt"), "inspect", str(checkpoint)],
+                               capture_output=True, text=True, timeout=120)
+    assert inspected.returncode == 2 and inspected.stderr.startswith("error: CorruptCheckpointError:")

@@ -12,12 +12,14 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint import _hf_utils
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from lightning_ckpt import inspection, load_checkpoint
 from lightning_ckpt.distributed import save_sharded
+from lightning_ckpt.distributed.shard_reader import ListedShardReader
 from lightning_ckpt.pipeline import SingleProcess
 
 
@@ -54,3 +56,13 @@ def test_model_parallel_strategy_still_has_the_save_and_load_we_route():
     load = inspect.signature(ModelParallelStrategy.load_checkpoint)
     assert list(save.parameters) == ["self", "checkpoint", "filepath", "storage_options"]
     assert list(load.parameters) == ["self", "checkpoint_path", "weights_only"]
+
+
+def test_dcp_safetensors_reader_lists_files_through_its_filesystem_and_records_chunk_dtypes(tmp_path):
+    # shard_reader._show_only replaces the reader's fs (its ls is how read_metadata finds files), and
+    # _dtype_problem reads each storage entry's dtype (_hf_utils._HFStorageInfo).
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "listed.safetensors")
+    save_file({"other": torch.ones(4)}, tmp_path / "dropped-in.safetensors")
+    metadata = ListedShardReader(str(tmp_path), ["listed.safetensors"]).read_metadata()
+    assert list(metadata.state_dict_metadata) == ["w"]
+    assert [info.dtype for info in metadata.storage_data.values()] == [torch.float32]

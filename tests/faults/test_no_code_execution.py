@@ -126,6 +126,8 @@ _LIGHTNING_READS_FILES = {"TinyModel.load_from_checkpoint", "lightning_ckpt.load
 
 
 def _expected_error(payload: str, entry: str) -> type[Exception]:
+    if payload == "raw_pickle" and entry in _READS_TORCH_FILES:
+        return CorruptCheckpointError  # no zip and no torch magic number: not a checkpoint, refused unread
     if PAYLOADS[payload][1] is NotACheckpointError and entry in _READS_TORCH_FILES:
         return UnsafeCheckpointError
     if PAYLOADS[payload][1] is NotACheckpointError and entry in _LIGHTNING_READS_FILES:
