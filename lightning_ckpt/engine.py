@@ -102,11 +102,12 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None, allow_
                         where=store.location(name))
 
 
-def load_torch_file(path: str | os.PathLike, *, map_location: Any = None) -> dict[str, Any]:
+def load_torch_file(path: str | os.PathLike, *, map_location: Any = None, allow_pickle: bool = False) -> dict[str, Any]:
     """Load a stock Lightning/torch ``.ckpt`` file with ``torch.load(weights_only=True)`` only.
 
     Tensors, containers and plain values load; a pickle that would build any other object (and so
-    run code named by the file) is refused before anything runs.
+    run code named by the file) is refused before anything runs, unless ``allow_pickle`` (a file one
+    trusts: then ``weights_only=False``).
 
     Raises:
         UnsafeCheckpointError: the file holds objects that only a full unpickle could build.
@@ -119,13 +120,14 @@ def load_torch_file(path: str | os.PathLike, *, map_location: Any = None) -> dic
             raise CorruptCheckpointError(f"{os.fspath(path)}: not a checkpoint (neither a zip nor a pickle that "
                                          "torch.save writes); pass a .ckpt written by torch.save or a lightning-ckpt "
                                          "checkpoint directory")
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise UnsafeCheckpointError(
             f"{os.fspath(path)}: a torch .ckpt file that torch.load(weights_only=True) refuses ({reason}); loading it "
-            "would run code named by the file, so it was not loaded. If you trust where it came from, load it with "
-            "a Trainer without SafetensorsCheckpointIO (stock TorchCheckpointIO) and save it again with the plugin."
+            "would run code named by the file, so it was not loaded. If you trust where it came from, pass "
+            "allow_pickle=True (Checkpointer(allow_pickle=True) or SafetensorsCheckpointIO(allow_pickle=True)), or "
+            "load it with a Trainer without SafetensorsCheckpointIO (stock TorchCheckpointIO) and save it again."
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError, TypeError) as err:
         raise CorruptCheckpointError(f"{os.fspath(path)}: not a readable torch checkpoint file ({err})") from err

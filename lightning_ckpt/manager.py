@@ -151,13 +151,14 @@ class CheckpointManager:
         """Choose this run's lineage; returns True when it starts a new branch.
 
         Args:
-            inherited: the run id stored in the checkpoint resumed from (None: a fresh run).
-            resumed: that checkpoint's ``resumed_name``.
+            inherited: the run id stored in the checkpoint resumed from (None: a fresh run, or a
+                checkpoint no run of ours wrote, such as a ModelCheckpoint ``.ckpt``).
+            resumed: that checkpoint's ``resumed_name`` (None: a fresh run).
             step: the step it resumed at.
             fresh: a new run id, for a fresh run or a branch.
         """
-        if inherited is None or resumed is None:
-            self.run_id, self.parent = fresh, None
+        if inherited is None or resumed is None:  # a fresh run, or a new one grown from a file it records
+            self.run_id, self.parent = fresh, resumed
             return False
         if continues_newest(self.entries, inherited, step, lambda name: _verifies(self.store, name)):
             self.run_id = inherited

@@ -125,9 +125,10 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        """Load and verify the checkpoint at ``path``; ``weights_only`` is moot, nothing is unpickled.
+        """Load and verify the checkpoint at ``path``; ``weights_only`` is moot: ``allow_pickle`` decides.
 
-        A ``.ckpt`` file written by stock Lightning is read with ``torch.load(weights_only=True)``.
+        A ``.ckpt`` file written by stock Lightning is read with ``torch.load(weights_only=True)``
+        (``weights_only=False`` with ``allow_pickle``).
 
         Raises:
             NotACheckpointError: nothing is there (a ``FileNotFoundError``, worded as Lightning's).
@@ -137,7 +138,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         store, name = locate(path, self._options(path))
         found = Path(store.location(name))
         if found.is_file():
-            return engine.load_torch_file(found, map_location=map_location)
+            return engine.load_torch_file(found, map_location=map_location, allow_pickle=self.allow_pickle)
         try:
             return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle,
                                           storage_options=self._options(path))

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_ckpt.lightning.from_modelcheckpoint import newest_stock_ckpt
 from lightning_ckpt.lineage import newest_lineage
 from lightning_ckpt.lightning.remote_dirpath import note_remote_last
 from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_entry
@@ -38,6 +39,7 @@ class ModelCheckpointView:
     _best_override: str | None
     _best_cache: tuple[int, Entry | None] | None
     _resolve_dirpath: Callable[[L.Trainer], str]  # the Checkpointer's
+    _migrating_from: str | None = None  # the ModelCheckpoint file "last" chose, for the Checkpointer to say so
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         dirpath = self._resolve_dirpath(trainer)
@@ -47,8 +49,11 @@ class ModelCheckpointView:
             entry = latest_entry(store) if self.mirror is None else self._last_with_mirror(store)
         else:
             store, entry = manager.store, last_entry(manager.entries, manager.store, manager.run_id, manager.parent)
-        if entry is None:
-            return set()
+        self._migrating_from = None
+        if entry is None:  # none of ours: a ModelCheckpoint's newest .ckpt there, rather than step 0 in silence
+            stock = newest_stock_ckpt(dirpath) if remote_scheme(dirpath) is None else None
+            self._migrating_from = str(stock) if stock is not None else None
+            return {self._migrating_from} if self._migrating_from else set()
         path = store.location(entry.name)
         if remote_scheme(path) is not None:  # Lightning cannot date a prefix: tell it when this one was committed
             note_remote_last(path, entry.wall_time)

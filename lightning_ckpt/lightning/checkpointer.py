@@ -17,6 +17,7 @@ from lightning_ckpt.async_saves import AsyncSavePipeline
 from lightning_ckpt.background import WHEN_BUSY
 from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.lightning.checkpoint_view import ModelCheckpointView
+from lightning_ckpt.lightning.from_modelcheckpoint import migration_note
 from lightning_ckpt.lightning.hparams_check import check_hparams_storable
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.lightning.remote_dirpath import checked_dirpath
@@ -335,18 +336,21 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
 
     def _start_lineage(self, trainer: L.Trainer) -> None:
         """Rank 0 decides this run's lineage, every rank learns it: a resume from the checkpoint
-        "last" would pick continues that run; from any other, a new branch starts (lineage.py)."""
+        "last" would pick continues that run; from any other, a new branch starts (lineage.py); from a
+        file no run of ours wrote (a ModelCheckpoint's ``.ckpt``), a new run grown from it."""
         manager = self._manager
 
         def decide() -> tuple[str | None, str | None, bool]:
             path = trainer.ckpt_path
             inherited = (self._inherited_run_id or manager.run_id_recorded_at(path)) if path else None
-            resumed = manager.resumed_name(path) if inherited else None
+            resumed = manager.resumed_name(path) if path else None
             branched = manager.start_run(inherited, resumed, trainer.global_step, fresh=manager.run_id)
             return manager.run_id, manager.parent, branched
 
         manager.run_id, manager.parent, branched = decided_on_rank_zero(StrategyAgree(trainer), decide)
-        if branched:
+        if trainer.ckpt_path is not None and os.fspath(trainer.ckpt_path) == self._migrating_from:
+            rank_zero_info(migration_note(self.dirpath, trainer.ckpt_path, trainer.global_step))
+        elif branched:
             rank_zero_info(f"Checkpointer: {manager.parent} is not the newest checkpoint in {self.dirpath}: this run "
                            f"goes on as a new branch ({manager.run_id}); 'last' follows it, the newer checkpoints "
                            "of the run it left are kept but never 'last' again")

@@ -16,7 +16,8 @@ Then, in the same process and on every rank together:
 
 The rollback is recorded in ``Rollback.events``, in ``ledger.json`` (the restored checkpoint's entry)
 and logged as ``rollback/count``. After ``max_rollbacks`` the next bad batch stops training with a
-``RollbackError`` that lists them.
+``RollbackError`` that lists them. The count is the lineage's: a run resumed in a new process (after
+a preemption, say) counts the rollbacks the ledger records for the branches it continues.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class Rollback(Callback):
     adds one by default); ``fit`` refuses to start without them.
 
     Args:
-        max_rollbacks: rollbacks allowed per ``fit``; the next bad batch raises ``RollbackError``.
+        max_rollbacks: rollbacks allowed per lineage: this ``fit``'s and those ``ledger.json`` records
+            for the branches it resumed (earlier processes); the next bad batch raises ``RollbackError``.
         margin: batches to skip after the bad one as well.
         zscore: also treat as bad a value more than this many standard deviations above the mean of
             the ``window`` values before it; None (the default) checks for non-finite values only.
@@ -137,13 +139,14 @@ class Rollback(Callback):
         self._exact: ExactResume | None = None
         self._undo: list[Callable[[], None]] = []
         self._skipped: set[tuple[int, int]] = set()  # (epoch, batch) positions skipped in this fit
+        self._earlier: int | None = None  # rollbacks of this lineage before this fit, read at the first one
 
     # ---------------------------------------------------------------- Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.events, self._pending, self._cooldown.steps_left = [], [], 0
+        self.events, self._pending, self._cooldown.steps_left, self._earlier = [], [], 0, None
         self._history = {name: deque(maxlen=self._rules[name].window) for name in (LOSS, GRAD_NORM)}
         self._checkpointer = next((cb for cb in trainer.callbacks if isinstance(cb, Checkpointer)), None)
         if self._checkpointer is None:
@@ -185,6 +188,9 @@ class Rollback(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if batch is None and self._skipped:  # a position this fit's rollbacks skip
+            rollback_seams.count_skipped_batch_as_started(trainer)
+            return
         loss = outputs.get(LOSS) if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return  # the step was skipped by the module (training_step returned None)
@@ -231,12 +237,14 @@ class Rollback(Callback):
         """Outside the fit loop, on every rank: restore the checkpoint before the bad batch, skip the data."""
         assert isinstance(signal, _RollbackSignal) and self._checkpointer is not None and self._exact is not None
         bad, bad_step = signal.observed, signal.observed.step + 1
-        if len(self.events) >= self.max_rollbacks:
-            raise RollbackError(self._exhausted(bad_step, signal.reason))
         checkpointer, agree = self._checkpointer, StrategyAgree(trainer)
-        _settle_saves(checkpointer, trainer)
         manager = checkpointer._manager
         assert manager is not None and self._exact.sampler is not None
+        if self._earlier is None:  # before this fit records any: the ledger holds earlier processes' only
+            self._earlier = decided_on_rank_zero(agree, partial(_lineage_rollbacks, manager))
+        if self._count() >= self.max_rollbacks:
+            raise RollbackError(self._exhausted(bad_step, signal.reason, manager))
+        _settle_saves(checkpointer, trainer)
         path, name, step = decided_on_rank_zero(agree, partial(_target, manager, bad_step, signal.reason))
         positions = self._positions(trainer, rollback_seams.load_checkpoint(trainer, path), bad, path)
         mine = data_position.skipped_indices(self._exact.sampler, positions)
@@ -282,16 +290,22 @@ class Rollback(Callback):
             history.clear()
             history.extend(kept)
         for logger in trainer.loggers:
-            logger.log_metrics({LOG_COUNT: float(len(self.events))}, step=trainer.global_step)
-        rank_zero_warn(f"Rollback {len(self.events)}/{self.max_rollbacks}: {event.reason} at step {event.bad_step}; "
+            logger.log_metrics({LOG_COUNT: float(self._count())}, step=trainer.global_step)
+        rank_zero_warn(f"Rollback {self._count()}/{self.max_rollbacks}: {event.reason} at step {event.bad_step}; "
                        f"restored {event.restored} (step {event.restored_step}) and skipped "
                        f"{len(event.skipped_batches)} batches ({len(event.skipped)} samples); the run goes on as "
                        f"branch {event.run_id}", category=CheckpointWarning)
 
-    def _exhausted(self, bad_step: int, reason: str) -> str:
-        done = "; ".join(f"{e.reason} at step {e.bad_step} -> {e.restored} (step {e.restored_step}), "
-                         f"{len(e.skipped)} samples skipped" for e in self.events) or "none"
-        return (f"Rollback: {reason} at step {bad_step}, after {len(self.events)} rollbacks (max_rollbacks="
+    def _count(self) -> int:
+        """Rollbacks of this lineage so far: before this fit (the ledger's) and in it."""
+        return (self._earlier or 0) + len(self.events)
+
+    def _exhausted(self, bad_step: int, reason: str, manager: CheckpointManager) -> str:
+        earlier = [f"{self._earlier} recorded in {manager.ledger.path} before this fit"] \
+            if self._earlier else []
+        done = "; ".join(earlier + [f"{e.reason} at step {e.bad_step} -> {e.restored} (step {e.restored_step}), "
+                                    f"{len(e.skipped)} samples skipped" for e in self.events]) or "none"
+        return (f"Rollback: {reason} at step {bad_step}, after {self._count()} rollbacks (max_rollbacks="
                 f"{self.max_rollbacks}): {done}. Training keeps degrading from good checkpoints: check the learning "
                 "rate and its warm-up, the data around the skipped samples (Rollback.events, ledger.json), and "
                 "mixed-precision or loss-scaling settings; or raise max_rollbacks or margin")
@@ -305,6 +319,17 @@ def _target(manager: CheckpointManager, bad_step: int, reason: str) -> tuple[str
                             f"{bad_step} verifies in {manager.store.root}; nothing to roll back to. Save earlier "
                             "and more often (Checkpointer(every_n_steps=...))")
     return manager.path(entry.name), entry.name, entry.step
+
+
+def _lineage_rollbacks(manager: CheckpointManager) -> int:
+    """Rank 0: the rollbacks ``ledger.json`` records that started a branch of this run's lineage.
+
+    Each rollback starts a branch (its record names it), so the branches of the chain this run
+    continues are the rollbacks its history went through; those of a branch it did not grow from
+    (an abandoned one, another run) are not its own.
+    """
+    runs = {e.run_id for e in manager.lineage()} | {manager.run_id}
+    return sum(record.get(ledger.ROLLBACK_RUN_ID) in runs for e in manager.entries for record in e.rollbacks)
 
 
 def _record(manager: CheckpointManager, name: str, event: RollbackEvent) -> None:

@@ -79,6 +79,20 @@ def hold_step_schedulers(trainer: pl.Trainer, holding: Callable[[], bool]) -> Ca
     return lambda: vars(epoch_loop).pop("update_lr_schedulers", None)
 
 
+def count_skipped_batch_as_started(trainer: pl.Trainer) -> None:
+    """Count the skipped (None) batch the loop is at as started, as a trained one is.
+
+    Lightning counts a None batch ready, processed and completed, never started; a checkpoint saved
+    after one fails ``_TrainingEpochLoop.update_restart_stage``'s test (started == ready), so a resume
+    from it numbers its batches one short of where its data stands (and a later rollback refuses the
+    data position). Called from ``on_train_batch_end``; ``batch_progress.{total,current}.started``,
+    checked with Lightning 2.6.6.
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    progress.total.started += 1
+    progress.current.started += 1
+
+
 def load_checkpoint(trainer: pl.Trainer, path: str) -> dict[str, Any]:
     """Read ``path`` as ``fit(ckpt_path=path)`` does (every rank reads); returns the loaded checkpoint.
 

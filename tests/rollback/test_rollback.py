@@ -25,14 +25,15 @@ BATCH_7 = list(range(28, 32))
 
 
 def fit(root: Path, poison: dict[int, str], *callbacks: L.Callback, max_steps: int = 12, logger: object = False,
-        checkpointer: Checkpointer | None = None, clean_reads: int = 0) -> tuple[L.Trainer, RecordingModel]:
+        checkpointer: Checkpointer | None = None, clean_reads: int = 0,
+        ckpt_path: str | None = None) -> tuple[L.Trainer, RecordingModel]:
     L.seed_everything(0)
     checkpointer = checkpointer or Checkpointer(root, every_n_steps=3, keep_last=2)
     trainer = L.Trainer(max_steps=max_steps, callbacks=[checkpointer, *callbacks], logger=logger,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=root)
     model = RecordingModel()
-    trainer.fit(model, poisoned_loader(poison=poison, clean_reads=clean_reads))
+    trainer.fit(model, poisoned_loader(poison=poison, clean_reads=clean_reads), ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -116,6 +117,18 @@ def test_divergence_that_persists_stops_after_max_rollbacks_with_an_error_naming
     assert "non-finite loss" in message and "at step 7, after 2 rollbacks (max_rollbacks=2)" in message
     assert message.count("step=000000006") == 2 and "learning rate" in message and "max_rollbacks" in message
     assert len(next(e for e in ledger(tmp_path) if e["name"] == "step=000000006")["rollbacks"]) == 2
+
+
+def test_rollbacks_before_a_restart_count_against_max_rollbacks_of_the_resumed_lineage(tmp_path: Path) -> None:
+    """A job preempted after a rollback and resumed in a new process (a new Trainer, Checkpointer and
+    Rollback: nothing in memory) has spent its max_rollbacks=1: the ledger's record counts."""
+    fit(tmp_path, {POISONED: NAN}, Rollback(max_rollbacks=1))  # step 8 -> step 6; the branch saves 9 and 12
+    resumed = Rollback(max_rollbacks=1)
+    with pytest.raises(RollbackError) as raised:  # sample 58: batch 14, trained at step 13 after the resume
+        fit(tmp_path, {58: NAN}, resumed, max_steps=24, ckpt_path="last")
+    message = str(raised.value)
+    assert resumed.events == [] and "batch 14 at step 13, after 1 rollbacks (max_rollbacks=1)" in message
+    assert f"1 recorded in {tmp_path / 'ledger.json'} before this fit" in message
 
 
 def test_a_loss_spike_is_rolled_back_with_the_zscore_detector_and_ignored_without_it(tmp_path: Path) -> None:

@@ -54,3 +54,14 @@ def test_lightning_steps_step_schedulers_after_a_none_batch_and_warns_with_the_t
     assert "trainer._logger_connector.on_batch_start(batch)" in advance
     assert "results.batch = batch" in inspect.getsource(_LoggerConnector.on_batch_start)
     assert rollback_seams.NONE_BATCH_WARNING in advance
+
+
+def test_lightning_never_counts_a_none_batch_started_and_restarts_mid_epoch_only_if_started_equals_ready() -> None:
+    """What count_skipped_batch_as_started makes up for: without it a resume after a rollback numbers its
+    batches one short (tests/rollback/test_rollback.py::test_rollbacks_before_a_restart_count_...)."""
+    loop = training_epoch_loop._TrainingEpochLoop
+    advance = inspect.getsource(loop.advance)
+    none_batch = advance[advance.index("if batch is None"):advance.index("else:", advance.index("if batch is None"))]
+    assert "increment_started" not in none_batch and "self.batch_progress.increment_started()" in advance
+    restart = inspect.getsource(loop.update_restart_stage)
+    assert "self.batch_progress.total.started == self.batch_progress.total.ready" in restart
