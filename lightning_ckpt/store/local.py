@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 
 from lightning_ckpt.errors import CheckpointError, DirectoryInUseError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
-from lightning_ckpt.store.fsutil import TMP_PREFIX, WRITE_SLICE, fsync_dir, local_path, start_writeback
+from lightning_ckpt.store.fsutil import (
+    TMP_PREFIX,
+    WRITE_SLICE,
+    fsync_dir,
+    local_path,
+    open_regular,
+    start_writeback,
+)
 
 if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
     from lightning_ckpt.format.blob import Blob, Buffer
@@ -209,26 +216,32 @@ class LocalStore:
 
         The limit keeps a damaged checkpoint (a file replaced by a link to an endless device, say)
         from being read without bound; callers ask for one byte more than they expect.
+
+        Raises:
+            CorruptCheckpointError: it is not a regular file (a FIFO, a device, a directory).
         """
-        try:
-            with open(self.root / name / file, "rb") as f:
-                return f.read(limit)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        f = open_regular(self.root / name / file)
+        if f is None:
             return None
+        with f:
+            return _read_up_to(f, limit)
 
     def read_file(self, file: str, limit: int) -> bytes | None:
         """At most ``limit`` bytes of a file in the store's root (the ledger), or None."""
         return self.read("", file, limit)
     def open(self, name: str, file: str) -> tuple[io.RawIOBase, int] | None:
         """One file of a checkpoint opened for reading, with its real size (from the open handle, so
-        it is the size of what will be read), or None when it does not exist."""
-        try:
-            f = open(self.root / name / file, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        it is the size of what will be read), or None when it does not exist.
+
+        Raises:
+            CorruptCheckpointError: it is not a regular file (a FIFO, a device, a directory).
+        """
+        f = open_regular(self.root / name / file)  # the caller closes it
+        if f is None:
             return None
         try:
             return f, os.fstat(f.fileno()).st_size
-        except OSError:
+        except BaseException:
             f.close()
             raise
 
@@ -244,7 +257,9 @@ class LocalStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
+                      # exists(), not is_file(): a manifest that is not a regular file (a FIFO) is a
+                      # damaged checkpoint, passed over with a warning, not silently no checkpoint
+                      if not p.name.startswith(".") and (p / MANIFEST_FILE).exists())
 
     def delete(self, name: str) -> None:
         """Remove a checkpoint; it stops being listed at once, and a removal cut short stays deleted."""
@@ -313,6 +328,15 @@ class DirectoryLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def _read_up_to(f: io.RawIOBase, limit: int) -> bytes:
+    """At most ``limit`` bytes: an unbuffered read may return fewer than asked before the end."""
+    parts, left = [], limit
+    while left > 0 and (chunk := f.read(left)):
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 def _verifies(store: LocalStore, name: str) -> bool:
