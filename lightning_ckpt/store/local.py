@@ -9,7 +9,6 @@ are removed by :meth:`LocalStore.clean_leftovers`.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import io
 import errno
 import os
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from lightning_ckpt.errors import CheckpointError, DirectoryInUseError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
+from lightning_ckpt.store.dirlock import DirectoryLock
 from lightning_ckpt.store.fsutil import (
     TMP_PREFIX,
     WRITE_SLICE,
@@ -40,7 +40,6 @@ DELETING_PREFIX = ".deleting-"  # being deleted, perhaps half-removed: removed, 
 # Earlier development builds used one prefix for both "parked" and "being deleted"; see _restorable.
 LEGACY_TRASH_PREFIX = ".trash-"
 LEFTOVER_PREFIXES = (TMP_PREFIX, PARKED_PREFIX, DELETING_PREFIX, LEGACY_TRASH_PREFIX)
-LOCK_FILE = ".lightning-ckpt.lock"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -272,6 +271,7 @@ class LocalStore:
 
         Raises:
             DirectoryInUseError: another live process holds it.
+            StorageError: the directory is a file, or cannot be written (names it and the fix).
         """
         return DirectoryLock(self.root)
 
@@ -302,32 +302,6 @@ class LocalStore:
             # a whole deleted one comes back and retention deletes it again, a damaged one never does.
             return _verifies(self, leftover.name)
         return False
-
-
-class DirectoryLock:
-    """An advisory ``flock`` on ``root/.lightning-ckpt.lock``; the kernel drops it when the process dies,
-    so a crashed run never blocks its own resume."""
-
-    def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        path = root / LOCK_FILE
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
-            os.close(self._fd)
-            self._fd = None
-            raise DirectoryInUseError(f"{root}: another run ({holder}) is writing checkpoints here; two runs in one "
-                                      "directory could overwrite each other's. Use another dirpath, or stop the "
-                                      "other run first.") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"pid {os.getpid()}".encode())
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
 
 
 def _read_up_to(f: io.RawIOBase, limit: int) -> bytes:
