@@ -34,7 +34,7 @@ from lightning_ckpt import (
     load_checkpoint,
 )
 from lightning_ckpt.engine import load_torch_file
-from lightning_ckpt.format import EXTRA_TENSORS_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, FileEntry, Manifest
+from lightning_ckpt.format import EXTRA_TENSORS_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, FileEntry, Manifest, digest
 from lightning_ckpt.store import LocalStore, list_checkpoints
 from tiny import TinyModel, tiny_loader
 
@@ -223,3 +223,22 @@ def test_fifos_in_place_of_files_are_passed_over_by_a_resume_and_named_by_the_cl
     os.mkfifo(ckpts / "old.ckpt")
     with pytest.raises(CorruptCheckpointError, match="old.ckpt: a FIFO"):
         load_torch_file(ckpts / "old.ckpt")
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # valid JSON, deeper than any parser's stack
+
+
+@pytest.mark.parametrize("file", [MANIFEST_FILE, STATE_FILE])
+def test_json_nested_too_deeply_is_a_corrupt_checkpoint_not_a_recursion_error(ckpts: Path, file: str) -> None:
+    """A manifest, or a state.json under a manifest re-sealed to match it, nested 100 000 levels deep."""
+    where = ckpts / NEWEST
+    (where / file).write_bytes(DEEP)
+    if file == STATE_FILE:
+        manifest = Manifest.from_bytes((where / MANIFEST_FILE).read_bytes(), str(where))
+        files = {**manifest.files, STATE_FILE: FileEntry(size=len(DEEP), digest=digest(DEEP))}
+        (where / MANIFEST_FILE).write_bytes(dataclasses.replace(manifest, files=files).to_bytes())
+    with pytest.raises(CorruptCheckpointError, match=file):
+        load_checkpoint(where)
+    if file == MANIFEST_FILE:  # a state.json is parsed on load only: "last" checks the files' checksums
+        with pytest.warns(CheckpointWarning, match=f"{NEWEST}.*{file}"):
+            assert latest_checkpoint(ckpts) == str(ckpts / OLDER)
