@@ -34,7 +34,16 @@ from lightning_ckpt import (
     load_checkpoint,
 )
 from lightning_ckpt.engine import load_torch_file
-from lightning_ckpt.format import EXTRA_TENSORS_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, FileEntry, Manifest, digest
+from lightning_ckpt.format import (
+    EXTRA_TENSORS_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    FileEntry,
+    Manifest,
+    digest,
+)
 from lightning_ckpt.store import LocalStore, list_checkpoints
 from tiny import TinyModel, tiny_loader
 

@@ -77,7 +77,8 @@ def number_spelling(n: int) -> st.SearchStrategy[Any]:
 @st.composite
 def tensor_infos(draw: st.DrawFn, offset: int) -> tuple[Any, int]:
     """An entry (object, array or bent), and the size of its data."""
-    dtype = draw(st.sampled_from(sorted(ITEM_SIZE)) if draw(st.integers(0, 9)) else st.sampled_from(["f32", "F128", ""]))
+    names = sorted(ITEM_SIZE) if draw(st.integers(0, 9)) else ["f32", "F128", ""]  # mostly known dtypes
+    dtype = draw(st.sampled_from(names))
     shape = draw(st.lists(st.integers(0, 3), max_size=3))
     size = math.prod(shape) * ITEM_SIZE.get(dtype, 4)
     fields: list[tuple[Any, Any]] = [("dtype", dtype), ("shape", shape), ("data_offsets", [offset, offset + size])]
@@ -120,7 +121,8 @@ def headers(draw: st.DrawFn) -> tuple[Pairs, int]:
             st.integers(0, 4)) == 0 else f"t{i}"
         pairs.append((name, info))
         offset += size
-    metadata = draw(st.sampled_from([None, "absent", "absent", "absent", "absent", Pairs([("format", "pt")]), Pairs([("format", "pt")]), Pairs([("a", 1)]),
+    metadata = draw(st.sampled_from([None, "absent", "absent", "absent", "absent", Pairs([("format", "pt")]),
+                                     Pairs([("format", "pt")]), Pairs([("a", 1)]),
                                      Pairs([("a", "b"), ("a", "c")]), Pairs([("a", None)]), [], "text"]))
     if metadata != "absent":
         pairs.insert(draw(st.integers(0, len(pairs))), ("__metadata__", metadata))
@@ -156,7 +158,8 @@ def safetensors_files(draw: st.DrawFn) -> bytes:
             raw = bytes(blob)
         elif change == "insert":
             at = draw(st.integers(0, len(raw)))
-            raw = raw[:at] + draw(st.sampled_from([b" ", b",", b"{", b"]", b"\xef\xbb\xbf", b"\xff", b"\xc0\x80"])) + raw[at:]
+            inserted = draw(st.sampled_from([b" ", b",", b"{", b"]", b"\xef\xbb\xbf", b"\xff", b"\xc0\x80"]))
+            raw = raw[:at] + inserted + raw[at:]
         elif change == "delete" and raw:
             at = draw(st.integers(0, len(raw) - 1))
             raw = raw[:at] + raw[at + 1:]
@@ -235,7 +238,8 @@ REFUSED = {
     "UTF-8-encoded surrogate": b'{"__metadata__":{"a":"\xed\xa0\x80"},' + _W.encode() + b"}",
     "a field twice": b'{"w":{"dtype":"F32","dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
     "__metadata__ twice": b'{"__metadata__":{},"__metadata__":{},' + _W.encode() + b"}",
-    "a bad entry overridden by a good one": b'{"w":{"dtype":"XX","shape":[1],"data_offsets":[0,4]},' + _W.encode() + b"}",
+    "a bad entry overridden by a good one":
+        b'{"w":{"dtype":"XX","shape":[1],"data_offsets":[0,4]},' + _W.encode() + b"}",
     "nested 128 deep": b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + b"[" * 126 + b"]" * 126 + b"}}",
     "a form feed after the header": b"{" + _W.encode() + b"}\x0c",
 }

@@ -40,7 +40,8 @@ def read_only(tmp_path: Path) -> Iterator[Path]:
     path.mkdir()
     (path / LOCK_FILE).write_text("pid 1")  # an earlier run's lock: it opens, but nothing can be created
     if os.geteuid() == 0:
-        made = shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+        chattr = shutil.which("chattr")
+        made = bool(chattr) and subprocess.run([chattr, "+i", str(path)], capture_output=True).returncode == 0
     else:
         path.chmod(0o555)
         made = True
