@@ -30,7 +30,7 @@ quick-test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 fuzz: install
-	$(BIN)/python -m pytest -q -m fuzz tests/faults/test_fuzz_reader.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m fuzz tests/faults/test_fuzz_reader.py tests/faults/test_fuzz_header_differential.py $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)

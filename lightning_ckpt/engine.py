@@ -17,6 +17,7 @@ import torch
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.store import Store, locate, read_manifest, read_verified, verify
+from lightning_ckpt.store.fsutil import open_regular
 
 _VERSIONED_PACKAGES = ("lightning-ckpt", "torch", "safetensors", "lightning", "numpy")
 
@@ -111,10 +112,14 @@ def load_torch_file(path: str | os.PathLike, *, map_location: Any = None, allow_
 
     Raises:
         UnsafeCheckpointError: the file holds objects that only a full unpickle could build.
-        CorruptCheckpointError: the file is not a torch checkpoint at all, or is damaged.
+        CorruptCheckpointError: the file is not a torch checkpoint at all, is damaged, or is not a
+            regular file (a FIFO, a device).
     """
     from lightning_ckpt.convert.torchfile import is_torch_file
 
+    checked = open_regular(path)  # a FIFO or a device in its place would block torch.load forever
+    if checked is not None:
+        checked.close()  # torch reads the path itself, straight into the tensors' storage
     try:
         if not is_torch_file(path):  # torch.load calls random bytes a pickle it refuses: say what it is
             raise CorruptCheckpointError(f"{os.fspath(path)}: not a checkpoint (neither a zip nor a pickle that "

@@ -6,12 +6,13 @@ state twice; ``safe_open`` reads from a mapping of the file, i.e. a second read 
 pass, of bytes that may no longer be the verified ones. The validation below is the one
 safetensors applies (``Metadata::validate``): a bounded header, known dtypes, offsets that tile the
 data exactly, and sizes that agree with shape x dtype, computed without overflow and before
-anything is allocated.
+anything is allocated. The header's JSON is read as the library's serde_json reads it (see
+:mod:`lightning_ckpt.format.strict_json`), so a file loads here exactly when ``safetensors.torch.load``
+loads it (a differential fuzz test holds the two to the same verdict).
 """
 
 from __future__ import annotations
 
-import json
 import struct
 import sys
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.format import strict_json
 from lightning_ckpt.format.blob import DTYPE_NAMES, METADATA_KEY, Buffer
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -53,8 +55,7 @@ def load_tensors(data: Buffer | torch.Tensor, where: str) -> dict[str, torch.Ten
     if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian by definition
         raise RuntimeError("lightning-ckpt reads safetensors on little-endian machines only")
     buf = as_uint8(data)
-    header, start = _header(buf, where)
-    entries = _entries(header, where)
+    entries, start = _header(buf, where)
     body = buf[start:]
     end = 0
     for key, (dtype, shape, (first, last)) in sorted(entries.items(), key=lambda kv: tuple(kv[1][2])):
@@ -80,7 +81,8 @@ def _main_dtype(entries: Mapping[str, _Entry]) -> torch.dtype | None:
     return max(size, key=size.__getitem__) if size else None
 
 
-def _header(buf: torch.Tensor, where: str) -> tuple[dict[str, Any], int]:
+def _header(buf: torch.Tensor, where: str) -> tuple[dict[str, _Entry], int]:
+    """The tensors a file's header describes (its last entry for a repeated name, as the library's map keeps)."""
     if buf.numel() < _LENGTH_FIELD:
         raise _corrupt(where, f"{buf.numel()} bytes, shorter than the header length field")
     (length,) = struct.unpack("<Q", buf[:_LENGTH_FIELD].numpy().tobytes())
@@ -89,33 +91,64 @@ def _header(buf: torch.Tensor, where: str) -> tuple[dict[str, Any], int]:
     if _LENGTH_FIELD + length > buf.numel():
         raise _corrupt(where, f"header length {length} runs past the end of the file")
     try:
-        header = json.loads(buf[_LENGTH_FIELD:_LENGTH_FIELD + length].numpy().tobytes())
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        header = strict_json.loads(buf[_LENGTH_FIELD:_LENGTH_FIELD + length].numpy().tobytes())
+    except ValueError as err:
         raise _corrupt(where, f"unreadable header ({err})") from err
-    if not isinstance(header, dict):
+    if not isinstance(header, strict_json.Object):
         raise _corrupt(where, "the header is not a JSON object")
-    return header, _LENGTH_FIELD + length
+    entries: dict[str, _Entry] = {}
+    metadata_seen = False
+    for key, info in header:
+        if key != METADATA_KEY:
+            entries[key] = _entry(key, info, where)  # every one is checked, the last one counts
+        elif metadata_seen:
+            raise _corrupt(where, f"{METADATA_KEY} appears twice")
+        elif not (info is None or (isinstance(info, strict_json.Object) and all(type(v) is str for _, v in info))):
+            raise _corrupt(where, f"{METADATA_KEY} is not a map of strings")
+        else:
+            metadata_seen = True
+    return entries, _LENGTH_FIELD + length
 
 
 _Entry = tuple[torch.dtype, list[int], list[int]]
+_FIELDS = ("dtype", "shape", "data_offsets")
 
 
-def _entries(header: Mapping[str, Any], where: str) -> dict[str, _Entry]:
-    metadata = header.get(METADATA_KEY, {})
-    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise _corrupt(where, f"{METADATA_KEY} is not a map of strings")
-    return {key: _entry(key, info, where) for key, info in header.items() if key != METADATA_KEY}
+def _fields(key: str, info: Any, where: str) -> tuple[Any, Any, Any]:
+    """An entry's three fields: from an object (each once; other keys ignored) or, as serde reads a
+    struct, from an array of exactly three."""
+    if type(info) is list:
+        if len(info) != len(_FIELDS):
+            raise _corrupt(where, f"tensor {key!r}: entry is an array of {len(info)}, not [dtype, shape, offsets]")
+        return info[0], info[1], info[2]
+    if not isinstance(info, strict_json.Object):
+        raise _corrupt(where, f"tensor {key!r}: entry is not an object")
+    found: dict[str, Any] = {}
+    for field, value in info:
+        if field in _FIELDS:
+            if field in found:
+                raise _corrupt(where, f"tensor {key!r}: {field!r} appears twice")
+            found[field] = value
+    if len(found) != len(_FIELDS):
+        raise _corrupt(where, f"tensor {key!r}: missing {sorted(set(_FIELDS) - set(found))}")
+    return found["dtype"], found["shape"], found["data_offsets"]
+
+
+def _dtype_name(dtype: Any) -> Any:
+    """A dtype as a string, or as serde also reads an enum's unit variant: ``{"F32": null}``."""
+    if isinstance(dtype, strict_json.Object) and len(dtype) == 1 and dtype[0][1] is None:
+        return dtype[0][0]
+    return dtype
 
 
 def _entry(key: str, info: Any, where: str) -> _Entry:
-    if not isinstance(info, dict):
-        raise _corrupt(where, f"tensor {key!r}: entry is not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
+    dtype, shape, offsets = _fields(key, info, where)
+    dtype = _dtype_name(dtype)
+    if type(dtype) is not str or dtype not in _DTYPES:
         raise _corrupt(where, f"tensor {key!r}: dtype {dtype!r} cannot be loaded into torch")
-    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < _MAX_DIM for d in shape)):
+    if not (type(shape) is list and all(type(d) is int and 0 <= d < _MAX_DIM for d in shape)):
         raise _corrupt(where, f"tensor {key!r}: bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+    if not (type(offsets) is list and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1] < _U64):
         raise _corrupt(where, f"tensor {key!r}: bad data_offsets {offsets!r}")
     elements = 1

@@ -120,11 +120,13 @@ def _read_file(store: Store, name: str, file: str, manifest: Manifest, where: st
     if not isinstance(store, LocalStore):
         return _read_object(store, name, file, manifest, where)
     opened = store.open(name, file)
-    # The real size is checked before anything is allocated: a claim in the manifest is not trusted.
-    manifest.check_size(file, None if opened is None else opened[1], where)
+    if opened is None:
+        manifest.check_size(file, None, where)  # raises: missing
     f, size = opened  # type: ignore[misc]  # None was refused above
     hasher = new_hasher()
-    with f:
+    with f:  # closed on every path, the refusals below included
+        # The real size is checked before anything is allocated: a claim in the manifest is not trusted.
+        manifest.check_size(file, size, where)
         if into is None:
             buffer = _uninitialized(size)
             done = _read_parallel(f.fileno(), buffer, hasher)

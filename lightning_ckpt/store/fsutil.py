@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import io
 import os
 import re
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from lightning_ckpt.errors import StorageError
+from lightning_ckpt.errors import CorruptCheckpointError, StorageError
 from lightning_ckpt.format.manifest import FileEntry, new_hasher
 
 TMP_PREFIX = ".tmp-"  # something being written: a leftover that the next start removes
@@ -73,10 +76,57 @@ def atomic_file(target: Path, what: str) -> Iterator[BinaryIO]:
         raise
 
 
+_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
+# O_NONBLOCK: opening a FIFO that replaced the file between the stat and the open returns at once
+# instead of waiting for a writer; it changes nothing for a regular file. O_NOCTTY: a terminal
+# device never becomes the process's controlling terminal.
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular(path: str | os.PathLike) -> io.FileIO | None:
+    """Open a checkpoint's file for reading, only if it is a regular file: the one way in to a file
+    read from disk (a FIFO put in its place would block the reader forever, a device never end).
+
+    Returns:
+        The open file (unbuffered; the caller closes it), or None when it does not exist.
+
+    Raises:
+        CorruptCheckpointError: it exists but is not a regular file (FIFO, socket, device,
+            directory); nothing was opened, or what was opened is closed.
+    """
+    try:
+        _check_regular(os.stat(path).st_mode, path)  # before opening: opening a device can act on it
+        fd = os.open(path, _READ_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        _check_regular(os.fstat(fd).st_mode, path)  # what was opened, if it changed after the stat
+        return io.FileIO(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_regular(mode: int, path: str | os.PathLike) -> None:
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise CorruptCheckpointError(f"{os.fspath(path)}: {kind}, not a regular file; it was not read. The "
+                                     "checkpoint is damaged: resume from an older one, or replace the file")
+
+
 def hash_file(path: str | os.PathLike) -> FileEntry:
-    """A file's size and checksum, read back in chunks (for files another library wrote)."""
+    """A file's size and checksum, read back in chunks (for files another library wrote).
+
+    Raises:
+        FileNotFoundError: it does not exist.
+        CorruptCheckpointError: it is not a regular file.
+    """
     hasher, size = new_hasher(), 0
-    with open(path, "rb", buffering=0) as f:
+    f = open_regular(path)
+    if f is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
+    with f:
         while chunk := f.read(WRITE_SLICE):
             hasher.update(chunk)
             size += len(chunk)

@@ -19,7 +19,7 @@ from typing import Any, get_type_hints
 
 from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 
-from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.errors import CheckpointError, CheckpointWarning
 from lightning_ckpt.format.manifest import Manifest
 from lightning_ckpt.store.committed import list_checkpoints
 from lightning_ckpt.store.base import Store
@@ -170,7 +170,10 @@ class Ledger:
             if not isinstance(doc[_K_ENTRIES], list):
                 raise TypeError(f"{_K_ENTRIES!r} is not a list")
             return [_entry(e) for e in doc[_K_ENTRIES]]
-        except (ValueError, TypeError, KeyError, AttributeError, TypeCheckError) as err:
+        # RecursionError: JSON nested deeper than the parser's stack (a real ledger is 4 levels deep);
+        # CheckpointError: the ledger is not a regular file (a FIFO, a device).
+        except (ValueError, TypeError, KeyError, AttributeError, TypeCheckError, RecursionError,
+                CheckpointError) as err:
             warnings.warn(f"{self.path}: damaged ledger ({err!r}); rebuilding it from the checkpoints' manifests "
                           "(metrics logged after a save are lost)", CheckpointWarning, stacklevel=3)
             return []

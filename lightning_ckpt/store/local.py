@@ -9,7 +9,6 @@ are removed by :meth:`LocalStore.clean_leftovers`.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import io
 import errno
 import os
@@ -21,7 +20,15 @@ from typing import TYPE_CHECKING
 
 from lightning_ckpt.errors import CheckpointError, DirectoryInUseError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
-from lightning_ckpt.store.fsutil import TMP_PREFIX, WRITE_SLICE, fsync_dir, local_path, start_writeback
+from lightning_ckpt.store.dirlock import DirectoryLock
+from lightning_ckpt.store.fsutil import (
+    TMP_PREFIX,
+    WRITE_SLICE,
+    fsync_dir,
+    local_path,
+    open_regular,
+    start_writeback,
+)
 
 if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
     from lightning_ckpt.format.blob import Blob, Buffer
@@ -33,7 +40,6 @@ DELETING_PREFIX = ".deleting-"  # being deleted, perhaps half-removed: removed, 
 # Earlier development builds used one prefix for both "parked" and "being deleted"; see _restorable.
 LEGACY_TRASH_PREFIX = ".trash-"
 LEFTOVER_PREFIXES = (TMP_PREFIX, PARKED_PREFIX, DELETING_PREFIX, LEGACY_TRASH_PREFIX)
-LOCK_FILE = ".lightning-ckpt.lock"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -209,26 +215,32 @@ class LocalStore:
 
         The limit keeps a damaged checkpoint (a file replaced by a link to an endless device, say)
         from being read without bound; callers ask for one byte more than they expect.
+
+        Raises:
+            CorruptCheckpointError: it is not a regular file (a FIFO, a device, a directory).
         """
-        try:
-            with open(self.root / name / file, "rb") as f:
-                return f.read(limit)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        f = open_regular(self.root / name / file)
+        if f is None:
             return None
+        with f:
+            return _read_up_to(f, limit)
 
     def read_file(self, file: str, limit: int) -> bytes | None:
         """At most ``limit`` bytes of a file in the store's root (the ledger), or None."""
         return self.read("", file, limit)
     def open(self, name: str, file: str) -> tuple[io.RawIOBase, int] | None:
         """One file of a checkpoint opened for reading, with its real size (from the open handle, so
-        it is the size of what will be read), or None when it does not exist."""
-        try:
-            f = open(self.root / name / file, "rb", buffering=0)  # noqa: SIM115 - the caller closes it
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        it is the size of what will be read), or None when it does not exist.
+
+        Raises:
+            CorruptCheckpointError: it is not a regular file (a FIFO, a device, a directory).
+        """
+        f = open_regular(self.root / name / file)  # the caller closes it
+        if f is None:
             return None
         try:
             return f, os.fstat(f.fileno()).st_size
-        except OSError:
+        except BaseException:
             f.close()
             raise
 
@@ -244,7 +256,9 @@ class LocalStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
+                      # exists(), not is_file(): a manifest that is not a regular file (a FIFO) is a
+                      # damaged checkpoint, passed over with a warning, not silently no checkpoint
+                      if not p.name.startswith(".") and (p / MANIFEST_FILE).exists())
 
     def delete(self, name: str) -> None:
         """Remove a checkpoint; it stops being listed at once, and a removal cut short stays deleted."""
@@ -257,6 +271,7 @@ class LocalStore:
 
         Raises:
             DirectoryInUseError: another live process holds it.
+            StorageError: the directory is a file, or cannot be written (names it and the fix).
         """
         return DirectoryLock(self.root)
 
@@ -289,30 +304,13 @@ class LocalStore:
         return False
 
 
-class DirectoryLock:
-    """An advisory ``flock`` on ``root/.lightning-ckpt.lock``; the kernel drops it when the process dies,
-    so a crashed run never blocks its own resume."""
-
-    def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        path = root / LOCK_FILE
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
-            os.close(self._fd)
-            self._fd = None
-            raise DirectoryInUseError(f"{root}: another run ({holder}) is writing checkpoints here; two runs in one "
-                                      "directory could overwrite each other's. Use another dirpath, or stop the "
-                                      "other run first.") from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"pid {os.getpid()}".encode())
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+def _read_up_to(f: io.RawIOBase, limit: int) -> bytes:
+    """At most ``limit`` bytes: an unbuffered read may return fewer than asked before the end."""
+    parts, left = [], limit
+    while left > 0 and (chunk := f.read(left)):
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 def _verifies(store: LocalStore, name: str) -> bool:

@@ -8,11 +8,15 @@ The checkpoints come from a real Lightning run with ``Checkpointer``, built once
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -29,11 +33,24 @@ from lightning_ckpt import (
     latest_checkpoint,
     load_checkpoint,
 )
-from lightning_ckpt.format import EXTRA_TENSORS_FILE, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, FileEntry, Manifest
+from lightning_ckpt.engine import load_torch_file
+from lightning_ckpt.format import (
+    EXTRA_TENSORS_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    FileEntry,
+    Manifest,
+    digest,
+)
 from lightning_ckpt.store import LocalStore, list_checkpoints
 from tiny import TinyModel, tiny_loader
 
 OLDER, NEWEST = "step=000000003", "step=000000006"
+# A damaged checkpoint leaves no file handle open, on any error path (see tests/store/conftest.py).
+pytestmark = [pytest.mark.filterwarnings("error::ResourceWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 ALL_FILES = [MODEL_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE, STATE_FILE, MANIFEST_FILE]
 
 
@@ -51,8 +68,9 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def ckpts(pristine: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(pristine, tmp_path / "ckpts"))
+def ckpts(pristine: Path, tmp_path: Path) -> Iterator[Path]:
+    yield Path(shutil.copytree(pristine, tmp_path / "ckpts"))
+    gc.collect()  # a handle left open warns now, inside the test that leaked it
 
 
 def _flip(path: Path, at: int) -> None:
@@ -87,19 +105,32 @@ def _delete(path: Path) -> None:
     path.unlink()
 
 
+def _fifo(path: Path) -> None:
+    """A named pipe in the file's place: opening it for reading waits for a writer, forever."""
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
 DAMAGES: dict[str, Callable[[Path], None]] = {
     "truncate": _truncate, "flip_data": _flip_data, "flip_header": _flip_header, "delete": _delete,
+    "fifo": _fifo, "directory": _directory,
 }
 # The error each damage brings; a manifest cut short no longer parses, and without a manifest the
 # directory is an unfinished save rather than a damaged checkpoint.
 EXPECTED: dict[tuple[str, str], type[CheckpointError]] = {
     **{(f, d): IncompleteCheckpointError for f in ALL_FILES for d in ("truncate", "delete")},
-    **{(f, d): CorruptCheckpointError for f in ALL_FILES for d in ("flip_data", "flip_header")},
+    **{(f, d): CorruptCheckpointError for f in ALL_FILES for d in ("flip_data", "flip_header", "fifo", "directory")},
     (MANIFEST_FILE, "truncate"): CorruptCheckpointError,
     (MANIFEST_FILE, "delete"): NotACheckpointError,
 }
 
 
+@pytest.mark.timeout(60)  # a FIFO used to block the reader forever
 @pytest.mark.parametrize("damage", list(DAMAGES))
 @pytest.mark.parametrize("file", ALL_FILES)
 def test_damage_is_refused_passed_over_and_listed(ckpts: Path, file: str, damage: str) -> None:
@@ -174,3 +205,49 @@ def test_manifest_claiming_a_huge_file_is_refused_before_allocating(ckpts: Path,
     with pytest.warns(CheckpointWarning, match=NEWEST):
         trainer.fit(TinyModel(arr=np.arange(4)), tiny_loader(), ckpt_path="last")
     assert trainer.global_step == 4  # resumed from step 3, one step to go
+
+
+@pytest.mark.timeout(120)  # each of these used to block forever on the FIFO
+def test_fifos_in_place_of_files_are_passed_over_by_a_resume_and_named_by_the_cli(ckpts: Path) -> None:
+    """A FIFO as the newest checkpoint's weights and as the ledger: a Trainer resumes from the older
+    checkpoint with a warning naming the file, ``verify`` exits 1 naming it, a ``.ckpt`` FIFO is refused."""
+    _fifo(ckpts / NEWEST / MODEL_FILE)
+    _fifo(ckpts / "ledger.json")
+    command = str(Path(sys.executable).parent / "lightning-ckpt")
+    verified = subprocess.run([command, "verify", str(ckpts)], capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 1 and f"{MODEL_FILE}: a FIFO" in verified.stdout + verified.stderr, verified
+    listed = subprocess.run([command, "list", str(ckpts)], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and OLDER in listed.stdout and "Traceback" not in listed.stderr, listed
+
+    trainer = L.Trainer(max_steps=4, callbacks=[Checkpointer(ckpts, every_n_steps=100, exact_resume=False)],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=ckpts.parent)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyModel(arr=np.arange(4)), tiny_loader(), ckpt_path="last")
+    assert trainer.global_step == 4  # resumed from step 3, one step to go
+    said = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert any(f"{MODEL_FILE}: a FIFO" in s for s in said) and any("damaged ledger" in s for s in said), said
+
+    os.mkfifo(ckpts / "old.ckpt")
+    with pytest.raises(CorruptCheckpointError, match="old.ckpt: a FIFO"):
+        load_torch_file(ckpts / "old.ckpt")
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # valid JSON, deeper than any parser's stack
+
+
+@pytest.mark.parametrize("file", [MANIFEST_FILE, STATE_FILE])
+def test_json_nested_too_deeply_is_a_corrupt_checkpoint_not_a_recursion_error(ckpts: Path, file: str) -> None:
+    """A manifest, or a state.json under a manifest re-sealed to match it, nested 100 000 levels deep."""
+    where = ckpts / NEWEST
+    (where / file).write_bytes(DEEP)
+    if file == STATE_FILE:
+        manifest = Manifest.from_bytes((where / MANIFEST_FILE).read_bytes(), str(where))
+        files = {**manifest.files, STATE_FILE: FileEntry(size=len(DEEP), digest=digest(DEEP))}
+        (where / MANIFEST_FILE).write_bytes(dataclasses.replace(manifest, files=files).to_bytes())
+    with pytest.raises(CorruptCheckpointError, match=file):
+        load_checkpoint(where)
+    if file == MANIFEST_FILE:  # a state.json is parsed on load only: "last" checks the files' checksums
+        with pytest.warns(CheckpointWarning, match=f"{NEWEST}.*{file}"):
+            assert latest_checkpoint(ckpts) == str(ckpts / OLDER)

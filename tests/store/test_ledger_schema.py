@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -74,10 +76,33 @@ def test_a_wrong_typed_ledger_is_rebuilt_with_a_warning(damage, ckpts):
     assert [(e.name, e.status) for e in entries] == [(name, "committed") for name in on_disk]
 
 
-def test_setup_rebuilds_a_wrong_typed_ledger_and_training_goes_on(ckpts):
+DEEP = 100_000
+NESTED = {  # valid JSON but deeper than the parser's stack: Ledger.load raised RecursionError
+    "a list nested 100000 deep": b"[" * DEEP + b"]" * DEEP,
+    "an entry nested 100000 deep": b'{"ledger_version": 1, "checkpoints": [' + b"[" * DEEP + b"]" * DEEP + b"]}",
+}
+
+
+@pytest.mark.parametrize("nesting", list(NESTED))
+def test_a_deeply_nested_ledger_is_rebuilt_with_a_warning(nesting, ckpts):
+    (ckpts / LEDGER_FILE).write_bytes(NESTED[nesting])
+    with pytest.warns(CheckpointWarning, match="damaged ledger.*RecursionError"):
+        best = best_checkpoint(ckpts, "val_loss")  # was a RecursionError
+    assert best is None or Path(best).parent == ckpts  # None: the metrics were logged after the saves
+    assert latest_checkpoint(ckpts) == str(ckpts / "step=000000016")
+    listed = subprocess.run([str(Path(sys.executable).parent / "lightning-ckpt"), "list", str(ckpts)],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "step=000000016" in listed.stdout, listed.stderr
+    assert "damaged ledger" in listed.stderr and "Traceback" not in listed.stderr
+
+
+@pytest.mark.parametrize("damage", ["wrong type", "nested 100000 deep"])
+def test_setup_rebuilds_a_damaged_ledger_and_training_goes_on(damage, ckpts):
     doc = _doc(ckpts)
     doc["checkpoints"][-1]["step"] = "16"  # valid JSON, wrong type: setup crashed with a TypeError
     _write(ckpts, doc)
+    if damage != "wrong type":  # setup crashed with a RecursionError
+        (ckpts / LEDGER_FILE).write_bytes(NESTED["an entry nested 100000 deep"])
     with pytest.warns(CheckpointWarning, match="damaged ledger"):
         _fit(ckpts, max_steps=20, ckpt_path="last")
     assert [(e["step"], e["status"]) for e in _doc(ckpts)["checkpoints"]] == [
