@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 from pathlib import Path
@@ -57,3 +58,32 @@ def s3(monkeypatch):
     server.fs().mkdir(server.bucket)
     yield server
     server.stop()
+
+
+# Where every test fails on a file handle left open (``ResourceWarning: unclosed file``), on success and on
+# every error path: a damaged checkpoint must not leak one handle per attempt. A handle left open warns when
+# it is garbage-collected, often outside any test, as an "unraisable exception" (pytest's
+# PytestUnraisableExceptionWarning): an error there too, and a collection at teardown keeps it in its test.
+_TESTS = Path(__file__).parent
+STRICT_HANDLES = (_TESTS / "store", _TESTS / "format", _TESTS / "faults" / "test_corruption.py")
+_STRICT_MARKS = (pytest.mark.filterwarnings("error::ResourceWarning"),
+                 pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"))
+
+
+def _strict_handles(path: Path) -> bool:
+    return any(path == where or where in path.parents for where in STRICT_HANDLES)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _strict_handles(item.path):
+            for mark in _STRICT_MARKS:
+                item.add_marker(mark)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_where_handles_are_strict(request: pytest.FixtureRequest):
+    """Collect at teardown, so a leaked handle warns inside the test that leaked it."""
+    yield
+    if _strict_handles(request.node.path):
+        gc.collect()
