@@ -287,7 +287,8 @@ def latest_entry(store: Store, elsewhere: Sequence[Entry] = (), fetch: Verifies 
     Args:
         elsewhere: checkpoints another tier holds (a mirror's, from their manifests); "last" is then
             chosen among both tiers' checkpoints, by the same rule.
-        fetch: brings a checkpoint only ``elsewhere`` holds into ``store`` and checks it (False: damaged).
+        fetch: brings a checkpoint from ``elsewhere`` into ``store`` and checks it (False: damaged):
+            one only ``elsewhere`` holds, or one whose copy in ``store`` is damaged (replaced whole).
     """
     listed = list_checkpoints(store)
     for item in listed:
@@ -297,10 +298,19 @@ def latest_entry(store: Store, elsewhere: Sequence[Entry] = (), fetch: Verifies 
         warnings.warn(f"skipping {store.location(name)}: no manifest (never committed, or its manifest was "
                       "deleted)", CheckpointWarning, stacklevel=3)
     here = manifest_entries(listed)
-    local = {e.name for e in here}
+    local = {e.name: e for e in here}
+    remote = {e.name: e for e in elsewhere}
 
     def verifies(name: str) -> bool:
-        return _verifies(store, name) if name in local or fetch is None else fetch(name)
+        if name not in local:
+            return fetch(name) if fetch is not None else _verifies(store, name)
+        if _verifies(store, name):
+            return True
+        # Damaged here, but the other tier holds the same checkpoint (same run, same step): its copy
+        # replaces the damaged one (atomically, by ``fetch``) before an older checkpoint is considered.
+        other = remote.get(name)
+        same = other is not None and (other.run_id, other.step) == (local[name].run_id, local[name].step)
+        return fetch is not None and same and fetch(name)
 
     return last_of([*here, *(e for e in elsewhere if e.name not in local)], verifies)
 

@@ -342,8 +342,9 @@ class Tiering:
 def last_across_tiers(local: Store, mirror: Mirror) -> tuple[Entry | None, str | None]:
     """``ckpt_path="last"`` across tiers: "last" (``lineage.last_of``) among the checkpoints of both
     tiers, by their manifests, as if they were one directory. When it is one only the mirror holds (a
-    new machine, a lost disk), it is downloaded into ``local`` and verified; a damaged one is passed
-    over with a warning (nothing partial is left) and the next candidate tried.
+    new machine, a lost disk) or whose local copy is damaged, it is downloaded into ``local`` (replacing
+    the damaged copy whole) and verified; a damaged one is passed over with a warning (nothing partial
+    is left) and the next candidate tried.
 
     Returns:
         "Last" (now in ``local``), and the URL it was downloaded from (None when it was local already).

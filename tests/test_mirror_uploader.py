@@ -163,6 +163,22 @@ def test_last_across_tiers_downloads_only_a_newer_verified_checkpoint(s3, tmp_pa
     assert load_checkpoint(tmp_path / "new" / "step=000000003")["global_step"] == 3
 
 
+
+def test_last_across_tiers_replaces_a_damaged_local_copy_with_the_mirrors(tmp_path):
+    from lightning_ckpt.mirror import last_across_tiers
+
+    here, there = tmp_path / "here", tmp_path / "mirror"
+    for step in (100, 200):
+        _save(here, step)
+        copy_checkpoint(LocalStore(here), LocalStore(there), f"step={step:09d}")
+    data = here / "step=000000200" / "state.safetensors"
+    data.write_bytes(data.read_bytes()[:-7])  # truncated; its manifest still reads
+    with pytest.warns(match="skipping damaged checkpoint"):
+        entry, url = last_across_tiers(LocalStore(here), Mirror(there))
+    assert (entry.name, url) == ("step=000000200", str(there / "step=000000200"))  # not the older step 100
+    assert torch.equal(load_checkpoint(here / "step=000000200")["w"], torch.full((64,), 200.0))
+    assert LocalStore(here).names() == ["step=000000100", "step=000000200"]  # replaced whole, no leftovers
+
 _COPY_IN_CHILD = """
 import re, sys
 from pathlib import Path

@@ -63,8 +63,8 @@ class ModelCheckpointView:
         """"Last" of both tiers; one only the mirror holds is downloaded first, and the user told so."""
         entry, url = last_across_tiers(store, self.mirror)  # type: ignore[arg-type]
         if entry is not None and url is not None:
-            rank_zero_info(f"Checkpointer: restored step {entry.step} from {url} (the mirror held a newer checkpoint "
-                           f"than the local directory): resuming from {store.location(entry.name)}")
+            rank_zero_info(f"Checkpointer: restored step {entry.step} from {url} (the local directory had no good "
+                           f"copy of it): resuming from {store.location(entry.name)}")
         return entry
 
     @property
