@@ -35,7 +35,8 @@ class UnsupportedTypeError(CheckpointError, TypeError):
 
 
 class StorageError(CheckpointError, OSError):
-    """The storage refused a write (disk full, permission denied, ...); nothing was committed."""
+    """The storage refused a write (disk full, permission denied, ...; nothing was committed) or a read
+    (EIO, ESTALE): a storage problem, not a damaged checkpoint."""
 
 
 class DirectoryInUseError(CheckpointError):

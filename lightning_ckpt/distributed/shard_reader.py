@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
 from lightning_ckpt.convert.chunks import tiling_problem
-from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.errors import CorruptCheckpointError, StorageError
 
 _FIX = "the checkpoint was changed after it was saved: restore it from a copy, or resume from an earlier one"
 
@@ -38,12 +38,16 @@ class ListedShardReader(HuggingFaceStorageReader):
         """DCP's metadata from the listed files' headers, every tensor's chunks checked.
 
         Raises:
+            StorageError: the storage failed to read a file (EIO, ESTALE, ...): not the checkpoint's fault.
             CorruptCheckpointError: a header is unreadable, or a tensor's chunks do not tile it exactly
                 or disagree on its dtype; naming the file(s).
         """
         try:
             metadata = super().read_metadata()
-        except (SafetensorError, ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as err:
+        except OSError as err:  # the disk or the mount, not the bytes: retrying later may well work
+            raise StorageError(err.errno, f"{self._folder}: could not read a shard file ({type(err).__name__}: "
+                               f"{err}); check the disk or mount and try again") from err
+        except (SafetensorError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
             raise CorruptCheckpointError(f"{self._folder}: a shard file's header is unreadable as DCP wrote it "
                                          f"({type(err).__name__}: {err}); {_FIX}") from err
         for fqn, md in metadata.state_dict_metadata.items():

@@ -66,3 +66,13 @@ def test_dcp_safetensors_reader_lists_files_through_its_filesystem_and_records_c
     metadata = ListedShardReader(str(tmp_path), ["listed.safetensors"]).read_metadata()
     assert list(metadata.state_dict_metadata) == ["w"]
     assert [info.dtype for info in metadata.storage_data.values()] == [torch.float32]
+
+
+def test_a_shard_the_storage_cannot_read_is_a_storage_error_not_damage(tmp_path):
+    from lightning_ckpt.errors import CorruptCheckpointError, StorageError
+
+    (tmp_path / "unreadable.safetensors").mkdir()  # open() fails with an OSError (EISDIR), as EIO/ESTALE would
+    with pytest.raises(StorageError, match="could not read") as caught:
+        ListedShardReader(str(tmp_path), ["unreadable.safetensors"]).read_metadata()
+    assert not isinstance(caught.value, CorruptCheckpointError)
+    assert "changed after it was saved" not in str(caught.value)
