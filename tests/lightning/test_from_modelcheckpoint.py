@@ -85,3 +85,31 @@ def test_a_ckpt_that_needs_a_full_unpickle_is_refused_naming_allow_pickle(tmp_pa
     _trainer(tmp_path, Checkpointer(ckpts, every_n_steps=2, allow_pickle=True), max_steps=14).fit(
         model, tiny_loader(), ckpt_path="last")
     assert [s for s, _ in model.losses] == [12, 13]
+
+
+def test_files_rotated_away_or_of_unknown_step_are_passed_over_with_the_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_ckpt.errors import CheckpointWarning
+    from lightning_ckpt.lightning.from_modelcheckpoint import newest_stock_ckpt
+
+    torch.save({"global_step": 8}, tmp_path / "epoch=0-step=4.ckpt")  # the name decides, not global_step
+    torch.save({"global_step": 6}, tmp_path / "renamed.ckpt")  # no step in its name: global_step decides
+    torch.save({"global_step": 99, "f": fractions.Fraction(1, 3)}, tmp_path / "unsafe.ckpt")  # needs a full unpickle
+    (tmp_path / "garbage.ckpt").write_bytes(os.urandom(64))
+    torch.save({"global_step": 50}, tmp_path / "epoch=9-step=50.ckpt")
+    is_file = Path.is_file
+
+    def rotated_once_listed(path: Path) -> bool:  # ModelCheckpoint deletes its old top-k file just then
+        listed = is_file(path)
+        if path.name == "epoch=9-step=50.ckpt":
+            path.unlink()
+        return listed
+
+    monkeypatch.setattr(Path, "is_file", rotated_once_listed)
+    with pytest.warns(CheckpointWarning) as caught:
+        assert newest_stock_ckpt(tmp_path) == tmp_path / "renamed.ckpt"
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 3, said
+    assert "epoch=9-step=50.ckpt: passed over" in said[0] and "FileNotFoundError" in said[0]
+    assert "garbage.ckpt: passed over" in said[1] and "weights_only=True" in said[1]
+    assert "unsafe.ckpt: passed over" in said[2] and "weights_only=True" in said[2]
