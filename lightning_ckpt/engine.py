@@ -16,6 +16,7 @@ import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
+from lightning_ckpt.format.torchfile_magic import is_torch_file
 from lightning_ckpt.store import Store, locate, read_manifest, read_verified, verify
 from lightning_ckpt.store.fsutil import open_regular
 
@@ -115,8 +116,6 @@ def load_torch_file(path: str | os.PathLike, *, map_location: Any = None, allow_
         CorruptCheckpointError: the file is not a torch checkpoint at all, is damaged, or is not a
             regular file (a FIFO, a device).
     """
-    from lightning_ckpt.convert.torchfile import is_torch_file
-
     checked = open_regular(path)  # a FIFO or a device in its place would block torch.load forever
     if checked is not None:
         checked.close()  # torch reads the path itself, straight into the tensors' storage

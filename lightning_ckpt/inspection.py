@@ -148,7 +148,7 @@ def _ours(p: Path) -> Inspection:
 def _sharded_infos(p: Path, shards: list[str]) -> list[TensorInfo]:
     """A sharded checkpoint's tensors with their global shapes, joined from every rank's chunks (each
     shard file's header holds its chunks' offsets, as torch.distributed.checkpoint wrote them)."""
-    from lightning_ckpt.convert.chunks import tiling_problem
+    from lightning_ckpt.format.chunks import tiling_problem
 
     extent: dict[str, tuple[str, list[int]]] = {}
     chunks: dict[str, list[SimpleNamespace]] = {}

@@ -14,7 +14,7 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_ckpt.convert.chunks import tiling_problem
+from lightning_ckpt.format.chunks import tiling_problem
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 if TYPE_CHECKING:

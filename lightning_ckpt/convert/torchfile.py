@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -12,25 +11,6 @@ import torch
 
 from lightning_ckpt.convert.dcp_metadata import PICKLE_HINT
 from lightning_ckpt.errors import CheckpointError, UnsafeCheckpointError, UnsupportedFormatError
-
-
-# torch.save's legacy (non-zip) format starts with a pickled magic number: PROTO n, a FRAME (protocol 4+),
-# then LONG1 of 10 bytes.
-_PROTO, _FRAME = b"\x80", b"\x95"
-_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-
-
-def is_torch_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` starts as a file ``torch.save`` wrote: a zip (torch>=1.6) or the legacy pickle
-    with torch's magic number. Anything else is not a checkpoint, whatever ``torch.load`` says of it.
-
-    Raises:
-        OSError: it cannot be read.
-    """
-    with open(path, "rb") as f:
-        head = f.read(32)
-    start = 11 if head[2:3] == _FRAME else 2
-    return (head[:1] == _PROTO and head[start:start + len(_LEGACY_MAGIC)] == _LEGACY_MAGIC) or zipfile.is_zipfile(path)
 
 
 def read_torch_file(path: Path, *, allow_pickle: bool = False) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from lightning_ckpt.convert.chunks import tiling_problem
+from lightning_ckpt.format.chunks import tiling_problem
 from lightning_ckpt.errors import CorruptCheckpointError, StorageError
 
 _FIX = "the checkpoint was changed after it was saved: restore it from a copy, or resume from an earlier one"
