@@ -3,7 +3,9 @@
 A run saves every 2 steps to step 18 and validates every 4; a resume from its step 8 branches and
 reaches step 14. "Last" is the branch's step 14, not the abandoned step 18. "Best" by a val_score that
 rises with the step is the branch's step 12: not the abandoned step 16 (or 18), and not the branch's
-step 14, a save between two validations that recorded step 12's score, which is not its own.
+step 14, a save between two validations that recorded step 12's score, which is not its own. A
+training metric that stays constant (train_acc, saturated at 1.0) is each save's own, so it ranks every
+save: the newest ("last") is best by it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ class Branched:
 
 
 class ScoredModel(TinyModel):
-    """Logs a scripted score that rises with the step (exact in float32), so the best validated checkpoint is known."""
+    """Logs a scripted score that rises with the step (exact in float32), so the best validated checkpoint is known,
+    and a training accuracy saturated at 1.0 (the same value at every step, before and after each validation)."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("train_acc", 1.0)
+        return super().training_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val_score", float(self.global_step))
@@ -70,6 +77,9 @@ def test_a_save_between_validations_records_the_score_with_the_step_it_was_compu
         "step=000000010": (8.0, 8), "step=000000012": (12.0, 12), "step=000000014": (12.0, 12),
         "step=000000016": (16.0, 16), "step=000000018": (16.0, 16),
         f"step=000000012-{branch}": (12.0, 12), f"step=000000014-{branch}": (12.0, 12)}
+    # Computed for each save's own state, though its value equals what the last validation left.
+    assert {name: e["metric_steps"]["train_acc"] for name, e in branched.entries.items()} == {
+        name: e["step"] for name, e in branched.entries.items()}
 
 
 def test_every_caller_names_one_last_and_one_best(branched, tmp_path, caplog):
@@ -77,6 +87,7 @@ def test_every_caller_names_one_last_and_one_best(branched, tmp_path, caplog):
     assert latest_checkpoint(root) == branched.last  # a fresh process, no ledger needed
     assert best_checkpoint(root, "val_score", "max") == branched.best
     assert select_best(root, "val_score", "max") == branched.best
+    assert best_checkpoint(root, "train_acc", "max") == branched.last  # ties: the newer save
     ckpt = Checkpointer(root, every_n_steps=2, monitor="val_score", mode="max", exact_resume=False)
     trainer = _trainer([ckpt], 14)
     trainer.validate(model, tiny_loader(seed=1), ckpt_path="last")
