@@ -37,7 +37,6 @@ from lightning_ckpt.mirror import Mirror, Tiering
 from lightning_ckpt.pipeline import SaveOutcome, SavePipeline, decided_on_rank_zero
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store.base import Lock
-from lightning_ckpt.store.ledger import Entry
 
 TRAIN_END = "train_end"
 PREEMPTED = "preempted"
@@ -161,7 +160,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         self._manager: CheckpointManager | None = None
         self._pipeline: SavePipeline | None = None
         self._inherited_run_id: str | None = None
-        self._best_cache: tuple[int, Entry | None] | None = None
+        self._view_cache: tuple[int, dict[str, Any]] | None = None
         self._best_override: str | None = None
         self._last_saved_step: int | None = None
         self._last_save_time: float | None = None

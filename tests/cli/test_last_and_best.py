@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 
 from clirun import run
 from lightning_ckpt import Checkpointer, Mirror, best_checkpoint, latest_checkpoint, select_best
+from lightning_ckpt.format import MODEL_FILE
 from lightning_ckpt.store.ledger import LEDGER_FILE, Ledger
 from lightning_ckpt.store.local import LocalStore
 from tiny import TinyModel, tiny_loader
@@ -124,3 +126,20 @@ def test_an_older_ledger_without_metric_steps_still_loads(branched, tmp_path):
     with_steps = {e.name: e for e in Ledger(LocalStore(branched.root)).load()}
     for entry in Ledger(LocalStore(copy)).load():  # every value counts as its own step's, as before
         assert entry.metric_steps == {} and entry.metrics == with_steps[entry.name].metrics
+
+
+def test_the_checkpointers_best_and_top_k_are_the_one_best_and_last_passing_over_a_damaged_newest(branched, tmp_path):
+    copy = tmp_path / "c"
+    shutil.copytree(branched.root, copy)
+    newest, branch = Path(branched.last).name, Path(branched.last).name.split("-")[1]
+    os.truncate(copy / newest / MODEL_FILE, 5)
+    plain = Checkpointer(copy, every_n_steps=2, exact_resume=False)  # no monitor: "best" is "last"
+    ranked = Checkpointer(copy, every_n_steps=2, monitor="train_acc", mode="max", top_k=2, exact_resume=False)
+    trainer = _trainer([plain, ranked], 14)
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint.*{newest}"):
+        trainer.validate(TinyModel(), tiny_loader(seed=1), ckpt_path="last")
+        expected = str(copy / f"step=000000012-{branch}")
+        assert trainer.ckpt_path == plain.best_model_path == plain.last_model_path == expected
+        # train_acc ties at every save: best and the top 2 are the newest sound ones, in "best"'s order.
+        assert list(ranked.best_k_models) == [expected, str(copy / f"step=000000010-{branch}")]
+        assert ranked.best_model_path == expected and ranked.best_model_score.item() == 1.0
