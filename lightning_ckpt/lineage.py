@@ -7,16 +7,17 @@ committed save), never by step: a branch resumed from step 10 of a run that reac
 newer than that run, so "last" follows the branch, and the abandoned steps keep to their own run's
 retention but are never "last" again. Pure functions over ledger entries: no I/O here.
 
-:func:`last_of` and :func:`best_of` are the only places that decide "last" and "best": the Trainer's
-``ckpt_path``, ``latest_checkpoint``/``best_checkpoint``, the mirror's resume and the command line
-all call them, each passing how it checks a candidate (``verifies``).
+:func:`last_of` and :func:`best_of` (:func:`ranked_of` for the top K) are the only places that decide
+"last" and "best": the Trainer's ``ckpt_path``, the Checkpointer's ``best_model_path``/``best_k_models``,
+``latest_checkpoint``/``best_checkpoint``, the mirror's resume and the command line all call them, each
+passing how it checks a candidate (``verifies``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from lightning_ckpt.policy.retention import Record, best_record
+from lightning_ckpt.policy.retention import Record, ranked_records
 from lightning_ckpt.store.ledger import COMMITTED, Entry
 
 Verifies = Callable[[str], bool]  # whether the checkpoint of that name is sound (warning when it is not)
@@ -107,12 +108,20 @@ def best_of(entries: Sequence[Entry], monitor: str, mode: str, verifies: Verifie
     Raises:
         ValueError: ``mode`` is not "min" or "max".
     """
+    return next(ranked_of(entries, monitor, mode, verifies, run_id, parent), None)
+
+
+def ranked_of(entries: Sequence[Entry], monitor: str, mode: str, verifies: Verifies, run_id: str | None = None,
+              parent: str | None = None) -> Iterator[Entry]:
+    """The checkpoints of :func:`best_of`'s lineage in its ranking, best first, each verified as it
+    is reached (a damaged one is passed over): the first is "best", the first K are the top K.
+
+    Raises:
+        ValueError: ``mode`` is not "min" or "max".
+    """
     candidates = {e.name: e for e in newest_lineage(entries, run_id, parent)}
-    while True:
-        best = best_record([to_record(e) for e in candidates.values()], monitor, mode)  # type: ignore[arg-type]
-        if best is None or verifies(best.name):
-            return candidates[best.name] if best is not None else None
-        del candidates[best.name]
+    ranked = ranked_records([to_record(e) for e in candidates.values()], monitor, mode)  # type: ignore[arg-type]
+    return (candidates[r.name] for r in ranked if verifies(r.name))
 
 
 def to_record(entry: Entry) -> Record:

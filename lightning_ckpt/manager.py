@@ -11,12 +11,12 @@ import os
 from functools import partial
 import uuid
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
-from lightning_ckpt.lineage import Verifies, best_of, continues_newest, last_of, lineage, to_record
+from lightning_ckpt.lineage import Verifies, best_of, continues_newest, last_of, lineage, ranked_of, to_record
 from lightning_ckpt.policy import RetentionConfig, RetentionPlan
 from lightning_ckpt.store import Listed, LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
@@ -244,6 +244,13 @@ def best_entry(entries: list[Entry], store: Store, monitor: str, mode: str, run_
     """"Best" in ``store`` (``lineage.best_of``): of ``run_id``'s lineage (default: the newest branch's),
     by values computed for each checkpoint's own state, passing over damaged ones with a warning."""
     return best_of(entries, monitor, mode, partial(_verifies, store), run_id, parent)
+
+
+def ranked_entries(entries: list[Entry], store: Store, monitor: str, mode: str, run_id: str | None = None,
+                   parent: str | None = None) -> Iterator[Entry]:
+    """:func:`best_entry`'s ranking (``lineage.ranked_of``), best first, verified lazily: the top K are the
+    first K taken, damaged ones passed over with a warning."""
+    return ranked_of(entries, monitor, mode, partial(_verifies, store), run_id, parent)
 
 
 def _verifies(store: Store, name: str) -> bool:

@@ -3,6 +3,7 @@ ledger for the ``Checkpointer``: this run's lineage after a fit, the newest bran
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -11,9 +12,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.lightning.from_modelcheckpoint import newest_stock_ckpt
-from lightning_ckpt.lineage import newest_lineage
 from lightning_ckpt.lightning.remote_dirpath import note_remote_last
-from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_entry
+from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_entry, ranked_entries
 from lightning_ckpt.mirror import last_across_tiers
 from lightning_ckpt.store import Store, open_store
 from lightning_ckpt.store.ledger import Entry
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 class ModelCheckpointView:
     """A mixin of the ``Checkpointer``: the attributes Lightning reads from a ``ModelCheckpoint``
-    (``best_model_path``, ``last_model_path``, ...), with the verified best cached per ledger change."""
+    (``best_model_path``, ``last_model_path``, ...), each the answer of the one function deciding it
+    (``lineage.last_of``/``best_of``/``ranked_of``), verified once per ledger change."""
 
     dirpath: str | None
     monitor: str | None
@@ -37,7 +38,7 @@ class ModelCheckpointView:
     _manager: CheckpointManager | None
     _retention: RetentionConfig
     _best_override: str | None
-    _best_cache: tuple[int, Entry | None] | None
+    _view_cache: tuple[int, dict[str, Any]] | None  # the manager's revision, the answers given at it
     _resolve_dirpath: Callable[[L.Trainer], str]  # the Checkpointer's
     _migrating_from: str | None = None  # the ModelCheckpoint file "last" chose, for the Checkpointer to say so
 
@@ -86,23 +87,22 @@ class ModelCheckpointView:
 
     @property
     def last_model_path(self) -> str:
-        lineage = self._lineage()
-        return self._reader().path(lineage[0].name) if lineage else ""
+        entry = self._last_entry()
+        return self._reader().path(entry.name) if entry else ""
 
     @property
     def current_score(self) -> torch.Tensor | None:
-        lineage = self._lineage()
-        value = lineage[0].own_metrics().get(self.monitor) if lineage and self.monitor else None
+        entry = self._last_entry()
+        value = entry.own_metrics().get(self.monitor) if entry and self.monitor else None
         return torch.tensor(value) if value is not None else None
 
     @property
     def best_k_models(self) -> dict[str, torch.Tensor]:
+        """The ``save_top_k`` best by ``monitor`` in "best"'s ranking (its first is ``best_model_path``)."""
         if not self.monitor:
             return {}
-        scores = [(e, s) for e in self._lineage() if (s := e.own_metrics().get(self.monitor)) is not None]
-        scores.sort(key=lambda pair: pair[1], reverse=self.mode == "max")
         reader = self._reader()
-        return {reader.path(e.name): torch.tensor(score) for e, score in scores[: self.save_top_k]}
+        return {reader.path(e.name): torch.tensor(e.own_metrics()[self.monitor]) for e in self._top_k()}
 
     # -- reading the ledger --------------------------------------------------------------------
 
@@ -115,17 +115,28 @@ class ModelCheckpointView:
                 self._manager.refresh()
         return self._manager
 
-    def _lineage(self) -> list[Entry]:
-        """This run's checkpoints, newest first, with those it branched from; before a fit, the newest branch's."""
+    def _answer(self, key: str, decide: Callable[[CheckpointManager], Any]) -> Any:
+        """``decide``'s answer, once per change of the ledger, not per access: loggers read these often."""
         manager = self._reader()
-        return newest_lineage(manager.entries, manager.run_id, manager.parent)
+        if self._view_cache is None or self._view_cache[0] != manager.revision:
+            self._view_cache = (manager.revision, {})
+        answers = self._view_cache[1]
+        if key not in answers:
+            answers[key] = decide(manager)
+        return answers[key]
+
+    def _last_entry(self) -> Entry | None:
+        return self._answer("last", lambda m: last_entry(m.entries, m.store, m.run_id, m.parent))
 
     def _best_entry(self) -> Entry | None:
-        # Verified once per change of the ledger, not per access: loggers read best_model_path often.
-        manager = self._reader()
-        if self._best_cache is None or self._best_cache[0] != manager.revision:
-            lineage = self._lineage()  # without a monitor, "best" is the newest (as ModelCheckpoint's)
-            best = best_entry(manager.entries, manager.store, self.monitor, self.mode, manager.run_id,
-                              manager.parent) if self.monitor else (lineage[0] if lineage else None)
-            self._best_cache = (manager.revision, best)
-        return self._best_cache[1]
+        if not self.monitor:  # without a monitor, "best" is "last" (as ModelCheckpoint's is its newest)
+            return self._last_entry()
+        return self._answer("best", lambda m: best_entry(m.entries, m.store, self.monitor, self.mode,
+                                                         m.run_id, m.parent))
+
+    def _top_k(self) -> list[Entry]:
+        def decide(m: CheckpointManager) -> list[Entry]:
+            ranked = ranked_entries(m.entries, m.store, self.monitor, self.mode, m.run_id, m.parent)
+            return list(itertools.islice(ranked, self.save_top_k))
+
+        return self._answer("top_k", decide)

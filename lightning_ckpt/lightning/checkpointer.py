@@ -17,8 +17,10 @@ from lightning_ckpt.async_saves import AsyncSavePipeline
 from lightning_ckpt.background import WHEN_BUSY
 from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.lightning.checkpoint_view import ModelCheckpointView
+from lightning_ckpt.lightning.companions import ensure_exact_resume
 from lightning_ckpt.lightning.from_modelcheckpoint import migration_note
 from lightning_ckpt.lightning.hparams_check import check_hparams_storable
+from lightning_ckpt.lightning.metric_origin import MetricOrigin
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.lightning.remote_dirpath import checked_dirpath
 from lightning_ckpt.lightning.sharded_io import route_if_sharded
@@ -30,12 +32,11 @@ from lightning_ckpt.lightning.trainer_io import (
     snapshot,
     write,
 )
-from lightning_ckpt.manager import CheckpointManager, StepMetrics, new_run_id
+from lightning_ckpt.manager import CheckpointManager, new_run_id
 from lightning_ckpt.mirror import Mirror, Tiering
 from lightning_ckpt.pipeline import SaveOutcome, SavePipeline, decided_on_rank_zero
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store.base import Lock
-from lightning_ckpt.store.ledger import Entry, clean_metrics
 
 TRAIN_END = "train_end"
 PREEMPTED = "preempted"
@@ -159,15 +160,13 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         self._manager: CheckpointManager | None = None
         self._pipeline: SavePipeline | None = None
         self._inherited_run_id: str | None = None
-        self._best_cache: tuple[int, Entry | None] | None = None
+        self._view_cache: tuple[int, dict[str, Any]] | None = None
         self._best_override: str | None = None
         self._last_saved_step: int | None = None
         self._last_save_time: float | None = None
         self._start_time = 0.0
         self._last_step_seen: int | None = None
-        self._warned_monitor = False
-        self._validated_step: int | None = None
-        self._validated: dict[str, float | None] = {}  # callback_metrics as the last validation left them
+        self._origin = MetricOrigin()  # the step each logged metric was computed at
         self._preempted = False
         self._catching = False  # our signal handlers are installed for this fit
         self._at_step_boundary = False  # the last training batch ended an optimizer step
@@ -204,10 +203,10 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
                                           storage_options=self._storage_options)
         self._manager.run_id = decided_on_rank_zero(agree, self._claim_directory)
         self._pipeline = self._new_pipeline(agree)
-        self._inherited_run_id, self._validated_step, self._validated = None, None, {}
+        self._inherited_run_id, self._origin = None, MetricOrigin()
         self._manager.refresh()
         if self.exact_resume:
-            _ensure_exact_resume(trainer)
+            ensure_exact_resume(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_lineage(trainer)
@@ -249,11 +248,14 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         if reason:
             self._save(trainer, reason)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._origin.validation_started(trainer.callback_metrics)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self._warn_if_monitor_missing(trainer)
-        self._validated_step, self._validated = trainer.global_step, clean_metrics(trainer.callback_metrics)
+        self._origin.validation_ended(trainer.global_step, trainer.callback_metrics, self.monitor)
         reason = self._schedule.on_validation_end(trainer.global_step, last_saved_step=self._last_saved_step,
                                                   monitor_set=self.monitor is not None)
         if reason:
@@ -359,7 +361,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         step = trainer.global_step
         if self.async_save and reason in (TRAIN_END, PREEMPTED):  # never skipped: wait for the save in flight
             self._after_save(trainer, self._pipeline.finish())
-        outcome = self._pipeline.save(step, reason=reason, metrics=self._fresh_metrics(trainer),
+        outcome = self._pipeline.save(step, reason=reason, metrics=self._origin.at_save(step, trainer.callback_metrics),
                                       snapshot=partial(snapshot, trainer), write=partial(write, trainer),
                                       final=reason in (TRAIN_END, PREEMPTED))
         committed = self._after_save(trainer, outcome)  # async: the previous save's, settled now
@@ -385,41 +387,5 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         return AsyncSavePipeline(self._manager, agree, on_error=self.on_save_error, tiering=tiering,
                                  when_busy=self.when_busy, overlap=self.staging == STAGING[0])
 
-    def _fresh_metrics(self, trainer: L.Trainer) -> StepMetrics:
-        """The logged metrics, each with the step it was computed at: a value the last validation left
-        unchanged is that validation's (from an earlier step it never ranks this checkpoint; a validation
-        at this step attaches its values later), any other is this step's."""
-        metrics, step = dict(trainer.callback_metrics), trainer.global_step
-        origin = self._validated_step if self._validated_step is not None else step
-        steps = {k: origin if k in self._validated and self._validated[k] == v else step
-                 for k, v in clean_metrics(metrics).items()}
-        return StepMetrics(metrics, steps)
-
     def _resolve_dirpath(self, trainer: L.Trainer) -> str:
         return self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
-
-    def _warn_if_monitor_missing(self, trainer: L.Trainer) -> None:
-        if self.monitor and self.monitor not in trainer.callback_metrics and not self._warned_monitor:
-            self._warned_monitor = True
-            logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
-            warnings.warn(f"Checkpointer(monitor={self.monitor!r}): that metric was not logged by this validation "
-                          f"(logged: {logged}); checkpoints cannot be ranked by it. Log it with self.log("
-                          f"{self.monitor!r}, ...) or fix monitor=", CheckpointWarning, stacklevel=2)
-
-
-def _ensure_exact_resume(trainer: L.Trainer) -> None:
-    """Give the Trainer an ExactResume (unless it has one) that acts before every checkpoint callback."""
-    from lightning.pytorch.callbacks import Checkpoint
-
-    from lightning_ckpt.lightning.exact_resume import ExactResume
-
-    exact = next((cb for cb in trainer.callbacks if isinstance(cb, ExactResume)), None)
-    added, exact = exact is None, exact or ExactResume()
-    others = [cb for cb in trainer.callbacks if cb is not exact]
-    first_saver = next((i for i, cb in enumerate(others) if isinstance(cb, Checkpoint)), len(others))
-    # It restores what a save on the first batch after a resume reads (the epoch's logged sums), so its
-    # batch hooks must run before any saver's. A new list, not an insert: Lightning is running the setup
-    # hooks over the old one, and an insert before this callback would run this setup a second time.
-    trainer.callbacks = [*others[:first_saver], exact, *others[first_saver:]]
-    if added:  # not in the list Lightning is iterating, so it is set up here
-        exact.setup(trainer, trainer.lightning_module, "fit")

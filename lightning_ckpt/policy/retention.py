@@ -191,6 +191,17 @@ def latest_record(records: Sequence[Record]) -> Record | None:
     return max((r for r in records if r.verified), key=_age, default=None)
 
 
+def ranked_records(records: Sequence[Record], monitor: str, mode: Mode) -> list[Record]:
+    """The verified records with a ``monitor`` value, best first (newer step on ties): the ranking
+    ``best_record`` takes the first of and ``lineage.ranked_of`` applies to one lineage.
+
+    Raises:
+        ValueError: ``mode`` is not "min" or "max".
+    """
+    _check_mode(mode)
+    return _ranked([r for r in records if r.verified], monitor, mode)
+
+
 def best_record(records: Sequence[Record], monitor: str, mode: Mode) -> Record | None:
     """The best verified record by ``monitor``: the ranking ``lineage.best_of`` applies to one lineage.
 
@@ -207,8 +218,7 @@ def best_record(records: Sequence[Record], monitor: str, mode: Mode) -> Record |
     Raises:
         ValueError: ``mode`` is not "min" or "max".
     """
-    _check_mode(mode)
-    ranked = _ranked([r for r in records if r.verified], monitor, mode)
+    ranked = ranked_records(records, monitor, mode)
     return ranked[0] if ranked else None
 
 
