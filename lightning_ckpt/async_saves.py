@@ -54,7 +54,7 @@ class AsyncSavePipeline(SavePipeline):
                              "or 'skip' (it is skipped with a warning)")
         self.when_busy, self.overlap, self.stager = when_busy, overlap, stager or Stager()
         self.skipped: list[int] = []
-        self.last_started: int | None = None  # the step of the newest save that reached the worker
+        self.last_started: int | None = None  # the step of the save the latest call started (None: it started none)
         self._job: BackgroundJob[BaseException | None] = BackgroundJob()
         self._in_flight: _InFlight | None = None
         self._metrics_later: list[tuple[int, Mapping[str, Any]]] = []
@@ -79,7 +79,7 @@ class AsyncSavePipeline(SavePipeline):
             StorageError, CheckpointError: the settled save failed (as ``SavePipeline.save`` raises).
         """
         timing = SaveTiming(started=self.clock())
-        settled = None
+        settled, self.last_started = None, None
         if self._in_flight is not None:
             if self.when_busy == "skip" and self.agree.broadcast(self._job.busy):
                 self._skip(step)

@@ -326,10 +326,14 @@ def _lineage_rollbacks(manager: CheckpointManager) -> int:
 
     Each rollback starts a branch (its record names it), so the branches of the chain this run
     continues are the rollbacks its history went through; those of a branch it did not grow from
-    (an abandoned one, another run) are not its own.
+    (an abandoned one, another run) are not its own. A branch that rolled back again before its first
+    save has no checkpoint in the chain: its record, on a checkpoint the chain holds, counts too.
     """
-    runs = {e.run_id for e in manager.lineage()} | {manager.run_id}
-    return sum(record.get(ledger.ROLLBACK_RUN_ID) in runs for e in manager.entries for record in e.rollbacks)
+    chain = manager.lineage()
+    runs = {e.run_id for e in chain} | {manager.run_id}
+    saved = {e.run_id for e in manager.entries if e.status == ledger.COMMITTED}
+    return sum(record.get(ledger.ROLLBACK_RUN_ID) in runs or record.get(ledger.ROLLBACK_RUN_ID) not in saved
+               for e in chain for record in e.rollbacks)
 
 
 def _record(manager: CheckpointManager, name: str, event: RollbackEvent) -> None:

@@ -131,6 +131,20 @@ def test_rollbacks_before_a_restart_count_against_max_rollbacks_of_the_resumed_l
     assert f"1 recorded in {tmp_path / 'ledger.json'} before this fit" in message
 
 
+def test_a_rollback_whose_branch_never_saved_still_counts_after_a_restart(tmp_path: Path) -> None:
+    """Samples 30 and 34: the branch of the first rollback meets the second before its first save, so
+    only the second branch's saves are in the resumed chain; both rollbacks count all the same. The
+    resume starts at batch 15 (three batches were skipped), whose sample 62 is poisoned."""
+    first = Rollback(max_rollbacks=3)
+    fit(tmp_path, {30: NAN, 34: NAN}, first)
+    assert [(e.bad_step, e.restored_step) for e in first.events] == [(8, 6), (7, 6)]
+    resumed = Rollback(max_rollbacks=2)
+    with pytest.raises(RollbackError) as raised:
+        fit(tmp_path, {62: NAN}, resumed, max_steps=24, ckpt_path="last")
+    assert resumed.events == [] and "after 2 rollbacks (max_rollbacks=2)" in str(raised.value)
+    assert f"2 recorded in {tmp_path / 'ledger.json'} before this fit" in str(raised.value)
+
+
 def test_a_loss_spike_is_rolled_back_with_the_zscore_detector_and_ignored_without_it(tmp_path: Path) -> None:
     default = Rollback()
     fit(tmp_path / "default", {POISONED: SPIKE}, default)
