@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_ckpt import engine
-from lightning_ckpt.background import BackgroundJob
-from lightning_ckpt.staging import Stager
+from lightning_ckpt.saving import engine
+from lightning_ckpt.saving.background import BackgroundJob
+from lightning_ckpt.saving.staging import Stager
 
 _MIB = 1 << 20
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_ckpt.lineage import continues_newest, lineage, newest_lineage, runs_by_creation
+from lightning_ckpt.history.lineage import continues_newest, lineage, newest_lineage, runs_by_creation
 from lightning_ckpt.store.ledger import COMMITTED, DELETED, Entry
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_ckpt import load_checkpoint, save_checkpoint
-from lightning_ckpt.mirror import FAILED, REMOVED, RETRYING, UPLOADED, Mirror, Uploader, copy_checkpoint
+from lightning_ckpt.tiers.mirror import FAILED, REMOVED, RETRYING, UPLOADED, Mirror, Uploader, copy_checkpoint
 from lightning_ckpt.store import FsspecStore, LocalStore
 
 # Fail fast while the server is down: one connection attempt per try, our own retries do the rest.
@@ -107,7 +107,7 @@ def _entries(root) -> list:
 
 
 def test_tiering_holds_pending_uploads_and_records_the_tiers(s3, tmp_path):
-    from lightning_ckpt.mirror import Tiering
+    from lightning_ckpt.tiers.mirror import Tiering
     from lightning_ckpt.store.ledger import LOCAL_TIER, MIRROR_TIER
 
     names = [_save(tmp_path, step) for step in (1, 2, 3, 4)]
@@ -126,7 +126,7 @@ def test_tiering_holds_pending_uploads_and_records_the_tiers(s3, tmp_path):
 
 def test_a_given_up_upload_warns_and_is_recorded(tmp_path):
     from lightning_ckpt.errors import CheckpointWarning
-    from lightning_ckpt.mirror import Tiering
+    from lightning_ckpt.tiers.mirror import Tiering
 
     name = _save(tmp_path, 1)
     mirror = Mirror("s3://bucket/x", retries=1, backoff=0,
@@ -142,7 +142,7 @@ def test_a_given_up_upload_warns_and_is_recorded(tmp_path):
 
 
 def test_last_across_tiers_downloads_only_a_newer_verified_checkpoint(s3, tmp_path):
-    from lightning_ckpt.mirror import last_across_tiers
+    from lightning_ckpt.tiers.mirror import last_across_tiers
 
     mirror = Mirror(s3.url(), storage_options=s3.options)
     for step in (3, 5):
@@ -165,7 +165,7 @@ def test_last_across_tiers_downloads_only_a_newer_verified_checkpoint(s3, tmp_pa
 
 
 def test_last_across_tiers_replaces_a_damaged_local_copy_with_the_mirrors(tmp_path):
-    from lightning_ckpt.mirror import last_across_tiers
+    from lightning_ckpt.tiers.mirror import last_across_tiers
 
     here, there = tmp_path / "here", tmp_path / "mirror"
     for step in (100, 200):
@@ -182,7 +182,7 @@ def test_last_across_tiers_replaces_a_damaged_local_copy_with_the_mirrors(tmp_pa
 _COPY_IN_CHILD = """
 import re, sys
 from pathlib import Path
-from lightning_ckpt.mirror import copy_checkpoint
+from lightning_ckpt.tiers.mirror import copy_checkpoint
 from lightning_ckpt.store import LocalStore
 def peak():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -10,48 +9,15 @@ from typing import Any
 
 import click
 
-from lightning_ckpt.catalog import DAMAGED, OK, Row, describe
-from lightning_ckpt.cli import main
+from lightning_ckpt.history.catalog import DAMAGED, OK, Row, describe
+from lightning_ckpt.cli.app import main
+from lightning_ckpt.cli.options import ALLOW_PICKLE, MODE, PATH, STORAGE_OPTIONS, retention_options
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, size, when
 from lightning_ckpt.errors import NotACheckpointError
-from lightning_ckpt.policy.retention import MODES, RetentionConfig
+from lightning_ckpt.policy.retention import RetentionConfig
 from lightning_ckpt.store.fsutil import remote_scheme
 
 EXIT_DAMAGED = 1
-_PATH = click.Path(exists=True, path_type=Path)
-_OPTIONS_HELP = ("fsspec options for a URL PATH, as a JSON object (endpoint, profile, ...); prefer environment "
-                 "variables or a profile for credentials, which a command line shows to other users")
-
-
-def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    try:
-        options = json.loads(value)
-    except ValueError as err:
-        raise click.BadParameter(f"not JSON ({err})") from None
-    if not isinstance(options, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"anon\": true}'")
-    return options
-
-
-ALLOW_PICKLE = click.option(
-    "--allow-pickle", is_flag=True,
-    help="DCP and DeepSpeed checkpoints: read files that need full unpickling (a .metadata naming classes other "
-         "than torch's own, a meta.pt or value that weights_only=True refuses, DeepSpeed's files). This runs code "
-         "from them: only for checkpoints you trust.")
-_STORAGE_OPTIONS = click.option("--storage-options", "options", callback=_storage_options, help=_OPTIONS_HELP)
-_MODE = click.option("--mode", type=click.Choice(MODES), default="min", show_default=True,
-                     help="min: lower is better (a loss); max: higher is better (an accuracy).")
-
-
-def retention_options(f):  # noqa: ANN001, ANN201 - a click decorator
-    """--keep-last / --top-k / --monitor / --mode, shared by list and prune."""
-    f = click.option("--top-k", type=click.IntRange(min=0), default=0, help="Keep the K best by --monitor.")(f)
-    f = click.option("--keep-last", type=click.IntRange(min=1), default=None, help="Keep the N newest.")(f)
-    return f
-
-
 def _rows(path: str | Path, **kw: object) -> list[Row]:
     rows = describe(path, **kw)  # type: ignore[arg-type]
     if not rows:
@@ -84,9 +50,9 @@ def _flags(row: Row) -> str:
 @click.argument("path")
 @click.option("--verify", "check", is_flag=True, help="Check every checksum (reads every byte); default: sizes only.")
 @click.option("--monitor", default=None, help="Mark the best checkpoint by this recorded metric.")
-@_MODE
+@MODE
 @retention_options
-@_STORAGE_OPTIONS
+@STORAGE_OPTIONS
 @JSON_OPTION
 def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int | None, top_k: int,
           options: dict[str, Any] | None, as_json: bool) -> None:
@@ -114,7 +80,7 @@ def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True)
-@_STORAGE_OPTIONS
+@STORAGE_OPTIONS
 @JSON_OPTION
 def verify(paths: tuple[str, ...], options: dict[str, Any] | None, as_json: bool) -> None:
     """Check every file of the checkpoints at PATHS against their checksums (exit 1 and a list if any
@@ -138,7 +104,7 @@ def verify(paths: tuple[str, ...], options: dict[str, Any] | None, as_json: bool
 def _verified(path: str, options: dict[str, Any] | None) -> list[Row]:
     if remote_scheme(path) is not None:
         return _rows(path, check=True, storage_options=options)
-    local = _PATH.convert(path, None, None)  # a local PATH must exist
+    local = PATH.convert(path, None, None)  # a local PATH must exist
     if local.is_file() and not local.name.endswith(".safetensors"):
         from lightning_ckpt.convert.torchfile import verify_torch_file
 
@@ -147,7 +113,7 @@ def _verified(path: str, options: dict[str, Any] | None) -> list[Row]:
 
 
 @main.command()
-@click.argument("path", type=_PATH)
+@click.argument("path", type=PATH)
 @click.option("--tensors", "every", is_flag=True, help="List every tensor, not only the totals per group.")
 @ALLOW_PICKLE
 @JSON_OPTION
@@ -186,14 +152,14 @@ def inspect(path: Path, every: bool, allow_pickle: bool, as_json: bool) -> None:
 @main.command()
 @click.argument("path")
 @click.option("--monitor", required=True, help="The metric to rank by (recorded by the Checkpointer, or logged).")
-@_MODE
-@click.option("--logs", type=_PATH, default=None,
+@MODE
+@click.option("--logs", type=PATH, default=None,
               help="A CSVLogger or TensorBoardLogger log directory (or its metrics.csv / event file): score each "
                    "checkpoint by the value logged at its step, else the first logged after it and before the "
                    "next checkpoint.")
 @click.option("--run", "run_id", default=None, help="Rank this run lineage (a run id `list` shows); default: the "
                                                    "newest branch's, the lineage ckpt_path='last' resumes.")
-@_STORAGE_OPTIONS
+@STORAGE_OPTIONS
 @JSON_OPTION
 def best(path: str, monitor: str, mode: str, logs: Path | None, run_id: str | None, options: dict[str, Any] | None,
          as_json: bool) -> None:
@@ -205,8 +171,8 @@ def best(path: str, monitor: str, mode: str, logs: Path | None, run_id: str | No
     Example:
       lightning-ckpt best checkpoints/ --monitor val_acc --mode max --logs lightning_logs/version_0
     """
-    from lightning_ckpt.selection import select_best
+    from lightning_ckpt.history.selection import select_best
 
-    where = path if remote_scheme(path) is not None else _PATH.convert(path, None, None)  # a local PATH must exist
+    where = path if remote_scheme(path) is not None else PATH.convert(path, None, None)  # a local PATH must exist
     chosen = select_best(where, monitor, mode, logs=logs, run_id=run_id, storage_options=options)
     emit_json({"path": chosen, "monitor": monitor, "mode": mode}) if as_json else click.echo(chosen)

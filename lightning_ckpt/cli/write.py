@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from lightning_ckpt.cli import main
+from lightning_ckpt.cli.app import main
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, progress_bar
-from lightning_ckpt.cli.read import _MODE, _PATH, ALLOW_PICKLE, retention_options
+from lightning_ckpt.cli.options import ALLOW_PICKLE, MODE, PATH, retention_options
 from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
 from lightning_ckpt.errors import UnsupportedFormatError
 from lightning_ckpt.format.manifest import MANIFEST_FILE
@@ -21,10 +21,10 @@ Progress = Callable[[int], None]
 
 
 @main.command()
-@click.argument("path", type=_PATH)
+@click.argument("path", type=PATH)
 @retention_options
 @click.option("--monitor", default=None, help="The metric --top-k ranks by (as recorded by the Checkpointer).")
-@_MODE
+@MODE
 @click.option("--run", "run", default=None, help="Prune only this run lineage (default: every lineage separately, "
                                                  "each keeping its own newest checkpoint).")
 @click.option("--yes", is_flag=True, help="Delete; without it, only print what would go.")
@@ -40,8 +40,8 @@ def prune(path: Path, keep_last: int | None, top_k: int, monitor: str | None, mo
       lightning-ckpt prune checkpoints/ --keep-last 2 --top-k 1 --monitor val_loss          # dry run
       lightning-ckpt prune checkpoints/ --keep-last 2 --top-k 1 --monitor val_loss --yes    # delete
     """
-    from lightning_ckpt.selection import plan_prune
-    from lightning_ckpt.selection import prune as apply_prune
+    from lightning_ckpt.history.selection import plan_prune
+    from lightning_ckpt.history.selection import prune as apply_prune
 
     if not keep_last and not top_k:
         raise ValueError("nothing to prune by: pass --keep-last N and/or --top-k K --monitor METRIC")
@@ -60,7 +60,7 @@ def prune(path: Path, keep_last: int | None, top_k: int, monitor: str | None, mo
 
 
 @main.command()
-@click.argument("src", type=_PATH)
+@click.argument("src", type=PATH)
 @click.argument("dst", type=click.Path(path_type=Path))
 @ALLOW_PICKLE
 @click.option("--force", is_flag=True, help="Replace an existing DST: a file by a file, or a lightning-ckpt "
@@ -205,7 +205,7 @@ _WAYS: dict[tuple[str, str], Way] = {
 
 
 @main.command()
-@click.argument("src", type=_PATH)
+@click.argument("src", type=PATH)
 @click.option("--hf", "out", type=click.Path(path_type=Path), required=True,
               help="The folder to create: Hugging Face sharded safetensors + model.safetensors.index.json.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,

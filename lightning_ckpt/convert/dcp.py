@@ -31,7 +31,7 @@ from lightning_ckpt.convert.dcp_metadata import PICKLE_HINT, read_dcp_metadata, 
 from lightning_ckpt.convert.lightning import Progress, page_out, streamed
 from lightning_ckpt.convert.destination import CHECKPOINT, check_destination
 from lightning_ckpt.convert.single_file import write_weights
-from lightning_ckpt.engine import commit_encoded
+from lightning_ckpt.saving.engine import commit_encoded
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError, UnsafeCheckpointError
 from lightning_ckpt.format import Manifest, encode_state
 from lightning_ckpt.store.fsutil import TMP_PREFIX, local_path

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_ckpt.engine import commit_encoded, load_checkpoint
+from lightning_ckpt.saving.engine import commit_encoded, load_checkpoint
 from lightning_ckpt.convert.destination import CHECKPOINT, check_destination
 from lightning_ckpt.convert.torchfile import read_torch_file
 from lightning_ckpt.format import Blob, Manifest, encode_state

@@ -34,13 +34,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
 
-from lightning_ckpt.engine import library_versions, manifest_fields
+from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.format.manifest import SHARDS_DIR, FileEntry
 from lightning_ckpt.format.state import is_dtensor, sharded_key
 from lightning_ckpt.distributed.shard_reader import ListedShardReader
-from lightning_ckpt.pipeline import Agree, SingleProcess, all_ranks, decided_on_rank_zero
+from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, read_manifest, read_verified, verify
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.fsutil import hash_file

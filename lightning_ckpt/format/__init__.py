@@ -1,4 +1,8 @@
-"""State <-> bytes: the safetensors + JSON checkpoint format and its manifest. No I/O."""
+"""State <-> bytes: the safetensors + JSON checkpoint format and its manifest. No I/O.
+
+It imports only ``errors``, torch, numpy and safetensors: never store/, a
+filesystem call or Lightning.
+"""
 
 from __future__ import annotations
 

@@ -21,12 +21,23 @@ import importlib
 import sys
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lightning_ckpt.errors import CheckpointWarning
 
-if TYPE_CHECKING:
-    from lightning_ckpt.format.codec import Decoder, Encoder
+
+
+# What this module needs of codec's Encoder and Decoder, so that codec imports this module and not
+# the other way round.
+class Encoder(Protocol):
+    def encode(self, value: Any, path: tuple = ()) -> Any: ...
+
+
+class Decoder(Protocol):
+    where: str
+
+    def decode(self, node: Any) -> Any: ...
+
 
 TAG_OMEGACONF = "$omegaconf"
 TAG_NAMESPACE = "$namespace"

@@ -2,6 +2,9 @@
 
 Importing this package (as using ``Checkpointer`` or ``SafetensorsCheckpointIO`` does) lets
 ``MyModel.load_from_checkpoint(path)`` read lightning-ckpt checkpoints: see ``loading``.
+
+It is the only part of the package that imports Lightning: the layers below serve plain
+PyTorch and the CLI, and must never import it.
 """
 
 import warnings

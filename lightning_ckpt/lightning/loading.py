@@ -28,7 +28,7 @@ from typing import IO, Any, TypeVar
 
 import lightning as L
 
-from lightning_ckpt import engine
+from lightning_ckpt.saving import engine
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError, StorageError
 from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.fsutil import remote_scheme

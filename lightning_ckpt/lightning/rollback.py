@@ -11,7 +11,7 @@ Then, in the same process and on every rank together:
 3. the batches from that checkpoint's data position through the bad one (plus ``margin``) are skipped:
    the loop counts them, nothing loads or trains on them (``data_position``); their sample indices
    are recorded;
-4. the run goes on as a new branch grown from the restored checkpoint (``lightning_ckpt.lineage``):
+4. the run goes on as a new branch grown from the restored checkpoint (``lightning_ckpt.history.lineage``):
    the abandoned checkpoints are never "last", and the new branch's retention keeps to its own saves.
 
 The rollback is recorded in ``Rollback.events``, in ``ledger.json`` (the restored checkpoint's entry)
@@ -35,13 +35,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_ckpt.errors import CheckpointWarning, RollbackError
-from lightning_ckpt.lightning import data_position, fit_loop_seams, rollback_seams
-from lightning_ckpt.lightning.checkpointer import Checkpointer
-from lightning_ckpt.lightning.data_position import DataPosition
-from lightning_ckpt.lightning.exact_resume import CHECKPOINT_KEY, K_BATCH, K_EPOCH, ExactResume
-from lightning_ckpt.lightning.trainer_io import StrategyAgree
-from lightning_ckpt.manager import CheckpointManager, new_run_id
-from lightning_ckpt.pipeline import decided_on_rank_zero
+from lightning_ckpt.lightning.exact import data_position
+from lightning_ckpt.lightning.internals import fit_loop_seams, rollback_seams
+from lightning_ckpt.lightning.checkpointing.checkpointer import Checkpointer
+from lightning_ckpt.lightning.exact.data_position import DataPosition
+from lightning_ckpt.lightning.exact.exact_resume import CHECKPOINT_KEY, K_BATCH, K_EPOCH, ExactResume
+from lightning_ckpt.lightning.checkpointing.trainer_io import StrategyAgree
+from lightning_ckpt.history.manager import CheckpointManager, new_run_id
+from lightning_ckpt.distributed.agree import decided_on_rank_zero
 from lightning_ckpt.policy.divergence import SpikeRule
 from lightning_ckpt.store import ledger
 

@@ -1,4 +1,8 @@
-"""Pure decisions over plain records: when to save, what to keep. No I/O, no clock, no Trainer."""
+"""Pure decisions over plain records: when to save, what to keep. No I/O, no clock, no Trainer.
+
+It imports nothing of ours but other policies (and the standard library): no
+store, no torch, no Lightning.
+"""
 
 from lightning_ckpt.policy.retention import (
     KeepAll,

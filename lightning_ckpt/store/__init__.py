@@ -1,4 +1,8 @@
-"""Bytes <-> places: atomic commits, listing, verification and deletion of checkpoints."""
+"""Bytes <-> places: atomic commits, listing, verification and deletion of checkpoints.
+
+It imports ``format`` and ``errors`` only, and fsspec for URLs: never policy/, history/,
+saving/ or Lightning.
+"""
 
 from typing import Any
 
@@ -8,11 +12,9 @@ from lightning_ckpt.store.committed import (
     list_checkpoints,
     locate,
     open_store,
-    read_manifest,
-    read_verified,
-    verify,
 )
 from lightning_ckpt.store.local import LocalStore
+from lightning_ckpt.store.reading import read_manifest, read_verified, verify
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+import io
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from lightning_ckpt.format.manifest import FileEntry
 
@@ -64,4 +65,13 @@ class Store(Protocol):
 
     def clean_leftovers(self) -> list[str]:
         """Remove what interrupted saves and deletions left; returns what was removed."""
+        ...
+
+
+@runtime_checkable
+class LocalFiles(Protocol):
+    """A store whose files are local: they are opened and read in place (in parallel), not fetched."""
+
+    def open(self, name: str, file: str) -> tuple[io.RawIOBase, int] | None:
+        """One file of a checkpoint opened for reading, with its size now; None when it does not exist."""
         ...

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from lightning_ckpt.errors import CheckpointError, DirectoryInUseError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
 from lightning_ckpt.store.dirlock import DirectoryLock
+from lightning_ckpt.store.reading import verify
 from lightning_ckpt.store.fsutil import (
     TMP_PREFIX,
     WRITE_SLICE,
@@ -314,8 +315,6 @@ def _read_up_to(f: io.RawIOBase, limit: int) -> bytes:
 
 
 def _verifies(store: LocalStore, name: str) -> bool:
-    from lightning_ckpt.store.committed import verify  # committed imports this module
-
     try:
         verify(store, name)
     except (CheckpointError, OSError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lightning_ckpt import save_checkpoint
-from lightning_ckpt.catalog import SAVE_STATE_FILE
+from lightning_ckpt.history.catalog import SAVE_STATE_FILE
 from lightning_ckpt.format import MODEL_FILE, STATE_FILE
 
 COMMAND = str(Path(sys.executable).parent / "lightning-ckpt")

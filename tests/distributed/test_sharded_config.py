@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_ckpt.lightning.sharded_io import route_if_sharded
+from lightning_ckpt.lightning.checkpointing.sharded_io import route_if_sharded
 
 
 @pytest.fixture

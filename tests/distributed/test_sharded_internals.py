@@ -20,7 +20,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from lightning_ckpt import inspection, load_checkpoint
 from lightning_ckpt.distributed import save_sharded
 from lightning_ckpt.distributed.shard_reader import ListedShardReader
-from lightning_ckpt.pipeline import SingleProcess
+from lightning_ckpt.distributed.agree import SingleProcess
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, TensorDataset
 
-from lightning_ckpt.lightning.data_position import (
+from lightning_ckpt.lightning.exact.data_position import (
     DataPosition,
     ResumableBatchSampler,
     SeededBatch,

@@ -17,7 +17,7 @@ import torch
 from tiny import TinyModel, tiny_loader
 
 from lightning_ckpt import Checkpointer, ExactResume
-from lightning_ckpt.lightning import fit_loop_seams
+from lightning_ckpt.lightning.internals import fit_loop_seams
 
 BATCHES_PER_EPOCH = 4
 

@@ -21,7 +21,7 @@ import train_script
 from exact_harness import Run, Runner, assert_same_training, losses_differ
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_ckpt.lightning.exact_resume import ExactResume
+from lightning_ckpt.lightning.exact.exact_resume import ExactResume
 
 
 @dataclass(frozen=True)

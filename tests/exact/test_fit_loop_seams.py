@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from tiny import TinyModel, tiny_loader
 
-from lightning_ckpt.lightning import fit_loop_seams
+from lightning_ckpt.lightning.internals import fit_loop_seams
 
 
 def test_the_fit_loop_seams_exist(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_ckpt.lightning.exact_resume import ExactResume
-from lightning_ckpt.lightning.resume_audit import (
+from lightning_ckpt.lightning.exact.exact_resume import ExactResume
+from lightning_ckpt.lightning.exact.resume_audit import (
     MAX_RECORDS,
     AuditRecorder,
     AuditReport,

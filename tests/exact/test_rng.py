@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_ckpt.rng import RNGSnapshot, capture_rng_state, derive_seed, fork_cpu_rngs, restore_rng_state
+from lightning_ckpt.lightning.exact.rng import RNGSnapshot, capture_rng_state, derive_seed, fork_cpu_rngs, restore_rng_state
 
 ALLOWED_LEAVES = (torch.Tensor, np.ndarray, type(None), bool, int, float, str)
 

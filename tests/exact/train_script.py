@@ -21,8 +21,8 @@ import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_ckpt.lightning.checkpointer import Checkpointer
-from lightning_ckpt.lightning.exact_resume import ExactResume
+from lightning_ckpt.lightning.checkpointing.checkpointer import Checkpointer
+from lightning_ckpt.lightning.exact.exact_resume import ExactResume
 
 DEFAULTS: dict[str, Any] = {
     "out": None,            # directory for records.rank<r>.json and final.pt

@@ -32,7 +32,7 @@ from lightning_ckpt import (
     latest_checkpoint,
     load_checkpoint,
 )
-from lightning_ckpt.engine import load_torch_file
+from lightning_ckpt.saving.engine import load_torch_file
 from lightning_ckpt.format import (
     EXTRA_TENSORS_FILE,
     MANIFEST_FILE,

@@ -16,8 +16,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from childproc import run_fit
 from lightning_ckpt import Checkpointer, CheckpointWarning, StorageError, load_checkpoint
-from lightning_ckpt.async_saves import AsyncSavePipeline
-from lightning_ckpt.staging import Staged, Stager
+from lightning_ckpt.saving.async_saves import AsyncSavePipeline
+from lightning_ckpt.saving.staging import Staged, Stager
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.ledger import LEDGER_FILE, Ledger
 from tiny import TinyModel, tiny_loader

@@ -90,7 +90,7 @@ def test_a_ckpt_that_needs_a_full_unpickle_is_refused_naming_allow_pickle(tmp_pa
 def test_files_rotated_away_or_of_unknown_step_are_passed_over_with_the_reason(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_ckpt.errors import CheckpointWarning
-    from lightning_ckpt.lightning.from_modelcheckpoint import newest_stock_ckpt
+    from lightning_ckpt.lightning.checkpointing.from_modelcheckpoint import newest_stock_ckpt
 
     torch.save({"global_step": 8}, tmp_path / "epoch=0-step=4.ckpt")  # the name decides, not global_step
     torch.save({"global_step": 6}, tmp_path / "renamed.ckpt")  # no step in its name: global_step decides

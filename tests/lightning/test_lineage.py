@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_ckpt import Checkpointer, best_checkpoint, latest_checkpoint
 from lightning_ckpt.format import MODEL_FILE
-from lightning_ckpt.lightning.trainer_io import snapshot
+from lightning_ckpt.lightning.checkpointing.trainer_io import snapshot
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.ledger import LEDGER_FILE
 from tiny import TinyModel, tiny_loader

@@ -13,7 +13,7 @@ from lightning.pytorch.trainer.connectors.checkpoint_connector import _Checkpoin
 from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
 from tiny import TinyModel, tiny_loader
 
-from lightning_ckpt.lightning import rollback_seams
+from lightning_ckpt.lightning.internals import rollback_seams
 
 
 def test_the_internals_rollback_restores_through_exist(tmp_path: Path) -> None:

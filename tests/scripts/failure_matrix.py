@@ -36,7 +36,7 @@ from tiny import TinyModel, tiny_loader  # noqa: E402
 import lightning_ckpt.distributed.sharded as sharded  # noqa: E402
 from lightning_ckpt import Checkpointer, CheckpointWarning, latest_checkpoint  # noqa: E402
 from lightning_ckpt.format.manifest import MANIFEST_FILE  # noqa: E402
-from lightning_ckpt.staging import Stager  # noqa: E402
+from lightning_ckpt.saving.staging import Stager  # noqa: E402
 from lightning_ckpt.store import LocalStore  # noqa: E402
 from lightning_ckpt.store.local import LEFTOVER_PREFIXES  # noqa: E402
 

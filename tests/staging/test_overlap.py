@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from lightning_ckpt.overlap import StepGuard, optimizer_owned
-from lightning_ckpt.staging import Stager
+from lightning_ckpt.saving.overlap import StepGuard, optimizer_owned
+from lightning_ckpt.saving.staging import Stager
 
 
 @pytest.mark.parametrize("with_closure", [True, False])

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lightning_ckpt import load_checkpoint, save_checkpoint
-from lightning_ckpt.background import BackgroundJob
+from lightning_ckpt.saving.background import BackgroundJob
 from lightning_ckpt.errors import StorageError
-from lightning_ckpt.staging import Stager
+from lightning_ckpt.saving.staging import Stager
 
 
 def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:

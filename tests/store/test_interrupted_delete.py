@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from childproc import run_fit
 from lightning_ckpt import cli, latest_checkpoint, load_checkpoint, save_checkpoint
-from lightning_ckpt.engine import library_versions
+from lightning_ckpt.format.provenance import library_versions
 from lightning_ckpt.format import MODEL_FILE, Manifest, encode_state
 from lightning_ckpt.store import LocalStore, list_checkpoints
 from lightning_ckpt.store import local as local_store

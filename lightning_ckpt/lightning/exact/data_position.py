@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-from lightning_ckpt.rng import derive_seed, fork_cpu_rngs, seed_cpu_rngs
+from lightning_ckpt.lightning.exact.rng import derive_seed, fork_cpu_rngs, seed_cpu_rngs
 
 _GENERATOR_ATTR = "generator"
 # Salts keep the seeds of the epoch order and of the batches apart from each other.

@@ -23,10 +23,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lightning_ckpt.distributed import checkpoint_is_sharded, load_sharded, save_sharded
+from lightning_ckpt.distributed.sharded import checkpoint_is_sharded, load_sharded, save_sharded
 from lightning_ckpt.errors import CheckpointError
-from lightning_ckpt.lightning.trainer_io import StrategyAgree
-from lightning_ckpt.pipeline import decided_on_rank_zero
+from lightning_ckpt.lightning.checkpointing.trainer_io import StrategyAgree
+from lightning_ckpt.distributed.agree import decided_on_rank_zero
 from lightning_ckpt.store.fsutil import remote_scheme
 
 _ROUTED = "_lightning_ckpt_sharded_io"  # marks a strategy whose save/load are already routed here

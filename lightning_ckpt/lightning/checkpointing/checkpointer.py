@@ -13,18 +13,18 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ckpt.async_saves import AsyncSavePipeline
-from lightning_ckpt.background import WHEN_BUSY
+from lightning_ckpt.saving.async_saves import AsyncSavePipeline
+from lightning_ckpt.saving.background import WHEN_BUSY
 from lightning_ckpt.errors import CheckpointWarning
-from lightning_ckpt.lightning.checkpoint_view import ModelCheckpointView
-from lightning_ckpt.lightning.companions import ensure_exact_resume
-from lightning_ckpt.lightning.from_modelcheckpoint import migration_note
-from lightning_ckpt.lightning.hparams_check import check_hparams_storable
-from lightning_ckpt.lightning.metric_origin import MetricOrigin
+from lightning_ckpt.lightning.checkpointing.checkpoint_view import ModelCheckpointView
+from lightning_ckpt.lightning.checkpointing.companions import ensure_exact_resume
+from lightning_ckpt.lightning.checkpointing.from_modelcheckpoint import migration_note
+from lightning_ckpt.lightning.checkpointing.hparams_check import check_hparams_storable
+from lightning_ckpt.lightning.checkpointing.metric_origin import MetricOrigin
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
-from lightning_ckpt.lightning.remote_dirpath import checked_dirpath
-from lightning_ckpt.lightning.sharded_io import route_if_sharded
-from lightning_ckpt.lightning.trainer_io import (
+from lightning_ckpt.lightning.checkpointing.remote_dirpath import checked_dirpath
+from lightning_ckpt.lightning.checkpointing.sharded_io import route_if_sharded
+from lightning_ckpt.lightning.checkpointing.trainer_io import (
     StrategyAgree,
     ensure_safetensors_io,
     from_rank_zero,
@@ -32,9 +32,10 @@ from lightning_ckpt.lightning.trainer_io import (
     snapshot,
     write,
 )
-from lightning_ckpt.manager import CheckpointManager, new_run_id
-from lightning_ckpt.mirror import Mirror, Tiering
-from lightning_ckpt.pipeline import SaveOutcome, SavePipeline, decided_on_rank_zero
+from lightning_ckpt.history.manager import CheckpointManager, new_run_id
+from lightning_ckpt.tiers.mirror import Mirror, Tiering
+from lightning_ckpt.distributed.agree import decided_on_rank_zero
+from lightning_ckpt.saving.pipeline import SaveOutcome, SavePipeline
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store.base import Lock
 
@@ -51,7 +52,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
     checkpoint that verifies of the newest branch (passing over damaged ones with a warning) and
     ``trainer.test(ckpt_path="best")`` loads the best by ``monitor``, in a fresh process too; within
     a Trainer, "best" and "last" are this run's lineage. A resume from an older checkpoint starts a
-    branch (``lightning_ckpt.lineage``). Under DDP, rank 0 decides and every rank learns it.
+    branch (``lightning_ckpt.history.lineage``). Under DDP, rank 0 decides and every rank learns it.
     Checkpoints are directories named ``step=000001200`` (sorting by step), written with
     ``SafetensorsCheckpointIO`` (installed if the Trainer has the default CheckpointIO); every
     save is recorded in ``dirpath/ledger.json``.

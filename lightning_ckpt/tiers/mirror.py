@@ -20,10 +20,10 @@ from typing import Any
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.format.blob import Blob
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, missing_manifest
-from lightning_ckpt.manager import latest_entry, manifest_entries
+from lightning_ckpt.history.manager import latest_entry, manifest_entries
 from lightning_ckpt.policy import Record, RetentionConfig
 from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
-from lightning_ckpt.store.committed import MAX_MANIFEST_BYTES, READ_CHUNK
+from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, READ_CHUNK
 from lightning_ckpt.store.local import LocalStore
 from lightning_ckpt.store.ledger import MIRROR_TIER, Entry
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, IncompleteCheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest
-from lightning_ckpt.lineage import best_of, last_of, to_record
+from lightning_ckpt.history.lineage import best_of, last_of, to_record
 from lightning_ckpt.policy.explain import kept_by
 from lightning_ckpt.policy.retention import RetentionConfig
 from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
@@ -43,7 +43,7 @@ class Row:
     epoch: int | None = None
     created: float | None = None
     run_id: str | None = None
-    parent: str | None = None  # the checkpoint its branch resumed from (lightning_ckpt.lineage)
+    parent: str | None = None  # the checkpoint its branch resumed from (lightning_ckpt.history.lineage)
     metrics: dict[str, float | None] = field(default_factory=dict)
     metric_steps: dict[str, int] = field(default_factory=dict)  # where a value came from; none: its own step
     size: int | None = None

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from lightning_ckpt.staging import Defer
+from lightning_ckpt.saving.staging import Defer
 
 _CLOSURE = "closure"
 

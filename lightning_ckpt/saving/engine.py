@@ -6,7 +6,6 @@ These functions are the whole checkpoint API outside Lightning; the Lightning ad
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import os
 import pickle
 from collections.abc import Mapping
@@ -16,23 +15,10 @@ import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
+from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.format.torchfile_magic import is_torch_file
 from lightning_ckpt.store import Store, locate, read_manifest, read_verified, verify
 from lightning_ckpt.store.fsutil import open_regular
-
-_VERSIONED_PACKAGES = ("lightning-ckpt", "torch", "safetensors", "lightning", "numpy")
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shaped a checkpoint, recorded in its manifest."""
-    versions = {}
-    for package in _VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_pickle: bool = False,
                     run_id: str | None = None, meta: Mapping[str, Any] | None = None,
@@ -71,12 +57,6 @@ def commit_encoded(files: Mapping[str, Blob], state: Mapping[str, Any], path: st
     # The checksums are taken while the files are written, so the manifest is sealed by the store.
     written = store.write(name, files, lambda entries: dataclasses.replace(unsealed, files=entries).to_bytes())
     return dataclasses.replace(unsealed, files=written)
-
-
-def manifest_fields(state: Mapping[str, Any], run_id: str | None, meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What a manifest records about the state it commits: its step and epoch, lineage and facts."""
-    return {"step": _int_or_none(state.get("global_step")), "epoch": _int_or_none(state.get("epoch")),
-            "run_id": run_id, "meta": dict(meta or {})}
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None, allow_pickle: bool = False,
@@ -147,9 +127,3 @@ def _is_sharded(store: Store, name: str) -> bool:
     from lightning_ckpt.distributed.sharded import is_sharded
 
     return is_sharded(read_manifest(store, name))
-
-
-def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None

@@ -19,11 +19,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
+from lightning_ckpt.distributed.agree import Agree, Failure, failure_of, with_rank
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, StorageError
-from lightning_ckpt.manager import CheckpointManager
-from lightning_ckpt.mirror import Tiering
+from lightning_ckpt.history.manager import CheckpointManager
+from lightning_ckpt.tiers.mirror import Tiering
 from lightning_ckpt.store.ledger import FIG_BLOCKING_S, FIG_WRITE_S, Entry
 
 T = TypeVar("T")
@@ -35,50 +36,6 @@ _K_META = "meta"
 Snapshot = Callable[[], Mapping[str, Any]]
 # (state, path, storage options) -> None: encodes, writes and commits; ranks that do not write return at once.
 Writer = Callable[[Mapping[str, Any], str, Mapping[str, Any]], None]
-
-
-class Agree(Protocol):
-    """How the ranks of a job agree: rank 0 decides, every rank learns it."""
-
-    @property
-    def is_rank_zero(self) -> bool:
-        """Whether this process decides (and writes the ledger)."""
-        ...
-
-    def broadcast(self, value: T) -> T:
-        """Rank 0's ``value``, on every rank (a collective: every rank must call it)."""
-        ...
-
-    def gather(self, value: T) -> list[T]:
-        """Every rank's ``value``, by rank, on every rank (a collective)."""
-        ...
-
-
-class SingleProcess:
-    """``Agree`` for one process: it decides, and there is nobody to tell."""
-
-    is_rank_zero = True
-
-    def broadcast(self, value: T) -> T:
-        return value
-
-    def gather(self, value: T) -> list[T]:
-        return [value]
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A step that failed on one rank, in a form that crosses process boundaries."""
-
-    rank: int
-    kind: str
-    message: str
-    storage: bool  # the storage refused (disk full, ...): on_error="warn" may train on
-
-    def error(self) -> CheckpointError:
-        """The error other ranks raise for it."""
-        text = f"rank {self.rank}: {self.kind}: {self.message}"
-        return StorageError(text) if self.storage else CheckpointError(text)
 
 
 @dataclass(frozen=True)
@@ -248,7 +205,7 @@ class SavePipeline:
     def _settle(self, outcome: SaveOutcome, local: BaseException | None) -> SaveOutcome:
         """The one collective of a save: every rank reports its failure (if any), rank 0 its ledger.
         Then every rank raises, warns or goes on alike, and answers "best"/"last" from one ledger."""
-        mine = _failure(local) if local is not None else None
+        mine = failure_of(local) if local is not None else None
         ledger = self.manager.entries if self.agree.is_rank_zero else None
         try:
             reports: list[tuple[Failure | None, list[Entry] | None]] = self.agree.gather((mine, ledger))
@@ -257,7 +214,7 @@ class SavePipeline:
                 f"{outcome.path or 'a save'}: the ranks could not agree on the outcome ({err}). A rank has stopped "
                 "(crashed, killed or timed out); the checkpoints committed before are intact: resume with "
                 "ckpt_path='last'") from (local or err)
-        failures = [_with_rank(f, rank) for rank, (f, _) in enumerate(reports) if f is not None]
+        failures = [with_rank(f, rank) for rank, (f, _) in enumerate(reports) if f is not None]
         if reports[0][1] is not None:
             self.manager.entries = reports[0][1]
         if not failures:
@@ -269,45 +226,3 @@ class SavePipeline:
         if local is not None:
             raise local
         raise first.error()
-
-
-def decided_on_rank_zero(agree: Agree, decide: Callable[[], T]) -> T:
-    """Rank 0 runs ``decide``; every rank returns its result, or raises its error: never a hang."""
-    result: tuple[Any, Failure | None] | None = None
-    local: BaseException | None = None
-    if agree.is_rank_zero:
-        try:
-            result = (decide(), None)
-        except Exception as err:  # noqa: BLE001 - every rank must learn of it
-            local, result = err, (None, _with_rank(_failure(err), 0))
-    value, failure = agree.broadcast(result)
-    if failure is None:
-        return value
-    if local is not None:
-        raise local
-    raise failure.error()
-
-
-def all_ranks(agree: Agree, work: Callable[[], T]) -> list[T]:
-    """Every rank runs ``work``; every rank returns all results by rank, or raises if any rank failed
-    (its own error on the rank it happened on, a CheckpointError naming it on the others): never a hang."""
-    local: BaseException | None = None
-    try:
-        mine: tuple[Any, Failure | None] = (work(), None)
-    except Exception as err:  # noqa: BLE001 - every rank must learn of it
-        local, mine = err, (None, _failure(err))
-    reports = agree.gather(mine)
-    failures = [_with_rank(f, rank) for rank, (_, f) in enumerate(reports) if f is not None]
-    if local is not None:
-        raise local
-    if failures:
-        raise failures[0].error()
-    return [value for value, _ in reports]
-
-
-def _failure(err: BaseException) -> Failure:
-    return Failure(rank=-1, kind=type(err).__name__, message=str(err), storage=isinstance(err, StorageError))
-
-
-def _with_rank(failure: Failure, rank: int) -> Failure:
-    return Failure(rank=rank, kind=failure.kind, message=failure.message, storage=failure.storage)

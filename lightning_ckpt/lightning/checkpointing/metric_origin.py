@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointWarning
-from lightning_ckpt.manager import StepMetrics
+from lightning_ckpt.history.manager import StepMetrics
 from lightning_ckpt.store.ledger import clean_metrics
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ckpt.lightning.checkpoint_io import SafetensorsCheckpointIO
+from lightning_ckpt.lightning.checkpointing.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.store.ledger import FIG_BLOCKING_S, FIG_WRITE_S, Entry
 
 T = TypeVar("T")
@@ -24,7 +24,7 @@ _MIB = float(1 << 20)
 
 
 class StrategyAgree:
-    """``pipeline.Agree`` over a Trainer's strategy: ``broadcast`` is the strategy's, ``gather`` is
+    """``distributed.agree.Agree`` over a Trainer's strategy: ``broadcast`` is the strategy's, ``gather`` is
     ``torch.distributed.all_gather_object`` on the default group (the strategy has no object gather).
 
     Args:

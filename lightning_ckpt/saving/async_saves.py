@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from lightning_ckpt.background import WHEN_BUSY, BackgroundJob, WhenBusy
+from lightning_ckpt.saving.background import WHEN_BUSY, BackgroundJob, WhenBusy
 from lightning_ckpt.errors import CheckpointWarning
-from lightning_ckpt.overlap import StepGuard, optimizer_owned
-from lightning_ckpt.pipeline import SavePipeline, SaveOutcome, SaveTiming, Snapshot, Writer
-from lightning_ckpt.staging import Staged, Stager
+from lightning_ckpt.saving.overlap import StepGuard, optimizer_owned
+from lightning_ckpt.saving.pipeline import SavePipeline, SaveOutcome, SaveTiming, Snapshot, Writer
+from lightning_ckpt.saving.staging import Staged, Stager
 
 _COPY_WAIT_S = 600.0  # an optimizer step waits at most this long for the deferred copy, then raises
 
@@ -42,7 +42,7 @@ class AsyncSavePipeline(SavePipeline):
         when_busy: a save asked for while the previous one is still writing ``"wait"``s for it, or is
             ``"skip"``ped with a warning (rank 0's worker decides, so every rank skips alike).
         overlap: copy parameters and optimizer state on the worker while the next forward/backward
-            runs (see lightning_ckpt/overlap.py); the optimizers must be given to :meth:`guard`.
+            runs (see lightning_ckpt/saving/overlap.py); the optimizers must be given to :meth:`guard`.
         stager: copies the state into reused host buffers.
     """
 

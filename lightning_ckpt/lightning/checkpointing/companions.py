@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 def ensure_exact_resume(trainer: L.Trainer) -> None:
     """Give the Trainer an ExactResume (unless it has one) that acts before every checkpoint callback."""
-    from lightning_ckpt.lightning.exact_resume import ExactResume
+    from lightning_ckpt.lightning.exact.exact_resume import ExactResume
 
     exact = next((cb for cb in trainer.callbacks if isinstance(cb, ExactResume)), None)
     added, exact = exact is None, exact or ExactResume()

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
-from lightning_ckpt.lineage import Verifies, best_of, continues_newest, last_of, lineage, ranked_of, to_record
+from lightning_ckpt.history.lineage import Verifies, best_of, continues_newest, last_of, lineage, ranked_of, to_record
 from lightning_ckpt.policy import RetentionConfig, RetentionPlan
 from lightning_ckpt.store import Listed, LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
@@ -60,7 +60,7 @@ class CheckpointManager:
         dirpath: the checkpoint directory.
         retention: what to keep.
         run_id: this run's lineage id; None for a reader that saves nothing (before a fit).
-        parent: the checkpoint this branch resumed from (see ``lightning_ckpt.lineage``).
+        parent: the checkpoint this branch resumed from (see ``lightning_ckpt.history.lineage``).
         storage_options: for a URL ``dirpath``, the fsspec filesystem's options (never logged or written).
     """
 
@@ -176,7 +176,7 @@ class CheckpointManager:
         return next((e for e in self.lineage() if e.step < before_step and _verifies(self.store, e.name)), None)
 
     def branch(self, parent: str, fresh: str) -> None:
-        """Go on as a new branch ``fresh`` grown from checkpoint ``parent`` (``lightning_ckpt.lineage``)."""
+        """Go on as a new branch ``fresh`` grown from checkpoint ``parent`` (``lightning_ckpt.history.lineage``)."""
         self.run_id, self.parent = fresh, parent
         self.revision = next(_REVISIONS)  # "best" and "last" are cached per revision, and they change with the lineage
 
@@ -271,7 +271,7 @@ def last_entry(entries: list[Entry], store: Store, run_id: str | None = None,
 
 def latest_checkpoint(dirpath: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The checkpoint ``ckpt_path="last"`` resumes: the newest that verifies, by step, of the newest
-    branch (the lineage created last, see ``lightning_ckpt.lineage``), never by file time.
+    branch (the lineage created last, see ``lightning_ckpt.history.lineage``), never by file time.
 
     Read from the checkpoints' own manifests (run id, branch point), so it needs no ledger. An
     abandoned branch is never "last". Damaged or torn checkpoints are passed over with a

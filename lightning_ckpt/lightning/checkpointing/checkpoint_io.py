@@ -12,10 +12,10 @@ from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
 
-from lightning_ckpt import engine
-from lightning_ckpt.background import BackgroundJob
+from lightning_ckpt.saving import engine
+from lightning_ckpt.saving.background import BackgroundJob
 from lightning_ckpt.errors import CheckpointWarning, NotACheckpointError
-from lightning_ckpt.staging import Stager
+from lightning_ckpt.saving.staging import Stager
 from lightning_ckpt.store import locate
 from lightning_ckpt.store.fsutil import remote_scheme
 

@@ -37,9 +37,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
-from lightning_ckpt.lightning import data_position, fit_loop_seams, training_state
-from lightning_ckpt.lightning.data_position import DataPosition
-from lightning_ckpt.lightning.resume_audit import (
+from lightning_ckpt.lightning.exact import data_position
+from lightning_ckpt.lightning.internals import fit_loop_seams, training_state
+from lightning_ckpt.lightning.exact.data_position import DataPosition
+from lightning_ckpt.lightning.exact.resume_audit import (
     MISMATCH,
     NOT_AUDITED,
     AuditRecorder,
@@ -52,7 +53,7 @@ from lightning_ckpt.lightning.resume_audit import (
     hparams_fingerprint,
     loss_fingerprint,
 )
-from lightning_ckpt.rng import RNGSnapshot
+from lightning_ckpt.lightning.exact.rng import RNGSnapshot
 
 STATE_VERSION = 1
 CHECKPOINT_KEY = "exact_resume"  # the checkpoint's top-level entry that holds the state

@@ -11,16 +11,16 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_ckpt.lightning.from_modelcheckpoint import newest_stock_ckpt
-from lightning_ckpt.lightning.remote_dirpath import note_remote_last
-from lightning_ckpt.manager import CheckpointManager, best_entry, last_entry, latest_entry, ranked_entries
-from lightning_ckpt.mirror import last_across_tiers
+from lightning_ckpt.lightning.checkpointing.from_modelcheckpoint import newest_stock_ckpt
+from lightning_ckpt.lightning.checkpointing.remote_dirpath import note_remote_last
+from lightning_ckpt.history.manager import CheckpointManager, best_entry, last_entry, latest_entry, ranked_entries
+from lightning_ckpt.tiers.mirror import last_across_tiers
 from lightning_ckpt.store import Store, open_store
 from lightning_ckpt.store.ledger import Entry
 from lightning_ckpt.store.fsutil import remote_scheme
 
 if TYPE_CHECKING:
-    from lightning_ckpt.mirror import Mirror
+    from lightning_ckpt.tiers.mirror import Mirror
     from lightning_ckpt.policy import RetentionConfig
 
 

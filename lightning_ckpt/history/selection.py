@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lightning_ckpt.catalog import check_sizes
-from lightning_ckpt.lineage import to_record
+from lightning_ckpt.history.catalog import check_sizes
+from lightning_ckpt.history.lineage import to_record
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError, UnknownMetricError
-from lightning_ckpt.logs import read_metric
-from lightning_ckpt.manager import best_entry
+from lightning_ckpt.history.logs import read_metric
+from lightning_ckpt.history.manager import best_entry
 from lightning_ckpt.policy import RetentionConfig, RetentionPlan
 from lightning_ckpt.policy.log_join import scores_by_step
 from lightning_ckpt.store import LocalStore, Store, open_store, read_manifest
