@@ -37,7 +37,7 @@ WIDTH = 1024  # each layer: WIDTH x WIDTH float32 = 4 MiB; weights + 2 AdamW mom
 
 
 class _Agree:
-    """The pipeline's Agree over the default process group."""
+    """``lightning_ckpt.distributed.agree.Agree`` over the default process group."""
 
     def __init__(self, rank: int, world: int) -> None:
         self.is_rank_zero, self._world = rank == 0, world
