@@ -17,7 +17,7 @@ def test_a_score_computed_at_an_earlier_step_never_makes_a_checkpoint_best(train
     # Saves at 4, 8, ..., 24 and validations at 6, 14, 22: each save after a validation recorded its
     # val_loss, a score of another state (the step-22 score on the step-24 save). It ranked them, ties
     # going to the newer save; now no checkpoint has a val_loss of its own, and the error says why.
-    # (tests/lightning/test_last_and_best.py prints a best that was validated at its own step.)
+    # (tests/cli/test_last_and_best.py prints a best that was validated at its own step.)
     entries = json.loads((trained.ckpts / LEDGER_FILE).read_text())["checkpoints"]
     assert {e["step"]: e["metric_steps"].get("val_loss") for e in entries if "val_loss" in e["metrics"]} == {
         8: 6, 12: 6, 16: 14, 20: 14, 24: 22}

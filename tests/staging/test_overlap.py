@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 
 import pytest
 import torch
@@ -25,10 +24,12 @@ def test_the_next_step_waits_for_the_deferred_copy_and_the_copy_is_the_state_bef
     staged = Stager().stage({"model": model.state_dict(), "opt": opt.state_dict()}, defer=optimizer_owned([opt]))
     assert len(staged.deferred) == 6 + 6 * 3  # 6 parameters; exp_avg, exp_avg_sq and step of each
     events: list[str] = []
-    copied = threading.Event()
+    copied, computed = threading.Event(), threading.Event()
 
     def copy_later() -> None:
-        time.sleep(0.2)  # the worker is slow: without the guard, the update below would come first
+        # The worker is slow: it copies only once the next step's gradients exist (or after 5 s, when
+        # the guard wrongly holds the closure back too). Without the guard, the update would come first.
+        computed.wait(5)
         staged.copy_deferred()
         events.append("copied")
         copied.set()
@@ -42,6 +43,7 @@ def test_the_next_step_waits_for_the_deferred_copy_and_the_copy_is_the_state_bef
         loss = model(x).sum()
         loss.backward()
         events.append("forward+backward")
+        computed.set()
         return loss
 
     opt.step(closure) if with_closure else (closure(), opt.step())
