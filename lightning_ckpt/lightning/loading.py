@@ -23,39 +23,23 @@ import contextvars
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import IO, Any, TypeVar
 
 import lightning as L
 
 from lightning_ckpt.saving import engine
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError, StorageError
+from lightning_ckpt.lightning.internals.loading_hook import lightning_loader, set_lightning_loader
 from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.fsutil import remote_scheme
 
 HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
-_LOADER_ATTR = "pl_load"
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
 _LIGHTNING_URL_SCHEMES = frozenset({"http", "https"})  # Lightning downloads these with torch.hub itself
 _allow_pickle: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_ckpt_allow_pickle", default=False)
 _storage_options: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
     "lightning_ckpt_storage_options", default=None)
 _Loadable = TypeVar("_Loadable", L.LightningModule, L.LightningDataModule)
-
-
-def _lightning_saving_module() -> ModuleType:
-    """The module whose ``pl_load`` global ``_load_from_checkpoint`` calls. Lightning internal,
-    checked with Lightning 2.6.6 (``lightning.pytorch.core.saving.pl_load`` is
-    ``lightning.fabric.utilities.cloud_io._load``)."""
-    from lightning.pytorch.core import saving
-
-    if not callable(getattr(saving, _LOADER_ATTR, None)):
-        raise CheckpointError(
-            f"lightning.pytorch.core.saving.{_LOADER_ATTR} is gone in Lightning {L.__version__}: load_from_checkpoint "
-            "cannot read lightning-ckpt directories on this release. Use lightning_ckpt.load_checkpoint(path) and "
-            "model.load_state_dict(state['state_dict']), and report it to lightning-ckpt."
-        )
-    return saving
 
 
 def is_checkpoint_directory(path: object, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -108,25 +92,23 @@ def install_load_hook() -> bool:
     """
     if os.environ.get(HOOK_ENV, "1") == "0":
         return False
-    saving = _lightning_saving_module()
-    current = getattr(saving, _LOADER_ATTR)
+    current = lightning_loader()
     if not hasattr(current, _ORIGINAL_ATTR):
-        setattr(saving, _LOADER_ATTR, _wrap(current))
+        set_lightning_loader(_wrap(current))
     return True
 
 
 @contextlib.contextmanager
 def _hooked(allow_pickle: bool, storage_options: Mapping[str, Any] | None) -> Iterator[None]:
-    saving = _lightning_saving_module()
-    before = getattr(saving, _LOADER_ATTR)
+    before = lightning_loader()
     token = _allow_pickle.set(allow_pickle)
     options_token = _storage_options.set(storage_options)
     if not hasattr(before, _ORIGINAL_ATTR):
-        setattr(saving, _LOADER_ATTR, _wrap(before))
+        set_lightning_loader(_wrap(before))
     try:
         yield
     finally:
-        setattr(saving, _LOADER_ATTR, before)
+        set_lightning_loader(before)
         _allow_pickle.reset(token)
         _storage_options.reset(options_token)
 

@@ -1,16 +1,13 @@
 """Preemption signals: the handler only sets a flag; the Checkpointer saves at the next boundary and stops.
 
-Three Lightning/CPython behaviours are touched here, each in one function, checked against
-Lightning 2.6.6 and CPython 3.11: the loops' minimum limits (:func:`_lift_minimum_limits`), the frame
-of a running ``Trainer.fit`` (:func:`_running_fit_frame`) and a profile function raising at that
-frame's return (:func:`exit_when_fit_returns`).
+The Lightning and CPython behaviours a stop relies on (the loops' minimum limits, the frame of a
+running ``Trainer.fit`` and a profile function raising at its return) are reached through
+:mod:`lightning_ckpt.lightning.internals.preemption`.
 """
 
 from __future__ import annotations
 
-import inspect
 import signal
-import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -18,10 +15,10 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.lightning.internals.preemption import exit_when_fit_returns, lift_minimum_limits
 
 # SIGKILL and SIGSTOP cannot be caught, so listing them would silently do nothing.
 _UNCATCHABLE = frozenset({"SIGKILL", "SIGSTOP"})
@@ -95,17 +92,10 @@ def stop_training_now(trainer: L.Trainer) -> float | int:
         so that a later ``trainer.validate()`` is unaffected.
     """
     trainer.should_stop = True
-    _lift_minimum_limits(trainer)
+    lift_minimum_limits(trainer)
     # Lightning validates before honouring should_stop; a preempted job's grace period is for the save.
     limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
     return limit_val_batches
-
-
-def _lift_minimum_limits(trainer: L.Trainer) -> None:
-    # Lightning 2.6.6: FitLoop._can_stop_early ignores should_stop until fit_loop.min_epochs and
-    # fit_loop.epoch_loop.min_steps are met; the Trainer has no public setter for either.
-    trainer.fit_loop.min_epochs = 0
-    trainer.fit_loop.epoch_loop.min_steps = None
 
 
 def finish_preemption(trainer: L.Trainer, received: signal.Signals, saved_step: int | None, code: int | None) -> None:
@@ -117,42 +107,3 @@ def finish_preemption(trainer: L.Trainer, received: signal.Signals, saved_step: 
         warnings.warn(f"Checkpointer: preempted, but cannot exit with preemption_exit_code={code} as trainer.fit "
                       "returns (a profiler is installed, or fit runs elsewhere), so trainer.fit returns: check "
                       "checkpointer.preempted and exit yourself", CheckpointWarning, stacklevel=2)
-
-
-def exit_when_fit_returns(trainer: L.Trainer, code: int) -> bool:
-    """Raise ``SystemExit(code)`` from the running ``trainer.fit`` call as it returns, once Lightning has
-    finished the run normally (status FINISHED, loggers finalized with "success").
-
-    Any exception raised inside ``fit`` is reported by Lightning as a failed run, and an ``atexit``
-    handler can only set the exit code with ``os._exit`` (skipping other exit handlers and masking a
-    later error); so the exit is raised at the return of ``fit``, seen by a profile function.
-
-    Returns:
-        False where that cannot be done (no ``fit`` on the stack, a profiler already installed).
-    """
-    fit_frame = _running_fit_frame()
-    if fit_frame is None or sys.getprofile() is not None:
-        return False
-
-    def on_fit_return(frame: FrameType, event: str, arg: Any) -> None:
-        if frame is fit_frame and event == "return":
-            sys.setprofile(None)
-            # Also called when fit unwinds on an error: that error is the one to propagate.
-            if trainer.state.status == TrainerStatus.FINISHED:
-                raise SystemExit(code)
-
-    # CPython 3.11: an exception raised by a profile function at a "return" event propagates to the
-    # caller of the returning frame, in place of its return value.
-    sys.setprofile(on_fit_return)
-    return True
-
-
-def _running_fit_frame() -> FrameType | None:
-    # The outermost Trainer.fit frame on this thread's stack (Lightning 2.6.6: fit -> _call_and_handle_interrupt
-    # -> _fit_impl -> _run -> the hooks); a subclass overriding fit still calls this one.
-    found, frame = None, inspect.currentframe()
-    while frame is not None:
-        if frame.f_code is L.Trainer.fit.__code__:
-            found = frame
-        frame = frame.f_back
-    return found

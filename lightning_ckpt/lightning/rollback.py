@@ -239,13 +239,13 @@ class Rollback(Callback):
         assert isinstance(signal, _RollbackSignal) and self._checkpointer is not None and self._exact is not None
         bad, bad_step = signal.observed, signal.observed.step + 1
         checkpointer, agree = self._checkpointer, StrategyAgree(trainer)
-        manager = checkpointer._manager
+        manager = checkpointer.manager
         assert manager is not None and self._exact.sampler is not None
         if self._earlier is None:  # before this fit records any: the ledger holds earlier processes' only
             self._earlier = decided_on_rank_zero(agree, partial(_lineage_rollbacks, manager))
         if self._count() >= self.max_rollbacks:
             raise RollbackError(self._exhausted(bad_step, signal.reason, manager))
-        _settle_saves(checkpointer, trainer)
+        checkpointer.settle_saves(trainer)  # a save in flight may be the one to roll back to; every rank learns it
         path, name, step = decided_on_rank_zero(agree, partial(_target, manager, bad_step, signal.reason))
         positions = self._positions(trainer, rollback_seams.load_checkpoint(trainer, path), bad, path)
         mine = data_position.skipped_indices(self._exact.sampler, positions)
@@ -255,7 +255,7 @@ class Rollback(Callback):
                               restored=path, run_id=agree.broadcast(new_run_id()))
         decided_on_rank_zero(agree, partial(_record, manager, name, event))
         manager.branch(name, event.run_id)
-        checkpointer._last_saved_step = step  # the restored step is saved: no save of it again
+        checkpointer.mark_saved(step)  # the restored step is saved: no save of it again
         self._exact.skip_after_restore(positions)
         self._skipped |= set(event.skipped_batches)
         rollback_seams.restore_loaded(trainer)
@@ -344,12 +344,6 @@ def _record(manager: CheckpointManager, name: str, event: RollbackEvent) -> None
         ledger.ROLLBACK_RUN_ID: event.run_id, ledger.ROLLBACK_SKIPPED: list(event.skipped),
         ledger.ROLLBACK_SKIPPED_BATCHES: [list(p) for p in event.skipped_batches], ledger.ROLLBACK_TIME: time.time()})
     manager.commit_ledger()
-
-
-def _settle_saves(checkpointer: Checkpointer, trainer: pl.Trainer) -> None:
-    """Wait for an async save in flight, so that the rollback can pick it; every rank learns its outcome."""
-    if checkpointer.async_save and checkpointer._pipeline is not None:
-        checkpointer._after_save(trainer, checkpointer._pipeline.finish())
 
 
 def _normal(position: DataPosition, per_epoch: int) -> DataPosition:

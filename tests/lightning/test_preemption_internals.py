@@ -9,7 +9,8 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerStatus
 
-from lightning_ckpt.lightning.preemption import exit_when_fit_returns, stop_training_now
+from lightning_ckpt.lightning.internals.preemption import exit_when_fit_returns
+from lightning_ckpt.lightning.preemption import stop_training_now
 from tiny import TinyModel, tiny_loader
 
 

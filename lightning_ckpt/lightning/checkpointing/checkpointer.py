@@ -24,14 +24,8 @@ from lightning_ckpt.lightning.checkpointing.metric_origin import MetricOrigin
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import checked_dirpath
 from lightning_ckpt.lightning.checkpointing.sharded_io import route_if_sharded
-from lightning_ckpt.lightning.checkpointing.trainer_io import (
-    StrategyAgree,
-    ensure_safetensors_io,
-    from_rank_zero,
-    log_save_figures,
-    snapshot,
-    write,
-)
+from lightning_ckpt.lightning.checkpointing.trainer_io import (StrategyAgree, ensure_safetensors_io, from_rank_zero,
+                                                               log_save_figures, snapshot, write)
 from lightning_ckpt.history.manager import CheckpointManager, new_run_id
 from lightning_ckpt.tiers.mirror import Mirror, Tiering
 from lightning_ckpt.distributed.agree import decided_on_rank_zero
@@ -268,12 +262,10 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_if_preempted(trainer)  # a signal after the last training batch (the final validation)
-        if self.async_save:  # settled first: if the save of this step failed, the final state is saved again
-            self._after_save(trainer, self._pipeline.finish())
+        self.settle_saves(trainer)  # settled first: if the save of this step failed, the final state is saved again
         if self.save_on_train_end and not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, TRAIN_END)
-        if self.async_save:  # the end of training waits for the save in flight; every rank learns of it
-            self._after_save(trainer, self._pipeline.finish())
+        self.settle_saves(trainer)  # the end of training waits for the save in flight
         self._pipeline.finish_mirror()  # the end of fit waits for pending uploads, up to Mirror(timeout=)
         if self._val_limit is not None:  # set aside by _stop_now; a later trainer.validate() needs it
             trainer.limit_val_batches, self._val_limit = self._val_limit, None
@@ -314,14 +306,30 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         """A resumed run inherits the lineage of the checkpoint it resumes from (or branches off it)."""
         self._inherited_run_id = state_dict.get(_K_RUN_ID) or None
 
+    # -- for Rollback, which restores this callback's checkpoints -----------------------------------
+
+    @property
+    def manager(self) -> CheckpointManager | None:
+        """The manager of ``dirpath`` (its ledger, lineage and retention): this fit's once ``setup`` ran."""
+        return self._manager
+
+    def settle_saves(self, trainer: L.Trainer) -> None:
+        """With ``async_save``, wait for the save in flight and run what follows it; every rank learns its outcome."""
+        if self.async_save and self._pipeline is not None:
+            self._after_save(trainer, self._pipeline.finish())
+
+    def mark_saved(self, step: int) -> None:
+        """Count ``step`` as saved (a rollback restored its checkpoint), so that no trigger saves it again."""
+        self._last_saved_step = step
+
     # -- internals -------------------------------------------------------------------------------
 
     def _save_if_preempted(self, trainer: L.Trainer) -> bool:
         """Once a preemption signal was received, save this step (once, unless saved already); True then."""
         if self._preemption.received is None:
             return False
-        if self.async_save and not self._preempted:  # a save of this step in flight may yet fail: settle it
-            self._after_save(trainer, self._pipeline.finish())
+        if not self._preempted:  # a save of this step in flight may yet fail: settle it
+            self.settle_saves(trainer)
         if not self._preempted and trainer.global_step not in (self._last_saved_step, 0):
             self._save(trainer, PREEMPTED)
         self._preempted = True
@@ -360,8 +368,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
 
     def _save(self, trainer: L.Trainer, reason: str) -> None:
         step = trainer.global_step
-        if self.async_save and reason in (TRAIN_END, PREEMPTED):  # never skipped: wait for the save in flight
-            self._after_save(trainer, self._pipeline.finish())
+        if reason in (TRAIN_END, PREEMPTED):  # never skipped: wait for the save in flight
+            self.settle_saves(trainer)
         outcome = self._pipeline.save(step, reason=reason, metrics=self._origin.at_save(step, trainer.callback_metrics),
                                       snapshot=partial(snapshot, trainer), write=partial(write, trainer),
                                       final=reason in (TRAIN_END, PREEMPTED))

@@ -7,7 +7,8 @@ whether it ``exists`` and when it was ``modified``: on object storage a checkpoi
 an object, so it has no modification time (s3fs raises ``IsADirectoryError``), and the filesystem
 Lightning opens has none of the Checkpointer's ``storage_options``. So the Checkpointer registers
 the checkpoint it found here, with its commit time from the manifest, and Lightning's lookup is
-answered from the registry for those URLs only (see :func:`_connector_module`).
+answered from the registry for those URLs only (the lookup is reached through
+:mod:`lightning_ckpt.lightning.internals.connector`).
 """
 
 from __future__ import annotations
@@ -15,16 +16,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from types import ModuleType
 from typing import Any
 
-import lightning as L
-
-from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.lightning.internals.connector import last_lookup, set_last_lookup
 from lightning_ckpt.store import open_store
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
 
-_LOOKUP_ATTR = "get_filesystem"
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
 _COMMITTED_AT: dict[str, datetime] = {}  # remote checkpoints "last" resolved to, and when each was committed
 
@@ -62,13 +59,12 @@ def note_remote_last(url: str, committed_at: float) -> None:
     ``committed_at`` (seconds since the epoch), which the Checkpointer found and verified itself.
 
     Raises:
-        CheckpointError: this Lightning release no longer looks "last" up so (see :func:`_connector_module`).
+        CheckpointError: this Lightning release no longer looks "last" up so (see ``internals.connector``).
     """
     _COMMITTED_AT[url] = datetime.fromtimestamp(committed_at, tz=timezone.utc)
-    module = _connector_module()
-    original = getattr(module, _LOOKUP_ATTR)
+    original = last_lookup()
     if not hasattr(original, _ORIGINAL_ATTR):
-        setattr(module, _LOOKUP_ATTR, _answer_for_noted(original))
+        set_last_lookup(_answer_for_noted(original))
 
 
 class _Committed:
@@ -94,18 +90,3 @@ def _answer_for_noted(original: Callable[..., Any]) -> Callable[..., Any]:
 
     setattr(get_filesystem, _ORIGINAL_ATTR, original)
     return get_filesystem
-
-
-def _connector_module() -> ModuleType:
-    """The module whose ``get_filesystem`` global ``_CheckpointConnector._parse_ckpt_path`` calls on each
-    "last" candidate, then ``.exists(path)`` and ``.modified(path)`` on what it returns. Lightning
-    internal, checked with Lightning 2.6.6."""
-    from lightning.pytorch.trainer.connectors import checkpoint_connector
-
-    if not callable(getattr(checkpoint_connector, _LOOKUP_ATTR, None)):
-        raise CheckpointError(
-            f"lightning.pytorch.trainer.connectors.checkpoint_connector.{_LOOKUP_ATTR} is gone in Lightning "
-            f"{L.__version__}: ckpt_path='last' cannot find checkpoints at a URL dirpath on this release. Pass "
-            "ckpt_path=lightning_ckpt.latest_checkpoint(url, storage_options=...) instead, and report it to lightning-ckpt."
-        )
-    return checkpoint_connector

@@ -26,10 +26,10 @@ from torch.distributed.checkpoint.state_dict import (
 from lightning_ckpt.distributed.sharded import checkpoint_is_sharded, load_sharded, save_sharded
 from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.lightning.checkpointing.trainer_io import StrategyAgree
+from lightning_ckpt.lightning.internals.strategy import LoadCheckpoint, SaveCheckpoint, route_checkpoint_methods
 from lightning_ckpt.distributed.agree import decided_on_rank_zero
 from lightning_ckpt.store.fsutil import remote_scheme
 
-_ROUTED = "_lightning_ckpt_sharded_io"  # marks a strategy whose save/load are already routed here
 _K_STATE_DICT = "state_dict"
 _K_OPTIMIZERS = "optimizer_states"
 
@@ -56,31 +56,31 @@ def route_sharded_io(trainer: L.Trainer, *, allow_pickle: bool) -> None:
     """Make the strategy save and load our sharded checkpoints, on this Trainer only.
 
     An intervention on Lightning (listed in docs/INTERNALS.md): the strategy instance's public
-    ``save_checkpoint``/``load_checkpoint`` are replaced by ours, because ModelParallelStrategy
-    bypasses the CheckpointIO that a plugin could otherwise provide (checked with Lightning 2.6.6;
-    tests/distributed/test_sharded_internals.py fails if a release starts calling the CheckpointIO).
+    ``save_checkpoint``/``load_checkpoint`` are replaced by ours (``internals.strategy``), because
+    ModelParallelStrategy bypasses the CheckpointIO that a plugin could otherwise provide (checked with
+    Lightning 2.6.6; tests/distributed/test_sharded_internals.py fails if a release starts calling the
+    CheckpointIO).
     """
     strategy = trainer.strategy
-    if getattr(strategy, _ROUTED, False):
-        return
-    own_load = strategy.load_checkpoint
-    agree = StrategyAgree(trainer)
 
-    def save_checkpoint(checkpoint: dict[str, Any], filepath: str | os.PathLike,
-                        storage_options: Mapping[str, Any] | None = None) -> None:
-        options = dict(storage_options or {})
-        save_sharded(checkpoint, strategy.broadcast(os.fspath(filepath)), agree=agree, allow_pickle=allow_pickle,
-                     run_id=options.get("run_id"), meta=options.get("meta"))
+    def route(own_load: LoadCheckpoint) -> tuple[SaveCheckpoint, LoadCheckpoint]:
+        agree = StrategyAgree(trainer)
 
-    def load_checkpoint(checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-        path = strategy.broadcast(os.fspath(checkpoint_path))
-        if not decided_on_rank_zero(agree, lambda: checkpoint_is_sharded(path)):
-            return own_load(path, weights_only=weights_only)
-        return _load_into_strategy(trainer, path, allow_pickle=allow_pickle)
+        def save_checkpoint(checkpoint: dict[str, Any], filepath: str | os.PathLike,
+                            storage_options: Mapping[str, Any] | None = None) -> None:
+            options = dict(storage_options or {})
+            save_sharded(checkpoint, strategy.broadcast(os.fspath(filepath)), agree=agree, allow_pickle=allow_pickle,
+                         run_id=options.get("run_id"), meta=options.get("meta"))
 
-    strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
-    strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
-    setattr(strategy, _ROUTED, True)
+        def load_checkpoint(checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+            path = strategy.broadcast(os.fspath(checkpoint_path))
+            if not decided_on_rank_zero(agree, lambda: checkpoint_is_sharded(path)):
+                return own_load(path, weights_only=weights_only)
+            return _load_into_strategy(trainer, path, allow_pickle=allow_pickle)
+
+        return save_checkpoint, load_checkpoint
+
+    route_checkpoint_methods(strategy, route)
 
 
 def _load_into_strategy(trainer: L.Trainer, path: str, *, allow_pickle: bool) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.lightning.checkpointing.checkpoint_io import SafetensorsCheckpointIO
+from lightning_ckpt.lightning.internals.connector import dump_checkpoint
 from lightning_ckpt.store.ledger import FIG_BLOCKING_S, FIG_WRITE_S, Entry
 
 T = TypeVar("T")
@@ -57,9 +58,9 @@ def snapshot(trainer: L.Trainer) -> dict[str, Any]:
 
     ``Trainer.save_checkpoint`` ends in a barrier that a rank whose write failed never reaches, so the
     save is split: this snapshot, the strategy's write, then the pipeline's collective outcome.
-    Private internal: ``Trainer._checkpoint_connector.dump_checkpoint``, checked with Lightning 2.6.6.
+    A Lightning internal (see ``internals.connector``).
     """
-    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    return dump_checkpoint(trainer)
 
 
 def write(trainer: L.Trainer, state: Mapping[str, Any], path: str, options: Mapping[str, Any]) -> None:

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from lightning_ckpt.lightning.exact.rng import derive_seed, fork_cpu_rngs, seed_cpu_rngs
+from lightning_ckpt.lightning.internals.dataloader import drop_persistent_iterator
 
 _GENERATOR_ATTR = "generator"
 # Salts keep the seeds of the epoch order and of the batches apart from each other.
@@ -199,7 +199,7 @@ def install(loader: DataLoader, *, order_seed: int, rank: int, epoch_fn: Callabl
         wrapper.resume_at(current.pending_resume)  # a second install must not lose a pending resume
     # DataLoader refuses to swap the batch sampler after __init__ because a live iterator would keep
     # the old one; here no iterator exists yet, and a persistent one is shut down first.
-    _drop_persistent_iterator(loader)
+    drop_persistent_iterator(loader)
     object.__setattr__(loader, "batch_sampler", wrapper)
     return wrapper
 
@@ -208,7 +208,7 @@ def uninstall(loader: DataLoader) -> None:
     """Give ``loader`` its own batch sampler back (after ``fit``, so later uses see the loader unchanged)."""
     current = loader.batch_sampler
     if isinstance(current, ResumableBatchSampler):
-        _drop_persistent_iterator(loader)
+        drop_persistent_iterator(loader)
         object.__setattr__(loader, "batch_sampler", current.inner)
         _wrap_collate(loader, False)
 
@@ -229,13 +229,6 @@ def _wrap_collate(loader: DataLoader, wrap: bool) -> None:
     collate = loader.collate_fn
     inner = collate.inner if isinstance(collate, NoneForEmpty) else collate
     loader.collate_fn = NoneForEmpty(inner) if wrap else inner
-
-
-def _drop_persistent_iterator(loader: DataLoader) -> None:
-    iterator = getattr(loader, "_iterator", None)
-    if isinstance(iterator, _MultiProcessingDataLoaderIter):
-        iterator._shutdown_workers()
-    loader._iterator = None
 
 
 @contextmanager

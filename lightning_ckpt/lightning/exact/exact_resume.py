@@ -38,21 +38,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_inf
 from torchmetrics import Metric
 
 from lightning_ckpt.lightning.exact import data_position
+from lightning_ckpt.lightning.exact.audit_session import AuditSession, audit_directory
 from lightning_ckpt.lightning.internals import fit_loop_seams, training_state
 from lightning_ckpt.lightning.exact.data_position import DataPosition
-from lightning_ckpt.lightning.exact.resume_audit import (
-    MISMATCH,
-    NOT_AUDITED,
-    AuditRecorder,
-    AuditReport,
-    AuditVerifier,
-    ResumeAuditWarning,
-    StepFingerprint,
-    audit_path,
-    fingerprint_batch,
-    hparams_fingerprint,
-    loss_fingerprint,
-)
+from lightning_ckpt.lightning.exact.resume_audit import MISMATCH, NOT_AUDITED, AuditReport, ResumeAuditWarning
 from lightning_ckpt.lightning.exact.rng import RNGSnapshot
 
 STATE_VERSION = 1
@@ -114,9 +103,7 @@ class ExactResume(Callback):
         self._resumed = False  # whether this fit loaded an ExactResume state
         self._resume_position: DataPosition | None = None
         self._pending: dict[str, Any] = {}  # restores that wait for the first batch after a resume
-        self._recorder: AuditRecorder | None = None
-        self._record_from = (0, 0)  # (epoch, batch_idx) of the first batch the recorder takes
-        self._verifier: AuditVerifier | None = None
+        self._audit = AuditSession(self._report)
         self._limits: dict[str, None] = {}  # why this fit cannot resume (or be resumed) exactly; ordered, unique
         self._resumed_epoch: int | None = None  # the first epoch a resume trains batches of
         self._sampler: data_position.ResumableBatchSampler | None = None
@@ -163,13 +150,11 @@ class ExactResume(Callback):
         self._merge_logged_once(trainer)
         if self._batch_idx is not None:
             self._anchor = self._capture_anchor(trainer)
-        recorder, verifier = self._recorder, self._verifier
-        # Fingerprints cost a pass over the batch: only while steps are left to record or compare.
-        if (recorder is not None and not recorder.steps_done) or (verifier is not None and verifier.steps_left):
-            self._audit_step(trainer, outputs, batch, batch_idx)
+        if self._audit.wants_step:
+            self._audit.step(trainer, outputs, batch, batch_idx)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._audit_epoch_end(trainer)  # of the epoch before: its schedulers have stepped by now
+        self._audit.epoch_end(trainer)  # of the epoch before: its schedulers have stepped by now
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._resumed_epoch != trainer.current_epoch or K_LOGGED in self._pending:
@@ -183,10 +168,8 @@ class ExactResume(Callback):
                            "epoch in a way ExactResume cannot undo; learning rates may differ")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._audit_epoch_end(trainer)
-        if self._verifier is not None:
-            self._report(self._verifier.finish())
-            self._verifier = None
+        self._audit.epoch_end(trainer)
+        self._audit.finish()
 
     # ---------------------------------------------------------------- checkpoint state
 
@@ -234,8 +217,10 @@ class ExactResume(Callback):
             # Saved before our batch-end hook ran (or before any batch): the state is the one of now.
             self._anchor = self._capture_anchor(trainer)
         anchor = self._anchor
-        audit_dir = self._audit_dir(trainer)
-        self._start_recording(trainer, anchor, audit_dir)
+        audit_dir = audit_directory(trainer, self.audit_dir)
+        self._audit.start_recording(trainer, steps=self.audit_steps, directory=audit_dir,
+                                    global_step=anchor.global_step, save_id=anchor.save_id,
+                                    position=anchor.next_position)
         return {
             K_VERSION: STATE_VERSION, K_ORDER_SEED: self._order_seed, K_EPOCH: anchor.next_position.epoch,
             K_BATCH: anchor.next_position.batch, K_GLOBAL_STEP: anchor.global_step,
@@ -285,7 +270,9 @@ class ExactResume(Callback):
                            "for bit.")
         rolling_back, self._rolling_back = self._rolling_back, False
         if self.audit_steps and trainer.global_rank < len(ranks) and not rolling_back:
-            self._start_verifying(trainer, state, ranks[trainer.global_rank][K_SAVE_ID])
+            self._audit.start_verifying(trainer, audit_dir=state[K_AUDIT_DIR], global_step=state[K_GLOBAL_STEP],
+                                        save_id=ranks[trainer.global_rank][K_SAVE_ID],
+                                        likely_cause="; ".join(self._limits) or None)
 
     def _restore_rank_state(self, state: dict[str, Any], mine: dict[str, Any]) -> None:
         assert self._resume_position is not None
@@ -334,72 +321,8 @@ class ExactResume(Callback):
 
     # ---------------------------------------------------------------- audit
 
-    def _audit_dir(self, trainer: pl.Trainer) -> Path | None:
-        """The audit's directory: ours, else the checkpoints', else the root dir; None if not local."""
-        dirpaths = [getattr(callback, "dirpath", None) for callback in trainer.checkpoint_callbacks]
-        return _local_dir(self.audit_dir or next((d for d in dirpaths if d), None) or trainer.default_root_dir)
-
-    def _start_recording(self, trainer: pl.Trainer, anchor: _Anchor, directory: Path | None) -> None:
-        if not self.audit_steps or directory is None:
-            return
-        if self._recorder is not None and self._recorder.save_id == anchor.save_id:
-            return  # a second file of the same save (e.g. last.ckpt)
-        self._recorder = AuditRecorder(audit_path(directory, trainer.global_rank), global_step=anchor.global_step,
-                                       save_id=anchor.save_id, steps=self.audit_steps,
-                                       epoch=anchor.next_position.epoch)
-        # A save made before our batch-end hook must not record the batch it saved after.
-        self._record_from = (anchor.next_position.epoch, anchor.next_position.batch)
-        self._record(self._recorder.write)
-
-    def _record(self, write: Callable[[], None]) -> None:
-        """Write to the audit file; the audit is advisory, so a failure stops it, never the training."""
-        try:
-            write()
-        except OSError as err:
-            rank_zero_warn(f"ExactResume: cannot write the resume audit ({err}); auditing stops for this save")
-            self._recorder = None
-
-    def _start_verifying(self, trainer: pl.Trainer, state: dict[str, Any], save_id: str) -> None:
-        checkpoint = _local_dir(trainer.ckpt_path)
-        directories = [_local_dir(state[K_AUDIT_DIR]), None if checkpoint is None else checkpoint.parent]
-        paths = list(dict.fromkeys(audit_path(d, trainer.global_rank) for d in directories if d is not None))
-        loaded = AuditVerifier.load(paths, global_step=state[K_GLOBAL_STEP], save_id=save_id,
-                                    likely_cause="; ".join(self._limits) or None)
-        if isinstance(loaded, AuditReport):
-            self._report(loaded)
-        else:
-            self._verifier = loaded
-
-    def _audit_step(self, trainer: pl.Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = StepFingerprint(trainer.global_step, trainer.current_epoch, batch_idx, fingerprint_batch(batch),
-                               loss_fingerprint(outputs), _hparams(trainer))
-        recorder = self._recorder
-        if recorder is not None and not recorder.steps_done and (step.epoch, step.batch_idx) >= self._record_from:
-            self._record(lambda: recorder.add(step))
-            self._drop_recorder_if_done()
-        if self._verifier is not None:
-            self._verdict(self._verifier.check(step))
-
-    def _audit_epoch_end(self, trainer: pl.Trainer) -> None:
-        """After the end of the audited epoch (its schedulers stepped): record or compare the hyper-parameters."""
-        recorder, verifier, epoch = self._recorder, self._verifier, trainer.current_epoch
-        if recorder is not None and recorder.needs_epoch_end and epoch > recorder.epoch:
-            hparams = _hparams(trainer)
-            self._record(lambda: recorder.add_epoch_end(hparams))
-            self._drop_recorder_if_done()
-        if verifier is not None and epoch > verifier.epoch:
-            self._verdict(verifier.check_epoch_end(_hparams(trainer), global_step=trainer.global_step))
-
-    def _drop_recorder_if_done(self) -> None:
-        if self._recorder is not None and self._recorder.done:
-            self._recorder = None
-
-    def _verdict(self, report: AuditReport | None) -> None:
-        if report is not None:
-            self._verifier = None
-            self._report(report)
-
     def _report(self, report: AuditReport) -> None:
+        """Keep an audit verdict in ``last_audit``; warn of a mismatch, tell of the rest."""
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             report = replace(report, message=f"[rank {trainer.global_rank}] {report.message}")
@@ -411,16 +334,3 @@ class ExactResume(Callback):
         else:
             rank_zero_info(report.message)
 
-
-# -------------------------------------------------------------------- helpers
-
-
-def _hparams(trainer: pl.Trainer) -> str:
-    return hparams_fingerprint(trainer.optimizers, [config.scheduler for config in trainer.lr_scheduler_configs])
-
-
-def _local_dir(path: str | os.PathLike[str] | None) -> Path | None:
-    # The audit writes local files only; remote checkpoints (s3://, gs://, ...) go unaudited.
-    if path is None or "://" in str(path):
-        return None
-    return Path(path).absolute()

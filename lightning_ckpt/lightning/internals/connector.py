@@ -1,0 +1,50 @@
+"""Lightning's checkpoint connector: the full state a save writes, and the lookup ``ckpt_path="last"``
+asks about each candidate.
+
+Checked with Lightning 2.6.6; ``tests/lightning/test_lineage.py`` (the state) and
+``tests/lightning/test_dirpath_urls.py`` (the lookup) fail loudly when a release moves one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import lightning as L
+
+from lightning_ckpt.errors import CheckpointError
+
+_LOOKUP_ATTR = "get_filesystem"
+
+
+def dump_checkpoint(trainer: L.Trainer) -> dict[str, Any]:
+    """The full training state, as ``trainer.save_checkpoint`` would write it, without its closing barrier."""
+    # Lightning 2.6.6: Trainer._checkpoint_connector.dump_checkpoint is what save_checkpoint writes; it has
+    # no public form that leaves out the barrier.
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+def last_lookup() -> Callable[..., Any]:
+    """The function ``_CheckpointConnector._parse_ckpt_path`` asks about each "last" candidate, now."""
+    return getattr(_connector_module(), _LOOKUP_ATTR)
+
+
+def set_last_lookup(lookup: Callable[..., Any]) -> None:
+    """Put ``lookup`` in the place of the function ``last_lookup`` returns (for every Trainer)."""
+    setattr(_connector_module(), _LOOKUP_ATTR, lookup)
+
+
+def _connector_module() -> ModuleType:
+    """The module whose ``get_filesystem`` global ``_CheckpointConnector._parse_ckpt_path`` calls on each
+    "last" candidate, then ``.exists(path)`` and ``.modified(path)`` on what it returns. Lightning
+    internal, checked with Lightning 2.6.6."""
+    from lightning.pytorch.trainer.connectors import checkpoint_connector
+
+    if not callable(getattr(checkpoint_connector, _LOOKUP_ATTR, None)):
+        raise CheckpointError(
+            f"lightning.pytorch.trainer.connectors.checkpoint_connector.{_LOOKUP_ATTR} is gone in Lightning "
+            f"{L.__version__}: ckpt_path='last' cannot find checkpoints at a URL dirpath on this release. Pass "
+            "ckpt_path=lightning_ckpt.latest_checkpoint(url, storage_options=...) instead, and report it to lightning-ckpt."
+        )
+    return checkpoint_connector
