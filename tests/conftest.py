@@ -46,18 +46,22 @@ def same():
     return assert_same
 
 
-@pytest.fixture
-def s3(monkeypatch):
+def _s3_server():
     """A real S3 server (moto) on 127.0.0.1 with an empty bucket; reached through s3fs."""
     from s3server import ENV, S3Server
 
-    for key, value in ENV.items():
-        monkeypatch.setenv(key, value)
-    server = S3Server()
-    server.start()
-    server.fs().mkdir(server.bucket)
-    yield server
-    server.stop()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in ENV.items():
+            env.setenv(key, value)
+        server = S3Server()
+        server.start()
+        server.fs().mkdir(server.bucket)
+        yield server
+        server.stop()
+
+
+s3 = pytest.fixture(_s3_server, name="s3")
+s3_module = pytest.fixture(_s3_server, name="s3_module", scope="module")  # for a module's shared multi-rank job
 
 
 # Where every test fails on a file handle left open (``ResourceWarning: unclosed file``), on success and on

@@ -18,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 from clirun import run
 from dcp_fit import ShardedModel
+from launch import run_job
 from lightning_ckpt import load_checkpoint
 from lightning_ckpt.convert import dcp_metadata
 
@@ -36,9 +37,9 @@ convert(sys.argv[1], sys.argv[2], progress=lambda n: os._exit(9))
 def fsdp(tmp_path_factory) -> Path:
     """The run's root: checkpoints/epoch=1-step=6.ckpt/ (DCP), full_model.safetensors, full_optimizer.pt."""
     root = tmp_path_factory.mktemp("fsdp")
-    child = subprocess.run([sys.executable, str(SCRIPTS / "dcp_fit.py"), str(root)], capture_output=True, text=True,
-                           timeout=600)
-    assert child.returncode == 0, child.stderr[-3000:]
+    job = run_job(SCRIPTS / "dcp_fit.py", {"fit": {"root": root}}, root / "job")
+    assert [row["error"] for row in job.rows("fit")] == [None, None], job.rows("fit")
+    job.assert_ended()
     return root
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from launch import Job, pytest_timeout_s, run_job
 from lightning_ckpt import latest_checkpoint, load_checkpoint
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest
@@ -24,18 +25,89 @@ from lightning_ckpt.store.fsutil import hash_file
 from lightning_ckpt.store.ledger import LEDGER_FILE
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
-ROW = '{"rank"'  # each rank's result line (another process's unfinished line may precede it)
-pytestmark = pytest.mark.timeout(600)
+# Three jobs run every fit (tests/scripts/fsdp_fit.py): 2 ranks, then 1 rank, then 2 ranks again, each fit
+# in its own directory; a fit that goes on from an earlier one's checkpoint is in a later job. A fit that
+# kills its ranks ends its job: it goes last. A test reads its fits' rows and directories.
+FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "crash")
+ONE_RANK = ("single", "2to1")
+THEN = ("resume", "1to2", "mirror-resume", "killed")
+pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN)))
 
 
-def fsdp_fit(*args, ranks: int = 2, returncode: int | None = 0) -> list[dict]:
-    # A hang is a defect these tests guard against: the timeout fails the test instead of CI.
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--ranks", str(ranks)],
-                            capture_output=True, text=True, timeout=240)
-    if returncode is not None:
-        assert result.returncode == returncode, result.stdout[-2000:] + result.stderr[-3000:]
-    rows = [json.loads(line[line.index(ROW):]) for line in result.stdout.splitlines() if ROW in line]
-    return sorted(rows, key=lambda r: r["rank"])
+class Runs:
+    """The module's directories (``root / fit``) and jobs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __truediv__(self, fit: str) -> Path:
+        return self.root / fit
+
+    def run(self, scenarios: dict[str, dict], names: tuple[str, ...], ranks: int = 2) -> Job:
+        assert tuple(scenarios) == names  # the names its timeout counts
+        return run_job(SCRIPT, scenarios, self / f"job-{names[0]}", ranks=ranks)
+
+    def first(self) -> Job:
+        fail = {"max_steps": 7, "fail_shard_write": 6}
+        return self.run({
+            "straight": {"dirpath": self / "straight" / "c", "max_steps": 8,
+                         "out": self / "straight" / "final.safetensors"},
+            "mirror": {"dirpath": self / "mirror" / "first", "max_steps": 6, "mirror": self / "mirror" / "remote"},
+            "fail-warn": {"dirpath": self / "fail-warn" / "c", **fail, "on_save_error": "warn"},
+            "fail-raise": {"dirpath": self / "fail-raise" / "c", **fail, "on_save_error": "raise"},
+            "crash": {"dirpath": self / "crash" / "c", "max_steps": 8, "crash_at": 4},  # every rank exits after step 4
+        }, FIRST)
+
+    def one_rank(self) -> Job:
+        return self.run({
+            "single": {"dirpath": self / "single", "max_steps": 3},
+            "2to1": {"dirpath": self / "2to1" / "one", "max_steps": 7,
+                     "ckpt_path": self / "straight" / "c" / "step=000000006",
+                     "dump_start": self / "2to1" / "start.safetensors"},
+        }, ONE_RANK, ranks=1)
+
+    def then(self) -> Job:
+        # On copies: the crashed run's directory and the mirror stay as their tests check them. One missing
+        # fails its own tests (and the resume from it), not the others.
+        for kept, copy in ((self / "crash" / "c", self / "resume" / "c"),
+                           (self / "mirror" / "remote", self / "mirror-resume" / "remote")):
+            if kept.exists():
+                shutil.copytree(kept, copy)
+        return self.run({
+            "resume": {"dirpath": self / "resume" / "c", "max_steps": 8, "ckpt_path": "last",
+                       "out": self / "resume" / "final.safetensors"},
+            "1to2": {"dirpath": self / "1to2" / "two", "max_steps": 4, "ckpt_path": self / "single" / "step=000000003",
+                     "dump_start": self / "1to2" / "start.safetensors"},
+            "mirror-resume": {"dirpath": self / "mirror-resume" / "new-machine", "max_steps": 7, "ckpt_path": "last",
+                              "mirror": self / "mirror-resume" / "remote"},  # downloaded, then resharded
+            "killed": {"dirpath": self / "killed" / "c", "max_steps": 8, "kill_rank_in_save": 6},
+        }, THEN)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("sharded"))
+
+
+@pytest.fixture(scope="module")
+def first(runs: Runs) -> Job:
+    return runs.first()
+
+
+@pytest.fixture(scope="module")
+def one_rank(runs: Runs, first: Job) -> Job:
+    return runs.one_rank()
+
+
+@pytest.fixture(scope="module")
+def then(runs: Runs, first: Job, one_rank: Job) -> Job:
+    return runs.then()
+
+
+def trained(job: Job, fit: str) -> list[dict]:
+    rows = job.rows(fit)
+    assert [r["error"] for r in rows] == [None] * len(rows), rows
+    return rows
 
 
 def full_expected(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -55,22 +127,19 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> tuple[Path, list[dict], Path]:
+def straight(runs: Runs, first: Job) -> tuple[Path, list[dict], Path]:
     """An uninterrupted 2-rank run of 8 steps: its directory, its rows, its final full weights."""
-    root = tmp_path_factory.mktemp("straight")
-    rows = fsdp_fit(root / "c", 8, "--out", root / "final.safetensors")
-    return root / "c", rows, root / "final.safetensors"
+    return runs / "straight" / "c", trained(first, "straight"), runs / "straight" / "final.safetensors"
 
 
-def test_crash_and_resume_on_two_ranks_is_bit_exact(straight, tmp_path):
+def test_crash_and_resume_on_two_ranks_is_bit_exact(runs, straight, first, then):
     _, straight_rows, straight_final = straight
-    root = tmp_path / "c"
-    fsdp_fit(root, 8, "--crash-at", 4, returncode=None)  # every rank exits after step 4 (saved at 3)
-    assert Path(latest_checkpoint(root)).name == "step=000000003"
-    resumed = fsdp_fit(root, 8, "last", "--out", tmp_path / "final.safetensors")
+    assert first.row("crash", 0) is first.row("crash", 1) is None and first.codes == (3, 3), first.story([0, 1])
+    assert Path(latest_checkpoint(runs / "crash" / "c")).name == "step=000000003"  # every rank exited after step 4
+    resumed = trained(then, "resume")
     for rank, row in enumerate(resumed):  # each rank's losses after the resume are the uninterrupted run's
         assert row["losses"][0][0] == 3 and row["losses"] == straight_rows[rank]["losses"][3:]
-    assert_same_tensors(load_file(tmp_path / "final.safetensors"), load_file(straight_final))
+    assert_same_tensors(load_file(runs / "resume" / "final.safetensors"), load_file(straight_final))
 
 
 def test_a_sharded_checkpoint_is_safetensors_and_json_with_every_ranks_files_in_its_manifest(straight):
@@ -89,53 +158,58 @@ def test_a_sharded_checkpoint_is_safetensors_and_json_with_every_ranks_files_in_
     assert_same_tensors({f"model/{k}": v for k, v in state["state_dict"].items()}, load_file(final))
 
 
-def test_resume_reshards_two_ranks_to_one_and_one_to_two(straight, tmp_path):
+def test_resume_reshards_two_ranks_to_one_and_one_to_two(runs, straight, one_rank, then):
     two_rank_checkpoint = straight[0] / "step=000000006"
-    fsdp_fit(tmp_path / "one", 7, two_rank_checkpoint, "--dump-start", tmp_path / "2to1.safetensors", ranks=1)
-    assert_same_tensors(load_file(tmp_path / "2to1.safetensors"), full_expected(two_rank_checkpoint))
+    trained(one_rank, "2to1")
+    assert_same_tensors(load_file(runs / "2to1" / "start.safetensors"), full_expected(two_rank_checkpoint))
 
-    fsdp_fit(tmp_path / "single", 3, ranks=1)
-    one_rank_checkpoint = tmp_path / "single" / "step=000000003"
+    trained(one_rank, "single")
+    one_rank_checkpoint = runs / "single" / "step=000000003"
     assert len([n for n in os.listdir(one_rank_checkpoint / "shards")]) == 1
-    fsdp_fit(tmp_path / "two", 4, one_rank_checkpoint, "--dump-start", tmp_path / "1to2.safetensors")
-    assert_same_tensors(load_file(tmp_path / "1to2.safetensors"), full_expected(one_rank_checkpoint))
+    trained(then, "1to2")
+    assert_same_tensors(load_file(runs / "1to2" / "start.safetensors"), full_expected(one_rank_checkpoint))
 
 
-def test_a_rank_killed_in_a_save_leaves_the_previous_checkpoint_last(tmp_path):
-    root = tmp_path / "c"
-    rows = fsdp_fit(root, 8, "--kill-rank-in-save", 6, returncode=None)  # rank 1 dies after writing its shard
-    assert "could not agree" in rows[0]["error"] and "ckpt_path='last'" in rows[0]["error"]  # an error, no hang
+def test_a_rank_killed_in_a_save_leaves_the_previous_checkpoint_last(runs, then):
+    root = runs / "killed" / "c"
+    rows = [then.row("killed", rank) for rank in (0, 1)]
+    assert rows[1] is None and then.codes[1] == 9, then.story([1])  # rank 1 died after writing its shard
+    assert rows[0] is not None and not then.hung, then.story([0])  # rank 0 came out of the save: an error, no hang
+    assert "could not agree" in rows[0]["error"] and "ckpt_path='last'" in rows[0]["error"]
     assert Path(latest_checkpoint(root)).name == "step=000000003"
     assert not (root / "step=000000006").exists()
     assert [e["step"] for e in json.loads((root / LEDGER_FILE).read_text())["checkpoints"]] == [3]
 
 
 @pytest.mark.parametrize("on_error", ["raise", "warn"])
-def test_a_shard_write_that_fails_on_rank_1_is_one_outcome_on_every_rank(tmp_path, on_error):
-    root = tmp_path / "c"
-    rows = fsdp_fit(root, 7, "--fail-shard-write", 6, "--on-save-error", on_error,
-                    returncode=0 if on_error == "warn" else None)
+def test_a_shard_write_that_fails_on_rank_1_is_one_outcome_on_every_rank(runs, first, on_error):
+    root = runs / f"fail-{on_error}" / "c"
+    rows = first.rows(f"fail-{on_error}")
     assert [r["rank"] for r in rows] == [0, 1]
     if on_error == "raise":  # every rank raises the same StorageError, naming the checkpoint and the rank
         assert {r["error"] for r in rows} == {rows[0]["error"]}
         assert rows[0]["error"].startswith("StorageError") and "step=000000006" in rows[0]["error"]
         assert "rank 1" in rows[0]["error"]
     else:  # every rank warns once and trains on to the end
+        assert [r["error"] for r in rows] == [None, None], rows
         assert [r["step"] for r in rows] == [7, 7] and all(len(r["warned"]) == 1 for r in rows)
     assert not (root / "step=000000006").exists()
     assert not [p for p in os.listdir(root) if p.startswith(".tmp-")]  # nothing staged is left behind
     assert Path(latest_checkpoint(root)).name == ("step=000000003" if on_error == "raise" else "step=000000007")
 
 
-def test_a_mirrored_sharded_checkpoint_resumes_on_an_empty_directory(tmp_path):
-    remote = tmp_path / "remote"
-    fsdp_fit(tmp_path / "first", 6, "--mirror", remote)
-    mirrored = remote / "step=000000006"
+def test_a_mirrored_sharded_checkpoint_resumes_on_an_empty_directory(runs, first, then):
+    trained(first, "mirror")
+    mirrored = runs / "mirror" / "remote" / "step=000000006"
     assert sorted(p.name for p in (mirrored / "shards").iterdir()) == sorted(
-        p.name for p in (tmp_path / "first" / "step=000000006" / "shards").iterdir())
+        p.name for p in (runs / "mirror" / "first" / "step=000000006" / "shards").iterdir())
     assert cli("verify", mirrored).returncode == 0
-    resumed = fsdp_fit(tmp_path / "new-machine", 7, "last", "--mirror", remote)  # downloaded, then resharded
+    resumed = trained(then, "mirror-resume")  # on a copy of the mirror: downloaded, then resharded
     assert [r["losses"][0][0] for r in resumed] == [6, 6]
+
+
+def test_the_one_rank_job_ends_without_a_hang(one_rank):
+    one_rank.assert_ended()  # the 2-rank jobs end in a crash and a killed rank, checked by their tests
 
 
 def test_the_command_line_reads_a_sharded_checkpoint_as_one(straight, tmp_path):

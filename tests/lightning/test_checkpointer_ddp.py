@@ -1,32 +1,90 @@
 """Checkpointer on 2 DDP ranks (gloo on CPU): ranks agree on what to save, on the run id, on "best"
-and "last", and on the outcome of a save that fails on one rank; resume."""
+and "last", and on the outcome of a save that fails on one rank; resume.
+
+Two 2-rank jobs (tests/scripts/ddp_fit.py) run every scenario, each a fit in its own directory: the
+first fits, then the resumes (each from a copy of its first fit's directory, which its test still
+checks as the first fit left it). Each test reads its scenarios' rows.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from launch import Job, pytest_timeout_s, run_job
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.ledger import LEDGER_FILE
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
-ROW = '{"rank"'  # each rank's result line (another process's unfinished line may precede it)
+# Those that train to the end first: a scenario that failed to stay collective ends the job, not the others.
+FIRST = ("save", "mirror", "s3", "warn", "raise", "async-raise", "held")
+RESUMED = ("save", "s3")
+pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(RESUMED)))
 
 
-def ddp_fit(*args, returncode: int | None = 0) -> tuple[list[dict], subprocess.CompletedProcess]:
-    # A hang is the defect some of these tests guard against: the timeout fails the test instead of CI.
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                            timeout=150)
-    if returncode is not None:
-        assert result.returncode == returncode, result.stderr[-3000:]
-    rows = [json.loads(line[line.index(ROW):]) for line in result.stdout.splitlines() if ROW in line]
-    assert sorted(r["rank"] for r in rows) == [0, 1], result.stdout + result.stderr[-3000:]
-    return rows, result
+class Runs:
+    """The module's directories and jobs."""
+
+    def __init__(self, root: Path, s3: Any) -> None:
+        self.root, self.s3 = root, s3
+        self.options = json.dumps(s3.options)
+
+    def first(self) -> Job:
+        fail = {"fail_step": 6}
+        scenarios = {
+            "save": {"dirpath": self.root / "save", "max_steps": 10},
+            "mirror": {"dirpath": self.root / "mirror-run", "max_steps": 10, "mirror": self.root / "mirror"},
+            "s3": {"dirpath": self.s3.url(), "max_steps": 10, "storage_options": self.options},
+            "warn": {"dirpath": self.root / "warn", "max_steps": 10, **fail, "on_save_error": "warn"},
+            "raise": {"dirpath": self.root / "raise", "max_steps": 10, **fail},
+            "async-raise": {"dirpath": self.root / "async-raise", "max_steps": 10, **fail, "async_save": True},
+            "held": {"dirpath": self.root / "held", "max_steps": 4},
+        }
+        assert tuple(scenarios) == FIRST  # the names its timeout counts
+        lock = LocalStore(self.root / "held").lock()  # another live run writes there
+        try:
+            return run_job(SCRIPT, scenarios, self.root / "first")
+        finally:
+            lock.release()
+
+    def resumed(self) -> Job:
+        shutil.copytree(self.root / "save", self.root / "save-resumed")
+        fs = self.s3.fs()
+        if fs.exists(f"{self.s3.bucket}/run"):  # otherwise its test fails on the first fit, the other resumes
+            fs.copy(f"{self.s3.bucket}/run", f"{self.s3.bucket}/run-resumed", recursive=True)
+        scenarios = {
+            "save": {"dirpath": self.root / "save-resumed", "max_steps": 15, "ckpt_path": "last"},
+            "s3": {"dirpath": self.s3.url("run-resumed"), "max_steps": 15, "ckpt_path": "last",
+                   "storage_options": self.options},
+        }
+        assert tuple(scenarios) == RESUMED
+        return run_job(SCRIPT, scenarios, self.root / "resumed")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, s3_module: Any) -> Runs:
+    return Runs(tmp_path_factory.mktemp("ddp"), s3_module)
+
+
+@pytest.fixture(scope="module")
+def first(runs: Runs) -> Job:
+    return runs.first()
+
+
+@pytest.fixture(scope="module")
+def resumed(runs: Runs, first: Job) -> Job:
+    return runs.resumed()
+
+
+def trained(job: Job, scenario: str) -> list[dict]:
+    rows = job.rows(scenario)
+    assert [r["error"] for r in rows] == [None, None], rows
+    return rows
 
 
 def committed_steps(root: Path) -> list[int]:
@@ -34,60 +92,46 @@ def committed_steps(root: Path) -> list[int]:
     return [e["step"] for e in entries if e["status"] == "committed"]
 
 
-@pytest.mark.timeout(400)
-def test_ddp_save_resume_and_best_agree_across_ranks(tmp_path):
-    root = tmp_path / "c"
-    first, _ = ddp_fit(root, 10)
+def test_ddp_save_resume_and_best_agree_across_ranks(runs: Runs, first: Job, resumed: Job) -> None:
+    root = runs.root / "save"
+    rows = trained(first, "save")
     for key in ("best", "last", "run_id"):  # rank 1 knows "best", "last" and the run id, the same as rank 0
-        values = {r[key] for r in first}
-        assert len(values) == 1 and values != {""} and values != {None}, (key, first)
+        values = {r[key] for r in rows}
+        assert len(values) == 1 and values != {""} and values != {None}, (key, rows)
     assert sorted(n for n in os.listdir(root) if n.startswith("step=")) == [
         "step=000000008", "step=000000009", "step=000000010"]  # newest 2 + best (validated at 4 and 8)
-    resumed, _ = ddp_fit(root, 15, "last")
-    assert {r["first_step"] for r in resumed} == {10} and {r["step"] for r in resumed} == {15}
-    assert {r["run_id"] for r in resumed} == {r["run_id"] for r in first}
-    entries = json.loads((root / LEDGER_FILE).read_text())["checkpoints"]
+    again = trained(resumed, "save")
+    assert {r["first_step"] for r in again} == {10} and {r["step"] for r in again} == {15}
+    assert {r["run_id"] for r in again} == {r["run_id"] for r in rows}
+    entries = json.loads((runs.root / "save-resumed" / LEDGER_FILE).read_text())["checkpoints"]
     assert len({e["run_id"] for e in entries}) == 1 and entries[-1]["step"] == 15
 
 
-@pytest.mark.timeout(400)
-def test_a_save_that_fails_on_rank_0_warns_on_every_rank_and_training_goes_on(tmp_path):
-    root = tmp_path / "c"
-    rows, _ = ddp_fit(root, 10, "--fail-step", 6, "--on-save-error", "warn")
+def test_a_save_that_fails_on_rank_0_warns_on_every_rank_and_training_goes_on(runs: Runs, first: Job) -> None:
+    rows = trained(first, "warn")
     assert {r["step"] for r in rows} == {10}  # no hang, both ranks trained to the end
     for r in rows:
         assert len(r["warned"]) == 1 and "step=000000006" in r["warned"][0] and "training goes on" in r["warned"][0]
     assert len({r["last"] for r in rows}) == 1 and rows[0]["last"].endswith("step=000000010")
-    assert 6 not in committed_steps(root) and 9 in committed_steps(root)  # the saves after it went on
+    steps = committed_steps(runs.root / "warn")
+    assert 6 not in steps and 9 in steps  # the saves after it went on
 
 
-@pytest.mark.timeout(400)
-def test_a_save_that_fails_on_rank_0_raises_on_every_rank(tmp_path):
-    root = tmp_path / "c"
-    rows, result = ddp_fit(root, 10, "--fail-step", 6, returncode=None)
-    assert result.returncode != 0
-    errors = {r["rank"]: r.get("error", "") for r in rows}
+def test_a_save_that_fails_on_rank_0_raises_on_every_rank(runs: Runs, first: Job) -> None:
+    errors = {r["rank"]: r["error"] or "" for r in first.rows("raise")}
     assert all("StorageError" in e and "step=000000006" in e and "No space left" in e for e in errors.values()), errors
     assert "rank 0" in errors[1]  # rank 1 says which rank failed
-    assert committed_steps(root) == [3, 4]  # nothing after the failed save, nothing deleted by it
+    assert committed_steps(runs.root / "raise") == [3, 4]  # nothing after the failed save, nothing deleted by it
 
 
-@pytest.mark.timeout(400)
-def test_a_directory_another_run_holds_fails_every_rank_at_setup(tmp_path):
-    root = tmp_path / "c"
-    lock = LocalStore(root).lock()  # another live run writes there
-    try:
-        rows, result = ddp_fit(root, 4, returncode=None)
-    finally:
-        lock.release()
-    assert result.returncode != 0
-    errors = {r["rank"]: r.get("error", "") for r in rows}
+def test_a_directory_another_run_holds_fails_every_rank_at_setup(first: Job) -> None:
+    errors = {r["rank"]: r["error"] or "" for r in first.rows("held")}
     assert all("DirectoryInUseError" in e and "another run" in e for e in errors.values()), errors
 
 
-def test_the_mirror_under_ddp_uploads_from_rank_0_and_every_rank_knows_the_tiers(tmp_path):
-    root, mirror = tmp_path / "c", tmp_path / "mirror"  # a plain folder as the second tier
-    rows, _ = ddp_fit(root, 10, "--mirror", mirror)
+def test_the_mirror_under_ddp_uploads_from_rank_0_and_every_rank_knows_the_tiers(runs: Runs, first: Job) -> None:
+    root, mirror = runs.root / "mirror-run", runs.root / "mirror"  # a plain folder as the second tier
+    rows = trained(first, "mirror")
     assert rows[0]["tiers"] == rows[1]["tiers"], rows  # rank 1 learnt what rank 0's uploads did
     kept = sorted(n for n in os.listdir(root) if n.startswith("step="))
     assert all(rows[0]["tiers"][n] == ["local", "mirror"] for n in kept), rows[0]["tiers"]
@@ -98,29 +142,30 @@ def test_the_mirror_under_ddp_uploads_from_rank_0_and_every_rank_knows_the_tiers
     assert not any(r["warned"] for r in rows), rows
 
 
-@pytest.mark.timeout(400)
-def test_an_async_save_that_fails_on_rank_0_raises_on_every_rank_at_the_next_save(tmp_path):
-    root = tmp_path / "c"
-    rows, result = ddp_fit(root, 10, "--fail-step", 6, "--async-save", returncode=None)
-    assert result.returncode != 0  # and no hang: the background failure reached rank 1 too
-    errors = {r["rank"]: r.get("error", "") for r in rows}
+def test_an_async_save_that_fails_on_rank_0_raises_on_every_rank_at_the_next_save(runs: Runs, first: Job) -> None:
+    errors = {r["rank"]: r["error"] or "" for r in first.rows("async-raise")}  # no hang: it reached rank 1 too
     assert all("StorageError" in e and "step=000000006" in e and "No space left" in e for e in errors.values()), errors
     assert "rank 0" in errors[1]
-    assert committed_steps(root) == [3, 4]  # saved at 3, best-at-4 metrics kept; nothing after the failure
+    assert committed_steps(runs.root / "async-raise") == [3, 4]  # saved at 3, best-at-4 kept; nothing after
 
 
-@pytest.mark.timeout(400)
-def test_ddp_saves_to_s3_and_both_ranks_resume_from_last_in_the_bucket(s3):
-    url, options = s3.url(), json.dumps(s3.options)
-    first, _ = ddp_fit(url, 10, "--storage-options", options)
+def test_ddp_saves_to_s3_and_both_ranks_resume_from_last_in_the_bucket(runs: Runs, first: Job,
+                                                                         resumed: Job) -> None:
+    s3, url = runs.s3, runs.s3.url()
+    rows = trained(first, "s3")
     for key in ("best", "last", "run_id"):  # rank 1 learnt them from rank 0, which wrote
-        assert len({r[key] for r in first}) == 1, (key, first)
-    assert first[0]["last"] == f"{url}/step=000000010"
-    fs, prefix = s3.fs(), f"{s3.bucket}/run"
-    kept = sorted(p.rsplit("/", 1)[1] for p in fs.ls(prefix) if "/step=" in p)
+        assert len({r[key] for r in rows}) == 1, (key, rows)
+    assert rows[0]["last"] == f"{url}/step=000000010"
+    fs = s3.fs()
+    kept = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3.bucket}/run") if "/step=" in p)
     assert kept == ["step=000000008", "step=000000009", "step=000000010"]  # as on a local disk
-    resumed, _ = ddp_fit(url, 15, "last", "--storage-options", options)
-    assert {r["first_step"] for r in resumed} == {10} and {r["step"] for r in resumed} == {15}
-    assert {r["run_id"] for r in resumed} == {r["run_id"] for r in first}
-    entries = json.loads(fs.cat(f"{prefix}/{LEDGER_FILE}"))["checkpoints"]
+    again = trained(resumed, "s3")
+    assert {r["first_step"] for r in again} == {10} and {r["step"] for r in again} == {15}
+    assert {r["run_id"] for r in again} == {r["run_id"] for r in rows}
+    entries = json.loads(fs.cat(f"{s3.bucket}/run-resumed/{LEDGER_FILE}"))["checkpoints"]
     assert len({e["run_id"] for e in entries}) == 1 and entries[-1]["step"] == 15
+
+
+def test_both_jobs_end_without_a_hang(first: Job, resumed: Job) -> None:
+    first.assert_ended()  # both ranks came out of every fit, the failed ones too, and exited cleanly
+    resumed.assert_ended()

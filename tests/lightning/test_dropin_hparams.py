@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
-import subprocess
 import sys
 import types
 import warnings
@@ -21,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import lightning_ckpt
 from lightning_ckpt import Checkpointer, CheckpointWarning, UnsupportedTypeError, load_checkpoint, save_checkpoint
 from lightning_ckpt.format import MANIFEST_FILE, STATE_FILE, FileEntry, Manifest, digest
+from launch import run_job
 from tiny import Color, TinyModel, tiny_loader
 
 
@@ -209,13 +208,11 @@ def test_allow_pickle_conflicting_with_the_trainers_plugin_fails_naming_the_fix(
 
 def test_ddp_every_rank_refuses_before_training(tmp_path: Path) -> None:
     """Every rank raises the same error at setup; none hangs waiting for the other."""
-    script = Path(__file__).parents[1] / "scripts" / "ddp_hparams.py"
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpts"), str(tmp_path)], capture_output=True,
-                          text=True, timeout=240)
-    reports = [json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")]
-    assert done.returncode != 0
-    assert sorted(r["rank"] for r in reports) == [0, 1], done.stderr[-2000:]
-    for report in reports:
-        assert report["error"] == "UnsupportedTypeError" and report["steps"] == 0
-        assert "checkpoint['hyper_parameters']['backbone']" in report["message"]
+    script = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
+    job = run_job(script, {"refused": {"dirpath": tmp_path / "ckpts", "max_steps": 4, "backbone": True}},
+                  tmp_path / "job")
+    for row in job.rows("refused"):
+        assert row["error"].startswith("UnsupportedTypeError: ") and row["steps"] == 0, row
+        assert "checkpoint['hyper_parameters']['backbone']" in row["error"]
     assert not any((tmp_path / "ckpts").glob("step=*"))
+    job.assert_ended()

@@ -1,7 +1,6 @@
 """Train a tiny FSDP2 model on 2 CPU ranks under stock Lightning ModelParallelStrategy (gloo) with a
-stock ModelCheckpoint, which writes a DCP directory (``.metadata``, ``__R_0.distcp``, ``meta.pt``).
-
-Usage: python dcp_fit.py ROOT
+stock ModelCheckpoint, which writes a DCP directory (``.metadata``, ``__R_0.distcp``, ``meta.pt``): one
+rank of a job (``launch.run_job``) whose one scenario is ``fit(root)``.
 
 Writes ROOT/checkpoints/epoch=0-step=6.ckpt/ (Lightning's DCP checkpoint at the last step), then on
 rank 0 the same state gathered whole, to compare a conversion against: ROOT/full_model.safetensors
@@ -22,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launch import serve  # noqa: E402
 from tiny import tiny_loader  # noqa: E402
 
 MAX_STEPS = 6
@@ -47,10 +47,10 @@ class ShardedModel(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)}
 
 
-def main(root: Path) -> None:
+def fit(root: str) -> dict[str, str]:
     L.seed_everything(0)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
-    checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=MAX_STEPS)
+    checkpoint = ModelCheckpoint(dirpath=Path(root, "checkpoints"), every_n_train_steps=MAX_STEPS)
     trainer = L.Trainer(max_steps=MAX_STEPS, strategy=strategy, devices=2, accelerator="cpu", callbacks=[checkpoint],
                         logger=False, enable_progress_bar=False, enable_model_summary=False)
     model = ShardedModel()
@@ -60,10 +60,10 @@ def main(root: Path) -> None:
     optim = get_optimizer_state_dict(model.model, trainer.optimizers[0], options=options)
     if trainer.global_rank == 0:
         safetensors.torch.save_file({f"model.{k}": v.contiguous() for k, v in full.items()},
-                                    root / "full_model.safetensors")
-        torch.save(optim, root / "full_optimizer.pt")
-        print("SAVED", checkpoint.best_model_path, flush=True)
+                                    Path(root, "full_model.safetensors"))
+        torch.save(optim, Path(root, "full_optimizer.pt"))
+    return {"saved": checkpoint.best_model_path}
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    serve(fit)

@@ -1,12 +1,9 @@
-"""One rank of a 2-rank failure-injection job (gloo on CPU): a save fails at each step of the save
-pipeline, on one rank at a time; prints one JSON line per fit.
+"""One rank of a 2-rank failure-injection job (gloo on CPU, ``launch.run_job``): a save fails at each step
+of the save pipeline, on one rank at a time; one row per fit.
 
-Usage (each rank; the test starts both with MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK set,
-so several fits run in the same two processes over one process group):
-    python failure_matrix.py PIPELINE ROOT
-PIPELINE: sync, async-overlapped, async-eager (DDP) or sharded (ModelParallelStrategy, FSDP2).
-
-The fits, each in a fresh directory under ROOT, a save every 2 steps:
+Each scenario is one fit, ``run_fit(pipeline, fit, root)``, all of them in the same two processes over
+one process group. PIPELINE: sync, async-overlapped, async-eager (DDP) or sharded (ModelParallelStrategy,
+FSDP2). The fits of a pipeline, each in a fresh directory under ROOT, a save every 2 steps:
 - ``storage`` (on_save_error="warn"): the save at step N fails at STORAGE_CELLS[N] = (step, rank): an
   injected OSError in the real store code: ``write`` (a data file; sharded: DCP's shard write), ``commit``
   (rank 0: the rename into place; sharded rank 1: reading back its shard's checksum), ``record`` (the
@@ -30,7 +27,7 @@ from typing import Any
 import lightning as L
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_fit import emit  # noqa: E402
+from launch import error_text, rank, serve  # noqa: E402
 from tiny import TinyModel, tiny_loader  # noqa: E402
 
 import lightning_ckpt.distributed.sharded as sharded  # noqa: E402
@@ -45,8 +42,10 @@ STORAGE_CELLS = {4: ("write", 0), 6: ("write", 1), 8: ("commit", 0), 10: ("commi
                  14: ("record", 1)}
 STORAGE_STEPS = 16  # the saves at 2 and 16 meet no fault
 SNAPSHOT_STEP = 4
-RANK = int(os.environ.get("LOCAL_RANK", "0"))
+FITS = ("storage", "snapshot-0", "snapshot-1", "raise")
+RANK = rank()
 FAULTS: dict[int, str] = {}  # this rank's faults in the current fit: step -> "write", "commit", "record", "snapshot"
+ASYNC: list[bool] = [False]  # whether the current fit saves asynchronously (its staging meets snapshot faults)
 
 
 def performs(pipeline: str, step: str, rank: int) -> bool:
@@ -108,7 +107,7 @@ class FailingSnapshot:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         step = checkpoint["global_step"]
-        if FAULTS.get(step) == "snapshot" and not ASYNC:  # async: staging meets it
+        if FAULTS.get(step) == "snapshot" and not ASYNC[0]:  # async: staging meets it
             raise RuntimeError(injected("snapshot", step))
 
 
@@ -163,40 +162,37 @@ def model_for(pipeline: str) -> L.LightningModule:
     return type("ShardedFailing", (FailingSnapshot, ShardedTiny), {})()
 
 
-def run_fit(pipeline: str, root: Path, fit: str, faults: dict[int, str], *, max_steps: int, on_error: str) -> None:
-    """One fit with this rank's ``faults``; emits what this rank saw."""
+def faults_of(fit: str) -> dict[int, str]:
+    """This rank's faults in ``fit``."""
+    if fit == "storage":
+        return {step: what for step, (what, who) in STORAGE_CELLS.items() if who == RANK}
+    if fit.startswith("snapshot-"):
+        return {SNAPSHOT_STEP: "snapshot"} if fit == f"snapshot-{RANK}" else {}
+    return {SNAPSHOT_STEP: "record"} if RANK == 0 else {}
+
+
+def run_fit(pipeline: str, fit: str, root: str) -> dict[str, Any]:
+    """One fit with this rank's faults; returns what this rank saw."""
     FAULTS.clear()
-    FAULTS.update(faults)
-    dirpath = root / fit
+    FAULTS.update(faults_of(fit))
+    ASYNC[0] = pipeline.startswith("async")
+    dirpath = Path(root) / pipeline / fit
     L.seed_everything(0)
-    ckpt = Checkpointer(dirpath, every_n_steps=2, keep_last=None, on_save_error=on_error, async_save=ASYNC,
-                        staging="eager" if pipeline == "async-eager" else "overlapped")
-    trainer = trainer_for(pipeline, ckpt, max_steps)
-    recorder, row = Recorder(dirpath), {"rank": RANK, "fit": fit, "error": None}
+    ckpt = Checkpointer(dirpath, every_n_steps=2, keep_last=None, on_save_error="raise" if fit == "raise" else "warn",
+                        async_save=ASYNC[0], staging="eager" if pipeline == "async-eager" else "overlapped")
+    trainer = trainer_for(pipeline, ckpt, STORAGE_STEPS if fit == "storage" else SNAPSHOT_STEP + 2)
+    recorder, row = Recorder(dirpath), {"fit": fit, "error": None}
     with warnings.catch_warnings():
         warnings.simplefilter("always", CheckpointWarning)
         warnings.showwarning = recorder.showwarning
         try:
             trainer.fit(model_for(pipeline), tiny_loader(shuffle=True))
-        except Exception as err:  # noqa: BLE001 - what a user would see, recorded; the next fit goes on
-            row["error"] = f"{type(err).__name__}: {err}"[:2000]
-    row.update(step=trainer.global_step, warned=recorder.rows, dir=directory(dirpath) if RANK == 0 else None)
-    emit(row)
-
-
-def main(pipeline: str, root: Path) -> None:
-    install_faults()
-    mine = {step: what for step, (what, rank) in STORAGE_CELLS.items() if rank == RANK}
-    run_fit(pipeline, root, "storage", mine, max_steps=STORAGE_STEPS, on_error="warn")
-    for rank in (0, 1):
-        faults = {SNAPSHOT_STEP: "snapshot"} if rank == RANK else {}
-        run_fit(pipeline, root, f"snapshot-{rank}", faults, max_steps=SNAPSHOT_STEP + 2, on_error="warn")
-    faults = {SNAPSHOT_STEP: "record"} if RANK == 0 else {}
-    run_fit(pipeline, root, "raise", faults, max_steps=SNAPSHOT_STEP + 2, on_error="raise")
+        except Exception as err:  # noqa: BLE001 - what a user would see, recorded
+            row["error"] = error_text(err, 2000)
+    return {**row, "step": trainer.global_step, "warned": recorder.rows,
+            "dir": directory(dirpath) if RANK == 0 else None}
 
 
 if __name__ == "__main__":
-    ASYNC = sys.argv[1].startswith("async")
-    main(sys.argv[1], Path(sys.argv[2]))
-else:
-    ASYNC = False
+    install_faults()
+    serve(run_fit)

@@ -1,27 +1,25 @@
-"""Train TinyModel sharded with FSDP2 (ModelParallelStrategy + fully_shard) on N CPU ranks (gloo), with a
-Checkpointer; print one JSON line per rank.
+"""Train TinyModel sharded with FSDP2 (ModelParallelStrategy + fully_shard) on the job's CPU ranks (gloo),
+with a Checkpointer: one rank of a job (``launch.run_job``), one fit per scenario (``fit``'s arguments).
 
-Usage: python fsdp_fit.py DIRPATH MAX_STEPS [CKPT_PATH] [--ranks N] [--crash-at STEP] [--kill-rank-in-save STEP]
-       [--fail-shard-write STEP] [--on-save-error raise|warn] [--mirror URL] [--dump-start FILE] [--out FILE]
-
-``--crash-at STEP``: every rank exits (os._exit) right after the step's save, as a crashed job would.
-``--kill-rank-in-save STEP``: rank 1 dies in the middle of the save at STEP: after DCP wrote its shard
-file, before its checksum reaches rank 0 (the seam is the module's ``hash_file``).
-``--fail-shard-write STEP``: rank 1's shard write at STEP fails with ENOSPC (inside DCP's collective save).
-``--dump-start FILE``: the full (gathered) model and optimizer state once training starts, i.e. what
-a resume restored, to FILE (safetensors; rank 0 writes it).
-``--out FILE``: the full model state at the end of training (safetensors; rank 0 writes it).
+``crash_at=STEP``: every rank exits (os._exit) right after the step's save, as a crashed job would: the
+job ends there, so such a scenario goes last. ``kill_rank_in_save=STEP``: rank 1 dies in the middle of
+the save at STEP: after DCP wrote its shard file, before its checksum reaches rank 0 (the seam is the
+module's ``hash_file``); it goes last too. ``fail_shard_write=STEP``: rank 1's shard write at STEP fails
+with ENOSPC (inside DCP's collective save), in that scenario only. ``dump_start=FILE``: the full
+(gathered) model and optimizer state once training starts, i.e. what a resume restored, to FILE
+(safetensors; rank 0 writes it). ``out=FILE``: the full model state at the end of training (ditto).
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
-import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -31,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launch import error_text, rank, serve, world_size  # noqa: E402
 from tiny import TinyModel, tiny_loader  # noqa: E402
 
 import lightning_ckpt.distributed.sharded as sharded  # noqa: E402
@@ -59,91 +58,73 @@ def full_state(trainer: L.Trainer) -> dict[str, torch.Tensor]:
 
 
 class Probe(L.Callback):
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, crash_at: int | None, dump_start: str | None, out: str | None) -> None:
+        self.crash_at, self.dump_start, self.out = crash_at, dump_start, out
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.args.dump_start:
+        if self.dump_start:
             state = full_state(trainer)
             if trainer.is_global_zero:
-                save_file(state, self.args.dump_start)
+                save_file(state, self.dump_start)
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: object) -> None:
-        if trainer.global_step == self.args.crash_at:  # after the Checkpointer's save (it runs first)
+        if trainer.global_step == self.crash_at:  # after the Checkpointer's save (it runs first)
             os._exit(3)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.args.out:
+        if self.out:
             state = full_state(trainer)
             if trainer.is_global_zero:
-                save_file({k: v for k, v in state.items() if k.startswith("model/")}, self.args.out)
+                save_file({k: v for k, v in state.items() if k.startswith("model/")}, self.out)
 
 
-def die_in_save(step: int) -> None:
-    """Rank 1 exits in the save at ``step``, once its shard file is written."""
-    real = sharded.hash_file
+@contextmanager
+def seams(kill_rank_in_save: int | None, fail_shard_write: int | None) -> Iterator[None]:
+    """Rank 1 dies in the save at ``kill_rank_in_save``, once its shard file is written; its shard write for
+    the save at ``fail_shard_write`` runs out of disk space (inside DCP's write). Rank 0 meets neither."""
+    hash_file, write_data = sharded.hash_file, sharded._ShardWriter.write_data
 
-    def hash_file(path):
-        if f"step={step:09d}" in str(path):
+    def hash_file_(path):
+        if f"step={kill_rank_in_save:09d}" in str(path):
             os._exit(9)
-        return real(path)
+        return hash_file(path)
 
-    sharded.hash_file = hash_file
-
-
-def fail_shard_write(step: int) -> None:
-    """Rank 1's shard write for the save at ``step`` runs out of disk space (inside DCP's write)."""
-    real = sharded._ShardWriter.write_data
-
-    def write_data(self, plan, planner):
-        if f"step={step:09d}" in str(self.path):
+    def write_data_(self, plan, planner):
+        if f"step={fail_shard_write:09d}" in str(self.path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
-        return real(self, plan, planner)
+        return write_data(self, plan, planner)
 
-    sharded._ShardWriter.write_data = write_data
+    if kill_rank_in_save is not None and rank() == 1:
+        sharded.hash_file = hash_file_
+    if fail_shard_write is not None and rank() == 1:
+        sharded._ShardWriter.write_data = write_data_
+    try:
+        yield
+    finally:
+        sharded.hash_file, sharded._ShardWriter.write_data = hash_file, write_data
 
 
-def emit(row: dict) -> None:
-    os.write(1, (json.dumps(row) + "\n").encode())
-
-
-def main(args: argparse.Namespace) -> None:
-    rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.kill_rank_in_save is not None and rank == 1:
-        die_in_save(args.kill_rank_in_save)
-    if args.fail_shard_write is not None and rank == 1:
-        fail_shard_write(args.fail_shard_write)
+def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: int | None = None,
+        kill_rank_in_save: int | None = None, fail_shard_write: int | None = None, on_save_error: str = "raise",
+        mirror: str | None = None, dump_start: str | None = None, out: str | None = None) -> dict[str, Any]:
     L.seed_everything(0)
-    ckpt = Checkpointer(args.dirpath, every_n_steps=3, keep_last=2, on_save_error=args.on_save_error,
-                        mirror=Mirror(args.mirror) if args.mirror else None)
-    strategy = ModelParallelStrategy(data_parallel_size=args.ranks, tensor_parallel_size=1)
-    trainer = L.Trainer(max_steps=args.max_steps, strategy=strategy, devices=args.ranks, accelerator="cpu",
-                        callbacks=[ckpt, Probe(args)], logger=False, enable_progress_bar=False,
+    ranks = world_size()
+    ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, on_save_error=on_save_error,
+                        mirror=Mirror(mirror) if mirror else None)
+    strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1)
+    trainer = L.Trainer(max_steps=max_steps, strategy=strategy, devices=ranks, accelerator="cpu",
+                        callbacks=[ckpt, Probe(crash_at, dump_start, out)], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     model = ShardedTiny()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, seams(kill_rank_in_save, fail_shard_write):
         warnings.simplefilter("always", CheckpointWarning)
         try:
-            trainer.fit(model, tiny_loader(shuffle=True), ckpt_path=args.ckpt_path)
-        except BaseException as err:
-            emit({"rank": rank, "error": f"{type(err).__name__}: {err}"[:2000]})
-            raise
+            trainer.fit(model, tiny_loader(shuffle=True), ckpt_path=ckpt_path)
+        except Exception as err:  # noqa: BLE001 - what the user sees, for the test to check
+            return {"error": error_text(err, 2000)}
     warned = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
-    emit({"rank": rank, "step": trainer.global_step, "last": ckpt.last_model_path, "losses": model.losses,
-          "warned": warned})
+    return {"step": trainer.global_step, "last": ckpt.last_model_path, "losses": model.losses, "warned": warned}
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("dirpath")
-    parser.add_argument("max_steps", type=int)
-    parser.add_argument("ckpt_path", nargs="?")
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--crash-at", type=int)
-    parser.add_argument("--kill-rank-in-save", type=int)
-    parser.add_argument("--fail-shard-write", type=int)
-    parser.add_argument("--on-save-error", default="raise")
-    parser.add_argument("--mirror")
-    parser.add_argument("--dump-start")
-    parser.add_argument("--out")
-    main(parser.parse_args())
+    serve(fit)
