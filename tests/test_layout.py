@@ -1,12 +1,15 @@
 """The package's shape stays the architecture docs/ARCHITECTURE.md draws: imports point down the layers
-only, no two modules import each other (directly or in a ring), nothing below ``lightning/`` imports
+only, no two modules import each other (directly or in a ring), nothing outside ``lightning/`` imports
 Lightning, every module stays readable (about 400 lines at most), and no module reaches into another's
-private attributes. Imports are read from the source with ``ast``, function-level ones included."""
+private attributes. Imports are read from the source with ``ast``: function-level and relative ones,
+and ``importlib.import_module("...")`` with a literal name, included."""
 
 from __future__ import annotations
 
 import ast
 import graphlib
+import importlib
+import inspect
 from pathlib import Path
 
 import lightning_ckpt
@@ -21,14 +24,26 @@ LAYERS = [
     "lightning.checkpointing", "lightning.rollback",
     "convert", "inspection", "cli", "",
 ]
-# Third-party Lightning is imported by lightning/ alone: the layers below it serve plain PyTorch and the CLI.
-LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning")
+# What a layer must not import although the order would allow it (each subpackage's docstring says so).
+NOT_IMPORTED = {
+    "policy": {"errors", "format", "store"},  # pure decisions: nothing of ours but other policies
+    "distributed": {"policy", "history", "tiers"},
+    "lightning.internals": {layer for layer in LAYERS if layer not in ("errors", "lightning.internals", "")},
+}
+# Lightning and its own packages are imported by lightning/ alone: the rest serves plain PyTorch and the CLI.
+LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torchmetrics")
 MAX_LINES = 400
 MAX_ROOT_MODULES = 6  # besides __init__.py and errors.py
-# Private attributes of other libraries read outside lightning/internals/, each for a reason written down:
+# Private attributes of other libraries read outside lightning/internals/, each for a reason written down
+# (and listed in docs/INTERNALS.md where it is torch's):
 PRIVATE_READS_ALLOWED = {
     ("format/codec.py", "_metadata"),  # torch's state_dict keeps module versions on this attribute; we store it
     ("format/blob.py", "_TYPES"),  # safetensors' dtype names, so ours can never drift from theirs
+}
+# Private members of a Lightning base class that ours override or call on ``self``, each in docs/INTERNALS.md:
+PRIVATE_INHERITED_ALLOWED = {
+    "ModelCheckpointView._find_last_checkpoints",  # ModelCheckpoint's, which "last" for ckpt_path= calls
+    "Checkpointer._generate_state_key",  # Callback's, so two Checkpointers of a Trainer have keys as ModelCheckpoints do
 }
 
 
@@ -55,30 +70,43 @@ def _internal(name: str) -> str | None:
     return name
 
 
-def _imports(path: Path) -> list[str]:
+def _absolute(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute name ``from <node.module> import ...`` refers to, for relative imports too."""
+    if node.level == 0:
+        return node.module or ""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    base = [ROOT, *[p for p in package if p]][: len(package) + 2 - node.level]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str, path: Path) -> list[str]:
     """Every module a file imports, in dotted form (``from a import b`` counts as ``a.b``: b may be a module)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.extend(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.extend(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}"[len(ROOT) + 1:] in MODULES
-                         else node.module for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            source = _absolute(module, path, node)
+            found.extend(f"{source}.{alias.name}" if f"{source}.{alias.name}"[len(ROOT) + 1:] in MODULES else source
+                         for alias in node.names)
+        elif (isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "import_module")
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.append(node.args[0].value)
     return found
 
 
 def _edges() -> dict[str, set[str]]:
-    edges = {}
-    for module, path in MODULES.items():
-        edges[module] = {target for name in _imports(path) if (target := _internal(name)) not in (None, module)}
-    return edges
+    return {module: {target for name in _imports(module, path) if (target := _internal(name)) not in (None, module)}
+            for module, path in MODULES.items()}
+
+
+def _layer_name(module: str) -> str:
+    """The longest layer name the module is in."""
+    return max((layer for layer in LAYERS if module == layer or module.startswith(layer + ".") or layer == ""), key=len)
 
 
 def _layer(module: str) -> int:
-    """The index of the longest layer name the module is in."""
-    best = max((layer for layer in LAYERS if module == layer or module.startswith(layer + ".") or layer == ""),
-               key=len)
-    return LAYERS.index(best)
+    return LAYERS.index(_layer_name(module))
 
 
 def test_every_layer_names_a_module_of_the_tree():
@@ -87,9 +115,15 @@ def test_every_layer_names_a_module_of_the_tree():
 
 
 def test_no_import_runs_up_a_layer():
-    upward = [f"{module} ({LAYERS[_layer(module)] or 'root'}) imports {target} ({LAYERS[_layer(target)] or 'root'})"
+    upward = [f"{module} ({_layer_name(module) or 'root'}) imports {target} ({_layer_name(target) or 'root'})"
               for module, targets in _edges().items() for target in targets if _layer(target) > _layer(module)]
     assert upward == [], "\n".join(upward)
+
+
+def test_no_layer_imports_what_its_docstring_forbids():
+    found = [f"{module} imports {target}" for module, targets in _edges().items()
+             for target in targets if _layer_name(target) in NOT_IMPORTED.get(_layer_name(module), ())]
+    assert found == [], "\n".join(found)
 
 
 def test_no_import_cycle():
@@ -100,8 +134,10 @@ def test_no_import_cycle():
 
 
 def test_only_lightning_adapters_import_lightning():
-    below = [f"{module}: {name}" for module, path in MODULES.items() if not module.startswith("lightning")
-             for name in _imports(path) if name.split(".")[0] in LIGHTNING_PACKAGES]
+    # Directly, or through an adapter of ours (which imports Lightning).
+    below = [f"{module}: {name}" for module, path in MODULES.items() if module.split(".")[0] not in ("lightning", "")
+             for name in _imports(module, path)
+             if name.split(".")[0] in LIGHTNING_PACKAGES or (_internal(name) or "").split(".")[0] == "lightning"]
     assert below == [], below
 
 
@@ -122,25 +158,25 @@ def test_each_subpackage_says_what_it_owns_and_what_it_must_not_import():
 
 
 def _private_reads(path: Path) -> list[tuple[int, str]]:
-    """``obj._name`` and ``getattr(obj, "_name")`` on anything but ``self``/``cls``, where ``_name`` is not
-    defined in this file (a class reading its own helpers is not reaching into another's)."""
-    text = path.read_text()
-    tree = ast.parse(text)
-    own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
-    own |= {t.attr for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
-            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
-            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in ("self", "cls")}
-    own |= {t.id for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) for t in [n.target] if isinstance(t, ast.Name)}
+    """``obj._name`` and ``getattr(obj, "_name")`` / ``hasattr`` (the name a literal or a module constant such
+    as ``_ATTR = "_name"``) on anything but ``self``/``cls`` or a class this file defines (a class reading its
+    own helpers is not reaching into another's)."""
+    tree = ast.parse(path.read_text())
+    mine = {"self", "cls", *(n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef))}
+    constants = {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                 for target in node.targets if isinstance(target, ast.Name)}
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+        if isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and node.value.id in mine):
             name = node.attr
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
-              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
-            name = node.args[1].value
+              and len(node.args) >= 2 and not (isinstance(node.args[0], ast.Name) and node.args[0].id in mine)):
+            arg = node.args[1]
+            name = arg.value if isinstance(arg, ast.Constant) else constants.get(getattr(arg, "id", ""), "")
         else:
             continue
-        if name.startswith("_") and not name.startswith("__") and name not in own:
+        if isinstance(name, str) and name.startswith("_") and not name.startswith("__"):
             found.append((node.lineno, name))
     return found
 
@@ -153,8 +189,49 @@ def test_private_attributes_are_read_only_in_lightning_internals():
     assert reads == [], "\n".join(reads)
 
 
+def _inherited_private_uses(module: str) -> set[str]:
+    """Private names of a Lightning base class that our subclasses (or their mixins) define or use on ``self``."""
+    loaded = importlib.import_module(f"{ROOT}.{module}")
+    found = set()
+    for cls in vars(loaded).values():
+        if not (inspect.isclass(cls) and cls.__module__ == loaded.__name__):
+            continue
+        ours = [c for c in cls.__mro__ if c.__module__.startswith(ROOT)]
+        theirs = {name for c in cls.__mro__ if c not in ours and c is not object for name in vars(c)
+                  if name.startswith("_") and not name.startswith("__") and name not in _ABC_NAMES}
+        for c in ours:
+            found |= {f"{c.__qualname__}.{name}" for name in vars(c) if name in theirs}
+        ours_names = {name for c in ours for name in vars(c)}
+        tree = ast.parse(inspect.getsource(cls))
+        found |= {f"{cls.__qualname__}.{node.attr}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+                  and node.attr in theirs and node.attr not in ours_names}
+    return found
+
+
+_ABC_NAMES = {"_abc_impl"}  # abc's bookkeeping on every ABC subclass
+
+
+def test_private_methods_of_lightning_are_overridden_or_called_only_where_docs_list_them():
+    uses = set().union(*(_inherited_private_uses(m) for m in MODULES if m.split(".")[0] == "lightning"))
+    assert uses == PRIVATE_INHERITED_ALLOWED
+    internals = (PACKAGE.parent / "docs" / "INTERNALS.md").read_text()
+    assert [name for name in uses if name.rsplit(".", 1)[-1] not in internals] == []
+
+
 def test_lightning_internals_depend_on_nothing_of_ours_but_the_errors():
     # A Lightning release that moves an internal must break one folder, not the modules that use it.
     reach = {module: sorted(t for t in targets if t != "errors") for module, targets in _edges().items()
              if module.startswith("lightning.internals") and any(t != "errors" for t in targets)}
     assert reach == {}
+
+
+def test_private_modules_and_names_of_other_packages_are_imported_only_in_lightning_internals():
+    found = []
+    for module, path in MODULES.items():
+        if module.startswith("lightning.internals"):
+            continue
+        for name in _imports(module, path):
+            if _internal(name) is None and any(p.startswith("_") and not p.startswith("__") for p in name.split(".")):
+                found.append(f"{module}: {name}")
+    assert found == []

@@ -9,7 +9,18 @@ Importing this package does not load ``torch.distributed``: the names below load
 first use, so a single-process save never pays for it.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time the names load on first use
+    from lightning_ckpt.distributed.sharded import (  # noqa: F401
+        SHARDS_DIR,
+        checkpoint_is_sharded,
+        collect_dtensors,
+        is_sharded,
+        load_consolidated,
+        load_sharded,
+        save_sharded,
+    )
 
 _SHARDED = ("SHARDS_DIR", "checkpoint_is_sharded", "collect_dtensors", "is_sharded", "load_consolidated",
             "load_sharded", "save_sharded")
@@ -21,6 +32,10 @@ def __getattr__(name: str) -> Any:
 
         return getattr(sharded, name)
     raise AttributeError(f"module 'lightning_ckpt.distributed' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SHARDED])
 
 
 __all__ = list(_SHARDED)

@@ -108,9 +108,9 @@ def _hooked(allow_pickle: bool, storage_options: Mapping[str, Any] | None) -> It
     try:
         yield
     finally:
-        set_lightning_loader(before)
-        _allow_pickle.reset(token)
+        _allow_pickle.reset(token)  # first: reset whatever the restore below meets
         _storage_options.reset(options_token)
+        set_lightning_loader(before)
 
 
 def load_from_checkpoint(cls: type[_Loadable], path: str | os.PathLike, *, map_location: Any = None,

@@ -4,9 +4,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import abc
 import io
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from lightning_ckpt.format.manifest import FileEntry
 
@@ -68,10 +69,13 @@ class Store(Protocol):
         ...
 
 
-@runtime_checkable
-class LocalFiles(Protocol):
-    """A store whose files are local: they are opened and read in place (in parallel), not fetched."""
+class LocalFiles(abc.ABC):
+    """A store whose files are local: they are opened and read in place (in parallel), not fetched.
 
+    A base class, not a protocol: only a store that says so (``LocalStore``) is read in place, never
+    an object that merely has an ``open`` method or forwards one.
+    """
+
+    @abc.abstractmethod
     def open(self, name: str, file: str) -> tuple[io.RawIOBase, int] | None:
         """One file of a checkpoint opened for reading, with its size now; None when it does not exist."""
-        ...

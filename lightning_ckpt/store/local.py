@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from lightning_ckpt.errors import CheckpointError, DirectoryInUseError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
+from lightning_ckpt.store.base import LocalFiles
 from lightning_ckpt.store.dirlock import DirectoryLock
 from lightning_ckpt.store.reading import verify
 from lightning_ckpt.store.fsutil import (
@@ -45,7 +46,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-class LocalStore:
+class LocalStore(LocalFiles):
     """A directory of checkpoints, one subdirectory each.
 
     Args:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -27,9 +28,10 @@ def test_the_next_step_waits_for_the_deferred_copy_and_the_copy_is_the_state_bef
     copied, computed = threading.Event(), threading.Event()
 
     def copy_later() -> None:
-        # The worker is slow: it copies only once the next step's gradients exist (or after 5 s, when
-        # the guard wrongly holds the closure back too). Without the guard, the update would come first.
+        # The worker copies only once the next step's gradients exist (or after 5 s, when the guard
+        # wrongly holds the closure back too): a closure that the guard let run is seen running first.
         computed.wait(5)
+        time.sleep(0.2)  # and then takes a while: an unguarded update would run first, every time
         staged.copy_deferred()
         events.append("copied")
         copied.set()
