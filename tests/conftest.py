@@ -74,6 +74,11 @@ def _strict_handles(path: Path) -> bool:
     return any(path == where or where in path.parents for where in STRICT_HANDLES)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if "childproc" in sys.modules and session.items:  # a collected test module starts training runs
+        sys.modules["childproc"].warm_up()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _strict_handles(item.path):
