@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 
+from childproc import run_script
 from clirun import run
 from dcp_fit import ShardedModel
 from lightning_ckpt import load_checkpoint
@@ -36,8 +37,7 @@ convert(sys.argv[1], sys.argv[2], progress=lambda n: os._exit(9))
 def fsdp(tmp_path_factory) -> Path:
     """The run's root: checkpoints/epoch=1-step=6.ckpt/ (DCP), full_model.safetensors, full_optimizer.pt."""
     root = tmp_path_factory.mktemp("fsdp")
-    child = subprocess.run([sys.executable, str(SCRIPTS / "dcp_fit.py"), str(root)], capture_output=True, text=True,
-                           timeout=600)
+    child = run_script(SCRIPTS / "dcp_fit.py", str(root), timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     return root
 
@@ -210,8 +210,9 @@ def test_convert_a_dcp_dir_larger_than_its_memory_allowance(tmp_path):
 def test_a_conversion_killed_midway_leaves_nothing_that_reads_as_a_checkpoint(plain, tmp_path, name):
     out = tmp_path / "out"
     out.mkdir()
-    child = subprocess.run([sys.executable, "-c", _KILLED_MIDWAY, str(plain), str(out / name)], capture_output=True,
-                           text=True, timeout=300)
+    script = tmp_path / "killed_midway.py"
+    script.write_text(_KILLED_MIDWAY)
+    child = run_script(script, str(plain), str(out / name))
     assert child.returncode == 9, child.stderr
     assert not (out / name).exists()
     assert all(p.name.startswith(".tmp-") and not p.name.endswith(".dcp-spill") for p in out.iterdir())
