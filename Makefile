@@ -23,6 +23,8 @@ demo: install
 
 # What CI runs: the whole suite, the long fault runs (marker `slow`) included; the long fuzz run is `make fuzz`.
 # Both suites end with the 15 slowest tests (--durations=15), so a test that grows slow shows up.
+# The tests fork their training runs from one process that imported torch once (tests/scripts/childproc.py);
+# LIGHTNING_CKPT_TEST_FRESH_PYTHON=1 makes each a fresh interpreter (slower), to rule that out when one fails.
 test: install
 	$(BIN)/python -m pytest -q -m "not fuzz" --durations=15 $(PYTEST_ARGS)
 

@@ -1,4 +1,4 @@
-"""Run a training script (fit.py) in a child process, as a user's job runs; for fault tests.
+"""Run a training script (fit.py, or any other) in a child process, as a user's job runs; for fault tests.
 
 Each run is a new process of its own, killed and signalled for real, that runs the script as
 ``python <script> <args>`` would (``__main__``, ``sys.argv``, exit code, traceback, atexit). It is forked
@@ -80,7 +80,8 @@ def _run_as_main(script: str, args: list[str], env: dict[str, str], cwd: str,
     except BaseException:
         traceback.print_exc()
         code = 1
-    threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's exit order: threads, atexit, flush
+    # The interpreter's own exit, in its order: join non-daemon threads (an async save's), atexit, flush.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -117,9 +118,9 @@ class Child:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        self._join(timeout)
+        code = self._join(timeout)
         self.stdout.close()
-        return self.returncode
+        return code
 
     def communicate(self, timeout: float | None = None) -> tuple[str, None]:
         """Wait for the end, reading stdout meanwhile (a pipe nobody reads would fill up and stall the child)."""
