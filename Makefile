@@ -22,12 +22,15 @@ demo: install
 	$(BIN)/python examples/quickstart.py
 
 # What CI runs: the whole suite, the long fault runs (marker `slow`) included; the long fuzz run is `make fuzz`.
+# Both suites end with the 15 slowest tests (--durations=15), so a test that grows slow shows up.
+# The tests fork their training runs from one process that imported torch once (tests/scripts/childproc.py);
+# LIGHTNING_CKPT_TEST_FRESH_PYTHON=1 makes each a fresh interpreter (slower), to rule that out when one fails.
 test: install
-	$(BIN)/python -m pytest -q -m "not fuzz" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not fuzz" --durations=15 $(PYTEST_ARGS)
 
 # The suite without the long fault runs (what a bare `pytest` runs).
 quick-test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 fuzz: install
 	$(BIN)/python -m pytest -q -m fuzz tests/faults/test_fuzz_reader.py tests/faults/test_fuzz_header_differential.py $(PYTEST_ARGS)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+
+from childproc import run_script
 
 QUICKSTART = Path(__file__).parents[1] / "examples" / "quickstart.py"
 
 
 def test_quickstart_crashes_resumes_and_matches_the_uninterrupted_run(tmp_path):
-    result = subprocess.run([sys.executable, str(QUICKSTART), "--dir", str(tmp_path / "demo")],
-                            capture_output=True, text=True, timeout=600)
+    result = run_script(QUICKSTART, "--dir", str(tmp_path / "demo"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the child exited with code 1 (killed mid-run)" in result.stdout
     assert "checksums ok" in result.stdout

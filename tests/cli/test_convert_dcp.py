@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 
+from childproc import run_script
 from clirun import run
 from dcp_fit import ShardedModel
 from launch import run_job
@@ -211,8 +212,9 @@ def test_convert_a_dcp_dir_larger_than_its_memory_allowance(tmp_path):
 def test_a_conversion_killed_midway_leaves_nothing_that_reads_as_a_checkpoint(plain, tmp_path, name):
     out = tmp_path / "out"
     out.mkdir()
-    child = subprocess.run([sys.executable, "-c", _KILLED_MIDWAY, str(plain), str(out / name)], capture_output=True,
-                           text=True, timeout=300)
+    script = tmp_path / "killed_midway.py"
+    script.write_text(_KILLED_MIDWAY)
+    child = run_script(script, str(plain), str(out / name))
     assert child.returncode == 9, child.stderr
     assert not (out / name).exists()
     assert all(p.name.startswith(".tmp-") and not p.name.endswith(".dcp-spill") for p in out.iterdir())

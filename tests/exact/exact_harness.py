@@ -1,5 +1,7 @@
 """Run ``train_script.py`` in subprocesses (uninterrupted, crashed, resumed) and compare the runs exactly.
 
+Each run is a new process started by ``childproc`` (forked from a server that imported torch once).
+
 Runs are cached per session by their options, so scenarios that share a reference or a crashed run
 train it once. A reference and a crashed run do not depend on each other and train side by side.
 """
@@ -9,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from childproc import Child, start_script
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 RUN_TIMEOUT_S = 240
@@ -50,7 +52,7 @@ class Runner:
     def __init__(self, root: Path) -> None:
         self._root = root
         self._runs: dict[str, Run] = {}
-        self._started: dict[str, tuple[dict[str, Any], subprocess.Popen[str]]] = {}
+        self._started: dict[str, tuple[dict[str, Any], Child | subprocess.Popen[str]]] = {}
 
     def run(self, *option_sets: dict[str, Any]) -> list[Run]:
         """Run every option set (concurrently), reusing runs with the same options."""
@@ -64,8 +66,7 @@ class Runner:
         name = f"run{len(self._runs) + len(self._started)}"
         full = {**opts, "out": str(self._root / name / "out"),
                 "ckpt_dir": opts.get("ckpt_dir") or str(self._root / name / "ckpt")}
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(full)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=_ENV, cwd=self._root)
+        proc = start_script(SCRIPT, json.dumps(full), env=_ENV, cwd=self._root, merge_stderr=True)
         self._started[key] = (full, proc)
         return key
 

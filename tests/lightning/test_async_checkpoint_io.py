@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from childproc import run_script, start_script
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ckpt import CheckpointWarning, SafetensorsCheckpointIO, StorageError, load_checkpoint
@@ -135,8 +134,8 @@ def test_wait_commits_the_save_in_flight(tmp_path):
 
 def test_sigkill_during_a_background_write_resumes_from_the_previous_checkpoint(tmp_path):
     root, script = tmp_path / "mc", Path(__file__).parents[1] / "scripts" / "async_fit.py"
-    run = lambda **o: [sys.executable, str(script), json.dumps({"dirpath": str(root), **o})]  # noqa: E731
-    child = subprocess.Popen(run(max_steps=40, stall_at=8), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    opts = lambda **o: json.dumps({"dirpath": str(root), **o})  # noqa: E731
+    child = start_script(script, opts(max_steps=40, stall_at=8))
     try:
         assert child.stdout.readline().strip() == "KILLME"  # training is past step 8; its write is half done
     finally:
@@ -145,8 +144,7 @@ def test_sigkill_during_a_background_write_resumes_from_the_previous_checkpoint(
     assert any(n.startswith(".tmp-epoch=0-step=8") for n in os.listdir(root))  # killed mid-write
     listed = list_checkpoints(LocalStore(root), check=True)
     assert [x.name for x in listed] == [name(4)] and listed[0].error is None
-    resumed = subprocess.run(run(max_steps=12, ckpt_path=str(root / name(4)), out=str(tmp_path / "out.json")),
-                             capture_output=True, text=True, timeout=300)
+    resumed = run_script(script, opts(max_steps=12, ckpt_path=str(root / name(4)), out=str(tmp_path / "out.json")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [s for s, _ in json.loads((tmp_path / "out.json").read_text())["losses"]] == list(range(4, 12))
     assert load_checkpoint(root / "epoch=1-step=12.ckpt")["global_step"] == 12

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +18,7 @@ from lightning_ckpt import (
 )
 from lightning_ckpt.format import MODEL_FILE
 from lightning_ckpt.store.ledger import LEDGER_FILE
-from childproc import run_fit
+from childproc import run_fit, run_script
 from tiny import TinyModel, tiny_loader
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
@@ -225,11 +223,12 @@ trainer:
         top_k: 1
         exact_resume: false
 """)
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "from lightning.pytorch.cli import LightningCLI\n"
-            "from tiny import CliModel, TinyDataModule\n"
-            "LightningCLI(CliModel, TinyDataModule, args=['fit', '--config', %r])\n") % (str(SCRIPTS), str(config))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    script = tmp_path / "cli_fit.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(SCRIPTS)!r})\n"
+                      "from lightning.pytorch.cli import LightningCLI\n"
+                      "from tiny import CliModel, TinyDataModule\n"
+                      f"LightningCLI(CliModel, TinyDataModule, args=['fit', '--config', {str(config)!r}])\n")
+    result = run_script(script, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     entries = {e["step"]: e for e in ledger(tmp_path / "cli")}
     assert {s: e["reason"] for s, e in entries.items()} == {
