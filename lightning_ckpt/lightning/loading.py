@@ -41,7 +41,7 @@ from lightning_ckpt.store.fsutil import remote_scheme
 
 HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
-_GUARDED_ATTR = "lightning_ckpt_guarded"  # marks the wrapper that only refuses our directories (hook turned off)
+_GUARDED_ATTR = "lightning_ckpt_guarded"  # marks the wrapper that only refuses directories (hook turned off)
 _LIGHTNING_URL_SCHEMES = frozenset({"http", "https"})  # Lightning downloads these with torch.hub itself
 _allow_pickle: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_ckpt_allow_pickle", default=False)
 _storage_options: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
