@@ -1,7 +1,8 @@
 """lightning-ckpt: fast, safe and exact checkpointing for PyTorch Lightning."""
 
 import importlib
-import sys
+
+from lightning_ckpt import post_import
 
 from lightning_ckpt.errors import (
     CheckpointError,
@@ -47,10 +48,21 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'lightning_ckpt' has no attribute {name!r}")
 
 
-# With Lightning already imported, MyModel.load_from_checkpoint(dir) works after a bare `import lightning_ckpt`
-# (the CLI never imports Lightning, so it never gets here).
-if "lightning.pytorch" in sys.modules:
-    importlib.import_module("lightning_ckpt.lightning")
+def _install_load_hook() -> None:
+    """Let ``MyModel.load_from_checkpoint(dir)`` and a plain Trainer's ``ckpt_path=dir`` read our checkpoints."""
+    try:
+        importlib.import_module("lightning_ckpt.lightning")  # installs the hook (or, hook turned off, its guard)
+    except Exception as err:  # never break the user's `import lightning`: say what is lost
+        import warnings
+
+        warnings.warn(f"lightning-ckpt could not install its load hook ({type(err).__name__}: {err}): "
+                      "MyModel.load_from_checkpoint(dir) will not read lightning-ckpt directories; "
+                      "lightning_ckpt.load_from_checkpoint(MyModel, dir) still does.", CheckpointWarning, stacklevel=2)
+
+
+# Whatever the import order: now if Lightning is imported already, else right after `import lightning` completes
+# (a post-import hook; the CLI never imports Lightning, so it never runs there and stays free of torch).
+post_import.when_imported("lightning", _install_load_hook)
 
 __all__ = [
     "AuditReport", "ExactResume", "ResumeAuditWarning",

@@ -1,7 +1,9 @@
 """Thin adapters between Lightning and the engine: the CheckpointIO plugin and the callbacks.
 
-Importing this package (as using ``Checkpointer`` or ``SafetensorsCheckpointIO`` does) lets
-``MyModel.load_from_checkpoint(path)`` read lightning-ckpt checkpoints: see ``loading``.
+Importing this package lets ``MyModel.load_from_checkpoint(path)`` and a plain Trainer's ``ckpt_path=path``
+read lightning-ckpt checkpoints (see ``loading``). ``import lightning_ckpt`` imports it as soon as Lightning is
+imported, before or after (``lightning_ckpt.post_import``); using ``Checkpointer`` or ``SafetensorsCheckpointIO``
+imports it too.
 
 It is the only part of the package that imports Lightning: the layers below serve plain
 PyTorch and the CLI, and must never import it.

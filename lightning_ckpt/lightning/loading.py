@@ -10,10 +10,16 @@ untouched. Lightning's API has no place for storage options: the hook reads URLs
 own configuration (environment variables, profiles); :func:`load_from_checkpoint` takes
 ``storage_options``.
 
-The hook is installed when the Lightning adapters are imported (``Checkpointer``,
-``SafetensorsCheckpointIO``, ``lightning_ckpt.lightning``), and by ``import lightning_ckpt`` when
-Lightning is imported already. ``LIGHTNING_CKPT_LOAD_HOOK=0`` in the environment leaves Lightning
-untouched; :func:`load_from_checkpoint` works either way.
+The same wrapper serves ``TorchCheckpointIO``, so a plain ``Trainer(...).fit/validate/test/predict(model,
+ckpt_path=dir)`` (no plugin, no ``Checkpointer``) reads our directories too.
+
+The hook is installed when Lightning is imported, whatever the order: ``import lightning_ckpt`` installs it at
+once when Lightning is imported already, and otherwise leaves a post-import watcher (``lightning_ckpt.post_import``)
+that installs it as soon as ``import lightning`` completes; importing the Lightning adapters (``Checkpointer``,
+``SafetensorsCheckpointIO``, ``lightning_ckpt.lightning``) installs it too. ``LIGHTNING_CKPT_LOAD_HOOK=0`` in the
+environment turns the reading off: Lightning then reads only what it reads without lightning-ckpt, and a local
+directory given to it raises a :class:`CheckpointError` that names the fix (instead of ``IsADirectoryError``);
+:func:`load_from_checkpoint` works either way.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ import lightning as L
 
 from lightning_ckpt.saving import engine
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError, StorageError
-from lightning_ckpt.lightning.internals.loading_hook import lightning_loader, set_lightning_loader
+from lightning_ckpt.lightning.internals.loading_hook import LOADER_MODULES, lightning_loader, set_lightning_loader
 from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.fsutil import remote_scheme
 
 HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
+_GUARDED_ATTR = "lightning_ckpt_guarded"  # marks the wrapper that only refuses directories (hook turned off)
 _LIGHTNING_URL_SCHEMES = frozenset({"http", "https"})  # Lightning downloads these with torch.hub itself
 _allow_pickle: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_ckpt_allow_pickle", default=False)
 _storage_options: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
@@ -81,8 +88,28 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     return load
 
 
+def _guard(original: Callable[..., Any]) -> Callable[..., Any]:
+    """With the hook turned off: Lightning's function, but a local directory gets an error naming the fix."""
+    def load(path_or_url: IO | str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        text = os.fspath(path_or_url) if isinstance(path_or_url, (str, os.PathLike)) else None
+        if isinstance(text, str) and remote_scheme(text) is None and Path(text).is_dir():
+            raise CheckpointError(
+                f"{text} is a directory, as lightning-ckpt checkpoints are, and Lightning reads only files while "
+                f"{HOOK_ENV}=0 turns lightning-ckpt's reading off. Unset {HOOK_ENV} (or set it to 1), or load it with "
+                "lightning_ckpt.load_from_checkpoint(MyModel, path) (for ckpt_path=: "
+                "Trainer(plugins=[SafetensorsCheckpointIO()]) or a Checkpointer)."
+            )
+        return original(path_or_url, map_location=map_location, weights_only=weights_only)
+
+    setattr(load, _GUARDED_ATTR, original)
+    return load
+
+
 def install_load_hook() -> bool:
-    """Let ``load_from_checkpoint`` read lightning-ckpt directories; idempotent.
+    """Let ``load_from_checkpoint`` and a plain Trainer's ``ckpt_path=`` read lightning-ckpt directories; idempotent.
+
+    With ``LIGHTNING_CKPT_LOAD_HOOK=0``, installs only the guard that turns Lightning's ``IsADirectoryError`` on a
+    directory into an error naming the fix.
 
     Returns:
         True when the hook is in place (False only when ``LIGHTNING_CKPT_LOAD_HOOK=0``).
@@ -90,12 +117,15 @@ def install_load_hook() -> bool:
     Raises:
         CheckpointError: this Lightning release no longer reads checkpoints through ``pl_load``.
     """
-    if os.environ.get(HOOK_ENV, "1") == "0":
-        return False
-    current = lightning_loader()
-    if not hasattr(current, _ORIGINAL_ATTR):
-        set_lightning_loader(_wrap(current))
-    return True
+    enabled = os.environ.get(HOOK_ENV, "1") != "0"
+    for where in LOADER_MODULES:
+        current = lightning_loader(where)
+        if hasattr(current, _ORIGINAL_ATTR) or (not enabled and hasattr(current, _GUARDED_ATTR)):
+            continue
+        if enabled and hasattr(current, _GUARDED_ATTR):  # turned on after the guard went in
+            current = getattr(current, _GUARDED_ATTR)
+        set_lightning_loader(_wrap(current) if enabled else _guard(current), where)
+    return enabled
 
 
 @contextlib.contextmanager

@@ -102,7 +102,7 @@ def test_strict_is_honoured(trained: dict) -> None:
 def test_explicit_function_needs_no_hook(trained: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     path, model = trained["checkpointer"]
     original = saving.pl_load.lightning_ckpt_original
-    monkeypatch.setattr(saving, "pl_load", original)  # as with LIGHTNING_CKPT_LOAD_HOOK=0
+    monkeypatch.setattr(saving, "pl_load", original)  # as if lightning-ckpt were never imported
     with pytest.raises(IsADirectoryError):
         TinyModel.load_from_checkpoint(path)
     loaded = lightning_ckpt.load_from_checkpoint(TinyModel, path, map_location="cpu", lr=0.7)
@@ -114,9 +114,15 @@ def test_explicit_function_needs_no_hook(trained: dict, monkeypatch: pytest.Monk
 
 
 def test_hook_is_where_lightning_reads_checkpoints() -> None:
-    """Fails loudly when a Lightning release moves the function load_from_checkpoint reads with."""
+    """Fails loudly when a Lightning release moves the function load_from_checkpoint, or a plain Trainer's
+    ckpt_path= (TorchCheckpointIO), reads with."""
+    from lightning.fabric.plugins.io import torch_io
+
     assert "pl_load" in saving._load_from_checkpoint.__code__.co_names
     assert hasattr(saving.pl_load, "lightning_ckpt_original")
+    assert "pl_load" in torch_io.TorchCheckpointIO.load_checkpoint.__code__.co_names
+    assert hasattr(torch_io.pl_load, "lightning_ckpt_original")
+    assert torch_io.pl_load.lightning_ckpt_original is saving.pl_load.lightning_ckpt_original  # cloud_io._load
 
 
 def test_bare_import_is_enough_in_a_fresh_process(trained: dict) -> None:
