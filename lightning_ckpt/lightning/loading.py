@@ -6,9 +6,9 @@ The hook puts a narrow wrapper in its place: a local path that is a directory (a
 checkpoint, named with or without ``.ckpt``), or a URL (``s3://``, ``gs://``, ``memory://``, a web
 server's ``https://``, ...) under which our manifest is committed, is loaded and verified by the engine;
 anything else (a ``.ckpt`` file or object, an ``https://`` URL of a ``.ckpt`` file, a file object) goes
-to Lightning's own function untouched. Lightning's API has no place for storage options: the hook reads URLs with the backend's
-own configuration (environment variables, profiles); :func:`load_from_checkpoint` takes
-``storage_options``.
+to Lightning's own function untouched. Lightning's API has no place for storage options: the hook reads
+URLs with the backend's own configuration (environment variables, profiles); :func:`load_from_checkpoint`
+takes ``storage_options``.
 
 The hook is installed when the Lightning adapters are imported (``Checkpointer``,
 ``SafetensorsCheckpointIO``, ``lightning_ckpt.lightning``), and by ``import lightning_ckpt`` when
