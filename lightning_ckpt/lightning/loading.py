@@ -3,12 +3,12 @@
 Lightning's ``LightningModule.load_from_checkpoint`` and ``LightningDataModule.load_from_checkpoint``
 read the checkpoint with one function, ``pl_load``, looked up in ``lightning.pytorch.core.saving``.
 The hook puts a narrow wrapper in its place: a local path that is a directory (a lightning-ckpt
-checkpoint, named with or without ``.ckpt``), or an fsspec URL (``s3://``, ``gs://``, ``memory://``, ...)
-under which our manifest is committed, is loaded and verified by the engine; anything else (a
-``.ckpt`` file or object, an ``http(s)://`` URL, a file object) goes to Lightning's own function
-untouched. Lightning's API has no place for storage options: the hook reads URLs with the backend's
-own configuration (environment variables, profiles); :func:`load_from_checkpoint` takes
-``storage_options``.
+checkpoint, named with or without ``.ckpt``), or a URL (``s3://``, ``gs://``, ``memory://``, a web
+server's ``https://``, ...) under which our manifest is committed, is loaded and verified by the engine;
+anything else (a ``.ckpt`` file or object, an ``https://`` URL of a ``.ckpt`` file, a file object) goes
+to Lightning's own function untouched. Lightning's API has no place for storage options: the hook reads
+URLs with the backend's own configuration (environment variables, profiles); :func:`load_from_checkpoint`
+takes ``storage_options``.
 
 The same wrapper serves ``TorchCheckpointIO``, so a plain ``Trainer(...).fit/validate/test/predict(model,
 ckpt_path=dir)`` (no plugin, no ``Checkpointer``) reads our directories too.
@@ -42,7 +42,6 @@ from lightning_ckpt.store.fsutil import remote_scheme
 HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
 _GUARDED_ATTR = "lightning_ckpt_guarded"  # marks the wrapper that only refuses directories (hook turned off)
-_LIGHTNING_URL_SCHEMES = frozenset({"http", "https"})  # Lightning downloads these with torch.hub itself
 _allow_pickle: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_ckpt_allow_pickle", default=False)
 _storage_options: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
     "lightning_ckpt_storage_options", default=None)
@@ -59,8 +58,6 @@ def is_checkpoint_directory(path: object, storage_options: Mapping[str, Any] | N
     if scheme is None:
         store, name = locate(text)
         return Path(store.location(name)).is_dir()
-    if scheme in _LIGHTNING_URL_SCHEMES:
-        return False
     try:
         read_manifest(*locate(text, storage_options))
     except (NotACheckpointError, ImportError, ValueError):  # not ours: Lightning's own error says why

@@ -10,7 +10,7 @@ from typing import Any
 from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.format.manifest import Manifest
 from lightning_ckpt.store.base import Store
-from lightning_ckpt.store.fsutil import local_path, remote_scheme
+from lightning_ckpt.store.fsutil import is_read_only_url, local_path, remote_scheme
 from lightning_ckpt.store.local import LocalStore
 from lightning_ckpt.store.reading import read_manifest, verify
 
@@ -30,6 +30,10 @@ def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] |
 
 
 def _remote(url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> Store:
+    if is_read_only_url(url):
+        from lightning_ckpt.store.http import HttpStore  # a web server: read by name, never listed or written
+
+        return HttpStore(url, storage_options)
     from lightning_ckpt.store.remote import FsspecStore  # fsspec loads only for URLs: local listing stays fast
 
     return FsspecStore(url, storage_options)

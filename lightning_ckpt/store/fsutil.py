@@ -20,6 +20,7 @@ from lightning_ckpt.format.manifest import FileEntry, new_hasher
 
 TMP_PREFIX = ".tmp-"  # something being written: a leftover that the next start removes
 FILE_SCHEME = "file"
+READ_ONLY_SCHEMES = frozenset({"http", "https"})  # a web server: checkpoints are read there by URL, never written
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # "s3://", "gs://", "memory://", ...
 _SYNC_FILE_RANGE_WRITE = 2
 # A slice small enough to hash while it is in cache and to hand to the disk early, large enough
@@ -50,6 +51,18 @@ def remote_scheme(location: str | os.PathLike) -> str | None:
     match = _URL.match(os.fspath(location))
     scheme = match[1].lower() if match else None
     return None if scheme == FILE_SCHEME else scheme
+
+
+def is_read_only_url(location: str | os.PathLike) -> bool:
+    """Whether ``location`` is a URL lightning-ckpt only reads (a web server: ``http://``, ``https://``)."""
+    return remote_scheme(location) in READ_ONLY_SCHEMES
+
+
+def read_only_message(where: str) -> str:
+    """What to do when asked to write, delete or clean at a web server's URL (``where`` names it)."""
+    return (f"{where}: an http(s):// URL is read-only; lightning-ckpt reads a checkpoint a web server publishes "
+            "(by its URL), but cannot save, delete or clean up there. Save to a local directory or to a "
+            "writable URL (s3://, gs://, ...), then publish that directory on the web server")
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 from lightning_ckpt.errors import NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, digest, missing_manifest, new_hasher
 from lightning_ckpt.store.base import LocalFiles, Store
+from lightning_ckpt.store.fsutil import is_read_only_url
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a larger one is damaged
 # Large enough that system calls cost nothing next to the copy, small enough to hash a chunk while
@@ -36,6 +37,11 @@ def read_manifest(store: Store, name: str) -> Manifest:
         if Path(where).is_file():
             raise NotACheckpointError(f"{where}: a file, not a lightning-ckpt checkpoint directory; to read a "
                                       "Lightning .ckpt use torch.load(..., weights_only=True) or convert it")
+        if is_read_only_url(where):
+            raise NotACheckpointError(f"{where}: not a lightning-ckpt checkpoint: the server has no {where}/"
+                                      f"{MANIFEST_FILE}. Check the URL (the checkpoint's own directory, e.g. "
+                                      ".../step=000000100), and publish the whole checkpoint directory: its "
+                                      f"{MANIFEST_FILE} and every file it lists")
         raise missing_manifest(where)
     return Manifest.from_bytes(data, where)
 

@@ -23,6 +23,7 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, m
 from lightning_ckpt.history.manager import latest_entry, manifest_entries
 from lightning_ckpt.policy import Record, RetentionConfig
 from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
+from lightning_ckpt.store.fsutil import is_read_only_url, read_only_message
 from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, READ_CHUNK
 from lightning_ckpt.store.local import LocalStore
 from lightning_ckpt.store.ledger import MIRROR_TIER, Entry
@@ -59,6 +60,8 @@ class Mirror:
     backoff: float = 1.0
 
     def __post_init__(self) -> None:
+        if is_read_only_url(self.url):
+            raise ValueError(read_only_message(f"Mirror({os.fspath(self.url)!r})"))
         if self.every_n_saves < 1:
             raise ValueError(f"Mirror(every_n_saves={self.every_n_saves}) must be >= 1 (1 mirrors every save)")
         if self.keep_last is not None and self.keep_last < 1:

@@ -17,7 +17,7 @@ from lightning_ckpt.saving.background import BackgroundJob
 from lightning_ckpt.errors import CheckpointWarning, NotACheckpointError
 from lightning_ckpt.saving.staging import Stager
 from lightning_ckpt.store import locate
-from lightning_ckpt.store.fsutil import remote_scheme
+from lightning_ckpt.store.fsutil import is_read_only_url, remote_scheme
 
 _OPTION_KEYS = frozenset({"run_id", "meta"})
 # Lightning's TorchCheckpointIO words a missing ckpt_path so; users and their tooling grep for it.
@@ -142,9 +142,11 @@ class SafetensorsCheckpointIO(CheckpointIO):
         try:
             return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle,
                                           storage_options=self._options(path))
-        except NotACheckpointError:
+        except NotACheckpointError as err:
             if found.exists():
                 raise
+            if is_read_only_url(path):  # a web server's URL: the error already says what to publish
+                raise NotACheckpointError(f"{NOT_FOUND_PREFIX}: {err}") from None
             raise NotACheckpointError(
                 f"{NOT_FOUND_PREFIX}: {os.fspath(path)}: no checkpoint directory there (with or without .ckpt) and "
                 "no .ckpt file. Check the path, or pass ckpt_path='last' to resume from the newest checkpoint."

@@ -20,7 +20,7 @@ from typing import Any
 
 from lightning_ckpt.lightning.internals.connector import last_lookup, set_last_lookup
 from lightning_ckpt.store import open_store
-from lightning_ckpt.store.fsutil import local_path, remote_scheme
+from lightning_ckpt.store.fsutil import is_read_only_url, local_path, read_only_message, remote_scheme
 
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
 _COMMITTED_AT: dict[str, datetime] = {}  # remote checkpoints "last" resolved to, and when each was committed
@@ -32,8 +32,8 @@ def checked_dirpath(dirpath: str | os.PathLike | None, storage_options: Mapping[
     and the ``storage_options`` it uses for it (None: none given, or a local path).
 
     Raises:
-        ValueError: options without a URL, a URL with a mirror, or a URL fsspec cannot open (an unknown
-            scheme, a backend that is not installed).
+        ValueError: options without a URL, a URL with a mirror, a web server's read-only ``http(s)://``
+            URL, or a URL fsspec cannot open (an unknown scheme, a backend that is not installed).
     """
     if dirpath is None or remote_scheme(dirpath) is None:
         if storage_options:
@@ -41,6 +41,8 @@ def checked_dirpath(dirpath: str | os.PathLike | None, storage_options: Mapping[
                              f"dirpath={dirpath!r} is local: drop storage_options or pass a URL")
         return (None if dirpath is None else str(local_path(dirpath))), None
     url = os.fspath(dirpath).rstrip("/")
+    if is_read_only_url(url):
+        raise ValueError(read_only_message(f"Checkpointer(dirpath={url!r})"))
     if mirrored:
         raise ValueError(f"Checkpointer(dirpath={url!r}, mirror=...): a mirror is the second tier of a local dirpath. "
                          f"Drop mirror (checkpoints go to {url!r} directly), or save to a local dirpath and "
