@@ -4,7 +4,8 @@ Lightning's ``LightningModule.load_from_checkpoint`` and ``LightningDataModule.l
 read the checkpoint with one function, ``pl_load``, looked up in ``lightning.pytorch.core.saving``.
 The hook puts a narrow wrapper in its place: a local path that is a directory (a lightning-ckpt
 checkpoint, named with or without ``.ckpt``), or an fsspec URL (``s3://``, ``gs://``, ``memory://``, ...)
-under which our manifest is committed, is loaded and verified by the engine; anything else (a
+under which our manifest is committed, or a local ``.safetensors`` file, is loaded (and verified) by the
+engine; anything else (a
 ``.ckpt`` file or object, an ``http(s)://`` URL, a file object) goes to Lightning's own function
 untouched. Lightning's API has no place for storage options: the hook reads URLs with the backend's
 own configuration (environment variables, profiles); :func:`load_from_checkpoint` takes
@@ -34,6 +35,7 @@ from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.fsutil import remote_scheme
 
 HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
+_K_VERSION = "pytorch-lightning_version"
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
 _LIGHTNING_URL_SCHEMES = frozenset({"http", "https"})  # Lightning downloads these with torch.hub itself
 _allow_pickle: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_ckpt_allow_pickle", default=False)
@@ -69,9 +71,19 @@ def is_checkpoint_directory(path: object, storage_options: Mapping[str, Any] | N
     return True
 
 
+def load_weights_file(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
+    """A single ``.safetensors`` file as a Lightning checkpoint; one without our metadata (weights only,
+    from any tool) is stamped with this Lightning's version, which Lightning's loaders require."""
+    state = engine.load_single_file(path, map_location=map_location)
+    state.setdefault(_K_VERSION, L.__version__)
+    return state
+
+
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     def load(path_or_url: IO | str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> Any:
         options = _storage_options.get()
+        if isinstance(path_or_url, (str, os.PathLike)) and engine.single_file_path(path_or_url) is not None:
+            return load_weights_file(path_or_url, map_location)
         if is_checkpoint_directory(path_or_url, options):
             return engine.load_checkpoint(path_or_url, map_location=map_location, allow_pickle=_allow_pickle.get(),
                                           storage_options=options)
