@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -41,9 +41,9 @@ def is_single_file_name(name: str) -> bool:
     return name.endswith(SINGLE_FILE_SUFFIX)
 
 
-def encode_single_file(state: Mapping[str, Any]) -> tuple[Blob, list[str]]:
+def encode_single_file(state: Mapping[str, Any], leave_out: Iterable[str] = TRAINING_ONLY) -> tuple[Blob, list[str]]:
     """The bytes of the single-file checkpoint of ``state`` (a Lightning checkpoint, or a plain
-    state_dict when it has no ``state_dict`` entry).
+    state_dict when it has no ``state_dict`` entry), without its top-level entries ``leave_out``.
 
     Returns:
         The file's bytes (pointing into the tensors' memory: write them before the tensors change), and
@@ -57,8 +57,9 @@ def encode_single_file(state: Mapping[str, Any]) -> tuple[Blob, list[str]]:
     weights = state[K_STATE_DICT]
     check_encodable({K_STATE_DICT: dict(weights)})
     tensors = {str(k): v.detach().to("cpu").contiguous() for k, v in weights.items() if isinstance(v, torch.Tensor)}
-    kept = {k: v for k, v in state.items() if k != K_STATE_DICT and k not in TRAINING_ONLY}
-    left_out = [str(k) for k in state if k in TRAINING_ONLY]
+    leave_out = frozenset(leave_out)
+    kept = {k: v for k, v in state.items() if k != K_STATE_DICT and k not in leave_out}
+    left_out = [str(k) for k in state if k in leave_out]
     left_out += [f"{K_STATE_DICT}.{k}" for k, v in weights.items() if not isinstance(v, torch.Tensor)]
     files = encode_state(kept)
     metadata = {**META_FORMAT, META_STATE: files[STATE_FILE].tobytes().decode()}
@@ -92,16 +93,26 @@ def decode_single_file(data: Buffer, *, where: str, device: torch.device | str |
     if expected is not None and digest(memoryview(buf[8 + length:].numpy())) != expected:
         raise CorruptCheckpointError(f"{where}: the tensor bytes do not match the checksum in the file's metadata "
                                      "(the file was changed or damaged after it was written)")
-    state: dict[str, Any] = {}
-    if META_STATE in metadata:
-        files: dict[str, Buffer] = {STATE_FILE: metadata[META_STATE].encode()}
-        if META_EXTRA in metadata:
-            try:
-                files[EXTRA_TENSORS_FILE] = bytearray(base64.b64decode(metadata[META_EXTRA], validate=True))
-            except ValueError as err:
-                raise CorruptCheckpointError(f"{where}: metadata {META_EXTRA!r} is not base64 ({err})") from None
-        state = decode_state(files, where=where, device=device)
+    state = decode_metadata(metadata, where=where, device=device)
     if device is not None and torch.device(device).type != "cpu":
         tensors = {k: t.to(device) for k, t in tensors.items()}
     state[K_STATE_DICT] = tensors
     return state
+
+
+def decode_metadata(metadata: Mapping[str, str], *, where: str, device: torch.device | str | None = None
+                    ) -> dict[str, Any]:
+    """The entries kept besides the weights, from a single file's metadata (empty for a file not ours).
+
+    Raises:
+        CorruptCheckpointError: the entries cannot be decoded.
+    """
+    if META_STATE not in metadata:
+        return {}
+    files: dict[str, Buffer] = {STATE_FILE: metadata[META_STATE].encode()}
+    if META_EXTRA in metadata:
+        try:
+            files[EXTRA_TENSORS_FILE] = bytearray(base64.b64decode(metadata[META_EXTRA], validate=True))
+        except ValueError as err:
+            raise CorruptCheckpointError(f"{where}: metadata {META_EXTRA!r} is not base64 ({err})") from None
+    return decode_state(files, where=where, device=device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,12 @@ import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
-from lightning_ckpt.format.single_file import decode_single_file, encode_single_file, is_single_file_name
+from lightning_ckpt.format.single_file import (
+    TRAINING_ONLY,
+    decode_single_file,
+    encode_single_file,
+    is_single_file_name,
+)
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.format.torchfile_magic import is_torch_file
 from lightning_ckpt.store import Store, locate, read_manifest, read_verified, verify
@@ -129,10 +134,11 @@ def single_file_path(path: str | os.PathLike) -> Path | None:
     return None if found.is_dir() else found
 
 
-def save_single_file(state: Mapping[str, Any], path: str | os.PathLike) -> list[str]:
+def save_single_file(state: Mapping[str, Any], path: str | os.PathLike, *, leave_out: Iterable[str] = TRAINING_ONLY
+                     ) -> list[str]:
     """Write the model weights of ``state`` (and its entries that hold no tensor) as the one
     ``.safetensors`` file ``path``, replacing any file there atomically (see
-    :mod:`lightning_ckpt.format.single_file`).
+    :mod:`lightning_ckpt.format.single_file`); the top-level entries ``leave_out`` are left out.
 
     Returns:
         The top-level entries left out (the optimizer state and the like), sorted.
@@ -146,7 +152,7 @@ def save_single_file(state: Mapping[str, Any], path: str | os.PathLike) -> list[
         raise ValueError(f"{os.fspath(path)}: a single .safetensors file is written to a local path only; save to a "
                          "checkpoint directory name (without .safetensors) at a URL, or write locally and upload it")
     target = local_path(path, what="path")
-    blob, left_out = encode_single_file(state)
+    blob, left_out = encode_single_file(state, leave_out)
     with atomic_file(target, "the safetensors checkpoint") as f:
         for chunk in blob.chunks:
             f.write(chunk)

@@ -113,3 +113,27 @@ def test_a_changed_byte_is_refused(trained):
         TinyModel.load_from_checkpoint(path)
     with pytest.raises(CorruptCheckpointError, match="do not match the checksum"):
         val_loss(tmp_path, TinyModel(hidden=12), path)
+
+
+def test_inspect_shows_its_hyper_parameters_and_step(trained):
+    from lightning_ckpt import inspect_checkpoint
+    from lightning_ckpt.format.single_file import META_STATE
+    from lightning_ckpt.inspection import _SINGLE_FILE_STATE
+
+    tmp_path, t, _ = trained
+    path = tmp_path / "inspected.safetensors"
+    t.save_checkpoint(path)
+    found = inspect_checkpoint(path)
+    assert found.step == 6 and found.hyper_parameters["hidden"] == 12 and found.hyper_parameters["name"] == "tiny"
+    assert len(found.groups["model weights"]) == 8
+    assert _SINGLE_FILE_STATE == META_STATE  # inspection names the key without importing torch
+
+
+def test_async_checkpointer_writes_the_file_too(tmp_path):
+    t = trainer(tmp_path, max_steps=4, callbacks=[Checkpointer(tmp_path / "runs", every_n_steps=2, async_save=True)])
+    model = TinyModel()
+    t.fit(model, tiny_loader())
+    t.save_checkpoint(tmp_path / "final.safetensors")
+    t.strategy.checkpoint_io.wait()
+    weights = load_file(tmp_path / "final.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
