@@ -137,3 +137,12 @@ def test_async_checkpointer_writes_the_file_too(tmp_path):
     t.strategy.checkpoint_io.wait()
     weights = load_file(tmp_path / "final.safetensors")
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_safetensors_url_is_refused_before_anything_is_written(trained):
+    import fsspec
+
+    _, t, _ = trained
+    with pytest.raises(ValueError, match="written to a local path only"):
+        t.save_checkpoint("memory://bucket/final.safetensors")
+    assert not fsspec.filesystem("memory").exists("/bucket/final.safetensors")

@@ -89,6 +89,10 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if not set(options) <= _OPTION_KEYS:
             raise TypeError(f"{type(self).__name__} takes storage_options keys {sorted(_OPTION_KEYS)}, "
                             f"got {sorted(options)}")
+        if is_single_file_name(os.fspath(path)) and remote_scheme(path):
+            raise ValueError(f"{os.fspath(path)}: a single .safetensors file is written to a local path only; save "
+                             "to a checkpoint directory name (without .safetensors) at a URL, or write locally and "
+                             "upload the file")
         if not self.async_save:
             self._write(checkpoint, path, options)
             return
@@ -98,7 +102,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def _write(self, state: Mapping[str, Any], path: str | os.PathLike, options: Mapping[str, Any]) -> None:
         """Encode, write and commit (a seam: tests slow it down or make it fail)."""
-        if is_single_file_name(os.fspath(path)) and not remote_scheme(path):
+        if is_single_file_name(os.fspath(path)):
             save_weights_file(state, path)
             return
         engine.save_checkpoint(state, path, allow_pickle=self.allow_pickle, storage_options=self._options(path),
