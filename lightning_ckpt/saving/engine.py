@@ -71,7 +71,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None, allow_
     """Load a checkpoint directory, verifying every file first; nothing is unpickled by default.
 
     Args:
-        path: the checkpoint directory (``name`` or Lightning's ``name.ckpt``), or its fsspec URL.
+        path: the checkpoint directory (``name`` or Lightning's ``name.ckpt``), or its fsspec URL; or a local
+            ``.safetensors`` file (:func:`load_single_file`).
         map_location: a device (or its name) to put the tensors on; CPU otherwise.
         allow_pickle: allow values that were pickled with ``allow_pickle=True`` at save time.
         storage_options: for a URL, the fsspec filesystem's options (endpoint, credentials, ...).
