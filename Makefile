@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install demo test quick-test fuzz bench clean
+.PHONY: install demo test quick-test install-test fuzz bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,20 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python examples/quickstart.py
 
-# What CI runs: the whole suite, the long fault runs (marker `slow`) included; the long fuzz run is `make fuzz`.
+# What CI runs: the whole suite, the long fault runs (marker `slow`) included; the long fuzz run is `make fuzz`,
+# the install test `make install-test`.
 # Both suites end with the 15 slowest tests (--durations=15), so a test that grows slow shows up.
 # The tests fork their training runs from one process that imported torch once (tests/scripts/childproc.py);
 # LIGHTNING_CKPT_TEST_FRESH_PYTHON=1 makes each a fresh interpreter (slower), to rule that out when one fails.
 test: install
-	$(BIN)/python -m pytest -q -m "not fuzz" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not fuzz and not install" --durations=15 $(PYTEST_ARGS)
 
-# The suite without the long fault runs (what a bare `pytest` runs).
+# The wheel built from this tree, installed into a fresh venv with torch and no dev extras (~3 min on 2 cores:
+# pip installs torch and the dependencies from the package index): `lightning-ckpt --version`, `list`, `verify` and a save/load round trip.
+install-test: install
+	$(BIN)/python -m pytest -q -m install tests/test_install.py $(PYTEST_ARGS)
+
+# The suite without the long fault runs and the install test (what a bare `pytest` runs).
 quick-test: install
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 

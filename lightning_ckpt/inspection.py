@@ -36,6 +36,7 @@ _K_HPARAMS = "hyper_parameters"
 # Where torch.distributed.checkpoint's safetensors writer records each chunk's offset in the full tensor.
 _DCP_SHARDING_INFO, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "saved_offsets"
 _K_LIGHTNING_VERSION = "pytorch-lightning_version"
+_SINGLE_FILE_STATE = "lightning_ckpt.state"  # lightning_ckpt.format.single_file.META_STATE, without torch
 # Bytes per element of the safetensors dtype names (the format's own table).
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
@@ -125,6 +126,14 @@ def _safetensors(p: Path) -> Inspection:
     found = Inspection(str(p), KIND_SAFETENSORS)
     found.groups[MODEL], metadata = _safetensors_infos(p)
     found.hyper_parameters = metadata
+    if _SINGLE_FILE_STATE in metadata:  # trainer.save_checkpoint("x.safetensors"): the entries besides the weights
+        from lightning_ckpt.format.single_file import decode_metadata  # torch, only for such a file
+
+        kept = decode_metadata(metadata, where=str(p))
+        found.hyper_parameters = dict(kept.get("hyper_parameters") or {})
+        found.step, found.epoch = kept.get("global_step"), kept.get("epoch")
+        version = kept.get("pytorch-lightning_version")
+        found.versions = {"lightning": version} if isinstance(version, str) else {}
     return found
 
 

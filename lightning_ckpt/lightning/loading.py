@@ -4,11 +4,11 @@ Lightning's ``LightningModule.load_from_checkpoint`` and ``LightningDataModule.l
 read the checkpoint with one function, ``pl_load``, looked up in ``lightning.pytorch.core.saving``.
 The hook puts a narrow wrapper in its place: a local path that is a directory (a lightning-ckpt
 checkpoint, named with or without ``.ckpt``), or a URL (``s3://``, ``gs://``, ``memory://``, a web
-server's ``https://``, ...) under which our manifest is committed, is loaded and verified by the engine;
-anything else (a ``.ckpt`` file or object, an ``https://`` URL of a ``.ckpt`` file, a file object) goes
-to Lightning's own function untouched. Lightning's API has no place for storage options: the hook reads
-URLs with the backend's own configuration (environment variables, profiles); :func:`load_from_checkpoint`
-takes ``storage_options``.
+server's ``https://``, ...) under which our manifest is committed, or a local ``.safetensors`` file, is
+loaded and verified by the engine; anything else (a ``.ckpt`` file or object, an ``https://`` URL of a
+``.ckpt`` file, a file object) goes to Lightning's own function untouched. Lightning's API has no place
+for storage options: the hook reads URLs with the backend's own configuration (environment variables,
+profiles); :func:`load_from_checkpoint` takes ``storage_options``.
 
 The same wrapper serves ``TorchCheckpointIO``, so a plain ``Trainer(...).fit/validate/test/predict(model,
 ckpt_path=dir)`` (no plugin, no ``Checkpointer``) reads our directories too.
@@ -40,6 +40,7 @@ from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.fsutil import remote_scheme
 
 HOOK_ENV = "LIGHTNING_CKPT_LOAD_HOOK"
+_K_VERSION = "pytorch-lightning_version"
 _ORIGINAL_ATTR = "lightning_ckpt_original"  # marks our wrapper and keeps Lightning's function on it
 _GUARDED_ATTR = "lightning_ckpt_guarded"  # marks the wrapper that only refuses directories (hook turned off)
 _allow_pickle: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_ckpt_allow_pickle", default=False)
@@ -73,9 +74,19 @@ def is_checkpoint_directory(path: object, storage_options: Mapping[str, Any] | N
     return True
 
 
+def load_weights_file(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
+    """A single ``.safetensors`` file as a Lightning checkpoint; one without our metadata (weights only,
+    from any tool) is stamped with this Lightning's version, which Lightning's loaders require."""
+    state = engine.load_single_file(path, map_location=map_location)
+    state.setdefault(_K_VERSION, L.__version__)
+    return state
+
+
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
     def load(path_or_url: IO | str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> Any:
         options = _storage_options.get()
+        if isinstance(path_or_url, (str, os.PathLike)) and engine.single_file_path(path_or_url) is not None:
+            return load_weights_file(path_or_url, map_location)
         if is_checkpoint_directory(path_or_url, options):
             return engine.load_checkpoint(path_or_url, map_location=map_location, allow_pickle=_allow_pickle.get(),
                                           storage_options=options)

@@ -8,17 +8,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
+from lightning_ckpt.format.single_file import (
+    TRAINING_ONLY,
+    decode_single_file,
+    encode_single_file,
+    is_single_file_name,
+)
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.format.torchfile_magic import is_torch_file
 from lightning_ckpt.store import Store, locate, read_manifest, read_verified, verify
-from lightning_ckpt.store.fsutil import open_regular
+from lightning_ckpt.store.fsutil import atomic_file, local_path, open_regular, remote_scheme
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_pickle: bool = False,
                     run_id: str | None = None, meta: Mapping[str, Any] | None = None,
@@ -64,7 +71,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None, allow_
     """Load a checkpoint directory, verifying every file first; nothing is unpickled by default.
 
     Args:
-        path: the checkpoint directory (``name`` or Lightning's ``name.ckpt``), or its fsspec URL.
+        path: the checkpoint directory (``name`` or Lightning's ``name.ckpt``), or its fsspec URL; or a local
+            ``.safetensors`` file (:func:`load_single_file`).
         map_location: a device (or its name) to put the tensors on; CPU otherwise.
         allow_pickle: allow values that were pickled with ``allow_pickle=True`` at save time.
         storage_options: for a URL, the fsspec filesystem's options (endpoint, credentials, ...).
@@ -74,6 +82,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None, allow_
         IncompleteCheckpointError, CorruptCheckpointError: a file is missing, short or changed.
         UnsafeCheckpointError: it holds pickled values and ``allow_pickle`` is False.
     """
+    if single_file_path(path) is not None:
+        return load_single_file(path, map_location=map_location)
     store, name = locate(path, storage_options)
     if _is_sharded(store, name):
         from lightning_ckpt.distributed.sharded import load_consolidated  # torch.distributed loads only if needed
@@ -115,6 +125,61 @@ def load_torch_file(path: str | os.PathLike, *, map_location: Any = None, allow_
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError, TypeError) as err:
         raise CorruptCheckpointError(f"{os.fspath(path)}: not a readable torch checkpoint file ({err})") from err
+
+
+def single_file_path(path: str | os.PathLike) -> Path | None:
+    """The local path of a single-file checkpoint (a ``*.safetensors`` name that is not a directory), else None."""
+    if remote_scheme(path) is not None or not is_single_file_name(os.fspath(path)):
+        return None
+    found = local_path(path, what="path")
+    return None if found.is_dir() else found
+
+
+def save_single_file(state: Mapping[str, Any], path: str | os.PathLike, *, leave_out: Iterable[str] = TRAINING_ONLY
+                     ) -> list[str]:
+    """Write the model weights of ``state`` (and its entries that hold no tensor) as the one
+    ``.safetensors`` file ``path``, replacing any file there atomically (see
+    :mod:`lightning_ckpt.format.single_file`); the top-level entries ``leave_out`` are left out.
+
+    Returns:
+        The top-level entries left out (the optimizer state and the like), sorted.
+
+    Raises:
+        ValueError: ``path`` is a URL: a single file is written to a local path only.
+        UnsupportedTypeError: a weight cannot be stored.
+        StorageError: the write failed; ``path`` is untouched.
+    """
+    if remote_scheme(path) is not None:
+        raise ValueError(f"{os.fspath(path)}: a single .safetensors file is written to a local path only; save to a "
+                         "checkpoint directory name (without .safetensors) at a URL, or write locally and upload it")
+    target = local_path(path, what="path")
+    blob, left_out = encode_single_file(state, leave_out)
+    with atomic_file(target, "the safetensors checkpoint") as f:
+        for chunk in blob.chunks:
+            f.write(chunk)
+    return left_out
+
+
+def load_single_file(path: str | os.PathLike, *, map_location: Any = None) -> dict[str, Any]:
+    """Load a single ``.safetensors`` file as a checkpoint: ours, with its hyper-parameters, checksum
+    verified; any other as ``{"state_dict": its tensors}``.
+
+    Raises:
+        NotACheckpointError: no file there.
+        CorruptCheckpointError: not valid safetensors, damaged, or not a regular file.
+    """
+    target = local_path(path, what="path")
+    f = open_regular(target)
+    if f is None:
+        raise NotACheckpointError(f"{target}: no such .safetensors file")
+    with f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        view, got = memoryview(data), 0
+        while got < len(data) and (n := f.readinto(view[got:])):
+            got += n
+    if got != len(data):
+        raise CorruptCheckpointError(f"{target}: the file shrank while it was read")
+    return decode_single_file(data, where=str(target), device=device_from_map_location(map_location))
 
 
 def verify_checkpoint(path: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> Manifest:

@@ -15,6 +15,9 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning_ckpt.saving import engine
 from lightning_ckpt.saving.background import BackgroundJob
 from lightning_ckpt.errors import CheckpointWarning, NotACheckpointError
+from lightning_ckpt.format.single_file import is_single_file_name
+from lightning_ckpt.lightning.checkpointing.weights_file import save_weights_file
+from lightning_ckpt.lightning.loading import load_weights_file
 from lightning_ckpt.saving.staging import Stager
 from lightning_ckpt.store import locate
 from lightning_ckpt.store.fsutil import is_read_only_url, remote_scheme
@@ -30,7 +33,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
     Works with ``ModelCheckpoint``, ``trainer.save_checkpoint`` and ``ckpt_path=...``. The directory
     keeps the name Lightning asks for (``epoch=0-step=50.ckpt/``), so ``ModelCheckpoint``'s
     ``last``, top-k deletion and version counter work unchanged; ``ckpt_path`` accepts the name
-    with or without ``.ckpt``.
+    with or without ``.ckpt``. A local name ending ``.safetensors`` is one safetensors file of the
+    model weights and hyper-parameters instead, as ``weights_only=True`` keeps them
+    (:mod:`lightning_ckpt.format.single_file`): it loads for inference or fine-tuning, not to resume.
 
     With ``async_save=True`` a save copies the state into host buffers reused from save to save
     (training waits for this copy only), and a background thread writes and commits the copy while
@@ -84,6 +89,10 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if not set(options) <= _OPTION_KEYS:
             raise TypeError(f"{type(self).__name__} takes storage_options keys {sorted(_OPTION_KEYS)}, "
                             f"got {sorted(options)}")
+        if is_single_file_name(os.fspath(path)) and remote_scheme(path):
+            raise ValueError(f"{os.fspath(path)}: a single .safetensors file is written to a local path only; save "
+                             "to a checkpoint directory name (without .safetensors) at a URL, or write locally and "
+                             "upload the file")
         if not self.async_save:
             self._write(checkpoint, path, options)
             return
@@ -93,6 +102,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def _write(self, state: Mapping[str, Any], path: str | os.PathLike, options: Mapping[str, Any]) -> None:
         """Encode, write and commit (a seam: tests slow it down or make it fail)."""
+        if is_single_file_name(os.fspath(path)):
+            save_weights_file(state, path)
+            return
         engine.save_checkpoint(state, path, allow_pickle=self.allow_pickle, storage_options=self._options(path),
                                **options)
 
@@ -135,6 +147,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
             UnsafeCheckpointError: a ``.ckpt`` file that only a full unpickle could read.
         """
         self.wait()  # it may be the checkpoint in flight
+        if engine.single_file_path(path) is not None:
+            return load_weights_file(path, map_location)
         store, name = locate(path, self._options(path))
         found = Path(store.location(name))
         if found.is_file():
@@ -161,5 +175,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self._remove(path)
 
     def _remove(self, path: str | os.PathLike) -> None:
+        single = engine.single_file_path(path)
+        if single is not None:
+            single.unlink(missing_ok=True)
+            return
         store, name = locate(path, self._options(path))
         store.delete(name)
