@@ -21,13 +21,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python examples/quickstart.py
 
-# What CI runs: the whole suite, the long fault runs (marker `slow`) included; the long fuzz run is `make fuzz`,
-# the install test `make install-test`.
+# What CI runs: the whole suite, the long fault runs (marker `slow`) and the install test (marker `install`,
+# alone: `make install-test`) included; the long fuzz run is `make fuzz`.
 # Both suites end with the 15 slowest tests (--durations=15), so a test that grows slow shows up.
 # The tests fork their training runs from one process that imported torch once (tests/scripts/childproc.py);
 # LIGHTNING_CKPT_TEST_FRESH_PYTHON=1 makes each a fresh interpreter (slower), to rule that out when one fails.
 test: install
-	$(BIN)/python -m pytest -q -m "not fuzz and not install" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not fuzz" --durations=15 $(PYTEST_ARGS)
 
 # The wheel built from this tree, installed into a fresh venv with torch and no dev extras (~3 min on 2 cores:
 # pip installs torch and the dependencies from the package index): `lightning-ckpt --version`, `list`, `verify` and a save/load round trip.
