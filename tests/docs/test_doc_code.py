@@ -212,7 +212,13 @@ def _after(name: str):
 @_after("README.md")
 def _quick_start_resumed(tmp: Path, ns: dict[str, Any]) -> None:
     assert ns["trainer"].global_step == 40 and ns["model"].hparams.lr == 0.1
-    assert sorted(p.name for p in (tmp / "runs" / "quick").glob("step=*")) == ["step=000000030", "step=000000040"]
+    (exact,) = [c for c in ns["trainer"].callbacks if type(c).__name__ == "ExactResume"]
+    assert exact.last_audit.status == "exact" and "resume from step 20 verified exact over 3 steps" in exact.last_audit.message
+    run = tmp / "runs" / "quick"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["exact_resume_audit.json", "ledger.json", "step=000000030",
+                                                      "step=000000040"]
+    assert sorted(p.name for p in (run / "step=000000040").iterdir()) == [
+        "manifest.json", "model.safetensors", "state.json", "state.safetensors"]  # plain SGD holds no state
 
 
 @_after("CHECKPOINTER.md")
