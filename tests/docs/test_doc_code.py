@@ -183,6 +183,10 @@ def _readme_prelude(tmp: Path, request: pytest.FixtureRequest) -> dict[str, Any]
     return {}  # the quick start defines everything it uses
 
 
+def _exact_prelude(tmp: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
+    return {"MyModel": _model_class()}
+
+
 def _rollback_prelude(tmp: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
     return _common()
 
@@ -193,6 +197,7 @@ PRELUDES: dict[str, Callable[[Path, pytest.FixtureRequest], dict[str, Any]]] = {
     "MIGRATING.md": _migrating_prelude,
     "REMOTE.md": _remote_prelude,
     "ROLLBACK.md": _rollback_prelude,
+    "EXACT_RESUME.md": _exact_prelude,
     # docs/FORMAT.md's two blocks run in tests/format/test_documented_weight_loading.py (tied weights, checked
     # key by key); test_formats_python_blocks_are_the_ones_that_test_runs holds it to every block.
     "FORMAT.md": None,
@@ -231,6 +236,14 @@ def _checkpointer_kept_and_tested(tmp: Path, ns: dict[str, Any]) -> None:
 def _plugin_wrote_and_resumed(tmp: Path, ns: dict[str, Any]) -> None:
     assert (tmp / "ckpts" / "epoch=0-step=50.ckpt" / "manifest.json").is_file()
     assert torch.equal(ns["state"]["state_dict"]["inp.weight"], ns["model"].state_dict()["inp.weight"])
+
+
+@_after("EXACT_RESUME.md")
+def _audited_exact(tmp: Path, ns: dict[str, Any]) -> None:
+    report = ns["exact"].last_audit
+    assert report.status == "exact" and report.steps_compared == 3
+    shown = re.search(r"# (resume from step .*)", next(b.code for b in blocks(page("EXACT_RESUME.md")) if b.lang == "python"))
+    assert report.message == shown.group(1)
 
 
 @_after("REMOTE.md")
