@@ -13,8 +13,8 @@ EXAMPLE = ROOT / "examples" / "rollback.py"
 
 def _shown() -> list[str]:
     """The lines docs/ROLLBACK.md shows under `$ python examples/rollback.py`."""
-    (block,) = re.findall(r"```text\n\$ python examples/rollback\.py[^\n]*\n(.*?)```", (ROOT / "docs" / "ROLLBACK.md").read_text(),
-                          re.S)
+    page = (ROOT / "docs" / "ROLLBACK.md").read_text()
+    (block,) = re.findall(r"```text\n\$ python examples/rollback\.py[^\n]*\n(.*?)```", page, re.S)
     return block.rstrip("\n").split("\n")
 
 
