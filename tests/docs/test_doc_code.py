@@ -105,7 +105,9 @@ def test_every_block_is_one_the_tests_run_or_check() -> None:
     unknown = [b.where for b in ALL_BLOCKS if _kind(b) == "unknown"]
     assert not unknown, f"blocks no test runs (run them here, or mark them <!-- doc-test: not-run: why -->): {unknown}"
     python_pages = {b.page.name for b in ALL_BLOCKS if _kind(b) == "python"}
-    assert python_pages == set(PRELUDES), python_pages ^ set(PRELUDES)
+    assert python_pages == set(PRELUDES), (
+        f"a page with runnable python blocks needs an entry in PRELUDES (the names it uses undefined), and an entry "
+        f"needs such a page: {sorted(python_pages ^ set(PRELUDES))}")
 
 
 # --- python blocks ---------------------------------------------------------------------------------
