@@ -2,7 +2,7 @@
 
 Lightning logs a batch's values under its 0-based index, while a checkpoint's ``global_step``
 counts the batches already finished: a checkpoint at global step ``g`` and a value logged at step
-``g - 1`` describe the same weights. The rule (documented in the README under ``best --logs``):
+``g - 1`` describe the same weights. The rule (documented in docs/CLI.md under ``best``):
 
 1. the value logged at the checkpoint's own step (logged step ``g - 1``), else
 2. the first value logged after it and before the next checkpoint's step, else
