@@ -83,7 +83,8 @@ def config_in_hparams(hparams: Mapping[str, Any], where: str) -> Any | None:
     for name, value in [("hyper_parameters", hparams), *((f"hyper_parameters[{k!r}]", v) for k, v in hparams.items())]:
         if is_transformers_config(value):
             found[name] = value
-        elif isinstance(value, Mapping) and value.get("model_type") in transformers.CONFIG_MAPPING:
+        elif isinstance(value, Mapping) and isinstance(value.get("model_type"), str) \
+                and value["model_type"] in transformers.CONFIG_MAPPING:
             plain = {k: v for k, v in value.items() if isinstance(k, str)}
             found[name] = transformers.CONFIG_MAPPING[value["model_type"]].from_dict(plain)
     distinct = {repr(sorted(c.to_dict().items(), key=str)): n for n, c in found.items()}
@@ -111,7 +112,7 @@ def fit_weights(weights: Mapping[str, torch.Tensor], config: Any, prefix: str | 
     """
     shapes = {k: tuple(t.shape) for k, t in weights.items()}
     fits: dict[str, list[type]] = {}
-    misses: list[str] = []
+    misses: list[tuple[int, str]] = []  # (how many names are off, what is off)
     for cls, expected, optional in _models(config):
         required = expected.keys() - optional
         anchor = min(required, default=None)
@@ -126,7 +127,8 @@ def fit_weights(weights: Mapping[str, torch.Tensor], config: Any, prefix: str | 
             if not extra and not missing and not wrong:
                 fits.setdefault(p, []).append(cls)
             else:
-                misses.append(_miss(cls, p, extra, missing, wrong, mine, expected))
+                misses.append((len(extra) + len(missing) + len(wrong), _miss(cls, p, extra, missing, wrong, mine,
+                                                                              expected)))
     outer = [p for p in fits if not any(p != q and p.startswith(q) for q in fits)]
     if len(outer) == 1:
         return Fit(outer[0], fits[outer[0]])
@@ -135,7 +137,7 @@ def fit_weights(weights: Mapping[str, torch.Tensor], config: Any, prefix: str | 
                          f"{', '.join(repr(p) for p in sorted(outer))}); pass the one to export with --strip-prefix")
     hint = "; pass the LightningModule attribute holding the model with --strip-prefix (e.g. 'model.')" \
         if prefix is None else ""
-    nearest = min(misses, key=len, default="no model class of transformers takes this config")
+    nearest = min(misses, default=(0, "no model class of transformers takes this config"))[1]
     raise ValueError(f"{where}: the weights do not fit the config's {type(config).__name__} models"
                      f"{' under prefix ' + repr(prefix) if prefix is not None else ' under any prefix'} "
                      f"(nearest: {nearest}); check --config{hint}")
