@@ -207,23 +207,43 @@ _WAYS: dict[tuple[str, str], Way] = {
 @main.command()
 @click.argument("src", type=PATH)
 @click.option("--hf", "out", type=click.Path(path_type=Path), required=True,
-              help="The folder to create: Hugging Face sharded safetensors + model.safetensors.index.json.")
+              help="The folder to create: sharded safetensors, model.safetensors.index.json and config.json.")
+@click.option("--config", default=None,
+              help="The model's transformers config: a local config.json or a save_pretrained folder (no download). "
+                   "Default: the one the LightningModule stored in its hyper-parameters, if any.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="Cast floating-point weights (default: keep their dtype).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="The largest shard, e.g. 500MB or 5GB.")
-@click.option("--strip-prefix", default=None, help="Remove this prefix from weight names, e.g. 'model.'.")
-def export(src: Path, out: Path, dtype: str | None, max_shard_size: str, strip_prefix: str | None) -> None:
-    """Export the model weights of checkpoint SRC for Hugging Face tools (transformers,
-    safetensors): sharded .safetensors files and model.safetensors.index.json in a new folder.
+@click.option("--strip-prefix", default=None,
+              help="Remove this prefix from weight names, e.g. 'model.' (default with a config: the one prefix "
+                   "under which the weights fit the config's model).")
+def export(src: Path, out: Path, config: str | None, dtype: str | None, max_shard_size: str,
+           strip_prefix: str | None) -> None:
+    """Export the model weights of checkpoint SRC as a Hugging Face folder that
+    transformers' from_pretrained loads: sharded .safetensors files, model.safetensors.index.json,
+    and config.json from --config or the LightningModule's hyper-parameters (a PretrainedConfig, or a
+    dict with a model_type). torch.compile's '_orig_mod.' is always taken out of the names; the
+    LightningModule attribute holding the model ('model.') is found from the config, or given by
+    --strip-prefix.
 
     \b
     Example:
-      lightning-ckpt export checkpoints/step=000004000 --hf hf_model/ --dtype bf16 --strip-prefix model.
+      lightning-ckpt export checkpoints/step=000004000 --hf hf_model/
+      lightning-ckpt export checkpoints/step=000004000 --hf hf_model/ --config gpt2_config/ --dtype bf16
     """
     from lightning_ckpt.convert.hf import export_hf
 
-    files = export_hf(src, out, dtype=dtype, max_shard_size=_shard_size(max_shard_size), strip_prefix=strip_prefix)
-    click.echo(f"wrote {out}: {', '.join(files)}")
+    done = export_hf(src, out, dtype=dtype, max_shard_size=_shard_size(max_shard_size), strip_prefix=strip_prefix,
+                     config=config)
+    click.echo(f"wrote {out}: {', '.join(done.files)}")
+    if done.left_out:
+        click.echo(f"left out {len(done.left_out)} weights outside the model: {', '.join(done.left_out[:5])}"
+                   f"{', ...' if len(done.left_out) > 5 else ''}")
+    if done.loader is None:
+        click.echo("no config.json (none given with --config, none in the hyper-parameters): pass --config for "
+                   "transformers' from_pretrained to load the folder")
+    else:
+        click.echo(f"load it with transformers.{done.loader}.from_pretrained({str(out)!r}) or AutoModel")
 
 
 def _shard_size(text: str) -> int | str:

@@ -1,5 +1,6 @@
 """Model weights as a Hugging Face sharded safetensors folder (``model-0000N-of-0000M.safetensors`` +
-``model.safetensors.index.json``), loadable by ``transformers`` and by plain ``safetensors``.
+``model.safetensors.index.json`` + ``config.json``), loadable by ``transformers`` and by plain
+``safetensors``; the config and the names that fit it come from ``hf_config.py``.
 
 The sharding plan and the files are ``huggingface_hub.save_torch_state_dict``'s own, so the layout
 is the one the Hub's tools expect.
@@ -11,14 +12,17 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
 
-from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, StorageError
+from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, StorageError, UnsafeCheckpointError
 from lightning_ckpt.format.manifest import SHARDS_DIR
-from lightning_ckpt.format.state import MODEL_FILE
+from lightning_ckpt.format.state import MODEL_FILE, STATE_FILE, decode_state
 from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.fsutil import TMP_PREFIX, fsync_dir, local_path
 
@@ -28,6 +32,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _K_ALIASES = "aliases"  # safetensors metadata key of tied weights (see format/state.py)
 _REF_SEP = ":"
 _K_STATE_DICT = "state_dict"
+_K_SKELETON = "state"  # state.json's top-level entry (format/state.py)
+_K_HPARAMS = "hyper_parameters"
 
 
 def model_weights(src: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -70,21 +76,40 @@ def _aliases(data: bytes, where: str) -> dict[str, str]:
         raise CorruptCheckpointError(f"{where}/{MODEL_FILE}: unreadable header ({err})") from err
 
 
+@dataclass
+class Exported:
+    """What ``export_hf`` wrote."""
+
+    files: list[str]
+    loader: str | None  # the transformers class that loads it (``AutoModel`` at least), None without config.json
+    left_out: list[str] = field(default_factory=list)  # weights outside the model (other attributes' weights)
+
+
 def export_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
-              max_shard_size: int | str = "5GB", strip_prefix: str | None = None) -> list[str]:
-    """Write the model weights of checkpoint ``src`` as a Hugging Face safetensors folder ``out``.
+              max_shard_size: int | str = "5GB", strip_prefix: str | None = None,
+              config: str | os.PathLike | None = None) -> Exported:
+    """Write the model weights of checkpoint ``src`` as a Hugging Face folder ``out``: sharded
+    safetensors, ``model.safetensors.index.json`` and, with a transformers config, ``config.json``, so
+    that ``transformers.AutoModel.from_pretrained(out)`` loads it.
+
+    The config is ``config`` (a local ``config.json`` or ``save_pretrained`` folder), else the one the
+    LightningModule stored in its hyper-parameters. torch.compile's ``_orig_mod.`` is taken out of
+    every name. With a config, the weights are the model's alone: those under ``strip_prefix``, or
+    under the one prefix where they fit a model built from the config (detected on the meta device).
 
     Args:
         dtype: cast floating-point weights to ``bf16``, ``fp16`` or ``fp32``; None keeps them.
         max_shard_size: the largest shard, as bytes or ``"5GB"``/``"500MB"``.
-        strip_prefix: remove this prefix from the names that start with it (``model.`` for a
-            LightningModule that holds the network as ``self.model``).
+        strip_prefix: remove this prefix from the names (``model.`` for a LightningModule that holds
+            the network as ``self.model``).
+        config: a local ``config.json`` file or a folder holding one; never a model id (no download).
 
     Returns:
-        The names of the files written. ``out`` appears whole or not at all.
+        What was written. ``out`` appears whole or not at all.
 
     Raises:
-        ValueError: an unknown dtype, or ``out`` already exists.
+        ValueError: an unknown dtype, ``out`` already exists, a config that is not local or does not
+            fit the weights, or a prefix that cannot be told.
         StorageError: the write failed; ``out`` was not created.
     """
     target = local_path(out, what="out")
@@ -92,7 +117,24 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | No
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     if target.exists():
         raise ValueError(f"{target}: already exists; pass a new directory (export never overwrites)")
-    weights = _renamed(model_weights(src), strip_prefix, DTYPES.get(dtype or ""))
+    from lightning_ckpt.convert import hf_config  # imports transformers, only when it is needed
+
+    store, name = locate(src)
+    where = store.location(name)
+    weights = hf_config.strip_compiled(model_weights(src))
+    cfg = hf_config.load_config(config) if config is not None else _hparams_config(store, name, where)
+    loader, left_out = None, []
+    if cfg is not None:
+        fit = hf_config.fit_weights(weights, cfg, strip_prefix, where)
+        left_out = sorted(k for k in weights if not k.startswith(fit.prefix))
+        weights = {k[len(fit.prefix):]: t for k, t in weights.items() if k.startswith(fit.prefix)}
+        if not cfg.architectures and len(fit.classes) == 1:
+            cfg.architectures = [fit.classes[0].__name__]
+        loader = (cfg.architectures or ["AutoModel"])[0]
+        if dtype is not None:
+            cfg.dtype = DTYPES[dtype]
+        strip_prefix = None
+    weights = _renamed(weights, strip_prefix, DTYPES.get(dtype or ""))
     from huggingface_hub import save_torch_state_dict  # only export needs it
 
     tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{uuid.uuid4().hex[:8]}")
@@ -100,6 +142,8 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | No
         tmp.mkdir(parents=True)
         save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         _write_index(tmp, weights)
+        if cfg is not None:
+            cfg.save_pretrained(tmp)
         for file in tmp.iterdir():
             _fsync(file)
         fsync_dir(tmp)
@@ -108,7 +152,32 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | No
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StorageError(err.errno, f"{target}: export failed ({err}); nothing was written there") from err
-    return sorted(p.name for p in target.iterdir())
+    return Exported(sorted(p.name for p in target.iterdir()), loader, left_out)
+
+
+def _hparams_config(store: Any, name: str, where: str) -> Any | None:
+    """The transformers config in the checkpoint's hyper-parameters, or None."""
+    from lightning_ckpt.convert.hf_config import config_in_hparams
+
+    manifest = read_manifest(store, name)
+    if STATE_FILE not in manifest.files:
+        return None
+    data = store.read(name, STATE_FILE, manifest.files[STATE_FILE].size + 1)
+    manifest.check_file(STATE_FILE, data, where)
+    try:
+        sub = json.loads(data)[_K_SKELETON].get(_K_HPARAMS)
+    except (ValueError, KeyError, AttributeError) as err:
+        raise CorruptCheckpointError(f"{where}/{STATE_FILE}: unreadable ({err})") from err
+    if not sub:
+        return None
+    # Decode only the hyper-parameters: they need no tensor file.
+    doc = json.dumps({_K_SKELETON: {_K_HPARAMS: sub}, "pickled": []}).encode()
+    try:
+        hparams = decode_state({STATE_FILE: doc}, where=where).get(_K_HPARAMS)
+    except UnsafeCheckpointError as err:
+        raise ValueError(f"{where}: its hyper-parameters are pickled, which export does not unpickle ({err}); "
+                         "pass the model's config with --config") from None
+    return config_in_hparams(hparams, where) if isinstance(hparams, Mapping) else None
 
 
 def _renamed(weights: dict[str, torch.Tensor], prefix: str | None,

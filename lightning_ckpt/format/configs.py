@@ -43,10 +43,14 @@ TAG_OMEGACONF = "$omegaconf"
 TAG_NAMESPACE = "$namespace"
 TAG_DATACLASS = "$dataclass"
 TAG_TYPE = "$type"
+TAG_HF_CONFIG = "$hfconfig"
 _K_VALUE = "value"
 _K_FIELDS = "fields"
 _OMEGACONF = "omegaconf"
 _OMEGACONF_CLASSES = ("DictConfig", "ListConfig")
+_TRANSFORMERS = "transformers"
+_HF_CONFIG_BASES = {("transformers.configuration_utils", "PretrainedConfig"),
+                    ("transformers.configuration_utils", "PreTrainedConfig")}
 
 
 def lookup_imported(spec: str) -> Any:
@@ -81,6 +85,9 @@ def encode_config(enc: Encoder, value: Any, path: tuple) -> Any:
         omegaconf = sys.modules[_OMEGACONF]  # imported already: it made the value
         plain = omegaconf.OmegaConf.to_container(value, resolve=False, enum_to_str=False)
         return {TAG_OMEGACONF: type(value).__name__, _K_VALUE: enc.encode(plain, path)}
+    if is_transformers_config(value):  # before dataclasses: transformers 5's configs are dataclasses
+        cls = type(value)
+        return {TAG_HF_CONFIG: f"{cls.__module__}:{cls.__qualname__}", _K_VALUE: enc.encode(value.to_dict(), path)}
     if type(value) is argparse.Namespace:
         return {TAG_NAMESPACE: [[k, enc.encode(v, path + (k,))] for k, v in vars(value).items()]}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -90,6 +97,37 @@ def encode_config(enc: Encoder, value: Any, path: tuple) -> Any:
     if isinstance(value, type) and value.__name__ in _OMEGACONF_CLASSES and value.__module__.startswith(_OMEGACONF):
         return {TAG_TYPE: value.__name__}  # Lightning stores type(hparams) beside OmegaConf hyper-parameters
     return NotImplemented
+
+
+def is_transformers_config(value: Any) -> bool:
+    """A transformers ``PretrainedConfig`` (told by its class's bases: transformers is not imported)."""
+    return not isinstance(value, type) and any((c.__module__, c.__name__) in _HF_CONFIG_BASES
+                                               for c in type(value).__mro__)
+
+
+def _decode_hf_config(dec: Decoder, node: dict) -> Any:
+    """The config as its class (``from_dict``) when transformers is installed: the class the file names
+    if it is an imported ``PretrainedConfig``, else the one transformers maps its ``model_type`` to;
+    otherwise its plain dict (which has ``model_type``), with a warning."""
+    plain = dec.decode(node[_K_VALUE])
+    if not isinstance(plain, dict):
+        raise ValueError(f"a transformers config holding a {type(plain).__name__}")
+    try:
+        transformers = importlib.import_module(_TRANSFORMERS)  # our own fixed name, as for OmegaConf
+    except ImportError:
+        transformers = None
+    base = getattr(transformers, "PretrainedConfig", None)
+    cls = lookup_imported(node[TAG_HF_CONFIG])
+    if not (isinstance(cls, type) and isinstance(base, type) and issubclass(cls, base)):
+        kind = plain.get("model_type")
+        known = transformers is not None and isinstance(kind, str) and kind in transformers.CONFIG_MAPPING
+        cls = transformers.CONFIG_MAPPING[kind] if known else None
+    if cls is None:
+        warnings.warn(f"{dec.where}: transformers config {node[TAG_HF_CONFIG]} comes back as a plain dict: "
+                      "transformers is not installed (or does not know its model_type); pip install transformers "
+                      "to get the config back", CheckpointWarning, stacklevel=2)
+        return plain
+    return cls.from_dict(plain)
 
 
 def _decode_omegaconf(dec: Decoder, node: dict) -> Any:
@@ -154,4 +192,5 @@ DECODERS: dict[str, Callable[[Decoder, dict], Any]] = {
     TAG_NAMESPACE: _decode_namespace,
     TAG_DATACLASS: _decode_dataclass,
     TAG_TYPE: _decode_type,
+    TAG_HF_CONFIG: _decode_hf_config,
 }
