@@ -40,6 +40,41 @@ def test_streaming_data_resumes_exactly_after_a_kill(runner: Runner, data: str, 
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("data", ["stream", "stateful_loader"])
+def test_a_save_at_an_epoch_end_resumes_with_the_next_epoch(runner: Runner, data: str) -> None:
+    """Saved after epoch 0's last batch (step 12): stock Lightning would resume a StatefulDataLoader in an
+    epoch with nothing left (an empty epoch 1), and a dataset's own epoch counter from its start."""
+    opts = {**_OPTS, "checkpointer": {"every_n_steps": 12}, "data": data}
+    reference, crashed, resumed = _kill_and_resume(runner, opts)
+    assert "step=000000012" in resumed.output
+    assert_same_training(reference, crashed, resumed, crashed_code=-signal.SIGKILL)
+    assert resumed.records()["audit"]["status"] == "exact", resumed.records()["audit"]
+
+
+def test_a_finished_state_starts_the_next_epoch() -> None:
+    """Guard for ``torchdata_state.as_finished`` (torchdata's private state key): a sized loader's state after
+    its epoch's last batch, marked finished, makes a new loader start the next epoch as the first one would."""
+    import torch
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from lightning_ckpt.lightning.internals.torchdata_state import as_finished
+
+    def loader() -> StatefulDataLoader:
+        torch.manual_seed(5)  # its sampler's own generator is seeded from torch's
+        return StatefulDataLoader(list(range(12)), batch_size=3, shuffle=True)
+
+    first = loader()
+    epoch0 = [batch.tolist() for _, batch in zip(range(4), iter(first))]  # as Lightning stops: no StopIteration
+    state = as_finished(first.state_dict())
+    assert state is not None
+    epoch1 = [batch.tolist() for batch in first]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [batch.tolist() for batch in resumed] == epoch1 != epoch0
+    assert as_finished({"other": "layout"}) is None
+
+
+@pytest.mark.timeout(300)
 def test_a_stream_without_state_gets_the_one_notice(runner: Runner) -> None:
     reference, crashed, resumed = _kill_and_resume(runner, {**_OPTS, "data": "stateless_stream"})
     assert resumed.returncode == 0, resumed.output[-3000:]

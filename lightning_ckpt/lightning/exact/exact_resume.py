@@ -43,7 +43,7 @@ from torchmetrics import Metric
 
 from lightning_ckpt.lightning.exact import data_position
 from lightning_ckpt.lightning.exact.audit_session import AuditSession, audit_directory
-from lightning_ckpt.lightning.internals import fit_loop_seams, training_state
+from lightning_ckpt.lightning.internals import fit_loop_seams, torchdata_state, training_state
 from lightning_ckpt.lightning.exact.data_position import DataPosition
 from lightning_ckpt.lightning.exact.resume_audit import MISMATCH, NOT_AUDITED, AuditReport, ResumeAuditWarning
 from lightning_ckpt.lightning.exact.rng import RNGSnapshot
@@ -247,8 +247,10 @@ class ExactResume(Callback):
         self._batch_idx = None
         at_epoch_end = done >= trainer.num_training_batches
         position = DataPosition(epoch + 1, 0) if at_epoch_end else DataPosition(epoch, done)
-        # At an epoch end the loader starts its next epoch afresh; its exhausted iterator's state is not kept.
-        data_state = None if at_epoch_end else self._data_state_now()
+        data_state = self._data_state_now()
+        if at_epoch_end and isinstance(self._source, torch.utils.data.DataLoader):
+            # Its next epoch starts afresh, from the state of its sampler after this one.
+            data_state = torchdata_state.as_finished(data_state)
         return _Anchor(RNGSnapshot.capture(), position, trainer.global_step,
                        training_state.update_counts(self._metrics), data_state=data_state)
 
