@@ -20,7 +20,9 @@ Not covered: IterableDatasets without state and several train dataloaders (their
 resume on another world size (a resume says so, once, and the audit names it); generators the user
 owns (``np.random.default_rng`` in a dataset, a sampler's ``random.Random``); manual optimization's
 accumulated gradients; metrics accumulated across epochs without a reset when the save falls at an
-epoch end.
+epoch end; a plain ``DataLoader`` over a stateful IterableDataset without ``__len__`` (its position is
+restored; the notice says so); not verified: a save at an epoch end of a ``StatefulDataLoader`` with
+workers or without ``len()`` (the audit reports it when the replay differs).
 """
 
 from __future__ import annotations
