@@ -65,7 +65,8 @@ def load_tensors(data: Buffer | torch.Tensor, where: str) -> dict[str, torch.Ten
     if end != body.numel():
         raise _corrupt(where, f"the tensors end at byte {end} of {body.numel()} data bytes")
     main = _main_dtype(entries)
-    return {key: _view(body, dtype, shape, span, copy=dtype != main) for key, (dtype, shape, span) in entries.items()}
+    return {key: _view(body, dtype, shape, span, copy=dtype != main or dtype == torch.uint8)
+            for key, (dtype, shape, span) in entries.items()}
 
 
 def _main_dtype(entries: Mapping[str, _Entry]) -> torch.dtype | None:
@@ -74,9 +75,16 @@ def _main_dtype(entries: Mapping[str, _Entry]) -> torch.dtype | None:
     torch.save (so a Lightning .ckpt, or a user's own save of a loaded state) refuses two dtypes
     viewing one storage, so the tensors of the other dtypes (RNG state bytes, integer counters:
     small in practice) are copied out of the buffer.
+
+    uint8 tensors are always copied, each into a storage of its own: they hold RNG states (torch's,
+    a ``StatefulDataLoader`` sampler's generator), and torch's ``Generator.set_state`` reads a state
+    from its storage's first byte, ignoring a view's offset (torch 2.13: an error, or a segfault).
+    So uint8 is never the main dtype, even in a tiny model's file whose RNG states outweigh its weights.
     """
     size: dict[torch.dtype, int] = {}
     for dtype, _, (first, last) in entries.values():
+        if dtype == torch.uint8:
+            continue
         size[dtype] = size.get(dtype, 0) + last - first
     return max(size, key=size.__getitem__) if size else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_ckpt.lightning.checkpointing.checkpointer import Checkpointer
 from lightning_ckpt.lightning.exact.exact_resume import ExactResume
@@ -39,6 +40,11 @@ DEFAULTS: dict[str, Any] = {
     "save_at_batches": [],  # extra saves from a plain callback at these global batch numbers (1-based)
     "saver_before_exact": False,  # list that callback before ExactResume (it then saves before our batch end)
     "crash_at_batch": None,  # os._exit(1) at the end of this global batch number (1-based)
+    "crash_signal": None,   # "SIGKILL": the crash is a real SIGKILL of this process instead
+    "data": "map",          # "map": DataLoader(shuffle); "stateful_loader": torchdata's StatefulDataLoader(shuffle);
+                            # "stream" / "stateless_stream": a DataLoader over a NoisyStream with / without state;
+                            # "unsized_stream_loader": a StatefulDataLoader over a stateful NoisyStream without len();
+                            # "unsized_stream": a DataLoader over that stream
     "ddp": False,
     "reverse_data": False,  # disturb the data order (audit test)
     "checkpointer": None,   # Checkpointer(**this) instead of ModelCheckpoint; it adds ExactResume itself
@@ -63,6 +69,40 @@ class NoisyDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i] + 0.1 * torch.randn(FEATURES), self.y[i]
+
+
+class NoisyStream(IterableDataset):
+    """The same points streamed in an order its own generator draws per epoch, with the same noise.
+
+    ``state_dict``/``load_state_dict`` (epoch, samples yielded) only when ``stateful``.
+    """
+
+    def __init__(self, n: int, seed: int, stateful: bool) -> None:
+        self.points = NoisyDataset(n, seed)
+        self.epoch = self.yielded = 0
+        if stateful:
+            self.state_dict = lambda: {"epoch": self.epoch, "yielded": self.yielded}
+            self.load_state_dict = self._load
+
+    def _load(self, state: dict[str, int]) -> None:
+        self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __iter__(self) -> Any:
+        if self.yielded >= len(self.points.x):  # the last epoch was read to its end: start the next one
+            self.epoch, self.yielded = self.epoch + 1, 0
+        order = torch.randperm(len(self.points.x), generator=torch.Generator().manual_seed(100 + self.epoch)).tolist()
+        for i in order[self.yielded:]:
+            self.yielded += 1
+            yield self.points[i]
+
+
+class UnsizedNoisyStream(NoisyStream):
+    """A stream without ``len()``: Lightning's fetcher then reads it one batch ahead."""
+
+    __len__ = None  # type: ignore[assignment]
 
 
 class Net(L.LightningModule):
@@ -103,12 +143,29 @@ class Net(L.LightningModule):
         return [opt], configs
 
     def train_dataloader(self) -> DataLoader:
-        ds = NoisyDataset(N_TRAIN, seed=0, reverse=self.opts["reverse_data"])
         nw = self.opts["num_workers"]
+        if self.opts["data"] in ("stream", "stateless_stream", "unsized_stream"):
+            stream = (UnsizedNoisyStream if self.opts["data"] == "unsized_stream" else NoisyStream)(
+                N_TRAIN, seed=0, stateful=self.opts["data"] != "stateless_stream")
+            return DataLoader(stream, batch_size=BATCH_SIZE, num_workers=nw)
+        ds = NoisyDataset(N_TRAIN, seed=0, reverse=self.opts["reverse_data"])
+        if self.opts["data"] in ("stateful_loader", "unsized_stream_loader"):
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            if self.opts["data"] == "unsized_stream_loader":
+                return StatefulDataLoader(UnsizedNoisyStream(N_TRAIN, seed=0, stateful=True), batch_size=BATCH_SIZE,
+                                          num_workers=nw)
+            return StatefulDataLoader(ds, batch_size=BATCH_SIZE, shuffle=True, num_workers=nw)
         return DataLoader(ds, batch_size=BATCH_SIZE, shuffle=True, num_workers=nw, persistent_workers=nw > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(NoisyDataset(N_VAL, seed=1), batch_size=BATCH_SIZE)
+
+
+def batches_per_epoch(trainer: L.Trainer) -> int:
+    """Lightning counts an IterableDataset's batches as infinite (num_training_batches); this one's are known."""
+    n = trainer.num_training_batches
+    return N_TRAIN // BATCH_SIZE // (2 if trainer.world_size > 1 else 1) if n == float("inf") else int(n)
 
 
 class Recorder(Callback):
@@ -120,7 +177,7 @@ class Recorder(Callback):
         self.caught: list[warnings.WarningMessage] = []
 
     def _global_batch(self, trainer: L.Trainer, batch_idx: int) -> int:
-        return trainer.current_epoch * trainer.num_training_batches + batch_idx + 1
+        return trainer.current_epoch * batches_per_epoch(trainer) + batch_idx + 1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -131,6 +188,8 @@ class Recorder(Callback):
             trainer.save_checkpoint(Path(self.opts["ckpt_dir"]) / f"batch={n}.ckpt")
         if n == self.opts["crash_at_batch"]:
             self.dump(trainer)
+            if self.opts["crash_signal"] == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
             os._exit(1)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -156,7 +215,7 @@ class Recorder(Callback):
         audit = next((c.last_audit for c in trainer.callbacks if isinstance(c, ExactResume)), None)
         self.records["audit"] = None if audit is None else {"status": audit.status, "message": audit.message,
                                                              "steps_compared": audit.steps_compared}
-        self.records["batches_per_epoch"] = trainer.num_training_batches
+        self.records["batches_per_epoch"] = batches_per_epoch(trainer)
         self.records["warnings"] = [f"{w.category.__name__}: {w.message}" for w in self.caught]
         (out / f"records.rank{trainer.global_rank}.json").write_text(json.dumps(self.records))
 

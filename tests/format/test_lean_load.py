@@ -68,3 +68,19 @@ def test_an_unaligned_layout_from_another_writer_is_copied_not_misread() -> None
     model = struct.pack("<Q", len(header)) + header + b"\x07" + struct.pack("<2f", 1.5, -2.0)
     out = _decode_model_file(model)
     assert out["u"].tolist() == [7] and out["t"].tolist() == [1.5, -2.0]
+
+
+def test_a_loaded_rng_state_sets_a_generator_whatever_the_file_holds(tmp_path: Path) -> None:
+    """torch's ``Generator.set_state`` reads from its argument's storage start (a view's offset is ignored:
+    an error or a segfault), so a loaded uint8 tensor owns its storage, even where RNG states outweigh
+    the weights (a tiny model: uint8 is the file's main dtype); a StatefulDataLoader's sampler sets one."""
+    generator = torch.Generator().manual_seed(3)
+    state = {"state_dict": {"w": torch.randn(2)}, "rng": {"a": torch.get_rng_state(), "b": generator.get_state()}}
+    save_checkpoint(state, tmp_path / "c")
+    loaded = load_checkpoint(tmp_path / "c")
+    for key in ("a", "b"):
+        assert loaded["rng"][key].storage_offset() == 0
+        restored = torch.Generator()
+        restored.set_state(loaded["rng"][key])
+        assert torch.equal(restored.get_state(), state["rng"][key])
+    assert torch.equal(torch.Generator().set_state(loaded["rng"]["b"]).get_state(), generator.get_state())

@@ -48,18 +48,19 @@ class SeededBatch(list):  # type: ignore[type-arg]
     because its streams are restored by the callback before every fetch.
     """
 
-    def __init__(self, indices: Iterable[int], seed: int) -> None:
+    def __init__(self, indices: Iterable[int], seed: int, in_main_process: bool = False) -> None:
         super().__init__(indices)
         self.seed = seed
+        self.in_main_process = in_main_process  # reseed in the main process too (a batch fetched ahead)
 
     def __iter__(self) -> Iterator[int]:
-        if get_worker_info() is not None:
+        if self.in_main_process or get_worker_info() is not None:
             seed_cpu_rngs(self.seed)
         return super().__iter__()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The default list pickling iterates the list, which would run the reseeding above.
-        return (SeededBatch, (list.copy(self), self.seed))
+        return (SeededBatch, (list.copy(self), self.seed, self.in_main_process))
 
 
 class ResumableBatchSampler:
@@ -127,14 +128,22 @@ class ResumableBatchSampler:
             return [list(batch) for batch in self.inner]
 
 
+UNSIZED_STREAM = ("its IterableDataset has no __len__, so Lightning fetches each batch one batch ahead, under random "
+                  "streams a resume cannot replay (give the dataset __len__, or load it with torchdata's "
+                  "StatefulDataLoader); its position is restored")
+
+
 def unsupported_reason(loader: object) -> str | None:
     """Why ``loader``'s position cannot be tracked by index, or None if it can."""
     if not isinstance(loader, DataLoader):
         return f"{type(loader).__name__} is not a torch.utils.data.DataLoader"
     if isinstance(loader.dataset, IterableDataset):
+        if is_stateful(loader.dataset) and loader.num_workers == 0:
+            # Its position is its state_dict (see state_source); exact unless Lightning reads it ahead.
+            return None if has_len(loader) else UNSIZED_STREAM
         if is_stateful(loader.dataset):
-            return ("its dataset is an IterableDataset whose state_dict a plain DataLoader does not save "
-                    "(torchdata's StatefulDataLoader does)")
+            return ("its dataset is an IterableDataset whose state lives in the DataLoader's worker processes, "
+                    "where it cannot be read (use num_workers=0, or torchdata's StatefulDataLoader)")
         return ("its dataset is an IterableDataset without state_dict, so its position cannot be restored (give it "
                 "state_dict/load_state_dict and load it with torchdata's StatefulDataLoader)")
     if loader.batch_sampler is None:
@@ -142,18 +151,49 @@ def unsupported_reason(loader: object) -> str | None:
     return None
 
 
+def state_source(loaders: Sequence[object]) -> object | None:
+    """What holds the one train loader's position as a ``state_dict``, where its position is not an index.
+
+    A loader that keeps its own state (torchdata's ``StatefulDataLoader``), or the stateful
+    ``IterableDataset`` of a plain ``DataLoader`` that reads it in this process (``num_workers=0``).
+    ``ExactResume`` snapshots it before each fetch and loads the snapshot on resume, because the state
+    Lightning saves is read after its fetcher prefetched the next batch: one batch ahead.
+    """
+    if len(loaders) != 1:
+        return None
+    loader = loaders[0]
+    if is_stateful(loader):
+        return loader
+    if (isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset)
+            and is_stateful(loader.dataset) and loader.num_workers == 0):
+        return loader.dataset
+    return None
+
+
 def trackable(loaders: Sequence[object]) -> tuple[DataLoader | None, str | None]:
     """The one train loader whose position can be tracked by index, else why none can be.
 
-    (None, None) when every loader keeps its own state (Lightning saves and restores those).
+    (None, None) when every loader keeps its own state (Lightning saves and restores those), or when
+    the position is a ``state_dict`` (see :func:`state_source`).
     """
     plain = [loader for loader in loaders if not is_stateful(loader)]
     if not plain:
         return None, None
+    if state_source(loaders) is not None:
+        return None, unsupported_reason(plain[0])
     if len(loaders) > 1:
         return None, f"there are {len(loaders)} train dataloaders and only a single one's position is restored"
     loader, reason = plain[0], unsupported_reason(plain[0])
     return (loader, None) if reason is None and isinstance(loader, DataLoader) else (None, reason)
+
+
+def has_len(loader: object) -> bool:
+    """Whether ``len(loader)`` works (Lightning's fetcher prefetches a batch from a loader without one)."""
+    try:
+        len(loader)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        return False
+    return True
 
 
 def is_stateful(loader: object) -> bool:
@@ -249,3 +289,103 @@ def _swapped_generator(owner: object, generator: torch.Generator) -> Iterator[No
         yield
     finally:
         setattr(owner, _GENERATOR_ATTR, original)
+
+
+class SeededBatches:
+    """Wraps the batch sampler of a loader that keeps its own position (torchdata's ``StatefulDataLoader``)
+    and reads batches in worker processes: the same batches, each tagged with a seed its worker applies
+    before loading it (see :class:`SeededBatch`), or that Lightning reads one batch ahead.
+
+    The loader's state restores its workers' position and base seed, not the random streams a worker
+    has drawn from since it started; with the seeds, a batch's random augmentations depend only on the
+    batch's place in the run (order seed, epoch, batch index, rank), so a resumed worker draws what the
+    uninterrupted one drew. The iterator's state wraps the inner one's and adds the epoch and the count.
+
+    A loader without ``len()`` is read one batch ahead by Lightning's fetcher: the batch after a save
+    was fetched before it, under random streams that a resume cannot replay (they had moved on when
+    the batch trained). With ``in_main_process``, the main process reseeds before each fetch too, so
+    that the prefetched batch draws the same numbers in the resumed run.
+    """
+
+    def __init__(self, inner: Iterable[list[int]], *, order_seed: int, rank: int, epoch_fn: Callable[[], int],
+                 in_main_process: bool = False) -> None:
+        self.inner = inner
+        self.order_seed = order_seed
+        self.rank = rank
+        self.epoch_fn = epoch_fn
+        self.in_main_process = in_main_process
+
+    @property
+    def sampler(self) -> object:
+        return getattr(self.inner, "sampler", None)
+
+    @property
+    def batch_size(self) -> int | None:
+        return getattr(self.inner, "batch_size", None)
+
+    @property
+    def drop_last(self) -> bool:
+        return bool(getattr(self.inner, "drop_last", False))
+
+    def __len__(self) -> int:
+        assert isinstance(self.inner, Sized)
+        return len(self.inner)
+
+    def __iter__(self) -> _SeededBatchIterator:
+        return _SeededBatchIterator(self, iter(self.inner))
+
+
+class _SeededBatchIterator:
+    """One epoch of :class:`SeededBatches`; its ``state_dict`` is what the loader saves of its sampler."""
+
+    def __init__(self, owner: SeededBatches, inner: Iterator[list[int]]) -> None:
+        self._owner, self._inner = owner, inner
+        self._epoch: int | None = None  # read at the first batch, when the epoch has begun
+        self._batches = 0
+
+    def __iter__(self) -> _SeededBatchIterator:
+        return self
+
+    def __next__(self) -> SeededBatch:
+        if self._epoch is None:
+            self._epoch = self._owner.epoch_fn()
+        indices = next(self._inner)
+        owner, index = self._owner, self._batches
+        self._batches += 1
+        return SeededBatch(indices, derive_seed(_BATCH_SALT, owner.order_seed, self._epoch, index, owner.rank),
+                           owner.in_main_process)
+
+    def state_dict(self) -> dict[str, Any]:
+        inner = self._inner.state_dict() if is_stateful(self._inner) else None  # type: ignore[attr-defined]
+        return {"inner": inner, "epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not (isinstance(state, dict) and set(state) == {"inner", "epoch", "batches"}):
+            state = {"inner": state, "epoch": None, "batches": 0}  # saved before the wrapper: the inner's own
+        if state["inner"] is not None and is_stateful(self._inner):
+            self._inner.load_state_dict(state["inner"])  # type: ignore[attr-defined]
+        else:
+            for _ in range(state["batches"]):
+                next(self._inner, None)
+        self._epoch, self._batches = state["epoch"], int(state["batches"])
+
+
+def install_seeds(loader: DataLoader, *, order_seed: int, rank: int, epoch_fn: Callable[[], int],
+                  prefetched: bool) -> None:
+    """Give a stateful loader with workers, or one Lightning reads ahead (``prefetched``),
+    :class:`SeededBatches` (idempotent); before its next ``iter()``."""
+    current = loader.batch_sampler
+    if current is None or (loader.num_workers == 0 and not prefetched):
+        return  # the callback restores the process's streams before every fetch
+    inner = current.inner if isinstance(current, SeededBatches) else current
+    drop_persistent_iterator(loader)
+    object.__setattr__(loader, "batch_sampler", SeededBatches(inner, order_seed=order_seed, rank=rank,
+                                                               epoch_fn=epoch_fn, in_main_process=prefetched))
+
+
+def uninstall_seeds(loader: DataLoader) -> None:
+    """Give the loader its own batch sampler back (after ``fit``)."""
+    current = loader.batch_sampler
+    if isinstance(current, SeededBatches):
+        drop_persistent_iterator(loader)
+        object.__setattr__(loader, "batch_sampler", current.inner)

@@ -5,6 +5,9 @@ What the callback adds to the checkpoint, as of the end of the last trained batc
 - every global RNG (python, numpy, torch CPU, each CUDA device), per rank;
 - the data position of a plain train ``DataLoader`` (epoch, next batch, the seed of the epoch
   order), restored by skipping indices, never data (see :mod:`.data_position`);
+- the ``state_dict`` of a torchdata ``StatefulDataLoader``, or of a stateful ``IterableDataset`` read
+  with ``num_workers=0``, as it was before the next batch was fetched (Lightning saves it one
+  prefetched batch ahead), loaded over Lightning's on resume;
 - the states Lightning leaves out (see :mod:`.training_state`), per rank.
 
 Between two training batches anything may draw random numbers: validation, epoch hooks, new
@@ -13,15 +16,18 @@ matter: the RNG state after a batch is restored right before the next batch is f
 run. The training streams thus depend only on the training batches, which a resume replays exactly.
 (Cost: a snapshot and a restore of the generators per batch, about 0.1 ms, mostly numpy's.)
 
-Not covered: IterableDatasets and several train dataloaders (their position is not restored) and a
+Not covered: IterableDatasets without state and several train dataloaders (their position is not restored) and a
 resume on another world size (a resume says so, once, and the audit names it); generators the user
 owns (``np.random.default_rng`` in a dataset, a sampler's ``random.Random``); manual optimization's
 accumulated gradients; metrics accumulated across epochs without a reset when the save falls at an
-epoch end.
+epoch end; a plain ``DataLoader`` over a stateful IterableDataset without ``__len__`` (its position is
+restored; the notice says so); not verified: a save at an epoch end of a ``StatefulDataLoader`` with
+workers or without ``len()`` (the audit reports it when the replay differs).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
 import warnings
@@ -39,7 +45,7 @@ from torchmetrics import Metric
 
 from lightning_ckpt.lightning.exact import data_position
 from lightning_ckpt.lightning.exact.audit_session import AuditSession, audit_directory
-from lightning_ckpt.lightning.internals import fit_loop_seams, training_state
+from lightning_ckpt.lightning.internals import fit_loop_seams, torchdata_state, training_state
 from lightning_ckpt.lightning.exact.data_position import DataPosition
 from lightning_ckpt.lightning.exact.resume_audit import MISMATCH, NOT_AUDITED, AuditReport, ResumeAuditWarning
 from lightning_ckpt.lightning.exact.rng import RNGSnapshot
@@ -59,6 +65,7 @@ K_RNG = "rng"
 K_METRICS = "metrics"
 K_LOGGED = "logged"
 K_GRADS = "grads"
+K_DATA = "data_state"
 
 
 @dataclass
@@ -69,6 +76,7 @@ class _Anchor:
     next_position: DataPosition
     global_step: int
     metric_updates: dict[str, int] = field(default_factory=dict)
+    data_state: Any = None  # the loader's or dataset's state_dict before the next batch's fetch (mid-epoch)
     save_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -107,6 +115,10 @@ class ExactResume(Callback):
         self._limits: dict[str, None] = {}  # why this fit cannot resume (or be resumed) exactly; ordered, unique
         self._resumed_epoch: int | None = None  # the first epoch a resume trains batches of
         self._sampler: data_position.ResumableBatchSampler | None = None
+        self._source: Any = None  # the StatefulDataLoader or stateful IterableDataset holding the position
+        self._source_state: Any = None  # its state before the last fetch
+        self._data_to_load: Any = None  # a resumed source state, loaded once the loaders exist
+        self._prefetching = False  # whether Lightning's fetcher reads the source one batch ahead
         self._skip: frozenset[DataPosition] = frozenset()  # batches a rollback skips (see skip_after_restore)
         self._rolling_back = False
 
@@ -117,6 +129,8 @@ class ExactResume(Callback):
             return  # not fitting, or set up already (a callback that adds this one may call setup too)
         self._trainer, self._resumed, self._limits = trainer, False, {}
         self._sampler, self._skip, self._resumed_epoch = None, frozenset(), None
+        self._source = self._source_state = self._data_to_load = None
+        self._prefetching = False
         undo = fit_loop_seams.patch_fit_loop(trainer, self._on_train_loaders, self._before_fetch)
         self._has_fetch_seam = undo is not None
         if undo is None:
@@ -235,8 +249,12 @@ class ExactResume(Callback):
         self._batch_idx = None
         at_epoch_end = done >= trainer.num_training_batches
         position = DataPosition(epoch + 1, 0) if at_epoch_end else DataPosition(epoch, done)
+        data_state = self._data_state_now()
+        if at_epoch_end and isinstance(self._source, torch.utils.data.DataLoader):
+            # Its next epoch starts afresh, from the state of its sampler after this one.
+            data_state = torchdata_state.as_finished(data_state)
         return _Anchor(RNGSnapshot.capture(), position, trainer.global_step,
-                       training_state.update_counts(self._metrics))
+                       training_state.update_counts(self._metrics), data_state=data_state)
 
     def _rank_state(self, trainer: pl.Trainer, anchor: _Anchor) -> dict[str, Any]:
         """This rank's share of the checkpoint state."""
@@ -248,7 +266,7 @@ class ExactResume(Callback):
         mid_window = anchor.next_position.batch % trainer.accumulate_grad_batches != 0
         grads = training_state.partial_grads(module) if mid_window and module.automatic_optimization else {}
         return {K_SAVE_ID: anchor.save_id, K_RNG: anchor.rng.to_state_dict(), K_METRICS: metrics, K_LOGGED: logged,
-                K_GRADS: grads}
+                K_GRADS: grads, K_DATA: anchor.data_state}
 
     def _apply_loaded_state(self) -> None:
         """Turn a loaded checkpoint state into this rank's pending restores (once per load)."""
@@ -276,8 +294,9 @@ class ExactResume(Callback):
 
     def _restore_rank_state(self, state: dict[str, Any], mine: dict[str, Any]) -> None:
         assert self._resume_position is not None
+        self._data_to_load = mine.get(K_DATA)
         self._anchor = _Anchor(RNGSnapshot.from_state_dict(mine[K_RNG]), self._resume_position,
-                               state[K_GLOBAL_STEP], save_id=mine[K_SAVE_ID])
+                               state[K_GLOBAL_STEP], data_state=self._data_to_load, save_id=mine[K_SAVE_ID])
         self._pending = {K_METRICS: mine[K_METRICS], K_GRADS: mine[K_GRADS], K_LOGGED: mine[K_LOGGED]}
         self._resumed_epoch = self._resume_position.epoch
 
@@ -289,10 +308,18 @@ class ExactResume(Callback):
         if reason is not None and reason not in self._limits:
             self._limits[reason] = None
             if self._loaded is None:  # not resuming: a resume of this run's checkpoints will say so too
-                rank_zero_warn(f"ExactResume cannot restore the position of the train dataloader: {reason}")
+                rank_zero_warn(f"ExactResume: a resume of this run will not be exact: {reason}")
         self._apply_loaded_state()
         if loader is not None:
             self._track(trainer, loader)
+        self._source = data_position.state_source(loaders)
+        self._prefetching = self._source is not None and not data_position.has_len(loaders[0])
+        if isinstance(self._source, torch.utils.data.DataLoader):
+            self._seed_batches(trainer, self._source)
+        data, self._data_to_load = self._data_to_load, None
+        if self._source is not None and data is not None:
+            self._source.load_state_dict(data)  # over the one-batch-ahead state Lightning loaded
+            self._undo.append(fit_loop_seams.silence_not_resumable_warning())
 
     def _track(self, trainer: pl.Trainer, loader: torch.utils.data.DataLoader) -> None:
         """Make the position of ``loader`` a function of the epoch; start a resumed epoch where it stopped."""
@@ -309,6 +336,14 @@ class ExactResume(Callback):
                            f"batch {position.batch}")
             self._undo.append(fit_loop_seams.silence_not_resumable_warning())
 
+    def _seed_batches(self, trainer: pl.Trainer, loader: torch.utils.data.DataLoader) -> None:
+        """Seed each batch a stateful loader's workers load, as the tracked loader's are (see SeededBatches)."""
+        if self._order_seed is None:
+            self._order_seed = data_position.default_order_seed(loader)
+        data_position.install_seeds(loader, order_seed=self._order_seed, rank=trainer.global_rank,
+                                    epoch_fn=lambda: trainer.current_epoch, prefetched=self._prefetching)
+        self._undo.append(lambda: data_position.uninstall_seeds(loader))
+
     def _merge_logged_once(self, trainer: pl.Trainer) -> None:
         """Once the first batch after a resume has logged its values, add what the epoch had before."""
         if K_LOGGED in self._pending:
@@ -318,6 +353,17 @@ class ExactResume(Callback):
         """Seam: a training batch is about to be fetched; start it from the state after the last batch."""
         if self._anchor is not None:
             self._anchor.rng.restore()
+        if self._source is not None and self._prefetching:
+            self._source_state = copy.deepcopy(self._source.state_dict())
+
+    def _data_state_now(self) -> Any:
+        """The source's state as of the end of the last trained batch.
+
+        Lightning's fetcher prefetches one batch only from a loader without ``len()``: there the state
+        before the last fetch is the one; otherwise nothing was fetched since the batch, and it is now's."""
+        if self._source is None:
+            return None
+        return self._source_state if self._prefetching else copy.deepcopy(self._source.state_dict())
 
     # ---------------------------------------------------------------- audit
 
