@@ -83,15 +83,19 @@ def test_best_model_path_score_and_ckpt_path_best_follow_the_first_metric(two_me
     assert tester.ckpt_path == str(root / _name(10))
 
 
-def test_best_checkpoint_and_the_cli_rank_by_either_metric(two_metric_run):
+def test_best_checkpoint_and_the_cli_rank_by_either_metric_in_its_recorded_mode(two_metric_run):
     root = two_metric_run.root
     assert best_checkpoint(root, monitor="val_loss") == str(root / _name(10))
-    assert best_checkpoint(root, monitor="val_acc", mode="max") == str(root / _name(6))
-    assert select_best(root, "val_acc", "max") == str(root / _name(6))
-    for args, step in ((("--monitor", "val_loss"), 10), (("--monitor", "val_acc", "--mode", "max"), 6)):
+    assert best_checkpoint(root, monitor="val_acc") == str(root / _name(6))  # "max", as the Checkpointer monitored it
+    assert best_checkpoint(root, monitor="val_acc", mode="min") == str(root / _name(10))  # an explicit mode wins
+    assert select_best(root, "val_acc") == select_best(root, "val_acc", "max") == str(root / _name(6))
+    assert best_checkpoint(root, monitor="train_loss") is not None  # a metric never monitored: "min", as before
+    for args, step in ((("--monitor", "val_loss"), 10), (("--monitor", "val_acc", "--mode", "max"), 6),
+                       (("--monitor", "val_acc"), 6), (("--monitor", "val_acc", "--mode", "min"), 10)):
         printed = run("best", root, *args)
         assert printed.returncode == 0, printed.stderr
         assert printed.stdout.splitlines()[-1] == str(root / _name(step))
+    assert json.loads(run("best", root, "--monitor", "val_acc", "--json").stdout)["mode"] == "max"
     listed = json.loads(run("list", root, "--json", "--monitor", "val_acc", "--mode", "max").stdout)
     assert [r["path"] for r in listed if r["best"]] == [str(root / _name(6))]
     pruned = run("prune", root, "--top-k", "1", "--monitor", "val_acc", "--mode", "max")  # a dry run
