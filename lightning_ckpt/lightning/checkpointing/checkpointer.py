@@ -109,7 +109,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         every_seconds: float | None = None,
         at_steps: Sequence[int] = (),
         keep_last: int | None = 2,
-        monitor: str | None = None,
+        monitor: str | Mapping[str, Literal["min", "max"]] | None = None,
         mode: Literal["min", "max"] | None = None,
         top_k: int | None = None,
         keep_every_n_steps: int | None = None,
