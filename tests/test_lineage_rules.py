@@ -61,3 +61,18 @@ def test_a_resume_continues_only_from_what_last_would_pick(run, step, damaged, c
 
 def test_any_resume_continues_in_an_empty_directory():
     assert continues_newest([], "A", 10, lambda name: True)
+
+
+def test_a_metric_ranks_in_the_mode_the_newest_save_of_the_lineage_recorded_for_it():
+    from dataclasses import replace
+
+    from lightning_ckpt.history.lineage import mode_for
+
+    both, acc_min = {"val_loss": "min", "val_acc": "max"}, {"val_acc": "min"}
+    entries = [replace(A[1], monitors=both), replace(A[2], monitors=acc_min), replace(B[1], monitors=both),
+               replace(B[2])]  # B16: saved with no monitor
+    assert mode_for(entries, "val_acc", None) == "max"  # B's lineage: B14's, not A18's (not in it)
+    assert mode_for(entries, "val_acc", None, run_id="A") == "min"  # A's newest that records it: A18
+    assert mode_for(entries, "val_loss", None, run_id="A") == "min"
+    assert mode_for(entries, "val_f1", None) == "min"  # recorded nowhere: min, as always
+    assert mode_for(entries, "val_acc", "min") == "min"  # a mode given wins

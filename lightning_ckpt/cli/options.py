@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from lightning_ckpt.policy.retention import MODES
+from lightning_ckpt.policy.monitors import MODES
 
 PATH = click.Path(exists=True, path_type=Path)
 _OPTIONS_HELP = ("fsspec options for a URL PATH, as a JSON object (endpoint, profile, ...); prefer environment "

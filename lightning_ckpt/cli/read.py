@@ -14,6 +14,7 @@ from lightning_ckpt.cli.app import main
 from lightning_ckpt.cli.options import ALLOW_PICKLE, MODE, PATH, STORAGE_OPTIONS, retention_options
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, size, when
 from lightning_ckpt.errors import NotACheckpointError
+from lightning_ckpt.policy.monitors import MODES
 from lightning_ckpt.policy.retention import RetentionConfig
 from lightning_ckpt.store.fsutil import remote_scheme
 
@@ -152,7 +153,9 @@ def inspect(path: Path, every: bool, allow_pickle: bool, as_json: bool) -> None:
 @main.command()
 @click.argument("path")
 @click.option("--monitor", required=True, help="The metric to rank by (recorded by the Checkpointer, or logged).")
-@MODE
+@click.option("--mode", type=click.Choice(MODES), default=None,
+              help="min: lower is better (a loss); max: higher is better (an accuracy). Default: the mode the "
+                   "Checkpointer monitored the metric with, else min.")
 @click.option("--logs", type=PATH, default=None,
               help="A CSVLogger or TensorBoardLogger log directory (or its metrics.csv / event file): score each "
                    "checkpoint by the value logged at its step, else the first logged after it and before the "
@@ -161,7 +164,7 @@ def inspect(path: Path, every: bool, allow_pickle: bool, as_json: bool) -> None:
                                                    "newest branch's, the lineage ckpt_path='last' resumes.")
 @STORAGE_OPTIONS
 @JSON_OPTION
-def best(path: str, monitor: str, mode: str, logs: Path | None, run_id: str | None, options: dict[str, Any] | None,
+def best(path: str, monitor: str, mode: str | None, logs: Path | None, run_id: str | None, options: dict[str, Any] | None,
          as_json: bool) -> None:
     """Print the path of the best checkpoint in PATH (a directory or an fsspec URL) by --monitor (the last
     line of stdout): the one best_checkpoint() and ckpt_path="best" pick, of the newest branch's lineage,
@@ -171,8 +174,9 @@ def best(path: str, monitor: str, mode: str, logs: Path | None, run_id: str | No
     Example:
       lightning-ckpt best checkpoints/ --monitor val_acc --mode max --logs lightning_logs/version_0
     """
-    from lightning_ckpt.history.selection import select_best
+    from lightning_ckpt.history.selection import ranking_mode, select_best
 
     where = path if remote_scheme(path) is not None else PATH.convert(path, None, None)  # a local PATH must exist
+    mode = mode or ranking_mode(where, monitor, run_id=run_id, storage_options=options)
     chosen = select_best(where, monitor, mode, logs=logs, run_id=run_id, storage_options=options)
     emit_json({"path": chosen, "monitor": monitor, "mode": mode}) if as_json else click.echo(chosen)

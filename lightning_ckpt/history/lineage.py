@@ -98,12 +98,12 @@ def last_of(entries: Sequence[Entry], verifies: Verifies, run_id: str | None = N
     return next((e for e in newest_lineage(entries, run_id, parent) if verifies(e.name)), None)
 
 
-def best_of(entries: Sequence[Entry], monitor: str, mode: str, verifies: Verifies, run_id: str | None = None,
+def best_of(entries: Sequence[Entry], monitor: str, mode: str | None, verifies: Verifies, run_id: str | None = None,
             parent: str | None = None) -> Entry | None:
     """"Best": the best checkpoint by ``monitor`` of the same lineage as :func:`last_of` that verifies.
 
     A checkpoint ranks only by a value computed for its own state (``Entry.own_metrics``); NaN never
-    ranks; equal values prefer the newer checkpoint.
+    ranks; equal values prefer the newer checkpoint. ``mode`` None: the recorded one (:func:`mode_for`).
 
     Raises:
         ValueError: ``mode`` is not "min" or "max".
@@ -111,7 +111,7 @@ def best_of(entries: Sequence[Entry], monitor: str, mode: str, verifies: Verifie
     return next(ranked_of(entries, monitor, mode, verifies, run_id, parent), None)
 
 
-def ranked_of(entries: Sequence[Entry], monitor: str, mode: str, verifies: Verifies, run_id: str | None = None,
+def ranked_of(entries: Sequence[Entry], monitor: str, mode: str | None, verifies: Verifies, run_id: str | None = None,
               parent: str | None = None) -> Iterator[Entry]:
     """The checkpoints of :func:`best_of`'s lineage in its ranking, best first, each verified as it
     is reached (a damaged one is passed over): the first is "best", the first K are the top K.
@@ -120,8 +120,19 @@ def ranked_of(entries: Sequence[Entry], monitor: str, mode: str, verifies: Verif
         ValueError: ``mode`` is not "min" or "max".
     """
     candidates = {e.name: e for e in newest_lineage(entries, run_id, parent)}
+    mode = mode_for(entries, monitor, mode, run_id, parent)
     ranked = ranked_records([to_record(e) for e in candidates.values()], monitor, mode)  # type: ignore[arg-type]
     return (candidates[r.name] for r in ranked if verifies(r.name))
+
+
+def mode_for(entries: Sequence[Entry], monitor: str, mode: str | None, run_id: str | None = None,
+             parent: str | None = None) -> str:
+    """``mode`` when given; else how the Checkpointer that saved the newest checkpoint of :func:`best_of`'s
+    lineage recording ``monitor`` among its monitors ranked it (``Entry.monitors``); else "min"."""
+    if mode is not None:
+        return mode
+    recorded = [e for e in newest_lineage(entries, run_id, parent) if monitor in e.monitors]
+    return max(recorded, key=_age).monitors[monitor] if recorded else "min"
 
 
 def to_record(entry: Entry) -> Record:

@@ -26,6 +26,7 @@ from lightning_ckpt.store.ledger import (
     LOCAL_TIER,
     META_METRIC_STEPS,
     META_METRICS,
+    META_MONITORS,
     META_PARENT,
     META_REASON,
     Entry,
@@ -104,6 +105,8 @@ class CheckpointManager:
         meta: dict[str, Any] = {META_REASON: reason, META_METRICS: values}
         if isinstance(metrics, StepMetrics):  # where each value came from: it ranks only its own step's state
             meta[META_METRIC_STEPS] = {k: metrics.steps[k] for k in values if k in metrics.steps}
+        if self.retention.monitors:  # how each metric ranks, for best_checkpoint(dir, monitor) without a mode
+            meta[META_MONITORS] = dict(self.retention.monitors)
         if self.parent is not None:  # in every save of a branch, so a rebuilt ledger keeps it
             meta[META_PARENT] = self.parent
         return meta
@@ -239,14 +242,14 @@ def _same_place(store: Store, location: str | os.PathLike) -> bool:
     return os.fspath(location).rstrip("/") == store.root
 
 
-def best_entry(entries: list[Entry], store: Store, monitor: str, mode: str, run_id: str | None = None,
+def best_entry(entries: list[Entry], store: Store, monitor: str, mode: str | None, run_id: str | None = None,
                parent: str | None = None) -> Entry | None:
     """"Best" in ``store`` (``lineage.best_of``): of ``run_id``'s lineage (default: the newest branch's),
     by values computed for each checkpoint's own state, passing over damaged ones with a warning."""
     return best_of(entries, monitor, mode, partial(_verifies, store), run_id, parent)
 
 
-def ranked_entries(entries: list[Entry], store: Store, monitor: str, mode: str, run_id: str | None = None,
+def ranked_entries(entries: list[Entry], store: Store, monitor: str, mode: str | None, run_id: str | None = None,
                    parent: str | None = None) -> Iterator[Entry]:
     """:func:`best_entry`'s ranking (``lineage.ranked_of``), best first, verified lazily: the top K are the
     first K taken, damaged ones passed over with a warning."""
@@ -327,7 +330,7 @@ def manifest_entries(listed: list[Listed]) -> list[Entry]:
     return [Entry.from_manifest(x.name, x.manifest) for x in listed if x.manifest is not None]
 
 
-def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,
+def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str | None = None, *,
                     run_id: str | None = None, storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The best committed checkpoint in ``dirpath`` (a directory or a URL) by ``monitor`` (from the
     ledger), that verifies.
@@ -337,6 +340,8 @@ def best_checkpoint(dirpath: str | os.PathLike, monitor: str, mode: str = "min",
     in the directory may hold another model.
 
     Args:
+        mode: "min" or "max"; None: the mode the Checkpointer that saved them ranked ``monitor`` by
+            (``Checkpointer(monitor={"val_loss": "min", "val_acc": "max"})`` records both), else "min".
         run_id: consider this run's lineage instead (``lightning-ckpt list`` shows run ids).
 
     Returns:

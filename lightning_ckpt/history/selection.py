@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lightning_ckpt.history.catalog import check_sizes
-from lightning_ckpt.history.lineage import to_record
+from lightning_ckpt.history.lineage import mode_for, to_record
 from lightning_ckpt.errors import CheckpointError, NotACheckpointError, UnknownMetricError
 from lightning_ckpt.history.logs import read_metric
 from lightning_ckpt.history.manager import best_entry
@@ -34,7 +34,7 @@ def _committed_in(store: Store) -> list[Entry]:
     return entries
 
 
-def select_best(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,
+def select_best(dirpath: str | os.PathLike, monitor: str, mode: str | None = None, *,
                 logs: str | os.PathLike | None = None, run_id: str | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> str:
     """The path of the best committed checkpoint in ``dirpath`` by ``monitor`` that verifies: the one
@@ -44,7 +44,8 @@ def select_best(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,
     Args:
         dirpath: the checkpoint directory (or an fsspec URL).
         monitor: the metric; recorded by the Checkpointer, or, with ``logs``, logged by a logger.
-        mode: "min" (lower is better) or "max".
+        mode: "min" (lower is better) or "max"; None: the mode the Checkpointer recorded for ``monitor``
+            (``ranking_mode``), else "min".
         logs: a CSVLogger / TensorBoardLogger log directory or file; each checkpoint is then scored
             by the value logged at its step, else the first logged after it and before the next
             checkpoint (see ``lightning_ckpt.policy.log_join``).
@@ -64,6 +65,17 @@ def select_best(dirpath: str | os.PathLike, monitor: str, mode: str = "min", *,
     if best is None:
         raise UnknownMetricError(_no_score(store, entries, monitor, run_id))
     return store.location(best.name)
+
+
+def ranking_mode(dirpath: str | os.PathLike, monitor: str, *, run_id: str | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> str:
+    """The mode ``select_best`` ranks ``monitor`` by when given none: the one the Checkpointer recorded
+    (``lineage.mode_for``), else "min".
+
+    Raises:
+        NotACheckpointError: no committed checkpoint in ``dirpath``.
+    """
+    return mode_for(_committed_in(open_store(dirpath, storage_options)), monitor, None, run_id)
 
 
 def _scored_by_logs(entries: list[Entry], logged: list[tuple[int, float]], monitor: str,

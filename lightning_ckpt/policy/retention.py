@@ -11,10 +11,9 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol
+from typing import ClassVar, Protocol
 
-Mode = Literal["min", "max"]
-MODES: tuple[str, ...] = ("min", "max")
+from lightning_ckpt.policy.monitors import Mode, check_mode, monitored
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,14 +48,6 @@ class Record:
 
 def _age(record: Record) -> tuple[int, float, str]:
     return (record.step, record.wall_time, record.name)
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(
-            f"mode={mode!r} is not 'min' or 'max'; use mode='min' when lower is better (a loss), "
-            "mode='max' when higher is better (an accuracy)"
-        )
 
 
 def _ranked(records: Sequence[Record], monitor: str, mode: str) -> list[Record]:
@@ -134,7 +125,7 @@ class KeepTopK:
             raise ValueError(f"KeepTopK(k={self.k}) keeps nothing; set k>=1 or drop the rule")
         if not self.monitor:
             raise ValueError("KeepTopK needs a metric to rank by; set monitor='val_loss' (a metric you log)")
-        _check_mode(self.mode)
+        check_mode(self.mode)
 
     def kept(self, records: Sequence[Record]) -> set[str]:
         """The names of the ``k`` best records."""
@@ -198,7 +189,7 @@ def ranked_records(records: Sequence[Record], monitor: str, mode: Mode) -> list[
     Raises:
         ValueError: ``mode`` is not "min" or "max".
     """
-    _check_mode(mode)
+    check_mode(mode)
     return _ranked([r for r in records if r.verified], monitor, mode)
 
 
@@ -304,14 +295,19 @@ class RetentionConfig:
     as with Lightning's ``save_top_k``; with nothing set, every checkpoint is kept.
     ``keep_last=0`` is the same as None but only valid next to another rule.
     ``max_total_bytes`` applies in every case, including when retention is off.
+    ``monitor`` is one metric (ranked by ``mode``, default "min") or a mapping of metrics to their
+    modes (``{"val_loss": "min", "val_acc": "max"}``, ``mode`` left None): ``top_k`` then keeps the K
+    best by each metric, a union like the other rules. ``monitors`` holds the ``(metric, mode)`` pairs,
+    the first being the one "best" means.
     """
 
     keep_last: int | None = None
     top_k: int = 0
-    monitor: str | None = None
-    mode: Mode = "min"
+    monitor: str | Mapping[str, Mode] | None = field(default=None, hash=False)
+    mode: Mode | None = None
     keep_every_n_steps: int | None = None
     max_total_bytes: int | None = None
+    monitors: tuple[tuple[str, Mode], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and self.keep_last < 0:
@@ -322,8 +318,10 @@ class RetentionConfig:
             raise ValueError(f"keep_every_n_steps={self.keep_every_n_steps} must be >= 1; use None for no milestones")
         if self.max_total_bytes is not None and self.max_total_bytes < 1:
             raise ValueError(f"max_total_bytes={self.max_total_bytes} must be > 0; use None for no disk budget")
-        _check_mode(self.mode)
-        if self.top_k > 0 and not self.monitor:
+        object.__setattr__(self, "monitors", monitored(self.monitor, self.mode))
+        if isinstance(self.monitor, Mapping):  # a private copy, as Record's metrics
+            object.__setattr__(self, "monitor", dict(self.monitor))
+        if self.top_k > 0 and not self.monitors:
             raise ValueError(
                 f"top_k={self.top_k} needs a metric to rank by; set monitor='val_loss' (a metric you log) or top_k=0"
             )
@@ -338,11 +336,16 @@ class RetentionConfig:
         rules: list[KeepRule] = []
         if self.keep_last:
             rules.append(KeepLast(n=self.keep_last))
-        if self.top_k and self.monitor:
-            rules.append(KeepTopK(k=self.top_k, monitor=self.monitor, mode=self.mode))
+        if self.top_k:  # one rule per metric: a record stays while it is among the K best by any of them
+            rules.extend(KeepTopK(k=self.top_k, monitor=name, mode=mode) for name, mode in self.monitors)
         if self.keep_every_n_steps is not None:
             rules.append(KeepEveryNSteps(n=self.keep_every_n_steps))
         return tuple(rules) or (KeepAll(),)
+
+    @property
+    def primary(self) -> tuple[str | None, Mode]:
+        """The first monitored metric and its mode: what "best" means; ``(None, mode or "min")`` without one."""
+        return self.monitors[0] if self.monitors else (None, self.mode or "min")
 
     def plan(self, records: Sequence[Record]) -> RetentionPlan:
         """``checkpoints_to_delete(records, self.rules(), max_total_bytes=self.max_total_bytes)``."""

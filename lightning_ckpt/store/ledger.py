@@ -34,6 +34,7 @@ MIRROR_TIER = "mirror"  # the Mirror's URL
 META_METRICS = "metrics"
 META_METRIC_STEPS = "metric_steps"  # the step each metric was computed at (absent in older manifests)
 META_REASON = "reason"
+META_MONITORS = "monitors"  # the metrics the saving Checkpointer ranked by, each with its mode
 META_PARENT = "parent"  # the checkpoint a branch resumed from (see manager.decide_lineage)
 FIG_BLOCKING_S = "blocking_s"  # keys of Entry.figures: how long training waited for the save ...
 FIG_WRITE_S = "write_s"  # ... and how long encoding, writing and committing took
@@ -57,6 +58,13 @@ def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
             continue
         out[str(key)] = number if math.isfinite(number) else None
     return out
+
+
+def clean_modes(monitors: Any) -> dict[str, str]:
+    """The ``monitors`` read from a manifest: metric names to "min" or "max"; anything else is dropped."""
+    if not isinstance(monitors, dict):
+        return {}
+    return {str(k): v for k, v in monitors.items() if v in ("min", "max")}
 
 
 def clean_steps(steps: Any) -> dict[str, int]:
@@ -85,6 +93,7 @@ class Entry:
     tiers: list[str] = field(default_factory=lambda: [LOCAL_TIER])  # which tiers hold it
     mirror_error: str | None = None  # why its upload was given up, if it was
     parent: str | None = None
+    monitors: dict[str, str] = field(default_factory=dict)  # META_MONITORS; empty in older manifests
     figures: dict[str, float] = field(default_factory=dict)  # FIG_* keys; empty for saves recorded from manifests
     # One record per rollback that restored this checkpoint (ROLLBACK_* keys); empty in older ledgers.
     rollbacks: list[dict[str, int | float | str | list[int] | list[list[int]]]] = field(default_factory=list)
@@ -95,7 +104,7 @@ class Entry:
         return cls(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created, run_id=m.run_id,
                    reason=str(m.meta.get(META_REASON, "")), metrics=clean_metrics(m.meta.get(META_METRICS) or {}),
                    metric_steps=clean_steps(m.meta.get(META_METRIC_STEPS)), size=m.total_bytes,
-                   parent=_str_or_none(m.meta.get(META_PARENT)))
+                   parent=_str_or_none(m.meta.get(META_PARENT)), monitors=clean_modes(m.meta.get(META_MONITORS)))
 
     def own_metrics(self) -> dict[str, float]:
         """The metric values computed for this checkpoint's own state: the only ones that rank it.

@@ -314,3 +314,76 @@ def test_property_newest_verified_and_protected_are_never_deleted(
         assert all(plan.reasons[n].startswith("disk budget") for n in kept_by_rule & deleted)
     within = sum(r.size for r in plan.keep) <= (config.max_total_bytes or math.inf)
     assert within or plan.warnings
+
+
+# --- several monitored metrics: top_k keeps the K best by each (a union) ---------------------------------------
+
+
+def rec2(step: int, loss: float | None, acc: float | None, *, verified: bool = True) -> Record:
+    metrics = {k: v for k, v in (("val_loss", loss), ("val_acc", acc)) if v is not None}
+    return Record(name=f"step={step:08d}", step=step, metrics=metrics, verified=verified)
+
+
+# Best 2 by val_loss (min): 40, 50; by val_acc (max): 20, 30; newest: 60.
+TWO = [rec2(10, 0.9, 0.1), rec2(20, 0.8, 0.9), rec2(30, 0.7, 0.8), rec2(40, 0.2, 0.3), rec2(50, 0.3, 0.2),
+       rec2(60, 0.6, 0.4)]
+BOTH = {"val_loss": "min", "val_acc": "max"}
+
+
+@pytest.mark.parametrize(
+    ("records", "options", "expected"),
+    [
+        pytest.param(TWO, {"top_k": 2, "monitor": BOTH}, [10], id="union-of-both-top-2"),
+        pytest.param(TWO, {"top_k": 1, "monitor": BOTH}, [10, 30, 50], id="union-of-both-top-1"),
+        pytest.param(TWO, {"top_k": 1, "monitor": "val_loss"}, [10, 20, 30, 50], id="one-metric-as-before"),
+        pytest.param(TWO, {"top_k": 1, "monitor": {"val_acc": "max"}}, [10, 30, 40, 50], id="a-mapping-of-one"),
+        pytest.param(TWO, {"top_k": 1, "monitor": {"val_acc": "min", "val_loss": "max"}}, [20, 30, 40, 50],
+                     id="modes-per-metric"),  # worst acc 10, worst loss 10: only 10 (and the newest 60)
+        pytest.param(TWO, {"top_k": 1, "monitor": BOTH, "keep_last": 2}, [10, 30], id="with-keep_last"),
+        pytest.param(TWO, {"top_k": 1, "monitor": BOTH, "keep_every_n_steps": 30}, [10, 50], id="with-milestones"),
+        pytest.param([rec2(10, 0.1, None), rec2(20, None, 0.5), rec2(30, NAN, NAN), rec2(40, 0.5, 0.1),
+                      rec2(50, 0.9, 0.0)],
+                     {"top_k": 1, "monitor": BOTH}, [30, 40],  # each ranks by its own values; NaN ranks by none
+                     id="a-metric-missing-or-nan-ranks-by-the-other"),
+        pytest.param([rec2(10, 0.1, 0.9, verified=False), rec2(20, 0.5, 0.5), rec2(30, 0.6, 0.4)],
+                     {"top_k": 1, "monitor": BOTH}, [20],  # an unverified one still ranks here, as with one metric
+                     id="unverified-ranks"),
+    ],
+)
+def test_several_metrics_keep_the_top_k_of_each(records: list[Record], options: dict, expected: list[int]) -> None:
+    assert [r.step for r in RetentionConfig(**options).plan(records).delete] == expected
+
+
+def test_several_metrics_rules_reasons_and_primary() -> None:
+    config = RetentionConfig(top_k=1, monitor=BOTH)
+    assert config.rules() == (KeepTopK(k=1, monitor="val_loss"), KeepTopK(k=1, monitor="val_acc", mode="max"))
+    assert config.monitors == (("val_loss", "min"), ("val_acc", "max"))
+    assert config.primary == ("val_loss", "min")  # the first metric is what "best" means
+    assert RetentionConfig(top_k=1, monitor="val_acc", mode="max").primary == ("val_acc", "max")
+    assert RetentionConfig().primary == (None, "min")
+    assert RetentionConfig(top_k=1, monitor=BOTH).plan(TWO).reasons["step=00000010"] == (
+        "not among the top_k=1 by 'val_loss' (min), not among the top_k=1 by 'val_acc' (max)")
+
+
+def test_several_metrics_config_owns_its_mapping() -> None:
+    monitors = dict(BOTH)
+    config = RetentionConfig(top_k=1, monitor=monitors)
+    monitors["val_f1"] = "max"
+    assert [name for name, _ in config.monitors] == ["val_loss", "val_acc"]
+    assert config.rules() == RetentionConfig(top_k=1, monitor=dict(BOTH)).rules()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "fix"),
+    [
+        ({"top_k": 1, "monitor": BOTH, "mode": "min"}, ValueError, "drop mode="),
+        ({"top_k": 1, "monitor": {"val_loss": "lowest"}}, ValueError, "monitor['val_loss']='lowest' is not 'min'"),
+        ({"top_k": 1, "monitor": {}}, ValueError, "monitor={} names no metric"),
+        ({"top_k": 1, "monitor": ("val_loss",)}, TypeError, "or a mapping of metric names to modes"),
+        ({"top_k": 1, "monitor": {3: "min"}}, TypeError, "3 is not a metric name"),
+    ],
+)
+def test_several_metrics_config_validation_names_the_fix(options: dict, error: type, fix: str) -> None:
+    with pytest.raises(error) as info:
+        RetentionConfig(**options)
+    assert fix in str(info.value)

@@ -69,6 +69,11 @@ class ModelCheckpointView:
         return entry
 
     @property
+    def monitors(self) -> dict[str, str]:
+        """Every monitored metric and its mode, in order (``{}`` without a monitor); the first is ``monitor``."""
+        return dict(self._retention.monitors)
+
+    @property
     def best_model_path(self) -> str:
         if self._best_override is not None:
             return self._best_override

@@ -14,7 +14,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.saving.async_saves import AsyncSavePipeline
-from lightning_ckpt.saving.background import WHEN_BUSY
 from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.lightning.checkpointing.checkpoint_view import ModelCheckpointView
 from lightning_ckpt.lightning.checkpointing.companions import ensure_exact_resume
@@ -23,6 +22,7 @@ from lightning_ckpt.lightning.checkpointing.hparams_check import check_hparams_s
 from lightning_ckpt.lightning.checkpointing.metric_origin import MetricOrigin
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import checked_dirpath
+from lightning_ckpt.lightning.checkpointing.save_options import STAGING, check_save_options
 from lightning_ckpt.lightning.checkpointing.sharded_io import route_if_sharded
 from lightning_ckpt.lightning.checkpointing.trainer_io import (StrategyAgree, ensure_safetensors_io, from_rank_zero,
                                                                log_save_figures, snapshot, write)
@@ -35,7 +35,6 @@ from lightning_ckpt.store.base import Lock
 
 TRAIN_END = "train_end"
 PREEMPTED = "preempted"
-STAGING = ("overlapped", "eager")
 _K_RUN_ID = "run_id"
 
 
@@ -62,9 +61,11 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
             and no ``monitor``, a checkpoint is saved every epoch.
         keep_last: keep the N newest checkpoints (None: no recency rule). The newest checkpoint is
             always kept, and a save never deletes anything before it is committed.
-        monitor: a logged metric; saves at each validation end and ranks checkpoints for ``top_k``.
-        mode: ``"min"`` or ``"max"``: which ``monitor`` values are better.
-        top_k: keep the K best by ``monitor`` (default 1 with a monitor, else 0).
+        monitor: a logged metric; saves at each validation end and ranks checkpoints for ``top_k``. Or
+            several, each with its mode (``{"val_loss": "min", "val_acc": "max"}``): ``top_k`` keeps the K
+            best by each; the first is the one "best" means (``best_model_path``, ``ckpt_path="best"``).
+        mode: ``"min"`` (default) or ``"max"``: which ``monitor`` values are better (one metric only).
+        top_k: keep the K best by ``monitor``, by each of its metrics (default 1 with a monitor, else 0).
         keep_every_n_steps: keep checkpoints at multiples of this step forever (milestones).
         max_total_bytes: disk budget: delete the oldest unprotected checkpoints beyond it.
         save_on_train_end: save the final state when training ends (unless that step is saved).
@@ -108,8 +109,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         every_seconds: float | None = None,
         at_steps: Sequence[int] = (),
         keep_last: int | None = 2,
-        monitor: str | None = None,
-        mode: Literal["min", "max"] = "min",
+        monitor: str | Mapping[str, Literal["min", "max"]] | None = None,
+        mode: Literal["min", "max"] | None = None,
         top_k: int | None = None,
         keep_every_n_steps: int | None = None,
         max_total_bytes: int | None = None,
@@ -137,14 +138,10 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
                                           keep_every_n_steps=keep_every_n_steps, max_total_bytes=max_total_bytes)
         self.dirpath, self._storage_options = checked_dirpath(dirpath, storage_options, mirror is not None)
         self._dirpath_arg = self.dirpath  # as given, for state_key: stable from one run to the next
-        self.monitor, self.mode, self.save_top_k = monitor, mode, top_k
+        (self.monitor, self.mode), self.save_top_k = self._retention.primary, top_k  # the first metric is "best"
         self.save_on_train_end, self.exact_resume = save_on_train_end, exact_resume
-        if on_save_error not in ("raise", "warn"):
-            raise ValueError(f"on_save_error={on_save_error!r}; use 'raise' (stop training) or 'warn' (train on)")
+        check_save_options(on_save_error, when_busy, staging)
         self.on_save_error, self.preemption_exit_code = on_save_error, preemption_exit_code
-        if when_busy not in WHEN_BUSY or staging not in STAGING:
-            raise ValueError(f"when_busy={when_busy!r}, staging={staging!r}; use when_busy='wait' or 'skip', "
-                             "staging='overlapped' or 'eager'")
         self.async_save, self.when_busy, self.staging = async_save, when_busy, staging
         self._preemption = SignalFlag(preemption_signals)
         self.allow_pickle = allow_pickle
@@ -250,7 +247,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self._origin.validation_ended(trainer.global_step, trainer.callback_metrics, self.monitor)
+        self._origin.validation_ended(trainer.global_step, trainer.callback_metrics, self.monitors)
         reason = self._schedule.on_validation_end(trainer.global_step, last_saved_step=self._last_saved_step,
                                                   monitor_set=self.monitor is not None)
         if reason:

@@ -11,7 +11,7 @@ value is that validation's; every other value (a training metric, however consta
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointWarning
@@ -27,22 +27,24 @@ class MetricOrigin:
         self._keys: set[str] = set()  # every key a validation of this fit logged
         self._step: int | None = None  # the step of the last validation
         self._values: dict[str, float | None] = {}  # the validation keys' values it left
-        self._warned = False
+        self._warned: set[str] = set()  # the monitors warned about
 
     def validation_started(self, metrics: Mapping[str, Any]) -> None:
         """Call at ``on_validation_start`` with ``trainer.callback_metrics``."""
         self._before = clean_metrics(metrics)
 
-    def validation_ended(self, step: int, metrics: Mapping[str, Any], monitor: str | None = None) -> None:
-        """Call at ``on_validation_end``: learns the keys this validation logged (warning once when
-        ``monitor`` is not among the metrics) and remembers their values at ``step``."""
+    def validation_ended(self, step: int, metrics: Mapping[str, Any], monitors: Iterable[str] = ()) -> None:
+        """Call at ``on_validation_end``: learns the keys this validation logged (warning once for each of
+        ``monitors`` not among the metrics) and remembers their values at ``step``."""
         after = clean_metrics(metrics)
         # A key validation logs with the value it had before is not seen as new here; it was at the
         # validation that first logged it, and that suffices: the set only grows.
         self._keys |= {k for k, v in after.items() if k not in self._before or self._before[k] != v}
         self._step, self._values = step, {k: v for k, v in after.items() if k in self._keys}
-        if monitor and monitor not in metrics and not self._warned:
-            self._warned = True
+        for monitor in monitors:
+            if monitor in metrics or monitor in self._warned:
+                continue
+            self._warned.add(monitor)
             logged = ", ".join(sorted(metrics)) or "none"
             warnings.warn(f"Checkpointer(monitor={monitor!r}): that metric was not logged by this validation "
                           f"(logged: {logged}); checkpoints cannot be ranked by it. Log it with self.log("
