@@ -63,7 +63,26 @@ class SeededBatch(list):  # type: ignore[type-arg]
         return (SeededBatch, (list.copy(self), self.seed, self.in_main_process))
 
 
-class ResumableBatchSampler:
+class _WrapsBatchSampler:
+    """What Lightning reads of a batch sampler, answered by the one it wraps (``inner``)."""
+
+    inner: Any
+
+    @property
+    def sampler(self) -> object:
+        """The inner index sampler, where Lightning looks for ``set_epoch``."""
+        return getattr(self.inner, "sampler", None)
+
+    @property
+    def batch_size(self) -> int | None:
+        return getattr(self.inner, "batch_size", None)
+
+    @property
+    def drop_last(self) -> bool:
+        return bool(getattr(self.inner, "drop_last", False))
+
+
+class ResumableBatchSampler(_WrapsBatchSampler):
     """Wraps a batch sampler: same batches, an order fixed per epoch, and a start point for resuming.
 
     Args:
@@ -82,19 +101,6 @@ class ResumableBatchSampler:
         self._rank = rank
         self._epoch_fn = epoch_fn
         self._resume_at: DataPosition | None = None
-
-    @property
-    def sampler(self) -> object:
-        """The inner index sampler, where Lightning looks for ``set_epoch``."""
-        return getattr(self.inner, "sampler", None)
-
-    @property
-    def batch_size(self) -> int | None:
-        return getattr(self.inner, "batch_size", None)
-
-    @property
-    def drop_last(self) -> bool:
-        return bool(getattr(self.inner, "drop_last", False))
 
     def resume_at(self, position: DataPosition) -> None:
         """Make the next iteration start at ``position`` instead of the start of the current epoch."""
@@ -291,7 +297,7 @@ def _swapped_generator(owner: object, generator: torch.Generator) -> Iterator[No
         setattr(owner, _GENERATOR_ATTR, original)
 
 
-class SeededBatches:
+class SeededBatches(_WrapsBatchSampler):
     """Wraps the batch sampler of a loader that keeps its own position (torchdata's ``StatefulDataLoader``)
     and reads batches in worker processes: the same batches, each tagged with a seed its worker applies
     before loading it (see :class:`SeededBatch`), or that Lightning reads one batch ahead.
@@ -314,18 +320,6 @@ class SeededBatches:
         self.rank = rank
         self.epoch_fn = epoch_fn
         self.in_main_process = in_main_process
-
-    @property
-    def sampler(self) -> object:
-        return getattr(self.inner, "sampler", None)
-
-    @property
-    def batch_size(self) -> int | None:
-        return getattr(self.inner, "batch_size", None)
-
-    @property
-    def drop_last(self) -> bool:
-        return bool(getattr(self.inner, "drop_last", False))
 
     def __len__(self) -> int:
         assert isinstance(self.inner, Sized)
