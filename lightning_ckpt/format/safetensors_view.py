@@ -65,7 +65,7 @@ def load_tensors(data: Buffer | torch.Tensor, where: str) -> dict[str, torch.Ten
     if end != body.numel():
         raise _corrupt(where, f"the tensors end at byte {end} of {body.numel()} data bytes")
     main = _main_dtype(entries)
-    return {key: _view(body, dtype, shape, span, copy=dtype != main or dtype == torch.uint8)
+    return {key: _view(body, dtype, shape, span, copy=dtype != main)  # uint8 is never main: always copied
             for key, (dtype, shape, span) in entries.items()}
 
 
