@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_ckpt.errors import CheckpointError
-from lightning_ckpt.format.manifest import Manifest
+from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.fsutil import is_read_only_url, local_path, remote_scheme
 from lightning_ckpt.store.local import LocalStore
@@ -42,16 +42,22 @@ def _remote(url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -
 def locate(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[Store, str]:
     """Split a checkpoint path or URL into its store (the parent) and its name.
 
-    A Lightning-style ``name.ckpt`` and the bare ``name`` both find a checkpoint saved under either.
+    A Lightning-style ``name.ckpt`` and the bare ``name`` both find a checkpoint saved under either; its
+    ``manifest.json`` names the checkpoint too (Lightning checks that a ``ckpt_path`` URL is a file before reading
+    it, and a web server serves no directory: ``https://host/run/step=…/manifest.json`` passes that check).
     """
     if remote_scheme(path) is not None:
         scheme, _, rest = os.fspath(path).rstrip("/").partition("://")
         parent, _, name = rest.rpartition("/")
+        if name == MANIFEST_FILE and "/" in parent:
+            parent, _, name = parent.rpartition("/")
         store = _remote(f"{scheme}://{parent}", storage_options)
         alternative = _alternative_name(name)
         return store, alternative if not store.has(name) and store.has(alternative) else name
     open_store(path, storage_options)  # refuses options for a local path
     p = local_path(path, what="path")
+    if p.name == MANIFEST_FILE and p.is_file():
+        p = p.parent
     if not p.exists():
         alternative_path = p.with_name(_alternative_name(p.name))
         p = alternative_path if alternative_path.exists() else p

@@ -82,6 +82,24 @@ def test_validate_with_a_url_ckpt_path_gives_the_local_result(web, tmp_path):
     assert val_loss(f"{web.url}/run/{STEP}") == val_loss(web.root / "run" / STEP)
 
 
+def test_a_plain_trainer_reads_a_url_named_by_its_manifest(web, web_requests, tmp_path, same):
+    """No plugin, no Checkpointer: Lightning checks that ``ckpt_path`` is a file before reading it, and a web
+    server serves no directory, so the checkpoint is named by its manifest (the docs say so)."""
+    def val_loss(path: str | Path) -> float:
+        trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        return trainer.validate(TinyModel(), tiny_loader(seed=1), ckpt_path=path)[0]["val_loss"]
+
+    local = web.root / "run" / STEP
+    url = f"{web.url}/run/{STEP}"
+    with pytest.raises(FileNotFoundError, match=f"Checkpoint file not found: {url}"):  # Lightning's own check
+        val_loss(url)
+    assert val_loss(f"{url}/manifest.json") == val_loss(local / "manifest.json") == val_loss(local)
+    same(load_checkpoint(f"{url}/manifest.json"), load_checkpoint(local / "manifest.json"))
+    fetched = {r.split()[1].rsplit("/", 1)[1] for r in web_requests}
+    assert {p.name for p in local.iterdir()} <= fetched
+
+
 def test_fit_resumes_from_a_url_exactly(web, tmp_path):
     torch.manual_seed(1)  # another seed than the published run's: the resume must restore everything
     trainer = _trainer(tmp_path, max_steps=6, callbacks=[Checkpointer(tmp_path / "resumed", every_n_steps=2)])
