@@ -11,10 +11,9 @@ import click
 
 from lightning_ckpt.history.catalog import DAMAGED, OK, Row, describe
 from lightning_ckpt.cli.app import main
-from lightning_ckpt.cli.options import ALLOW_PICKLE, MODE, PATH, STORAGE_OPTIONS, retention_options
+from lightning_ckpt.cli.options import ALLOW_PICKLE, MODE, PATH, STORAGE_OPTIONS, resolve_mode, retention_options
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, size, when
 from lightning_ckpt.errors import NotACheckpointError
-from lightning_ckpt.policy.monitors import MODES
 from lightning_ckpt.policy.retention import RetentionConfig
 from lightning_ckpt.store.fsutil import remote_scheme
 
@@ -55,7 +54,7 @@ def _flags(row: Row) -> str:
 @retention_options
 @STORAGE_OPTIONS
 @JSON_OPTION
-def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int | None, top_k: int,
+def list_(path: str, check: bool, monitor: str | None, mode: str | None, keep_last: int | None, top_k: int,
           options: dict[str, Any] | None, as_json: bool) -> None:
     """Every checkpoint in PATH (a directory, one checkpoint, or an fsspec URL), by step: epoch, time, size, status, metrics,
     which is last / best, and, given retention options, which rule keeps it (per run lineage).
@@ -64,6 +63,7 @@ def list_(path: str, check: bool, monitor: str | None, mode: str, keep_last: int
     Example:
       lightning-ckpt list checkpoints/ --monitor val_loss --keep-last 2 --top-k 1
     """
+    mode = resolve_mode(path, monitor, mode, storage_options=options)
     retention = RetentionConfig(keep_last=keep_last, top_k=top_k, monitor=monitor, mode=mode) if (
         keep_last or top_k) else None  # type: ignore[arg-type]
     rows = _rows(path, check=check, retention=retention, monitor=monitor, mode=mode, storage_options=options)
@@ -153,9 +153,7 @@ def inspect(path: Path, every: bool, allow_pickle: bool, as_json: bool) -> None:
 @main.command()
 @click.argument("path")
 @click.option("--monitor", required=True, help="The metric to rank by (recorded by the Checkpointer, or logged).")
-@click.option("--mode", type=click.Choice(MODES), default=None,
-              help="min: lower is better (a loss); max: higher is better (an accuracy). Default: the mode the "
-                   "Checkpointer monitored the metric with, else min.")
+@MODE
 @click.option("--logs", type=PATH, default=None,
               help="A CSVLogger or TensorBoardLogger log directory (or its metrics.csv / event file): score each "
                    "checkpoint by the value logged at its step, else the first logged after it and before the "
@@ -174,9 +172,9 @@ def best(path: str, monitor: str, mode: str | None, logs: Path | None, run_id: s
     Example:
       lightning-ckpt best checkpoints/ --monitor val_acc --mode max --logs lightning_logs/version_0
     """
-    from lightning_ckpt.history.selection import ranking_mode, select_best
+    from lightning_ckpt.history.selection import select_best
 
     where = path if remote_scheme(path) is not None else PATH.convert(path, None, None)  # a local PATH must exist
-    mode = mode or ranking_mode(where, monitor, run_id=run_id, storage_options=options)
+    mode = resolve_mode(where, monitor, mode, run_id=run_id, storage_options=options)
     chosen = select_best(where, monitor, mode, logs=logs, run_id=run_id, storage_options=options)
     emit_json({"path": chosen, "monitor": monitor, "mode": mode}) if as_json else click.echo(chosen)

@@ -10,7 +10,7 @@ import click
 
 from lightning_ckpt.cli.app import main
 from lightning_ckpt.cli.output import JSON_OPTION, emit_json, progress_bar
-from lightning_ckpt.cli.options import ALLOW_PICKLE, MODE, PATH, retention_options
+from lightning_ckpt.cli.options import ALLOW_PICKLE, MODE, PATH, resolve_mode, retention_options
 from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
 from lightning_ckpt.errors import UnsupportedFormatError
 from lightning_ckpt.format.manifest import MANIFEST_FILE
@@ -29,7 +29,7 @@ Progress = Callable[[int], None]
                                                  "each keeping its own newest checkpoint).")
 @click.option("--yes", is_flag=True, help="Delete; without it, only print what would go.")
 @JSON_OPTION
-def prune(path: Path, keep_last: int | None, top_k: int, monitor: str | None, mode: str, run: str | None, yes: bool,
+def prune(path: Path, keep_last: int | None, top_k: int, monitor: str | None, mode: str | None, run: str | None, yes: bool,
           as_json: bool) -> None:
     """Apply retention after the fact to the committed checkpoints in PATH: print what would be
     deleted, and delete it only with --yes. Each run lineage is pruned on its own and always keeps
@@ -45,6 +45,7 @@ def prune(path: Path, keep_last: int | None, top_k: int, monitor: str | None, mo
 
     if not keep_last and not top_k:
         raise ValueError("nothing to prune by: pass --keep-last N and/or --top-k K --monitor METRIC")
+    mode = resolve_mode(path, monitor, mode, run_id=run)
     retention = RetentionConfig(keep_last=keep_last, top_k=top_k, monitor=monitor, mode=mode)  # type: ignore[arg-type]
     plan = (apply_prune if yes else plan_prune)(path, retention, run=run)
     verb = "deleted" if yes else "would delete"

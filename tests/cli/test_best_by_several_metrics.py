@@ -96,10 +96,14 @@ def test_best_checkpoint_and_the_cli_rank_by_either_metric_in_its_recorded_mode(
         assert printed.returncode == 0, printed.stderr
         assert printed.stdout.splitlines()[-1] == str(root / _name(step))
     assert json.loads(run("best", root, "--monitor", "val_acc", "--json").stdout)["mode"] == "max"
-    listed = json.loads(run("list", root, "--json", "--monitor", "val_acc", "--mode", "max").stdout)
-    assert [r["path"] for r in listed if r["best"]] == [str(root / _name(6))]
-    pruned = run("prune", root, "--top-k", "1", "--monitor", "val_acc", "--mode", "max")  # a dry run
-    assert pruned.returncode == 0, pruned.stderr
+    for mode in (("--mode", "max"), ()):  # list and prune follow the recorded mode too, as best does
+        listed = json.loads(run("list", root, "--json", "--monitor", "val_acc", *mode).stdout)
+        assert [r["path"] for r in listed if r["best"]] == [str(root / _name(6))]
+        pruned = run("prune", root, "--top-k", "1", "--monitor", "val_acc", *mode)  # a dry run
+        assert pruned.returncode == 0, pruned.stderr
+        assert _name(6) not in pruned.stdout and f"would delete  {_name(4)}" in pruned.stdout, pruned.stdout
+    listed = json.loads(run("list", root, "--json", "--monitor", "val_acc", "--mode", "min").stdout)
+    assert [r["path"] for r in listed if r["best"]] == [str(root / _name(10))]
     assert LocalStore(root).names() == [_name(s) for s in (4, 6, 8, 10, 12)]
 
 
