@@ -47,7 +47,14 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_
     Raises:
         UnsupportedTypeError: a value cannot be stored without pickling.
         StorageError: the write failed; nothing was committed.
+        ValueError: ``path`` ends in ``.safetensors``, the name of one file, not of a checkpoint directory.
     """
+    if is_single_file_name(os.fspath(path).rstrip("/")):
+        raise ValueError(
+            f"{os.fspath(path)}: a name ending in .safetensors is one safetensors file, and save_checkpoint writes a "
+            "checkpoint directory (the whole state: weights, optimizer, RNG). Name the directory without "
+            ".safetensors; for the weights alone as one file, use safetensors.torch.save_file(model.state_dict(), "
+            "path), or trainer.save_checkpoint(path) under Lightning.")
     files = encode_state(state, allow_pickle=allow_pickle)
     return commit_encoded(files, state, path, run_id=run_id, meta=meta, storage_options=storage_options)
 

@@ -146,3 +146,16 @@ def test_a_safetensors_url_is_refused_before_anything_is_written(trained):
     with pytest.raises(ValueError, match="written to a local path only"):
         t.save_checkpoint("memory://bucket/final.safetensors")
     assert not fsspec.filesystem("memory").exists("/bucket/final.safetensors")
+
+
+def test_plain_save_checkpoint_refuses_a_safetensors_name_naming_both_ways(tmp_path):
+    """Without Lightning, ``save_checkpoint`` writes the whole state as a directory: a ``.safetensors`` name
+    (which tools open as one file) is refused, nothing is written, and the error names both ways."""
+    state = {"state_dict": {"w": torch.ones(3)}, "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}}]}
+    for name in ("model.safetensors", "memory://bucket/model.safetensors"):
+        target = name if "://" in name else tmp_path / name
+        with pytest.raises(ValueError, match=r"is one safetensors file.*without \.safetensors.*save_file"):
+            lightning_ckpt.save_checkpoint(state, target)
+    assert list(tmp_path.iterdir()) == []
+    lightning_ckpt.save_checkpoint(state, tmp_path / "model")  # the directory, named as the error says
+    assert torch.equal(lightning_ckpt.load_checkpoint(tmp_path / "model")["state_dict"]["w"], torch.ones(3))
