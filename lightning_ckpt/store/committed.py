@@ -12,7 +12,7 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.fsutil import is_read_only_url, local_path, remote_scheme
 from lightning_ckpt.store.local import LocalStore
-from lightning_ckpt.store.reading import read_manifest, verify
+from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, read_manifest, verify
 
 LIGHTNING_SUFFIX = ".ckpt"
 def open_store(location: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Store:
@@ -62,6 +62,17 @@ def locate(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = 
         alternative_path = p.with_name(_alternative_name(p.name))
         p = alternative_path if alternative_path.exists() else p
     return LocalStore(p.parent), p.name
+
+
+def holds_same(local: Store, remote: Store, name: str) -> bool:
+    """Whether ``local`` holds ``name`` committed with the remote's manifest and every file verifying (a copy
+    another process of this machine just made)."""
+    manifest = remote.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+    try:
+        return manifest is not None and local.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES) == manifest and bool(
+            verify(local, name))
+    except CheckpointError:
+        return False
 
 
 def _alternative_name(name: str) -> str:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from lightning_ckpt.errors import DirectoryInUseError, StorageError
 from lightning_ckpt.store.fsutil import TMP_PREFIX
 
 LOCK_FILE = ".lightning-ckpt.lock"
+DOWNLOAD_LOCK_FILE = ".lightning-ckpt.download.lock"
 
 
 class DirectoryLock:
@@ -89,3 +92,28 @@ def _probe_write(root: Path) -> None:
     probe = root / f"{TMP_PREFIX}write-probe.{uuid.uuid4().hex[:8]}"
     os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
     probe.unlink()
+
+
+@contextlib.contextmanager
+def one_at_a_time(root: Path, lock_file: str = DOWNLOAD_LOCK_FILE) -> Iterator[None]:
+    """Wait for, then hold, an ``flock`` on ``root/lock_file``: one process of this machine at a time (the
+    ranks of one node resolving ``ckpt_path="last"`` at once, before their process group exists). The
+    kernel drops it when the holder dies, so a killed download never blocks the next one.
+
+    Raises:
+        StorageError: ``root`` cannot be written, or the lock is not a regular file.
+    """
+    path = root / lock_file
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise unwritable_dirpath(root, err) from err
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StorageError(errno.EINVAL, f"{path}: not a regular file; remove it (an empty file that lets one "
+                                             "process at a time download into this dirpath)")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock

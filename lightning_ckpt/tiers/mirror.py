@@ -8,6 +8,7 @@ in the ledger and lets the local retention delete a checkpoint once its upload c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -23,6 +24,8 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, m
 from lightning_ckpt.history.manager import latest_entry, manifest_entries
 from lightning_ckpt.policy import Record, RetentionConfig
 from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
+from lightning_ckpt.store.committed import holds_same
+from lightning_ckpt.store.dirlock import one_at_a_time
 from lightning_ckpt.store.fsutil import is_read_only_url, read_only_message
 from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, READ_CHUNK
 from lightning_ckpt.store.local import LocalStore
@@ -350,7 +353,8 @@ def last_across_tiers(local: Store, mirror: Mirror) -> tuple[Entry | None, str |
     is left) and the next candidate tried.
 
     Returns:
-        "Last" (now in ``local``), and the URL it was downloaded from (None when it was local already).
+        "Last" (now in ``local``), and the URL it was downloaded from (None when it was local already; the same
+        URL for the processes of a node that found the copy another one made for this lookup).
 
     Raises:
         StorageError: the mirror is unreachable or the local disk refused the copy.
@@ -360,7 +364,10 @@ def last_across_tiers(local: Store, mirror: Mirror) -> tuple[Entry | None, str |
 
     def fetch(name: str) -> bool:
         try:
-            copy_checkpoint(remote, local, name)
+            # The ranks of a node look "last" up at once: one downloads, the others then find it whole here.
+            with one_at_a_time(local.root) if isinstance(local, LocalStore) else contextlib.nullcontext():
+                if not holds_same(local, remote, name):
+                    copy_checkpoint(remote, local, name)
         except CheckpointError as err:
             if isinstance(err, OSError):  # the local disk or the connection: not the checkpoint's fault
                 raise

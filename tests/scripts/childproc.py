@@ -110,6 +110,12 @@ class Child:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs (as ``Popen.poll``)."""
+        if self.returncode is None and self._proc.exitcode is not None:
+            self.returncode = self._proc.exitcode
+        return self.returncode
+
     def _join(self, timeout: float | None) -> int:
         self._proc.join(timeout)
         if self._proc.exitcode is None:
