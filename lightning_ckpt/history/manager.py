@@ -18,6 +18,7 @@ from typing import Any
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
 from lightning_ckpt.history.lineage import Verifies, best_of, continues_newest, last_of, lineage, ranked_of, to_record
 from lightning_ckpt.policy import RetentionConfig, RetentionPlan
+from lightning_ckpt.format.manifest import MANIFEST_FILE
 from lightning_ckpt.store import Listed, LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
 from lightning_ckpt.store.ledger import (
@@ -143,7 +144,8 @@ class CheckpointManager:
             return None
 
     def _own_name(self, path: str | os.PathLike) -> str | None:
-        """The name of checkpoint ``path`` if it is in this store, else None."""
+        """The name of checkpoint ``path`` (also named by its manifest.json) if it is in this store, else None."""
+        path = os.fspath(path).rstrip("/").removesuffix("/" + MANIFEST_FILE)
         if remote_scheme(path) is not None:  # no locate(): it would open the URL without our storage_options
             parent, _, name = os.fspath(path).rstrip("/").rpartition("/")
             return name if _same_place(self.store, parent) else None

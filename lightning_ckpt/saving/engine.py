@@ -67,7 +67,7 @@ def commit_encoded(files: Mapping[str, Blob], state: Mapping[str, Any], path: st
     The second half of :func:`save_checkpoint`, for callers that stream the blobs (``convert``).
     """
     unsealed = Manifest(files={}, versions=library_versions(), **manifest_fields(state, run_id, meta))
-    store, name = locate(path, storage_options)
+    store, name = locate(path, storage_options, writing=True)
     # The checksums are taken while the files are written, so the manifest is sealed by the store.
     written = store.write(name, files, lambda entries: dataclasses.replace(unsealed, files=entries).to_bytes())
     return dataclasses.replace(unsealed, files=written)

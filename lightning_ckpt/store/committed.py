@@ -39,13 +39,20 @@ def _remote(url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -
     return FsspecStore(url, storage_options)
 
 
-def locate(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> tuple[Store, str]:
+def locate(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
+           writing: bool = False) -> tuple[Store, str]:
     """Split a checkpoint path or URL into its store (the parent) and its name.
 
-    A Lightning-style ``name.ckpt`` and the bare ``name`` both find a checkpoint saved under either; its
-    ``manifest.json`` names the checkpoint too (Lightning checks that a ``ckpt_path`` URL is a file before reading
+    A Lightning-style ``name.ckpt`` and the bare ``name`` both find a checkpoint saved under either; to read
+    one, its ``manifest.json`` names it too (Lightning checks that a ``ckpt_path`` URL is a file before reading
     it, and a web server serves no directory: ``https://host/run/step=…/manifest.json`` passes that check).
+
+    Raises:
+        ValueError: ``writing`` (a save or a deletion) to a path that names a ``manifest.json``.
     """
+    if writing and os.fspath(path).rstrip("/").replace(os.sep, "/").rpartition("/")[2] == MANIFEST_FILE:
+        raise ValueError(f"{os.fspath(path)}: names a checkpoint's {MANIFEST_FILE}; save or delete a checkpoint by "
+                         "its directory (without /manifest.json)")
     if remote_scheme(path) is not None:
         scheme, _, rest = os.fspath(path).rstrip("/").partition("://")
         parent, _, name = rest.rpartition("/")
@@ -64,15 +71,23 @@ def locate(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = 
     return LocalStore(p.parent), p.name
 
 
-def holds_same(local: Store, remote: Store, name: str) -> bool:
-    """Whether ``local`` holds ``name`` committed with the remote's manifest and every file verifying (a copy
-    another process of this machine just made)."""
-    manifest = remote.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+def manifest_identity(store: LocalStore, name: str) -> tuple[int, int] | None:
+    """Which commit of ``name`` the local store holds now (its manifest's inode and mtime), None if none."""
     try:
-        return manifest is not None and local.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES) == manifest and bool(
-            verify(local, name))
-    except CheckpointError:
+        found = os.stat(os.path.join(store.location(name), MANIFEST_FILE))
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
+
+
+def copied_meanwhile(local: LocalStore, remote: Store, name: str, before: tuple[int, int] | None) -> bool:
+    """Whether another process of this machine committed ``name`` into ``local`` since its manifest's identity
+    was ``before``, with the remote's manifest: a copy whose every file was checked as it was made."""
+    now = manifest_identity(local, name)
+    if now is None or now == before:
         return False
+    manifest = remote.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+    return manifest is not None and local.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES) == manifest
 
 
 def _alternative_name(name: str) -> str:

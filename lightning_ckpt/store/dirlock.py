@@ -16,6 +16,7 @@ from lightning_ckpt.store.fsutil import TMP_PREFIX
 
 LOCK_FILE = ".lightning-ckpt.lock"
 DOWNLOAD_LOCK_FILE = ".lightning-ckpt.download.lock"
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
 
 
 class DirectoryLock:
@@ -113,7 +114,12 @@ def one_at_a_time(root: Path, lock_file: str = DOWNLOAD_LOCK_FILE) -> Iterator[N
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise StorageError(errno.EINVAL, f"{path}: not a regular file; remove it (an empty file that lets one "
                                              "process at a time download into this dirpath)")
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in _NO_FLOCK:
+                raise unwritable_dirpath(root, err) from err
+            # A filesystem without flock (NFSv3 without lockd, some FUSE mounts): go on unlocked, as before.
         yield
     finally:
         os.close(fd)  # closing drops the flock

@@ -8,7 +8,6 @@ in the ledger and lets the local retention delete a checkpoint once its upload c
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import threading
@@ -24,7 +23,7 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, m
 from lightning_ckpt.history.manager import latest_entry, manifest_entries
 from lightning_ckpt.policy import Record, RetentionConfig
 from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
-from lightning_ckpt.store.committed import holds_same
+from lightning_ckpt.store.committed import copied_meanwhile, manifest_identity
 from lightning_ckpt.store.dirlock import one_at_a_time
 from lightning_ckpt.store.fsutil import is_read_only_url, read_only_message
 from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, READ_CHUNK
@@ -364,10 +363,13 @@ def last_across_tiers(local: Store, mirror: Mirror) -> tuple[Entry | None, str |
 
     def fetch(name: str) -> bool:
         try:
-            # The ranks of a node look "last" up at once: one downloads, the others then find it whole here.
-            with one_at_a_time(local.root) if isinstance(local, LocalStore) else contextlib.nullcontext():
-                if not holds_same(local, remote, name):
-                    copy_checkpoint(remote, local, name)
+            if not isinstance(local, LocalStore):
+                copy_checkpoint(remote, local, name)
+            else:  # the ranks of a node look "last" up at once: one downloads, the others then find its copy
+                before = manifest_identity(local, name)
+                with one_at_a_time(local.root):
+                    if not copied_meanwhile(local, remote, name, before):
+                        copy_checkpoint(remote, local, name)
         except CheckpointError as err:
             if isinstance(err, OSError):  # the local disk or the connection: not the checkpoint's fault
                 raise

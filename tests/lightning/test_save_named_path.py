@@ -159,3 +159,17 @@ def test_plain_save_checkpoint_refuses_a_safetensors_name_naming_both_ways(tmp_p
     assert list(tmp_path.iterdir()) == []
     lightning_ckpt.save_checkpoint(state, tmp_path / "model")  # the directory, named as the error says
     assert torch.equal(lightning_ckpt.load_checkpoint(tmp_path / "model")["state_dict"]["w"], torch.ones(3))
+
+
+def test_a_manifest_names_a_checkpoint_to_read_never_to_write_or_delete(tmp_path):
+    state = {"state_dict": {"w": torch.ones(3)}}
+    lightning_ckpt.save_checkpoint(state, tmp_path / "c")
+    named = tmp_path / "c" / "manifest.json"
+    assert torch.equal(lightning_ckpt.load_checkpoint(named)["state_dict"]["w"], torch.ones(3))
+    before = sorted(p.name for p in (tmp_path / "c").iterdir())
+    with pytest.raises(ValueError, match="by its directory"):
+        lightning_ckpt.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, named)
+    with pytest.raises(ValueError, match="by its directory"):
+        SafetensorsCheckpointIO().remove_checkpoint(named)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == before
+    assert torch.equal(lightning_ckpt.load_checkpoint(tmp_path / "c")["state_dict"]["w"], torch.ones(3))

@@ -179,5 +179,5 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if single is not None:
             single.unlink(missing_ok=True)
             return
-        store, name = locate(path, self._options(path))
+        store, name = locate(path, self._options(path), writing=True)
         store.delete(name)
