@@ -227,3 +227,23 @@ def test_a_logger_we_do_not_upload_for_is_called_as_before_and_warned_about_once
     ours = [str(w.message) for w in record if "log_model" in str(w.message)]
     assert len(ours) == 1 and "UploadingLogger has log_model='all'" in ours[0] and "yourself" in ours[0]
     assert logger.calls == ["step=000000002", "step=000000004", "step=000000006"]
+
+
+def test_a_url_dirpath_is_not_uploaded_and_says_so_once(tmp_path, mlflow_uri):
+    import uuid
+
+    import fsspec
+
+    url = f"memory://loggers-{uuid.uuid4().hex[:8]}/run"
+    logger = MLFlowLogger(tracking_uri=mlflow_uri, log_model="all")
+    ckpt = Checkpointer(url, every_n_steps=2, exact_resume=False)
+    trainer = L.Trainer(max_steps=6, callbacks=[ckpt], logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    try:
+        with pytest.warns(CheckpointWarning) as record:
+            trainer.fit(TinyModel(), tiny_loader())
+    finally:
+        fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
+    ours = [str(w.message) for w in record if "upload local checkpoints only" in str(w.message)]
+    assert len(ours) == 1 and "MLFlowLogger" in ours[0] and "step=000000002" in ours[0]
+    assert mlflow_artifacts(logger) == {}

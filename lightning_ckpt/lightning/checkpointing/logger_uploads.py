@@ -67,10 +67,11 @@ class LoggerUploads:
         if self.rank_zero:
             for lg in trainer.loggers:
                 if lg not in self.ours and log_model_of(lg):
-                    self._warn(f"Checkpointer: {type(lg).__name__} has log_model={log_model_of(lg)!r} but uploads "
-                               "only checkpoints that are files, and these are directories: it uploads none. Upload "
-                               "the directory yourself (checkpointer.best_model_path, once fit returns), or use "
-                               "WandbLogger or MLFlowLogger, whose uploads the Checkpointer makes")
+                    name = type(lg).__name__
+                    self._warn(name, f"Checkpointer: {name} has log_model={log_model_of(lg)!r} but uploads only "
+                                     "checkpoints that are files, and these are directories: it uploads none. Upload "
+                                     "the directory yourself (checkpointer.best_model_path, once fit returns), or use "
+                                     "WandbLogger or MLFlowLogger, whose uploads the Checkpointer makes")
 
     def after_save(self, trainer: L.Trainer, callback: Checkpointer, outcome: SaveOutcome | None) -> None:
         """A save settled (None: none): if it committed, the loggers hear of it and ``log_model="all"`` ones
@@ -83,8 +84,8 @@ class LoggerUploads:
             for lg in trainer.loggers:
                 if lg not in self.ours:
                     lg.after_save_checkpoint(callback)
-            if self.rank_zero:
-                every = [lg for lg in self.ours if log_model_of(lg) == "all"]
+            every = [lg for lg in self.ours if log_model_of(lg) == "all"]
+            if self.rank_zero and every:  # (best_model_path verifies "best" when the ledger changed: only then)
                 self._upload(every, callback, [outcome.path], callback.best_model_path)
         finally:
             self.pipeline.release(outcome.name)
@@ -97,29 +98,37 @@ class LoggerUploads:
             self._upload(at_end, callback, sorted(kept, key=os.path.basename), callback.best_model_path)
 
     def _upload(self, loggers: list[Any], callback: Checkpointer, paths: list[str], best: str) -> None:
-        for path in paths if loggers else ():
+        for path in paths:
+            names = ", ".join(type(lg).__name__ for lg in loggers)
             if remote_scheme(path) is not None:
-                self._warn(f"Checkpointer: {', '.join(type(lg).__name__ for lg in loggers)} upload local "
-                           f"checkpoints only; {path} is not uploaded (use a local dirpath, with a Mirror to it)")
+                self._warn("remote", f"Checkpointer: {names} upload local checkpoints only; {path} and the "
+                                     "checkpoints after it are not uploaded (use a local dirpath, with a Mirror)")
                 return
-            name = os.path.basename(path)
-            manager = callback.manager
-            files = [*sorted(read_manifest(manager.store, name).files), MANIFEST_FILE]
-            meta = _metadata(manager.entry(name), callback.monitor, name, self.options)
-            aliases = ["latest", "best"] if path == best else ["latest"]
+            try:  # rank 0 alone: an error raised would leave the other ranks waiting
+                name = os.path.basename(path)
+                manager = callback.manager
+                files = [*sorted(read_manifest(manager.store, name).files), MANIFEST_FILE]
+                meta = _metadata(manager.entry(name), callback.monitor, name, self.options)
+                aliases = ["latest", "best"] if path == best else ["latest"]
+            except Exception as err:  # noqa: BLE001
+                self._failed(path, names, err)
+                continue
             for lg in loggers:
                 try:
                     if isinstance(lg, WandbLogger):
                         _to_wandb(lg, path, files, meta, aliases)
                     else:
                         _to_mlflow(lg, path, files, meta, aliases)
-                except Exception as err:  # noqa: BLE001 - rank 0 alone: raising would leave the other ranks waiting
-                    warnings.warn(f"Checkpointer: {path} could not be uploaded to {type(lg).__name__} ({err!r}); "
-                                  "training goes on", CheckpointWarning, stacklevel=4)
+                except Exception as err:  # noqa: BLE001
+                    self._failed(path, type(lg).__name__, err)
 
-    def _warn(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
+    def _failed(self, path: str, names: str, err: Exception) -> None:
+        warnings.warn(f"Checkpointer: {path} could not be uploaded to {names} ({err!r}); training goes on",
+                      CheckpointWarning, stacklevel=5)
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
             warnings.warn(message, CheckpointWarning, stacklevel=4)
 
 
