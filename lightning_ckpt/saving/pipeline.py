@@ -15,6 +15,7 @@ asynchronous variant (async_saves.py) runs ``_execute`` on a worker (one save in
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -80,6 +81,9 @@ class SavePipeline:
             raise ValueError(f"on_save_error={on_error!r}; use 'raise' (stop training) or 'warn' (train on)")
         self.manager, self.agree, self.on_error, self.clock = manager, agree, on_error, clock
         self.tiering = tiering  # rank 0's mirror, if any (the other ranks upload nothing)
+        self.hold_commits = False  # rank 0: keep each committed save from retention until release(name)
+        self._held: set[str] = set()  # added by the worker of an async save, released by the training thread
+        self._held_lock = threading.Lock()
 
     def save(self, step: int, *, reason: str, metrics: Mapping[str, Any], snapshot: Snapshot,
              write: Writer, final: bool = False) -> SaveOutcome:
@@ -122,15 +126,22 @@ class SavePipeline:
 
     def finish_mirror(self) -> None:
         """End of training: wait for pending uploads (up to the mirror's timeout), record how they
-        went and retain again (checkpoints held for their upload may go now). Collective."""
+        went and retain again (checkpoints held for an upload, the mirror's or a logger's, may go now). Collective."""
         failure = None
-        if self.agree.is_rank_zero and self.tiering is not None:
+        if self.agree.is_rank_zero and (self.tiering is not None or self.hold_commits):
             try:
-                self.manager.entries = self.tiering.finish(self.manager.entries)
+                if self.tiering is not None:
+                    self.manager.entries = self.tiering.finish(self.manager.entries)
                 self._retain()
             except Exception as err:  # noqa: BLE001 - every rank must learn of it
                 failure = err
         self._settle(_NO_SAVE, failure)
+
+    def release(self, name: str) -> None:
+        """Let retention delete the committed save ``name`` again (held since its commit, with ``hold_commits``:
+        a logger had to upload it first); the next retention may."""
+        with self._held_lock:
+            self._held.discard(name)
 
     def close_mirror(self) -> None:
         """Stop the mirror's worker without waiting for what is queued (after an error); local only."""
@@ -168,6 +179,9 @@ class SavePipeline:
                 self._retain(unless_unchanged_since=self.manager.revision)
                 if self.tiering is not None:  # queued for upload, in the background
                     self.tiering.after_commit(name, self.manager.run_id, final=final)
+                if self.hold_commits:  # newest, so kept by this retention; held from the next ones
+                    with self._held_lock:
+                        self._held.add(name)
         except Exception as err:  # noqa: BLE001 - every rank must learn of it
             return err
         return None
@@ -198,6 +212,8 @@ class SavePipeline:
         if self.tiering is not None:
             self.manager.entries = self.tiering.apply(self.manager.entries)
             held = self.tiering.held()
+        with self._held_lock:
+            held |= self._held
         self.manager.prune(held=held)
         if self.manager.revision != unless_unchanged_since:
             self.manager.commit_ledger()

@@ -35,6 +35,7 @@ import torch
 from click.testing import CliRunner
 
 from cli_scenario import build as build_cli_scenario
+from offline_loggers import mlflow_file_store, stop_wandb, wandb_artifacts, wandb_offline
 from doc_pages import PAGES, ROOT, Block, anchor, blocks, headings, links, toc_for
 from tiny import CliModel, TinyDataModule, TinyModel, tiny_loader
 
@@ -162,6 +163,10 @@ def _migrating_prelude(tmp: Path, request: pytest.FixtureRequest) -> dict[str, A
     trainer.fit(model_class(), datamodule=TinyDataModule())
     (tmp / "runs" / "exp1").mkdir(parents=True)
     shutil.copytree(tmp / "made" / "step=000000002", tmp / "runs" / "exp1" / "step=000000500")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    wandb_offline(monkeypatch, tmp)  # the loggers' example: W&B offline, MLflow on a file store, here
+    mlflow_file_store(monkeypatch, tmp)
+    request.addfinalizer(stop_wandb)
     return {**_common(), "model": model_class(), "MyModel": model_class, "MyDataModule": TinyDataModule}
 
 
@@ -241,6 +246,16 @@ def _checkpointer_kept_and_tested(tmp: Path, ns: dict[str, Any]) -> None:
 def _plugin_wrote_and_resumed(tmp: Path, ns: dict[str, Any]) -> None:
     assert (tmp / "ckpts" / "epoch=0-step=50.ckpt" / "manifest.json").is_file()
     assert torch.equal(ns["state"]["state_dict"]["inp.weight"], ns["model"].state_dict()["inp.weight"])
+    # the loggers' example: what its comments say was uploaded, and what was downloaded is that checkpoint
+    assert [a.metadata["original_filename"] for a in wandb_artifacts(tmp)] == ["step=000000025", "step=000000050"]
+    assert sorted(p.name for p in (tmp / "runs" / "logged").glob("step=*")) == ["step=000000050"]  # keep_last=1
+    from lightning_ckpt import load_checkpoint
+
+    saved = load_checkpoint(tmp / "runs" / "logged" / "step=000000050")["state_dict"]
+    assert all(torch.equal(value, saved[key]) for key, value in ns["loaded"].state_dict().items())
+    kept = tmp / "runs" / "logged" / "step=000000050"
+    assert sorted(p.name for p in Path(ns["local"]).iterdir()) == sorted(
+        ["metadata.yaml", "aliases.txt", *(p.name for p in kept.iterdir())])
 
 
 @_after("EXACT_RESUME.md")

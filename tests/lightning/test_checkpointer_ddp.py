@@ -22,7 +22,7 @@ from lightning_ckpt.store.ledger import LEDGER_FILE
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
 # Those that train to the end first: a scenario that failed to stay collective ends the job, not the others.
-FIRST = ("save", "mirror", "s3", "warn", "raise", "async-raise", "held")
+FIRST = ("save", "mirror", "s3", "warn", "raise", "async-raise", "held", "logged")
 RESUMED = ("save", "s3")
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(RESUMED)))
 
@@ -44,6 +44,8 @@ class Runs:
             "raise": {"dirpath": self.root / "raise", "max_steps": 10, **fail},
             "async-raise": {"dirpath": self.root / "async-raise", "max_steps": 10, **fail, "async_save": True},
             "held": {"dirpath": self.root / "held", "max_steps": 4},
+            "logged": {"dirpath": self.root / "logged", "max_steps": 10, "async_save": True,
+                       "mlflow": f"file:{self.root / 'mlruns'}"},
         }
         assert tuple(scenarios) == FIRST  # the names its timeout counts
         lock = LocalStore(self.root / "held").lock()  # another live run writes there
@@ -139,6 +141,16 @@ def test_the_mirror_under_ddp_uploads_from_rank_0_and_every_rank_knows_the_tiers
     assert saved[0] == "step=000000003" and saved[-1] == "step=000000010", saved
     assert sorted(n for n in os.listdir(mirror) if n.startswith("step=")) == saved
     assert all(rows[0]["tiers"][n] == ["mirror"] for n in saved if n not in kept), rows[0]["tiers"]
+    assert not any(r["warned"] for r in rows), rows
+
+
+def test_a_logger_under_ddp_gets_each_save_from_rank_0_alone(runs: Runs, first: Job) -> None:
+    rows = trained(first, "logged")  # no hang: the uploads are rank 0's, with no collective
+    assert {r["step"] for r in rows} == {10} and rows[1]["uploaded"] is None
+    entries = json.loads((runs.root / "logged" / LEDGER_FILE).read_text())["checkpoints"]
+    saved = sorted(e["name"] for e in entries)  # every save, those retention deleted since too
+    assert saved[0] == "step=000000003" and saved[-1] == "step=000000010", saved
+    assert rows[0]["uploaded"] == saved
     assert not any(r["warned"] for r in rows), rows
 
 

@@ -2,7 +2,8 @@
 one fit per scenario. A scenario's arguments are ``fit``'s; each rank's row says what it saw.
 
 ``fail_step=N``: the save at step N runs out of disk space on rank 0 (the rank that writes), an injected
-ENOSPC inside the store's real write, for that scenario only. ``backbone=True``: an nn.Module among the
+ENOSPC inside the store's real write, for that scenario only. ``mlflow=URI``: an ``MLFlowLogger(log_model="all")``
+on that file store. ``backbone=True``: an nn.Module among the
 hyper-parameters, which no checkpoint can store without pickle.
 """
 
@@ -49,13 +50,19 @@ def save_fails_at(step: int | None) -> Iterator[None]:
 
 def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: int | None = None,
         on_save_error: str = "raise", mirror: str | None = None, async_save: bool = False,
-        storage_options: str | None = None, backbone: bool = False) -> dict[str, Any]:
+        storage_options: str | None = None, backbone: bool = False, mlflow: str | None = None) -> dict[str, Any]:
     L.seed_everything(0)
+    logger = False
+    if mlflow:  # MLFlowLogger(log_model="all") on a file store: rank 0 uploads each save
+        os.environ.update(MLFLOW_ALLOW_FILE_STORE="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        logger = MLFlowLogger(tracking_uri=mlflow, log_model="all")
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, monitor="val_loss", top_k=1,
                         on_save_error=on_save_error, mirror=Mirror(mirror) if mirror else None, async_save=async_save,
                         storage_options=json.loads(storage_options) if storage_options else None)
     trainer = L.Trainer(max_steps=max_steps, strategy="ddp", devices=2, accelerator="cpu", callbacks=[ckpt],
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, val_check_interval=4,
+                        logger=logger, enable_progress_bar=False, enable_model_summary=False, val_check_interval=4,
                         limit_val_batches=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's own "attribute is an nn.Module" advice
@@ -69,7 +76,14 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: i
     warned = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
     return {"step": trainer.global_step, "best": ckpt.best_model_path, "last": ckpt.last_model_path,
             "run_id": ckpt.state_dict()["run_id"], "warned": warned, "first_step": model.losses[0][0],
-            "tiers": {e.name: e.tiers for e in ckpt._manager.entries}}  # this rank's view of the ledger
+            "tiers": {e.name: e.tiers for e in ckpt._manager.entries},  # this rank's view of the ledger
+            "uploaded": uploaded(logger) if logger and trainer.is_global_zero else None}
+
+
+def uploaded(logger: Any) -> list[str]:
+    """The artifact folders of the MLflow run (rank 0's logger: the others have no run)."""
+    root = Path(logger.experiment.get_run(logger.run_id).info.artifact_uri.removeprefix("file://"))
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
 
 if __name__ == "__main__":

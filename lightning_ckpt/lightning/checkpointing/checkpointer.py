@@ -19,6 +19,7 @@ from lightning_ckpt.lightning.checkpointing.checkpoint_view import ModelCheckpoi
 from lightning_ckpt.lightning.checkpointing.companions import ensure_exact_resume
 from lightning_ckpt.lightning.checkpointing.from_modelcheckpoint import migration_note
 from lightning_ckpt.lightning.checkpointing.hparams_check import check_hparams_storable
+from lightning_ckpt.lightning.checkpointing.logger_uploads import LoggerUploads, settings
 from lightning_ckpt.lightning.checkpointing.metric_origin import MetricOrigin
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import checked_dirpath
@@ -195,6 +196,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
                                           storage_options=self._storage_options)
         self._manager.run_id = decided_on_rank_zero(agree, self._claim_directory)
         self._pipeline = self._new_pipeline(agree)
+        self._uploads = LoggerUploads(trainer, self._pipeline,
+                                      settings(self._schedule, self._retention, self.async_save))
         self._inherited_run_id, self._origin = None, MetricOrigin()
         self._manager.refresh()
         if self.exact_resume:
@@ -264,6 +267,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
             self._save(trainer, TRAIN_END)
         self.settle_saves(trainer)  # the end of training waits for the save in flight
         self._pipeline.finish_mirror()  # the end of fit waits for pending uploads, up to Mirror(timeout=)
+        self._uploads.at_fit_end(self)  # log_model=True loggers upload the kept checkpoints
         if self._val_limit is not None:  # set aside by _stop_now; a later trainer.validate() needs it
             trainer.limit_val_batches, self._val_limit = self._val_limit, None
 
@@ -375,16 +379,14 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
             self._last_saved_step, self._last_save_time = step, self.clock()
 
     def _after_save(self, trainer: L.Trainer, outcome: SaveOutcome | None) -> bool:
-        """Loggers hear of a committed save: its figures, then ``after_save_checkpoint``. A failed one
-        (every rank warned) committed nothing and deleted nothing."""
+        """Loggers hear of a committed save: its figures, then ``after_save_checkpoint`` or our upload
+        (logger_uploads.py). A failed one (every rank warned) committed nothing and deleted nothing."""
         if outcome is not None and not outcome.committed and outcome.step == self._last_saved_step:
             self._last_saved_step = None  # an async save counted when it started; it failed, so that step is unsaved
-        if outcome is None or not outcome.committed:
-            return False
-        log_save_figures(trainer, self._manager.entry(outcome.name))
-        for logger in trainer.loggers:
-            logger.after_save_checkpoint(self)
-        return True
+        if outcome is not None and outcome.committed:
+            log_save_figures(trainer, self._manager.entry(outcome.name))
+        self._uploads.after_save(trainer, self, outcome)
+        return outcome is not None and outcome.committed
 
     def _new_pipeline(self, agree: StrategyAgree) -> SavePipeline:
         tiering = Tiering(self.mirror, self._manager.store) if self.mirror and agree.is_rank_zero else None
