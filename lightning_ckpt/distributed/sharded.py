@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from torch.futures import Future
@@ -43,9 +44,11 @@ from lightning_ckpt.distributed.shard_reader import ListedShardReader
 from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, read_manifest, read_verified, verify
 from lightning_ckpt.store.base import Store
-from lightning_ckpt.store.fsutil import hash_file
+from lightning_ckpt.store.fsutil import file_chunks, hash_file
+from lightning_ckpt.store.remote import FsspecStore
 
 _NO_PROCESS_GROUP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+SCRATCH_PREFIX = "lightning-ckpt-shards-"  # a rank's scratch directory in TMPDIR, for a sharded save to a URL
 
 
 def is_sharded(manifest: Manifest) -> bool:
@@ -65,14 +68,18 @@ def collect_dtensors(state: Any, path: tuple = ()) -> dict[str, torch.Tensor]:
 
 
 def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Agree, allow_pickle: bool = False,
-                 run_id: str | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
+                 run_id: str | None = None, meta: Mapping[str, Any] | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Save a state holding DTensors from every rank at once; collective (every rank must call it).
 
     Args:
         state: this rank's view of the state: DTensors (its chunks) and, identical on every rank, the
             rest; rank 0's rest is what is stored.
-        path: the checkpoint directory, on a filesystem every rank sees (a shared one across nodes).
+        path: the checkpoint directory, on a filesystem every rank sees (a shared one across nodes), or an
+            fsspec URL (``s3://...``): each rank writes its shard file to a scratch directory of its own
+            machine (``TMPDIR``), then uploads it, checksummed while uploading; rank 0 uploads the manifest last.
         agree: the ranks' collectives.
+        storage_options: for a URL, the fsspec filesystem's options.
 
     Returns:
         The committed manifest, on every rank.
@@ -88,10 +95,10 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
         files.update(encode_state(state, allow_pickle=allow_pickle, sharded=sharded))
 
     all_ranks(agree, encode)  # a value no checkpoint can hold fails every rank alike, before anything is written
-    store, name = _locate_local(path)
+    store, name = _locate_writable(path, storage_options)
     staged = decided_on_rank_zero(agree, lambda: store.stage(name, folders=[SHARDS_DIR]))
     try:
-        written = _write_shards(sharded, staged, agree, store.location(name))
+        written = _write_shards(sharded, store, staged, agree, store.location(name))
         unsealed = Manifest(files={}, versions=library_versions(), **manifest_fields(state, run_id, meta))
 
         def commit() -> Manifest:
@@ -106,23 +113,33 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
         raise
 
 
-def _write_shards(sharded: dict[str, torch.Tensor], staged: str, agree: Agree, where: str) -> dict[str, FileEntry]:
-    """DCP writes every rank's chunks (fsynced); each rank checksums its files; all learn all entries."""
-    writer = _ShardWriter(os.path.join(staged, SHARDS_DIR))
-    with _dcp_errors(f"{where}: save failed, nothing was committed; older checkpoints are untouched"):
-        dcp.save(sharded, storage_writer=writer, no_dist=isinstance(agree, SingleProcess))
+def _write_shards(sharded: dict[str, torch.Tensor], store: LocalStore | FsspecStore, staged: str, agree: Agree,
+                  where: str) -> dict[str, FileEntry]:
+    """DCP writes every rank's chunks (fsynced): into the staged directory, or, for a URL, into a scratch
+    directory of this rank's machine that it then uploads from; each rank checksums its files (an upload
+    checksums while it goes); all learn all entries."""
+    local = isinstance(store, LocalStore)
+    with contextlib.ExitStack() as scratch:
+        folder = staged if local else scratch.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
+        writer = _ShardWriter(os.path.join(folder, SHARDS_DIR))
+        with _dcp_errors(f"{where}: save failed, nothing was committed; older checkpoints are untouched"):
+            dcp.save(sharded, storage_writer=writer, no_dist=isinstance(agree, SingleProcess))
 
-    def checksum_mine() -> dict[str, FileEntry]:
-        try:
-            return {f"{SHARDS_DIR}/{file}": hash_file(Path(staged, SHARDS_DIR, file)) for file in writer.files}
-        except OSError as err:  # the storage failed reading back what it wrote: a storage failure, on every rank
-            raise StorageError(err.errno, f"{where}: save failed, nothing was committed: this rank's shard could "
-                               f"not be read back ({err}); older checkpoints are untouched") from err
+        def entries_of_mine() -> dict[str, FileEntry]:
+            try:
+                return {f"{SHARDS_DIR}/{file}": hash_file(Path(folder, SHARDS_DIR, file)) if local else
+                        store.put_staged(staged, f"{SHARDS_DIR}/{file}", file_chunks(Path(folder, SHARDS_DIR, file)))
+                        for file in writer.files}
+            except StorageError:  # an upload refused: says so already
+                raise
+            except OSError as err:  # the storage failed reading back what it wrote: a storage failure, on every rank
+                raise StorageError(err.errno, f"{where}: save failed, nothing was committed: this rank's shard could "
+                                   f"not be read back ({err}); older checkpoints are untouched") from err
 
-    written: dict[str, FileEntry] = {}
-    for entries in all_ranks(agree, checksum_mine):
-        written.update(entries)
-    return written
+        written: dict[str, FileEntry] = {}
+        for entries in all_ranks(agree, entries_of_mine):
+            written.update(entries)
+        return written
 
 
 class _ShardWriter(HuggingFaceStorageWriter):
@@ -148,7 +165,7 @@ def _written_file(result: Any) -> str:
 
 
 def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agree, allow_pickle: bool = False,
-                 map_location: Any = None) -> dict[str, Any]:
+                 map_location: Any = None, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load a sharded checkpoint into a live sharded state, on every rank; collective.
 
     Args:
@@ -164,15 +181,22 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
         CheckpointError: the checkpoint does not verify (rank 0 checks every file; all ranks raise),
             or its sharded tensors do not match ``into``'s.
     """
-    store, name = _locate_local(path)
-    decided_on_rank_zero(agree, lambda: verify(store, name))  # every file, shards included, streamed
+    store, name = locate(path, storage_options)
+    if isinstance(store, LocalStore):
+        decided_on_rank_zero(agree, lambda: verify(store, name))  # every file, shards included, streamed
     manifest, files = read_verified(store, name, only=lambda file: not _in_shards(file))
     targets = collect_dtensors(into)
-    reader = _shard_reader(store, name, manifest)
-    saved = set(reader.read_metadata().state_dict_metadata)
-    _check_keys(targets, saved, set(into), store.location(name))
-    with _dcp_errors(f"{store.location(name)}: could not read its shards"):
-        dcp.load(targets, storage_reader=reader, no_dist=isinstance(agree, SingleProcess))
+    with contextlib.ExitStack() as scratch:
+        # From a URL every rank downloads the shard files into a scratch directory, each verified as it comes.
+        folder = None if isinstance(store, LocalStore) else scratch.enter_context(
+            tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
+        if folder is not None:
+            all_ranks(agree, lambda: download_shards(store, name, manifest, folder))
+        reader = _shard_reader(store, name, manifest, folder)
+        saved = set(reader.read_metadata().state_dict_metadata)
+        _check_keys(targets, saved, set(into), store.location(name))
+        with _dcp_errors(f"{store.location(name)}: could not read its shards"):
+            dcp.load(targets, storage_reader=reader, no_dist=isinstance(agree, SingleProcess))
     # What ``into`` does not ask for at all (optimizer state for a test run) comes back as None.
     return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name), sharded={**dict.fromkeys(saved), **targets})
@@ -183,19 +207,23 @@ def load_consolidated(store: Store, name: str, *, allow_pickle: bool = False, ma
     """A sharded checkpoint as one state of full tensors (global shapes), in one process, no process group.
 
     Every file is verified first (streamed); each full tensor is then assembled from the ranks'
-    chunks by DCP, which reads the shard files through memory maps: the memory used is the result's.
+    chunks by DCP, which reads the shard files through memory maps: the memory used is the result's. From a
+    URL, the shard files are first downloaded into a scratch directory (``TMPDIR``), each verified.
     """
-    if not isinstance(store, LocalStore):
-        raise CheckpointError(f"{store.location(name)}: a sharded checkpoint is read from a local or shared "
-                              "filesystem; download it first (lightning_ckpt.Mirror does, for a resume)")
-    verify(store, name)
+    if isinstance(store, LocalStore):
+        verify(store, name)
     manifest, files = read_verified(store, name, only=lambda file: not _in_shards(file))
-    reader = _shard_reader(store, name, manifest)
-    full = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
-            for key, meta in reader.read_metadata().state_dict_metadata.items()}
-    with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards"):
-        warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)  # one process is what is meant
-        dcp.load(full, storage_reader=reader, no_dist=True)
+    with contextlib.ExitStack() as scratch:
+        folder = None if isinstance(store, LocalStore) else scratch.enter_context(
+            tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
+        if folder is not None:  # a URL: the shard files are downloaded into a scratch directory, each verified
+            download_shards(store, name, manifest, folder)
+        reader = _shard_reader(store, name, manifest, folder)
+        full = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+                for key, meta in reader.read_metadata().state_dict_metadata.items()}
+        with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards"):
+            warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)  # one process is what is meant
+            dcp.load(full, storage_reader=reader, no_dist=True)
     return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name), sharded=full)
 
@@ -215,11 +243,27 @@ def _dcp_errors(what: str) -> Iterator[None]:
         raise CheckpointError(f"{what} ({text})") from first
 
 
-def _shard_reader(store: LocalStore, name: str, manifest: Manifest) -> ListedShardReader:
-    """DCP's reader over the shard files the manifest lists (and ``verify`` checked), never any other
-    file that lies in ``shards/``: the manifest is the only list of a checkpoint's files."""
+def _shard_reader(store: Store, name: str, manifest: Manifest, downloaded: str | None = None) -> ListedShardReader:
+    """DCP's reader over the shard files the manifest lists (and ``verify`` checked, or a verified download put
+    in ``downloaded``), never any other file that lies in ``shards/``: the manifest is the only list of a
+    checkpoint's files."""
     listed = [file[len(SHARDS_DIR) + 1:] for file in manifest.files if _in_shards(file)]
-    return ListedShardReader(_shards_dir(store, name), listed)
+    folder = os.path.join(downloaded, SHARDS_DIR) if downloaded else _shards_dir(store, name)
+    return ListedShardReader(folder, listed)
+
+
+def download_shards(store: Store, name: str, manifest: Manifest, folder: str) -> None:
+    """Copy the shard files the manifest lists into ``folder/shards/``, each checked against the manifest
+    (size before it is read, checksum after) before it is written there.
+
+    Raises:
+        CheckpointError: a subclass naming the first shard file that is missing, short or changed.
+    """
+    os.makedirs(os.path.join(folder, SHARDS_DIR), exist_ok=True)
+    for file in (f for f in manifest.files if _in_shards(f)):
+        _, data = read_verified(store, name, only=file.__eq__)  # one file in memory at a time
+        with open(os.path.join(folder, file), "wb") as f:
+            f.write(data[file])
 
 
 def _check_keys(targets: Mapping[str, torch.Tensor], saved: set[str], asked: set[str], where: str) -> None:
@@ -240,19 +284,19 @@ def _shards_dir(store: LocalStore, name: str) -> str:
     return os.path.join(store.location(name), SHARDS_DIR)
 
 
-def _locate_local(path: str | os.PathLike) -> tuple[LocalStore, str]:
-    store, name = locate(path)
-    if not isinstance(store, LocalStore):
+def _locate_writable(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
+                     ) -> tuple[LocalStore | FsspecStore, str]:
+    store, name = locate(path, storage_options)
+    if not isinstance(store, (LocalStore, FsspecStore)):
         raise CheckpointError(f"{os.fspath(path)}: sharded checkpoints are written to a filesystem every rank "
-                              "sees (local, or shared across nodes); use a local dirpath with Mirror(url) for a copy "
-                              "on object storage")
+                              "sees or to object storage (s3://, gs://, ...); this URL is read-only")
     return store, name
 
 
-def checkpoint_is_sharded(path: str | os.PathLike) -> bool:
+def checkpoint_is_sharded(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``path`` is a committed checkpoint of ours saved sharded (False for anything else)."""
     try:
-        store, name = locate(path)
+        store, name = locate(path, storage_options)
         return is_sharded(read_manifest(store, name))
     except (CheckpointError, OSError, ValueError):
         return False

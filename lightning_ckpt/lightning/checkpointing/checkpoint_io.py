@@ -66,11 +66,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
         its ``storage_options`` so), in place of ``remote_options``; never logged or written."""
         self._prefix_options[url.rstrip("/")] = dict(options or {})
 
-    def _options(self, path: str | os.PathLike) -> Mapping[str, Any] | None:
+    def options_for(self, path: str | os.PathLike) -> Mapping[str, Any] | None:
+        """The storage options this plugin writes and reads ``path`` with (None for a local path): those of the
+        registered URL it lies under; else ``remote_options``; else those of a registered URL in the same bucket
+        (``ckpt_path`` of another run's checkpoint beside the Checkpointer's ``dirpath``)."""
         if not remote_scheme(path):
             return None
         text = os.fspath(path)
         under = [url for url in self._prefix_options if text == url or text.startswith(url + "/")]
+        if not under and self._remote_options is None:
+            under = [url for url in self._prefix_options if _bucket(url) == _bucket(text)]
         if not under:
             return self._remote_options
         return self._prefix_options[max(under, key=len)] or None
@@ -105,7 +110,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if is_single_file_name(os.fspath(path)):
             save_weights_file(state, path)
             return
-        engine.save_checkpoint(state, path, allow_pickle=self.allow_pickle, storage_options=self._options(path),
+        engine.save_checkpoint(state, path, allow_pickle=self.allow_pickle, storage_options=self.options_for(path),
                                **options)
 
     def wait(self) -> None:
@@ -149,13 +154,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self.wait()  # it may be the checkpoint in flight
         if engine.single_file_path(path) is not None:
             return load_weights_file(path, map_location)
-        store, name = locate(path, self._options(path))
+        store, name = locate(path, self.options_for(path))
         found = Path(store.location(name))
         if found.is_file():
             return engine.load_torch_file(found, map_location=map_location, allow_pickle=self.allow_pickle)
         try:
             return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle,
-                                          storage_options=self._options(path))
+                                          storage_options=self.options_for(path))
         except NotACheckpointError as err:
             if found.exists():
                 raise
@@ -179,5 +184,11 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if single is not None:
             single.unlink(missing_ok=True)
             return
-        store, name = locate(path, self._options(path))
+        store, name = locate(path, self.options_for(path))
         store.delete(name)
+
+
+def _bucket(url: str) -> str:
+    """``scheme://bucket`` of a URL (its filesystem and the first part of its path)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
