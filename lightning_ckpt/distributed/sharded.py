@@ -23,32 +23,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from torch.futures import Future
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
 
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
+from lightning_ckpt.format.blob import safetensors_blob
 from lightning_ckpt.format.manifest import SHARDS_DIR, FileEntry
 from lightning_ckpt.format.state import is_dtensor, sharded_key
 from lightning_ckpt.distributed.shard_reader import ListedShardReader
 from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, read_manifest, read_verified, verify
 from lightning_ckpt.store.base import Store
-from lightning_ckpt.store.fsutil import file_chunks, hash_file
 from lightning_ckpt.store.remote import FsspecStore
 
 _NO_PROCESS_GROUP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
-SCRATCH_PREFIX = "lightning-ckpt-shards-"  # a rank's scratch directory in TMPDIR, for a sharded save to a URL
+SCRATCH_PREFIX = "lightning-ckpt-shards-"  # a rank's scratch directory in TMPDIR, for a sharded load from a URL
+# What DCP's safetensors reader reads in a shard file's header (torch.distributed.checkpoint._hf_utils, torch 2.13:
+# the file format, public in effect; tests/distributed/test_sharded_internals.py checks the reader still reads it).
+_SHARDING_INFO, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "saved_offsets"
+_DCP_HEADER = {"DCP_VERSION": "1.0", "format": "pt"}
 
 
 def is_sharded(manifest: Manifest) -> bool:
@@ -76,8 +82,8 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
         state: this rank's view of the state: DTensors (its chunks) and, identical on every rank, the
             rest; rank 0's rest is what is stored.
         path: the checkpoint directory, on a filesystem every rank sees (a shared one across nodes), or an
-            fsspec URL (``s3://...``): each rank writes its shard file to a scratch directory of its own
-            machine (``TMPDIR``), then uploads it, checksummed while uploading; rank 0 uploads the manifest last.
+            fsspec URL (``s3://...``): each rank uploads its shard file, checksummed while uploading; rank 0
+            uploads the manifest last.
         agree: the ranks' collectives.
         storage_options: for a URL, the fsspec filesystem's options.
 
@@ -115,53 +121,56 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
 
 def _write_shards(sharded: dict[str, torch.Tensor], store: LocalStore | FsspecStore, staged: str, agree: Agree,
                   where: str) -> dict[str, FileEntry]:
-    """DCP writes every rank's chunks (fsynced): into the staged directory, or, for a URL, into a scratch
-    directory of this rank's machine that it then uploads from; each rank checksums its files (an upload
-    checksums while it goes); all learn all entries."""
-    local = isinstance(store, LocalStore)
-    with contextlib.ExitStack() as scratch:
-        folder = staged if local else scratch.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
-        writer = _ShardWriter(os.path.join(folder, SHARDS_DIR))
-        with _dcp_errors(f"{where}: save failed, nothing was committed; older checkpoints are untouched"):
-            dcp.save(sharded, storage_writer=writer, no_dist=isinstance(agree, SingleProcess))
+    """DCP plans which chunks each rank writes; each rank streams its file into the staged checkpoint (a
+    local or shared directory, fsynced; or a URL's prefix, uploaded), checksummed as it goes; all learn
+    all entries."""
+    writer = _ShardWriter(store, staged)
+    with _dcp_errors(f"{where}: save failed, nothing was committed; older checkpoints are untouched"):
+        dcp.save(sharded, storage_writer=writer, no_dist=isinstance(agree, SingleProcess))
+    written: dict[str, FileEntry] = {}
+    for entries in all_ranks(agree, lambda: written_entries(writer)):
+        written.update(entries)
+    return written
 
-        def entries_of_mine() -> dict[str, FileEntry]:
-            try:
-                return {f"{SHARDS_DIR}/{file}": hash_file(Path(folder, SHARDS_DIR, file)) if local else
-                        store.put_staged(staged, f"{SHARDS_DIR}/{file}", file_chunks(Path(folder, SHARDS_DIR, file)))
-                        for file in writer.files}
-            except StorageError:  # an upload refused: says so already
-                raise
-            except OSError as err:  # the storage failed reading back what it wrote: a storage failure, on every rank
-                raise StorageError(err.errno, f"{where}: save failed, nothing was committed: this rank's shard could "
-                                   f"not be read back ({err}); older checkpoints are untouched") from err
 
-        written: dict[str, FileEntry] = {}
-        for entries in all_ranks(agree, entries_of_mine):
-            written.update(entries)
-        return written
+def written_entries(writer: _ShardWriter) -> dict[str, FileEntry]:
+    """What this rank wrote, for rank 0's manifest (a seam: the tests stop a rank between its write and this)."""
+    return dict(writer.entries)
 
 
 class _ShardWriter(HuggingFaceStorageWriter):
-    """DCP's safetensors writer, every rank writing its own file; remembers which files this rank wrote."""
+    """DCP's safetensors writer (its planning: which rank writes which chunk), writing each rank's file itself.
 
-    def __init__(self, path: str) -> None:
-        super().__init__(path, save_distributed=True)
-        self.files: list[str] = []
+    DCP's own ``write_data`` builds the whole file in memory (``safetensors.torch.save``), and it had to be read
+    back for its checksum. Here each rank's chunks go out as one safetensors file straight from the tensors'
+    memory, through the store: hashed while written, fsynced, or uploaded to a URL. The header carries what
+    DCP's reader reads: each chunk's offset in the full tensor.
+    """
+
+    def __init__(self, store: LocalStore | FsspecStore, staged: str) -> None:
+        super().__init__(os.path.join(staged, SHARDS_DIR), save_distributed=True)
+        self.store, self.staged = store, staged
+        self.entries: dict[str, FileEntry] = {}
 
     def write_data(self, plan: Any, planner: Any) -> Future:
-        future = super().write_data(plan, planner)  # the files are written (and fsynced) when it returns
-        self.files = sorted({_written_file(result) for result in future.wait()})
-        return future
-
-
-def _written_file(result: Any) -> str:
-    """The file a DCP ``WriteResult`` went to, relative to the writer's folder.
-
-    Internal: ``WriteResult.storage_data`` is a ``filesystem._StorageInfo`` whose ``relative_path``
-    names the file (checked with torch 2.13); tests/distributed/test_sharded_internals.py guards it.
-    """
-    return os.path.basename(result.storage_data.relative_path)
+        tensors: dict[str, torch.Tensor] = {}
+        offsets: dict[str, dict[str, list[int]]] = {}
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                raise CheckpointError(f"{item.index.fqn}: a sharded save writes tensors only")
+            tensors[item.index.fqn] = planner.resolve_data(item).detach().to("cpu").contiguous()
+            offsets[item.index.fqn] = {_SAVED_OFFSETS: list(item.tensor_data.chunk.offsets)}
+        results = []
+        if tensors:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            file = f"{SHARDS_DIR}/rank-{rank:05d}.safetensors"
+            blob = safetensors_blob(tensors, {_SHARDING_INFO: json.dumps(offsets), **_DCP_HEADER})
+            self.entries[file] = self.store.put_staged(self.staged, file, blob.chunks)
+            results = [WriteResult(index=item.index, size_in_bytes=tensors[item.index.fqn].nbytes, storage_data=file)
+                       for item in plan.items]
+        done: Future = Future()
+        done.set_result(results)
+        return done
 
 
 def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agree, allow_pickle: bool = False,
@@ -239,7 +248,8 @@ def _dcp_errors(what: str) -> Iterator[None]:
         text = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, exc in sorted(causes.items()))
         first = next(iter(causes.values()), None)
         if causes and all(isinstance(exc, OSError) for exc in causes.values()):
-            raise StorageError(getattr(first, "errno", None), f"{what} ({text})") from first
+            code = getattr(first, "errno", None)
+            raise (StorageError(code, f"{what} ({text})") if code else StorageError(f"{what} ({text})")) from first
         raise CheckpointError(f"{what} ({text})") from first
 
 

@@ -128,21 +128,6 @@ def _check_regular(mode: int, path: str | os.PathLike) -> None:
                                      "checkpoint is damaged: resume from an older one, or replace the file")
 
 
-def file_chunks(path: str | os.PathLike) -> Iterator[bytes]:
-    """A file's bytes in chunks (for files another library wrote, uploaded as they are read).
-
-    Raises:
-        FileNotFoundError: it does not exist.
-        CorruptCheckpointError: it is not a regular file.
-    """
-    f = open_regular(path)
-    if f is None:
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path))
-    with f:
-        while chunk := f.read(WRITE_SLICE):
-            yield chunk
-
-
 def hash_file(path: str | os.PathLike) -> FileEntry:
     """A file's size and checksum, read back in chunks (for files another library wrote).
 

@@ -3,8 +3,8 @@ with a Checkpointer: one rank of a job (``launch.run_job``), one fit per scenari
 
 ``crash_at=STEP``: every rank exits (os._exit) right after the step's save, as a crashed job would: the
 job ends there, so such a scenario goes last. ``kill_rank_in_save=STEP``: rank 1 dies in the middle of
-the save at STEP: after DCP wrote its shard file, before its checksum reaches rank 0 (the seam is the
-module's ``hash_file``); it goes last too. ``fail_shard_write=STEP``: rank 1's shard write at STEP fails
+the save at STEP: after it wrote its shard file, before its checksum reaches rank 0 (the seam is the
+module's ``written_entries``); it goes last too. ``fail_shard_write=STEP``: rank 1's shard write at STEP fails
 with ENOSPC (inside DCP's collective save), in that scenario only. ``dump_start=FILE``: the full
 (gathered) model and optimizer state once training starts, i.e. what a resume restored, to FILE
 (safetensors; rank 0 writes it). ``out=FILE``: the full model state at the end of training (ditto).
@@ -86,12 +86,12 @@ def seams(kill_rank_in_save: int | None, fail_shard_write: int | None, fail_uplo
     """Rank 1 dies in the save at ``kill_rank_in_save``, once its shard file is written; its shard write for
     the save at ``fail_shard_write`` runs out of disk space (inside DCP's write); its shard upload for the save
     at ``fail_upload`` loses the connection. Rank 0 meets none of them."""
-    hash_file, write_data, put = sharded.hash_file, sharded._ShardWriter.write_data, FsspecStore._put
+    written_entries, write_data, put = sharded.written_entries, sharded._ShardWriter.write_data, FsspecStore._put
 
-    def hash_file_(path):
-        if f"step={kill_rank_in_save:09d}" in str(path):
+    def written_entries_(writer):
+        if f"step={kill_rank_in_save:09d}" in writer.staged:
             os._exit(9)
-        return hash_file(path)
+        return written_entries(writer)
 
     def write_data_(self, plan, planner):
         if f"step={fail_shard_write:09d}" in str(self.path):
@@ -106,13 +106,13 @@ def seams(kill_rank_in_save: int | None, fail_shard_write: int | None, fail_uplo
     if fail_upload is not None and rank() == 1:
         FsspecStore._put = put_
     if kill_rank_in_save is not None and rank() == 1:
-        sharded.hash_file = hash_file_
+        sharded.written_entries = written_entries_
     if fail_shard_write is not None and rank() == 1:
         sharded._ShardWriter.write_data = write_data_
     try:
         yield
     finally:
-        sharded.hash_file, sharded._ShardWriter.write_data, FsspecStore._put = hash_file, write_data, put
+        sharded.written_entries, sharded._ShardWriter.write_data, FsspecStore._put = written_entries, write_data, put
 
 
 def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: int | None = None,
