@@ -41,11 +41,14 @@ from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.format.blob import safetensors_blob
-from lightning_ckpt.format.manifest import SHARDS_DIR, FileEntry
+from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR, FileEntry
+from lightning_ckpt.format.single_file import is_single_file_name
 from lightning_ckpt.format.state import is_dtensor, sharded_key
 from lightning_ckpt.distributed.shard_reader import ListedShardReader
 from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
-from lightning_ckpt.store import LocalStore, locate, read_manifest, read_verified, verify
+from lightning_ckpt.store import LocalStore, locate, open_store, read_manifest, verify
+from lightning_ckpt.store.fsutil import local_path, remote_scheme
+from lightning_ckpt.store.reading import read_listed
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.remote import FsspecStore
 
@@ -101,9 +104,18 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
         files.update(encode_state(state, allow_pickle=allow_pickle, sharded=sharded))
 
     all_ranks(agree, encode)  # a value no checkpoint can hold fails every rank alike, before anything is written
-    store, name = _locate_writable(path, storage_options)
-    staged = decided_on_rank_zero(agree, lambda: store.stage(name, folders=[SHARDS_DIR]))
+
+    def stage() -> tuple[str, str]:
+        store, name = _locate_writable(path, storage_options)
+        return name, store.stage(name, folders=[SHARDS_DIR])
+
+    # Rank 0 alone looks the path up (I/O that could fail on one rank only); every rank then opens the store
+    # (no I/O), any failure there being every rank's.
+    name, staged = decided_on_rank_zero(agree, stage)
+    opened: dict[str, Any] = {}
     try:
+        all_ranks(agree, lambda: opened.update(store=_parent_store(path, storage_options)))
+        store = opened["store"]
         written = _write_shards(sharded, store, staged, agree, store.location(name))
         unsealed = Manifest(files={}, versions=library_versions(), **manifest_fields(state, run_id, meta))
 
@@ -114,8 +126,8 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
 
         return decided_on_rank_zero(agree, commit)
     except BaseException:
-        if agree.is_rank_zero:
-            store.discard_staged(staged)
+        if agree.is_rank_zero and "store" in opened:
+            opened["store"].discard_staged(staged)
         raise
 
 
@@ -152,13 +164,20 @@ class _ShardWriter(HuggingFaceStorageWriter):
         self.store, self.staged = store, staged
         self.entries: dict[str, FileEntry] = {}
 
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return plan  # DCP's would create ``self.path`` as a local directory: the stage made it, a URL needs none
+
     def write_data(self, plan: Any, planner: Any) -> Future:
         tensors: dict[str, torch.Tensor] = {}
         offsets: dict[str, dict[str, list[int]]] = {}
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 raise CheckpointError(f"{item.index.fqn}: a sharded save writes tensors only")
-            tensors[item.index.fqn] = planner.resolve_data(item).detach().to("cpu").contiguous()
+            if item.index.fqn in tensors:  # DCP's own writer has the same limit; ours says so
+                raise CheckpointError(f"{item.index.fqn}: two chunks of one tensor on one rank; a sharded save "
+                                      "writes one chunk of each tensor per rank")
+            tensor = planner.resolve_data(item).detach().to("cpu").resolve_conj().resolve_neg()
+            tensors[item.index.fqn] = tensor.contiguous()
             offsets[item.index.fqn] = {_SAVED_OFFSETS: list(item.tensor_data.chunk.offsets)}
         results = []
         if tensors:
@@ -190,17 +209,23 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
         CheckpointError: the checkpoint does not verify (rank 0 checks every file; all ranks raise),
             or its sharded tensors do not match ``into``'s.
     """
-    store, name = locate(path, storage_options)
-    if isinstance(store, LocalStore):
-        decided_on_rank_zero(agree, lambda: verify(store, name))  # every file, shards included, streamed
-    manifest, files = read_verified(store, name, only=lambda file: not _in_shards(file))
+    def look_up() -> tuple[str, Manifest]:  # rank 0 (a local checkpoint: every file, shards included, streamed)
+        store, name = locate(path, storage_options)
+        return name, verify(store, name) if isinstance(store, LocalStore) else read_manifest(store, name)
+
+    name, manifest = decided_on_rank_zero(agree, look_up)
     targets = collect_dtensors(into)
+    got: dict[str, Any] = {}
     with contextlib.ExitStack() as scratch:
-        # From a URL every rank downloads the shard files into a scratch directory, each verified as it comes.
-        folder = None if isinstance(store, LocalStore) else scratch.enter_context(
-            tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
-        if folder is not None:
-            all_ranks(agree, lambda: download_shards(store, name, manifest, folder))
+        def fetch() -> None:  # every rank reads the files rank 0's manifest lists, each checked against it
+            got["store"] = store = _parent_store(path, storage_options)
+            got["files"] = read_listed(store, name, manifest, only=lambda file: not _in_shards(file))
+            if not isinstance(store, LocalStore):  # from a URL: the shard files into a scratch directory
+                got["folder"] = scratch.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
+                download_shards(store, name, manifest, got["folder"])
+
+        all_ranks(agree, fetch)
+        store, files, folder = got["store"], got["files"], got.get("folder")
         reader = _shard_reader(store, name, manifest, folder)
         saved = set(reader.read_metadata().state_dict_metadata)
         _check_keys(targets, saved, set(into), store.location(name))
@@ -219,9 +244,8 @@ def load_consolidated(store: Store, name: str, *, allow_pickle: bool = False, ma
     chunks by DCP, which reads the shard files through memory maps: the memory used is the result's. From a
     URL, the shard files are first downloaded into a scratch directory (``TMPDIR``), each verified.
     """
-    if isinstance(store, LocalStore):
-        verify(store, name)
-    manifest, files = read_verified(store, name, only=lambda file: not _in_shards(file))
+    manifest = verify(store, name) if isinstance(store, LocalStore) else read_manifest(store, name)
+    files = read_listed(store, name, manifest, only=lambda file: not _in_shards(file))
     with contextlib.ExitStack() as scratch:
         folder = None if isinstance(store, LocalStore) else scratch.enter_context(
             tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
@@ -271,9 +295,9 @@ def download_shards(store: Store, name: str, manifest: Manifest, folder: str) ->
     """
     os.makedirs(os.path.join(folder, SHARDS_DIR), exist_ok=True)
     for file in (f for f in manifest.files if _in_shards(f)):
-        _, data = read_verified(store, name, only=file.__eq__)  # one file in memory at a time
+        data = read_listed(store, name, manifest, only=file.__eq__)[file]  # one file in memory at a time
         with open(os.path.join(folder, file), "wb") as f:
-            f.write(data[file])
+            f.write(data)
 
 
 def _check_keys(targets: Mapping[str, torch.Tensor], saved: set[str], asked: set[str], where: str) -> None:
@@ -296,11 +320,26 @@ def _shards_dir(store: LocalStore, name: str) -> str:
 
 def _locate_writable(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
                      ) -> tuple[LocalStore | FsspecStore, str]:
+    text = os.fspath(path).rstrip("/")
+    if text.rpartition("/")[2] == MANIFEST_FILE or is_single_file_name(text):
+        raise ValueError(f"{text}: a sharded checkpoint is a directory; name it without "
+                         f"{'/' + MANIFEST_FILE if text.endswith(MANIFEST_FILE) else '.safetensors'} (a "
+                         "single-file .safetensors of the weights needs the full state: save it after "
+                         "lightning_ckpt.load_checkpoint of this directory)")
     store, name = locate(path, storage_options)
     if not isinstance(store, (LocalStore, FsspecStore)):
         raise CheckpointError(f"{os.fspath(path)}: sharded checkpoints are written to a filesystem every rank "
                               "sees or to object storage (s3://, gs://, ...); this URL is read-only")
     return store, name
+
+
+def _parent_store(path: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> Store:
+    """The store holding the checkpoint ``path`` names (its parent), opened without any I/O."""
+    text = os.fspath(path).rstrip("/")
+    text = text.removesuffix("/" + MANIFEST_FILE)
+    if remote_scheme(text) is not None:
+        return open_store(text.rpartition("/")[0], storage_options)
+    return LocalStore(local_path(text, what="path").parent)
 
 
 def checkpoint_is_sharded(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:

@@ -303,6 +303,7 @@ def test_a_url_dirpath_gets_every_ranks_shard_uploaded_and_the_manifest_last(run
     state = load_checkpoint(checkpoint, storage_options=options)
     assert_same_tensors({f"model/{k}": v for k, v in state["state_dict"].items()}, load_file(straight[2]))
     assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(SCRATCH_PREFIX)]  # scratch removed
+    assert not (Path.cwd() / runs.s3.bucket).exists()  # nothing written locally under the URL's path
 
 
 def test_a_url_checkpoint_resumes_last_bit_exact_and_reshards_to_one_rank(runs, straight, first, one_rank, then):

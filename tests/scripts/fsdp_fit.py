@@ -35,7 +35,7 @@ from launch import error_text, rank, serve, world_size  # noqa: E402
 from tiny import TinyModel, tiny_loader  # noqa: E402
 
 import lightning_ckpt.distributed.sharded as sharded  # noqa: E402
-from lightning_ckpt import Checkpointer, CheckpointWarning, Mirror  # noqa: E402
+from lightning_ckpt import Checkpointer, CheckpointWarning, Mirror, SafetensorsCheckpointIO  # noqa: E402
 from lightning_ckpt.store.remote import FsspecStore  # noqa: E402
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -124,7 +124,9 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: in
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, on_save_error=on_save_error,
                         mirror=Mirror(mirror) if mirror else None, storage_options=storage_options)
     strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1)
-    trainer = L.Trainer(max_steps=max_steps, strategy=strategy, devices=ranks, accelerator="cpu",
+    # A ckpt_path at another URL than dirpath is read with the plugin's remote_options (the same bucket here).
+    plugins = [SafetensorsCheckpointIO(remote_options=storage_options)] if storage_options else None
+    trainer = L.Trainer(max_steps=max_steps, strategy=strategy, devices=ranks, accelerator="cpu", plugins=plugins,
                         callbacks=[ckpt, Probe(crash_at, dump_start, out)], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     model = ShardedTiny()

@@ -68,14 +68,11 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     def options_for(self, path: str | os.PathLike) -> Mapping[str, Any] | None:
         """The storage options this plugin writes and reads ``path`` with (None for a local path): those of the
-        registered URL it lies under; else ``remote_options``; else those of a registered URL in the same bucket
-        (``ckpt_path`` of another run's checkpoint beside the Checkpointer's ``dirpath``)."""
+        registered URL it lies under (a Checkpointer's ``dirpath``), else ``remote_options``."""
         if not remote_scheme(path):
             return None
         text = os.fspath(path)
         under = [url for url in self._prefix_options if text == url or text.startswith(url + "/")]
-        if not under and self._remote_options is None:
-            under = [url for url in self._prefix_options if _bucket(url) == _bucket(text)]
         if not under:
             return self._remote_options
         return self._prefix_options[max(under, key=len)] or None
@@ -187,8 +184,3 @@ class SafetensorsCheckpointIO(CheckpointIO):
         store, name = locate(path, self.options_for(path))
         store.delete(name)
 
-
-def _bucket(url: str) -> str:
-    """``scheme://bucket`` of a URL (its filesystem and the first part of its path)."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0]}"
