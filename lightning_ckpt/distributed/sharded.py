@@ -23,29 +23,41 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from torch.futures import Future
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
 
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
-from lightning_ckpt.format.manifest import SHARDS_DIR, FileEntry
+from lightning_ckpt.format.blob import safetensors_blob
+from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR, FileEntry
+from lightning_ckpt.format.single_file import is_single_file_name
 from lightning_ckpt.format.state import is_dtensor, sharded_key
 from lightning_ckpt.distributed.shard_reader import ListedShardReader
 from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
-from lightning_ckpt.store import LocalStore, locate, read_manifest, read_verified, verify
+from lightning_ckpt.store import LocalStore, locate, open_store, read_manifest, verify
+from lightning_ckpt.store.fsutil import local_path, remote_scheme
+from lightning_ckpt.store.reading import read_listed
 from lightning_ckpt.store.base import Store
-from lightning_ckpt.store.fsutil import hash_file
+from lightning_ckpt.store.remote import FsspecStore
 
 _NO_PROCESS_GROUP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+SCRATCH_PREFIX = "lightning-ckpt-shards-"  # a rank's scratch directory in TMPDIR, for a sharded load from a URL
+# What DCP's safetensors reader reads in a shard file's header (torch.distributed.checkpoint._hf_utils, torch 2.13:
+# the file format, public in effect; tests/distributed/test_sharded_internals.py checks the reader still reads it).
+_SHARDING_INFO, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "saved_offsets"
+_DCP_HEADER = {"DCP_VERSION": "1.0", "format": "pt"}
 
 
 def is_sharded(manifest: Manifest) -> bool:
@@ -65,14 +77,18 @@ def collect_dtensors(state: Any, path: tuple = ()) -> dict[str, torch.Tensor]:
 
 
 def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Agree, allow_pickle: bool = False,
-                 run_id: str | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
+                 run_id: str | None = None, meta: Mapping[str, Any] | None = None,
+                 storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Save a state holding DTensors from every rank at once; collective (every rank must call it).
 
     Args:
         state: this rank's view of the state: DTensors (its chunks) and, identical on every rank, the
             rest; rank 0's rest is what is stored.
-        path: the checkpoint directory, on a filesystem every rank sees (a shared one across nodes).
+        path: the checkpoint directory, on a filesystem every rank sees (a shared one across nodes), or an
+            fsspec URL (``s3://...``): each rank uploads its shard file, checksummed while uploading; rank 0
+            uploads the manifest last.
         agree: the ranks' collectives.
+        storage_options: for a URL, the fsspec filesystem's options.
 
     Returns:
         The committed manifest, on every rank.
@@ -88,10 +104,19 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
         files.update(encode_state(state, allow_pickle=allow_pickle, sharded=sharded))
 
     all_ranks(agree, encode)  # a value no checkpoint can hold fails every rank alike, before anything is written
-    store, name = _locate_local(path)
-    staged = decided_on_rank_zero(agree, lambda: store.stage(name, folders=[SHARDS_DIR]))
+
+    def stage() -> tuple[str, str]:
+        store, name = _locate_writable(path, storage_options)
+        return name, store.stage(name, folders=[SHARDS_DIR])
+
+    # Rank 0 alone looks the path up (I/O that could fail on one rank only); every rank then opens the store
+    # (no I/O), any failure there being every rank's.
+    name, staged = decided_on_rank_zero(agree, stage)
+    opened: dict[str, Any] = {}
     try:
-        written = _write_shards(sharded, staged, agree, store.location(name))
+        all_ranks(agree, lambda: opened.update(store=_parent_store(path, storage_options)))
+        store = opened["store"]
+        written = _write_shards(sharded, store, staged, agree, store.location(name))
         unsealed = Manifest(files={}, versions=library_versions(), **manifest_fields(state, run_id, meta))
 
         def commit() -> Manifest:
@@ -101,54 +126,74 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
 
         return decided_on_rank_zero(agree, commit)
     except BaseException:
-        if agree.is_rank_zero:
-            store.discard_staged(staged)
+        if agree.is_rank_zero and "store" in opened:
+            opened["store"].discard_staged(staged)
         raise
 
 
-def _write_shards(sharded: dict[str, torch.Tensor], staged: str, agree: Agree, where: str) -> dict[str, FileEntry]:
-    """DCP writes every rank's chunks (fsynced); each rank checksums its files; all learn all entries."""
-    writer = _ShardWriter(os.path.join(staged, SHARDS_DIR))
+def _write_shards(sharded: dict[str, torch.Tensor], store: LocalStore | FsspecStore, staged: str, agree: Agree,
+                  where: str) -> dict[str, FileEntry]:
+    """DCP plans which chunks each rank writes; each rank streams its file into the staged checkpoint (a
+    local or shared directory, fsynced; or a URL's prefix, uploaded), checksummed as it goes; all learn
+    all entries."""
+    writer = _ShardWriter(store, staged)
     with _dcp_errors(f"{where}: save failed, nothing was committed; older checkpoints are untouched"):
         dcp.save(sharded, storage_writer=writer, no_dist=isinstance(agree, SingleProcess))
-
-    def checksum_mine() -> dict[str, FileEntry]:
-        try:
-            return {f"{SHARDS_DIR}/{file}": hash_file(Path(staged, SHARDS_DIR, file)) for file in writer.files}
-        except OSError as err:  # the storage failed reading back what it wrote: a storage failure, on every rank
-            raise StorageError(err.errno, f"{where}: save failed, nothing was committed: this rank's shard could "
-                               f"not be read back ({err}); older checkpoints are untouched") from err
-
     written: dict[str, FileEntry] = {}
-    for entries in all_ranks(agree, checksum_mine):
+    for entries in all_ranks(agree, lambda: written_entries(writer)):
         written.update(entries)
     return written
 
 
-class _ShardWriter(HuggingFaceStorageWriter):
-    """DCP's safetensors writer, every rank writing its own file; remembers which files this rank wrote."""
+def written_entries(writer: _ShardWriter) -> dict[str, FileEntry]:
+    """What this rank wrote, for rank 0's manifest (a seam: the tests stop a rank between its write and this)."""
+    return dict(writer.entries)
 
-    def __init__(self, path: str) -> None:
-        super().__init__(path, save_distributed=True)
-        self.files: list[str] = []
+
+class _ShardWriter(HuggingFaceStorageWriter):
+    """DCP's safetensors writer (its planning: which rank writes which chunk), writing each rank's file itself.
+
+    DCP's own ``write_data`` builds the whole file in memory (``safetensors.torch.save``), and it had to be read
+    back for its checksum. Here each rank's chunks go out as one safetensors file straight from the tensors'
+    memory, through the store: hashed while written, fsynced, or uploaded to a URL. The header carries what
+    DCP's reader reads: each chunk's offset in the full tensor.
+    """
+
+    def __init__(self, store: LocalStore | FsspecStore, staged: str) -> None:
+        super().__init__(os.path.join(staged, SHARDS_DIR), save_distributed=True)
+        self.store, self.staged = store, staged
+        self.entries: dict[str, FileEntry] = {}
+
+    def prepare_local_plan(self, plan: Any) -> Any:
+        return plan  # DCP's would create ``self.path`` as a local directory: the stage made it, a URL needs none
 
     def write_data(self, plan: Any, planner: Any) -> Future:
-        future = super().write_data(plan, planner)  # the files are written (and fsynced) when it returns
-        self.files = sorted({_written_file(result) for result in future.wait()})
-        return future
-
-
-def _written_file(result: Any) -> str:
-    """The file a DCP ``WriteResult`` went to, relative to the writer's folder.
-
-    Internal: ``WriteResult.storage_data`` is a ``filesystem._StorageInfo`` whose ``relative_path``
-    names the file (checked with torch 2.13); tests/distributed/test_sharded_internals.py guards it.
-    """
-    return os.path.basename(result.storage_data.relative_path)
+        tensors: dict[str, torch.Tensor] = {}
+        offsets: dict[str, dict[str, list[int]]] = {}
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                raise CheckpointError(f"{item.index.fqn}: a sharded save writes tensors only")
+            if item.index.fqn in tensors:  # DCP's own writer has the same limit; ours says so
+                raise CheckpointError(f"{item.index.fqn}: two chunks of one tensor on one rank; a sharded save "
+                                      "writes one chunk of each tensor per rank")
+            tensor = planner.resolve_data(item).detach().to("cpu").resolve_conj().resolve_neg()
+            tensors[item.index.fqn] = tensor.contiguous()
+            offsets[item.index.fqn] = {_SAVED_OFFSETS: list(item.tensor_data.chunk.offsets)}
+        results = []
+        if tensors:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            file = f"{SHARDS_DIR}/rank-{rank:05d}.safetensors"
+            blob = safetensors_blob(tensors, {_SHARDING_INFO: json.dumps(offsets), **_DCP_HEADER})
+            self.entries[file] = self.store.put_staged(self.staged, file, blob.chunks)
+            results = [WriteResult(index=item.index, size_in_bytes=tensors[item.index.fqn].nbytes, storage_data=file)
+                       for item in plan.items]
+        done: Future = Future()
+        done.set_result(results)
+        return done
 
 
 def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agree, allow_pickle: bool = False,
-                 map_location: Any = None) -> dict[str, Any]:
+                 map_location: Any = None, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load a sharded checkpoint into a live sharded state, on every rank; collective.
 
     Args:
@@ -164,15 +209,28 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
         CheckpointError: the checkpoint does not verify (rank 0 checks every file; all ranks raise),
             or its sharded tensors do not match ``into``'s.
     """
-    store, name = _locate_local(path)
-    decided_on_rank_zero(agree, lambda: verify(store, name))  # every file, shards included, streamed
-    manifest, files = read_verified(store, name, only=lambda file: not _in_shards(file))
+    def look_up() -> tuple[str, Manifest]:  # rank 0 (a local checkpoint: every file, shards included, streamed)
+        store, name = locate(path, storage_options)
+        return name, verify(store, name) if isinstance(store, LocalStore) else read_manifest(store, name)
+
+    name, manifest = decided_on_rank_zero(agree, look_up)
     targets = collect_dtensors(into)
-    reader = _shard_reader(store, name, manifest)
-    saved = set(reader.read_metadata().state_dict_metadata)
-    _check_keys(targets, saved, set(into), store.location(name))
-    with _dcp_errors(f"{store.location(name)}: could not read its shards"):
-        dcp.load(targets, storage_reader=reader, no_dist=isinstance(agree, SingleProcess))
+    got: dict[str, Any] = {}
+    with contextlib.ExitStack() as scratch:
+        def fetch() -> None:  # every rank reads the files rank 0's manifest lists, each checked against it
+            got["store"] = store = _parent_store(path, storage_options)
+            got["files"] = read_listed(store, name, manifest, only=lambda file: not _in_shards(file))
+            if not isinstance(store, LocalStore):  # from a URL: the shard files into a scratch directory
+                got["folder"] = scratch.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
+                download_shards(store, name, manifest, got["folder"])
+
+        all_ranks(agree, fetch)
+        store, files, folder = got["store"], got["files"], got.get("folder")
+        reader = _shard_reader(store, name, manifest, folder)
+        saved = set(reader.read_metadata().state_dict_metadata)
+        _check_keys(targets, saved, set(into), store.location(name))
+        with _dcp_errors(f"{store.location(name)}: could not read its shards"):
+            dcp.load(targets, storage_reader=reader, no_dist=isinstance(agree, SingleProcess))
     # What ``into`` does not ask for at all (optimizer state for a test run) comes back as None.
     return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name), sharded={**dict.fromkeys(saved), **targets})
@@ -183,19 +241,22 @@ def load_consolidated(store: Store, name: str, *, allow_pickle: bool = False, ma
     """A sharded checkpoint as one state of full tensors (global shapes), in one process, no process group.
 
     Every file is verified first (streamed); each full tensor is then assembled from the ranks'
-    chunks by DCP, which reads the shard files through memory maps: the memory used is the result's.
+    chunks by DCP, which reads the shard files through memory maps: the memory used is the result's. From a
+    URL, the shard files are first downloaded into a scratch directory (``TMPDIR``), each verified.
     """
-    if not isinstance(store, LocalStore):
-        raise CheckpointError(f"{store.location(name)}: a sharded checkpoint is read from a local or shared "
-                              "filesystem; download it first (lightning_ckpt.Mirror does, for a resume)")
-    verify(store, name)
-    manifest, files = read_verified(store, name, only=lambda file: not _in_shards(file))
-    reader = _shard_reader(store, name, manifest)
-    full = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
-            for key, meta in reader.read_metadata().state_dict_metadata.items()}
-    with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards"):
-        warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)  # one process is what is meant
-        dcp.load(full, storage_reader=reader, no_dist=True)
+    manifest = verify(store, name) if isinstance(store, LocalStore) else read_manifest(store, name)
+    files = read_listed(store, name, manifest, only=lambda file: not _in_shards(file))
+    with contextlib.ExitStack() as scratch:
+        folder = None if isinstance(store, LocalStore) else scratch.enter_context(
+            tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
+        if folder is not None:  # a URL: the shard files are downloaded into a scratch directory, each verified
+            download_shards(store, name, manifest, folder)
+        reader = _shard_reader(store, name, manifest, folder)
+        full = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+                for key, meta in reader.read_metadata().state_dict_metadata.items()}
+        with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards"):
+            warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)  # one process is what is meant
+            dcp.load(full, storage_reader=reader, no_dist=True)
     return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name), sharded=full)
 
@@ -211,15 +272,32 @@ def _dcp_errors(what: str) -> Iterator[None]:
         text = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, exc in sorted(causes.items()))
         first = next(iter(causes.values()), None)
         if causes and all(isinstance(exc, OSError) for exc in causes.values()):
-            raise StorageError(getattr(first, "errno", None), f"{what} ({text})") from first
+            code = getattr(first, "errno", None)
+            raise (StorageError(code, f"{what} ({text})") if code else StorageError(f"{what} ({text})")) from first
         raise CheckpointError(f"{what} ({text})") from first
 
 
-def _shard_reader(store: LocalStore, name: str, manifest: Manifest) -> ListedShardReader:
-    """DCP's reader over the shard files the manifest lists (and ``verify`` checked), never any other
-    file that lies in ``shards/``: the manifest is the only list of a checkpoint's files."""
+def _shard_reader(store: Store, name: str, manifest: Manifest, downloaded: str | None = None) -> ListedShardReader:
+    """DCP's reader over the shard files the manifest lists (and ``verify`` checked, or a verified download put
+    in ``downloaded``), never any other file that lies in ``shards/``: the manifest is the only list of a
+    checkpoint's files."""
     listed = [file[len(SHARDS_DIR) + 1:] for file in manifest.files if _in_shards(file)]
-    return ListedShardReader(_shards_dir(store, name), listed)
+    folder = os.path.join(downloaded, SHARDS_DIR) if downloaded else _shards_dir(store, name)
+    return ListedShardReader(folder, listed)
+
+
+def download_shards(store: Store, name: str, manifest: Manifest, folder: str) -> None:
+    """Copy the shard files the manifest lists into ``folder/shards/``, each checked against the manifest
+    (size before it is read, checksum after) before it is written there.
+
+    Raises:
+        CheckpointError: a subclass naming the first shard file that is missing, short or changed.
+    """
+    os.makedirs(os.path.join(folder, SHARDS_DIR), exist_ok=True)
+    for file in (f for f in manifest.files if _in_shards(f)):
+        data = read_listed(store, name, manifest, only=file.__eq__)[file]  # one file in memory at a time
+        with open(os.path.join(folder, file), "wb") as f:
+            f.write(data)
 
 
 def _check_keys(targets: Mapping[str, torch.Tensor], saved: set[str], asked: set[str], where: str) -> None:
@@ -240,19 +318,34 @@ def _shards_dir(store: LocalStore, name: str) -> str:
     return os.path.join(store.location(name), SHARDS_DIR)
 
 
-def _locate_local(path: str | os.PathLike) -> tuple[LocalStore, str]:
-    store, name = locate(path)
-    if not isinstance(store, LocalStore):
+def _locate_writable(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
+                     ) -> tuple[LocalStore | FsspecStore, str]:
+    text = os.fspath(path).rstrip("/")
+    if text.rpartition("/")[2] == MANIFEST_FILE or is_single_file_name(text):
+        raise ValueError(f"{text}: a sharded checkpoint is a directory; name it without "
+                         f"{'/' + MANIFEST_FILE if text.endswith(MANIFEST_FILE) else '.safetensors'} (a "
+                         "single-file .safetensors of the weights needs the full state: save it after "
+                         "lightning_ckpt.load_checkpoint of this directory)")
+    store, name = locate(path, storage_options)
+    if not isinstance(store, (LocalStore, FsspecStore)):
         raise CheckpointError(f"{os.fspath(path)}: sharded checkpoints are written to a filesystem every rank "
-                              "sees (local, or shared across nodes); use a local dirpath with Mirror(url) for a copy "
-                              "on object storage")
+                              "sees or to object storage (s3://, gs://, ...); this URL is read-only")
     return store, name
 
 
-def checkpoint_is_sharded(path: str | os.PathLike) -> bool:
+def _parent_store(path: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> Store:
+    """The store holding the checkpoint ``path`` names (its parent), opened without any I/O."""
+    text = os.fspath(path).rstrip("/")
+    text = text.removesuffix("/" + MANIFEST_FILE)
+    if remote_scheme(text) is not None:
+        return open_store(text.rpartition("/")[0], storage_options)
+    return LocalStore(local_path(text, what="path").parent)
+
+
+def checkpoint_is_sharded(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``path`` is a committed checkpoint of ours saved sharded (False for anything else)."""
     try:
-        store, name = locate(path)
+        store, name = locate(path, storage_options)
         return is_sharded(read_manifest(store, name))
     except (CheckpointError, OSError, ValueError):
         return False

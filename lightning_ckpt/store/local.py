@@ -14,7 +14,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,6 +97,14 @@ class LocalStore(LocalFiles):
             self.discard_staged(str(tmp))
             raise StorageError(err.errno, f"{self.location(name)}: save failed, nothing was committed ({err})") from err
         return str(tmp)
+
+    def put_staged(self, staged: str, file: str, chunks: Iterable[Buffer]) -> FileEntry:
+        """Write one file into a staged directory (a rank's shard file), checksummed and fsynced in one pass.
+
+        Raises:
+            OSError: the write failed (the directory stays uncommitted).
+        """
+        return self._write_file(Path(staged, file), chunks)
 
     def commit_staged(self, staged: str, name: str, files: Mapping[str, Blob],
                       seal: Callable[[dict[str, FileEntry]], bytes],

@@ -59,9 +59,19 @@ def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None
         CheckpointError: a subclass naming the first file that is missing, short or changed.
     """
     manifest = read_manifest(store, name)
+    return manifest, read_listed(store, name, manifest, only=only)
+
+
+def read_listed(store: Store, name: str, manifest: Manifest, *, only: Callable[[str], bool] | None = None
+                ) -> dict[str, memoryview]:
+    """As :func:`read_verified`, against a manifest read before (e.g. by rank 0, for every rank to read the same).
+
+    Raises:
+        CheckpointError: a subclass naming the first file that is missing, short or changed.
+    """
     where = store.location(name)
-    return manifest, {file: _read_file(store, name, file, manifest, where) for file in manifest.files
-                      if only is None or only(file)}
+    return {file: _read_file(store, name, file, manifest, where) for file in manifest.files
+            if only is None or only(file)}
 
 
 def verify(store: Store, name: str) -> Manifest:

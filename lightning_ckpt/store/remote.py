@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -93,11 +93,58 @@ class FsspecStore:
             except BaseException:
                 self._try_remove(prefix)
                 raise
-        try:
-            self._fs.rm_file(f"{prefix}/{INCOMPLETE_MARKER}")
-        except Exception:  # noqa: BLE001 - committed all the same; clean_leftovers drops a marker beside a manifest
-            pass
+        self._drop_marker(prefix)
         return entries
+
+    # -- a checkpoint written by several processes (a sharded save: every rank uploads its own files) --
+
+    def stage(self, name: str, *, folders: Sequence[str] = ()) -> str:
+        """Mark checkpoint ``name``'s prefix in progress and empty it (an older copy goes first: there is no
+        rename); return it. Processes then upload into it with :meth:`put_staged`; one commits it with
+        :meth:`commit_staged`, or :meth:`discard_staged` removes it. Until the commit nothing lists it.
+
+        Raises:
+            StorageError: the storage refused; nothing was committed.
+        """
+        prefix = self._path(name)
+        with self._storage_errors(name, "save failed, nothing was committed"):
+            self._begin(prefix)
+            self._clear(prefix)
+        return prefix
+
+    def put_staged(self, staged: str, file: str, chunks: Iterable[Buffer]) -> FileEntry:
+        """Upload one file into a staged prefix, streamed, checksummed in the same pass.
+
+        Raises:
+            StorageError: the upload failed (the prefix stays uncommitted).
+        """
+        with self._storage_errors(f"{staged[len(self._root) + 1:]}/{file}", "upload failed, nothing was committed"):
+            return self._put(f"{staged}/{file}", chunks)
+
+    def commit_staged(self, staged: str, name: str, files: Mapping[str, Blob],
+                      seal: Callable[[dict[str, FileEntry]], bytes],
+                      written: Mapping[str, FileEntry] | None = None) -> dict[str, FileEntry]:
+        """Upload ``files`` into the staged prefix, then the manifest (the commit), listing ``written`` too
+        (what other processes uploaded there, with the size and checksum each took while uploading).
+
+        Raises:
+            StorageError: an upload failed; the prefix is removed (or left marked for ``clean_leftovers``).
+        """
+        with self._storage_errors(name, "save failed, nothing was committed"):
+            try:
+                entries = {**(written or {}), **{file: self._put(f"{staged}/{file}", blob.chunks)
+                                                  for file, blob in files.items()}}
+                self._put(f"{staged}/{MANIFEST_FILE}", [seal(entries)])  # the commit
+            except BaseException:
+                self._try_remove(staged)
+                raise
+        self._drop_marker(staged)
+        return entries
+
+    def discard_staged(self, staged: str) -> None:
+        """Remove a staged prefix that will not be committed (best effort: its marker lets
+        ``clean_leftovers`` remove what stays)."""
+        self._try_remove(staged)
 
     def replace_file(self, file: str, data: bytes) -> None:
         """Replace a small file in the root (the ledger) so that a reader sees the old or the new bytes.
@@ -201,7 +248,7 @@ class FsspecStore:
             self._remove_files(prefix, stale)
 
     # Seams: fault-injection tests override these to stop an operation between two of its steps.
-    def _put(self, path: str, chunks: Sequence[Buffer]) -> FileEntry:
+    def _put(self, path: str, chunks: Iterable[Buffer]) -> FileEntry:
         """Upload one file, streamed (a large one goes up in parts, never joined in memory), and
         checksummed in the same pass."""
         hasher, size = new_hasher(), 0
@@ -212,6 +259,12 @@ class FsspecStore:
                 f.write(view)
                 size += view.nbytes
         return FileEntry(size=size, digest=hasher.hexdigest())
+
+    def _drop_marker(self, prefix: str) -> None:
+        try:
+            self._fs.rm_file(f"{prefix}/{INCOMPLETE_MARKER}")
+        except Exception:  # noqa: BLE001 - committed all the same; clean_leftovers drops a marker beside a manifest
+            pass
 
     def _remove_files(self, prefix: str, paths: list[str] | None) -> None:
         """Remove ``paths``, or the whole prefix when None."""

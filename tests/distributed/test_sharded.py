@@ -10,7 +10,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from launch import Job, pytest_timeout_s, run_job
 from lightning_ckpt import latest_checkpoint, load_checkpoint
+from lightning_ckpt.distributed.sharded import SCRATCH_PREFIX
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest
 from lightning_ckpt.store.fsutil import hash_file
@@ -28,17 +31,21 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
 # Three jobs run every fit (tests/scripts/fsdp_fit.py): 2 ranks, then 1 rank, then 2 ranks again, each fit
 # in its own directory; a fit that goes on from an earlier one's checkpoint is in a later job. A fit that
 # kills its ranks ends its job: it goes last. A test reads its fits' rows and directories.
-FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "crash")
-ONE_RANK = ("single", "2to1")
-THEN = ("resume", "1to2", "mirror-resume", "killed")
+FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "crash")
+ONE_RANK = ("single", "2to1", "url-2to1")
+THEN = ("resume", "1to2", "mirror-resume", "url-resume", "killed")
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN)))
 
 
 class Runs:
-    """The module's directories (``root / fit``) and jobs."""
+    """The module's directories (``root / fit``), its S3 bucket (moto on 127.0.0.1) and jobs."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, s3) -> None:
+        self.root, self.s3 = root, s3
+
+    def url(self, fit: str) -> dict[str, Any]:
+        """A URL dirpath for ``fit`` on the bucket, with the options that reach it."""
+        return {"dirpath": self.s3.url(fit), "storage_options": self.s3.options}
 
     def __truediv__(self, fit: str) -> Path:
         return self.root / fit
@@ -55,15 +62,20 @@ class Runs:
             "mirror": {"dirpath": self / "mirror" / "first", "max_steps": 6, "mirror": self / "mirror" / "remote"},
             "fail-warn": {"dirpath": self / "fail-warn" / "c", **fail, "on_save_error": "warn"},
             "fail-raise": {"dirpath": self / "fail-raise" / "c", **fail, "on_save_error": "raise"},
+            "url": {**self.url("url"), "max_steps": 8},
+            "url-fail": {**self.url("url-fail"), "max_steps": 7, "fail_upload": 6},
             "crash": {"dirpath": self / "crash" / "c", "max_steps": 8, "crash_at": 4},  # every rank exits after step 4
         }, FIRST)
 
     def one_rank(self) -> Job:
+        (self / "url-2to1").mkdir(parents=True, exist_ok=True)  # its dirpath is a URL: no local directory
         return self.run({
             "single": {"dirpath": self / "single", "max_steps": 3},
             "2to1": {"dirpath": self / "2to1" / "one", "max_steps": 7,
                      "ckpt_path": self / "straight" / "c" / "step=000000006",
                      "dump_start": self / "2to1" / "start.safetensors"},
+            "url-2to1": {**self.url("url-2to1"), "max_steps": 7, "ckpt_path": f"{self.s3.url('url')}/step=000000006",
+                         "dump_start": self / "url-2to1" / "start.safetensors"},
         }, ONE_RANK, ranks=1)
 
     def then(self) -> Job:
@@ -73,6 +85,10 @@ class Runs:
                            (self / "mirror" / "remote", self / "mirror-resume" / "remote")):
             if kept.exists():
                 shutil.copytree(kept, copy)
+        fs, url = self.s3.fs(), self.s3.url("url")
+        if fs.exists(f"{url}/step=000000006/{MANIFEST_FILE}"):  # "last" of a copy holding only step 6
+            fs.copy(f"{url}/step=000000006", f"{self.s3.url('url-resume')}/step=000000006", recursive=True)
+        (self / "url-resume").mkdir(parents=True, exist_ok=True)  # for its "out" file
         return self.run({
             "resume": {"dirpath": self / "resume" / "c", "max_steps": 8, "ckpt_path": "last",
                        "out": self / "resume" / "final.safetensors"},
@@ -80,13 +96,15 @@ class Runs:
                      "dump_start": self / "1to2" / "start.safetensors"},
             "mirror-resume": {"dirpath": self / "mirror-resume" / "new-machine", "max_steps": 7, "ckpt_path": "last",
                               "mirror": self / "mirror-resume" / "remote"},  # downloaded, then resharded
+            "url-resume": {**self.url("url-resume"), "max_steps": 8, "ckpt_path": "last",
+                           "out": self / "url-resume" / "final.safetensors"},
             "killed": {"dirpath": self / "killed" / "c", "max_steps": 8, "kill_rank_in_save": 6},
         }, THEN)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    return Runs(tmp_path_factory.mktemp("sharded"))
+def runs(tmp_path_factory: pytest.TempPathFactory, s3_module) -> Runs:
+    return Runs(tmp_path_factory.mktemp("sharded"), s3_module)
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +128,9 @@ def trained(job: Job, fit: str) -> list[dict]:
     return rows
 
 
-def full_expected(checkpoint: Path) -> dict[str, torch.Tensor]:
+def full_expected(checkpoint: Path | str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
     """The consolidated load of ``checkpoint``, keyed as the script dumps a gathered state."""
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, storage_options=storage_options)
     out = {f"model/{k}": v for k, v in state["state_dict"].items()}
     for fqn, moments in state["optimizer_states"][0]["state"].items():
         out.update({f"optim/{fqn}/{k}": v.reshape(-1) if v.ndim == 0 else v for k, v in moments.items()})
@@ -269,3 +287,43 @@ def test_a_sharded_load_reads_the_files_its_manifest_lists_and_bounds_their_offs
     inspected = subprocess.run([str(Path(sys.executable).parent / "lightning-ckpt"), "inspect", str(checkpoint)],
                                capture_output=True, text=True, timeout=120)
     assert inspected.returncode == 2 and inspected.stderr.startswith("error: CorruptCheckpointError:")
+
+
+def test_a_url_dirpath_gets_every_ranks_shard_uploaded_and_the_manifest_last(runs, straight, first):
+    url, options, fs = runs.s3.url("url"), runs.s3.options, runs.s3.fs()
+    rows = trained(first, "url")
+    assert [r["losses"] for r in rows] == [r["losses"] for r in straight[1]]  # the same training as to a local disk
+    assert latest_checkpoint(url, storage_options=options) == f"{url}/step=000000008"
+    checkpoint = f"{url}/step=000000008"
+    listed = json.loads(fs.cat_file(f"{checkpoint}/{MANIFEST_FILE}"))["files"]
+    stored = sorted(p[len(checkpoint) - len("s3://") + 1:] for p in fs.find(checkpoint))
+    assert stored == sorted([*listed, MANIFEST_FILE])  # no marker, nothing unlisted
+    assert len([n for n in listed if n.startswith("shards/")]) == 2
+    # One plain process reads it straight from the bucket: full tensors, equal to the uninterrupted local run's.
+    state = load_checkpoint(checkpoint, storage_options=options)
+    assert_same_tensors({f"model/{k}": v for k, v in state["state_dict"].items()}, load_file(straight[2]))
+    assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(SCRATCH_PREFIX)]  # scratch removed
+    assert not (Path.cwd() / runs.s3.bucket).exists()  # nothing written locally under the URL's path
+
+
+def test_a_url_checkpoint_resumes_last_bit_exact_and_reshards_to_one_rank(runs, straight, first, one_rank, then):
+    trained(first, "url")
+    _, straight_rows, straight_final = straight
+    resumed = trained(then, "url-resume")  # "last" of a prefix holding a copy of step 6
+    assert [r["losses"] for r in resumed] == [r["losses"][6:] for r in straight_rows]
+    assert_same_tensors(load_file(runs / "url-resume" / "final.safetensors"), load_file(straight_final))
+    trained(one_rank, "url-2to1")
+    expected = full_expected(f"{runs.s3.url('url')}/step=000000006", runs.s3.options)
+    assert_same_tensors(load_file(runs / "url-2to1" / "start.safetensors"), expected)
+
+
+def test_an_upload_that_fails_on_rank_1_is_one_error_on_every_rank_and_commits_nothing(runs, first):
+    url, fs = runs.s3.url("url-fail"), runs.s3.fs()
+    rows = first.rows("url-fail")
+    assert [r["rank"] for r in rows] == [0, 1]
+    assert {r["error"] for r in rows} == {rows[0]["error"]}  # inside DCP's collective save: one error everywhere
+    error = rows[0]["error"]
+    assert error.startswith(f"StorageError: {url}/step=000000006: save failed, nothing was committed"), error
+    assert "rank 1: StorageError" in error and "connection to the storage was reset" in error
+    assert latest_checkpoint(url, storage_options=runs.s3.options) == f"{url}/step=000000003"
+    assert not fs.exists(f"{url}/step=000000006/{MANIFEST_FILE}")

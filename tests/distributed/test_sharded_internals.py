@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from lightning_ckpt import inspection, load_checkpoint
-from lightning_ckpt.distributed import save_sharded
+from lightning_ckpt.distributed import save_sharded, sharded
 from lightning_ckpt.distributed.shard_reader import ListedShardReader
 from lightning_ckpt.distributed.agree import SingleProcess
 
@@ -35,18 +35,24 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-def test_dcp_write_results_name_the_files_written_and_headers_hold_the_offsets(one_rank_group, tmp_path):
+def test_our_shard_files_carry_the_header_dcps_safetensors_reader_reads(one_rank_group, tmp_path):
     weight = distribute_tensor(torch.arange(12.0).reshape(4, 3), one_rank_group, [Shard(0)])
     manifest = save_sharded({"state_dict": {"w": weight}, "global_step": 1}, tmp_path / "c", agree=SingleProcess())
-    shard_files = [f for f in manifest.files if f.startswith("shards/")]
-    # _ShardWriter learns the file from WriteResult.storage_data.relative_path (filesystem._StorageInfo).
-    assert len(shard_files) == 1
-    assert manifest.files[shard_files[0]].size == (tmp_path / "c" / shard_files[0]).stat().st_size
-    # inspection reads each chunk's offsets from the header key DCP's safetensors writer uses.
+    assert [f for f in manifest.files if f.startswith("shards/")] == ["shards/rank-00000.safetensors"]
+    shard = tmp_path / "c" / "shards" / "rank-00000.safetensors"
+    assert manifest.files["shards/rank-00000.safetensors"].size == shard.stat().st_size
+    # _ShardWriter writes, and inspection reads, each chunk's offsets under the header keys DCP's safetensors
+    # writer uses (torch.distributed.checkpoint._hf_utils), with its version and format entries.
+    assert (sharded._SHARDING_INFO, sharded._SAVED_OFFSETS) == (_hf_utils.CUSTOM_METADATA_KEY,
+                                                                _hf_utils.SAVED_OFFSETS_KEY)
     assert (inspection._DCP_SHARDING_INFO, inspection._SAVED_OFFSETS) == (_hf_utils.CUSTOM_METADATA_KEY,
                                                                           _hf_utils.SAVED_OFFSETS_KEY)
-    with safe_open(str(tmp_path / "c" / shard_files[0]), framework="pt") as f:
+    assert sharded._DCP_HEADER == {_hf_utils.DCP_VERSION_KEY: str(_hf_utils.HF_DCP_VERSION),
+                                   _hf_utils.FORMAT_KEY: _hf_utils.FORMAT_VALUE}
+    with safe_open(str(shard), framework="pt") as f:
         assert json.loads(f.metadata()[_hf_utils.CUSTOM_METADATA_KEY])["state_dict/w"]["saved_offsets"] == [0, 0]
+    metadata = ListedShardReader(str(shard.parent), [shard.name]).read_metadata()  # DCP's reader, on our file
+    assert metadata.state_dict_metadata["state_dict/w"].size == torch.Size([4, 3])
     assert torch.equal(load_checkpoint(tmp_path / "c")["state_dict"]["w"], torch.arange(12.0).reshape(4, 3))
 
 

@@ -6,7 +6,7 @@ one process group. PIPELINE: sync, async-overlapped, async-eager (DDP) or sharde
 FSDP2). The fits of a pipeline, each in a fresh directory under ROOT, a save every 2 steps:
 - ``storage`` (on_save_error="warn"): the save at step N fails at STORAGE_CELLS[N] = (step, rank): an
   injected OSError in the real store code: ``write`` (a data file; sharded: DCP's shard write), ``commit``
-  (rank 0: the rename into place; sharded rank 1: reading back its shard's checksum), ``record`` (the
+  (rank 0: the rename into place; sharded rank 1: writing out its shard file, inside DCP's collective save), ``record`` (the
   ledger write after the commit). A rank that never performs a step (rank 1 writes nothing under DDP)
   never meets its fault, and that save commits.
 - ``snapshot-0``, ``snapshot-1``: the save at SNAPSHOT_STEP fails to snapshot (async: to stage) on that
@@ -64,11 +64,13 @@ def _fault(path: Path | str, what: str) -> int | None:
 
 def install_faults() -> None:
     """Route the store's writes, renames and checksums, DCP's shard write and staging through FAULTS."""
-    write_file, rename, hash_file = LocalStore._write_file, LocalStore._rename, sharded.hash_file
+    write_file, rename = LocalStore._write_file, LocalStore._rename
     shard_write, stage = sharded._ShardWriter.write_data, Stager.stage
     ledger_due: list[int] = []  # committed saves whose ledger write is to fail
 
     def write_file_(self, path, chunks):
+        if RANK == 1 and path.parent.name == "shards" and _fault(path.parent.parent.name, "commit") is not None:
+            raise OSError(errno.EIO, injected("commit", _fault(path.parent.parent.name, "commit")), str(path))
         step = _fault(path.parent.name, "write")
         if step is not None and path.name != MANIFEST_FILE:
             raise OSError(errno.ENOSPC, injected("write", step), str(path))
@@ -83,11 +85,6 @@ def install_faults() -> None:
             ledger_due.append(_fault(src.name, "record"))
         return rename(self, src, dst)
 
-    def hash_file_(path):
-        if RANK == 1 and _fault(path, "commit") is not None:  # rank 1's share of a sharded commit: its checksum
-            raise OSError(errno.EIO, injected("commit", _fault(path, "commit")), str(path))
-        return hash_file(path)
-
     def shard_write_(self, plan, planner):
         if _fault(self.path, "write") is not None:
             raise OSError(errno.ENOSPC, injected("write", _fault(self.path, "write")), str(self.path))
@@ -98,7 +95,7 @@ def install_faults() -> None:
             raise RuntimeError(injected("snapshot", state["global_step"]))
         return stage(self, state, defer=defer)
 
-    LocalStore._write_file, LocalStore._rename, sharded.hash_file = write_file_, rename_, hash_file_
+    LocalStore._write_file, LocalStore._rename = write_file_, rename_
     sharded._ShardWriter.write_data, Stager.stage = shard_write_, stage_
 
 

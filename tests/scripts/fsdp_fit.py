@@ -3,11 +3,13 @@ with a Checkpointer: one rank of a job (``launch.run_job``), one fit per scenari
 
 ``crash_at=STEP``: every rank exits (os._exit) right after the step's save, as a crashed job would: the
 job ends there, so such a scenario goes last. ``kill_rank_in_save=STEP``: rank 1 dies in the middle of
-the save at STEP: after DCP wrote its shard file, before its checksum reaches rank 0 (the seam is the
-module's ``hash_file``); it goes last too. ``fail_shard_write=STEP``: rank 1's shard write at STEP fails
+the save at STEP: after it wrote its shard file, before its checksum reaches rank 0 (the seam is the
+module's ``written_entries``); it goes last too. ``fail_shard_write=STEP``: rank 1's shard write at STEP fails
 with ENOSPC (inside DCP's collective save), in that scenario only. ``dump_start=FILE``: the full
 (gathered) model and optimizer state once training starts, i.e. what a resume restored, to FILE
 (safetensors; rank 0 writes it). ``out=FILE``: the full model state at the end of training (ditto).
+``storage_options``: the Checkpointer's, for a URL dirpath. ``fail_upload=STEP``: rank 1's upload of its shard
+file for the save at STEP fails (the store's upload seam raises ConnectionError), in that scenario only.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from launch import error_text, rank, serve, world_size  # noqa: E402
 from tiny import TinyModel, tiny_loader  # noqa: E402
 
 import lightning_ckpt.distributed.sharded as sharded  # noqa: E402
-from lightning_ckpt import Checkpointer, CheckpointWarning, Mirror  # noqa: E402
+from lightning_ckpt import Checkpointer, CheckpointWarning, Mirror, SafetensorsCheckpointIO  # noqa: E402
+from lightning_ckpt.store.remote import FsspecStore  # noqa: E402
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -79,44 +82,55 @@ class Probe(L.Callback):
 
 
 @contextmanager
-def seams(kill_rank_in_save: int | None, fail_shard_write: int | None) -> Iterator[None]:
+def seams(kill_rank_in_save: int | None, fail_shard_write: int | None, fail_upload: int | None) -> Iterator[None]:
     """Rank 1 dies in the save at ``kill_rank_in_save``, once its shard file is written; its shard write for
-    the save at ``fail_shard_write`` runs out of disk space (inside DCP's write). Rank 0 meets neither."""
-    hash_file, write_data = sharded.hash_file, sharded._ShardWriter.write_data
+    the save at ``fail_shard_write`` runs out of disk space (inside DCP's write); its shard upload for the save
+    at ``fail_upload`` loses the connection. Rank 0 meets none of them."""
+    written_entries, write_data, put = sharded.written_entries, sharded._ShardWriter.write_data, FsspecStore._put
 
-    def hash_file_(path):
-        if f"step={kill_rank_in_save:09d}" in str(path):
+    def written_entries_(writer):
+        if f"step={kill_rank_in_save:09d}" in writer.staged:
             os._exit(9)
-        return hash_file(path)
+        return written_entries(writer)
 
     def write_data_(self, plan, planner):
         if f"step={fail_shard_write:09d}" in str(self.path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
         return write_data(self, plan, planner)
 
+    def put_(self, path, chunks):
+        if f"step={fail_upload:09d}/shards/" in path:
+            raise ConnectionError("the connection to the storage was reset")
+        return put(self, path, chunks)
+
+    if fail_upload is not None and rank() == 1:
+        FsspecStore._put = put_
     if kill_rank_in_save is not None and rank() == 1:
-        sharded.hash_file = hash_file_
+        sharded.written_entries = written_entries_
     if fail_shard_write is not None and rank() == 1:
         sharded._ShardWriter.write_data = write_data_
     try:
         yield
     finally:
-        sharded.hash_file, sharded._ShardWriter.write_data = hash_file, write_data
+        sharded.written_entries, sharded._ShardWriter.write_data, FsspecStore._put = written_entries, write_data, put
 
 
 def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: int | None = None,
         kill_rank_in_save: int | None = None, fail_shard_write: int | None = None, on_save_error: str = "raise",
-        mirror: str | None = None, dump_start: str | None = None, out: str | None = None) -> dict[str, Any]:
+        mirror: str | None = None, dump_start: str | None = None, out: str | None = None,
+        storage_options: dict[str, Any] | None = None, fail_upload: int | None = None) -> dict[str, Any]:
     L.seed_everything(0)
     ranks = world_size()
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, on_save_error=on_save_error,
-                        mirror=Mirror(mirror) if mirror else None)
+                        mirror=Mirror(mirror) if mirror else None, storage_options=storage_options)
     strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1)
-    trainer = L.Trainer(max_steps=max_steps, strategy=strategy, devices=ranks, accelerator="cpu",
+    # A ckpt_path at another URL than dirpath is read with the plugin's remote_options (the same bucket here).
+    plugins = [SafetensorsCheckpointIO(remote_options=storage_options)] if storage_options else None
+    trainer = L.Trainer(max_steps=max_steps, strategy=strategy, devices=ranks, accelerator="cpu", plugins=plugins,
                         callbacks=[ckpt, Probe(crash_at, dump_start, out)], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     model = ShardedTiny()
-    with warnings.catch_warnings(record=True) as caught, seams(kill_rank_in_save, fail_shard_write):
+    with warnings.catch_warnings(record=True) as caught, seams(kill_rank_in_save, fail_shard_write, fail_upload):
         warnings.simplefilter("always", CheckpointWarning)
         try:
             trainer.fit(model, tiny_loader(shuffle=True), ckpt_path=ckpt_path)

@@ -66,7 +66,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
         its ``storage_options`` so), in place of ``remote_options``; never logged or written."""
         self._prefix_options[url.rstrip("/")] = dict(options or {})
 
-    def _options(self, path: str | os.PathLike) -> Mapping[str, Any] | None:
+    def options_for(self, path: str | os.PathLike) -> Mapping[str, Any] | None:
+        """The storage options this plugin writes and reads ``path`` with (None for a local path): those of the
+        registered URL it lies under (a Checkpointer's ``dirpath``), else ``remote_options``."""
         if not remote_scheme(path):
             return None
         text = os.fspath(path)
@@ -105,7 +107,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if is_single_file_name(os.fspath(path)):
             save_weights_file(state, path)
             return
-        engine.save_checkpoint(state, path, allow_pickle=self.allow_pickle, storage_options=self._options(path),
+        engine.save_checkpoint(state, path, allow_pickle=self.allow_pickle, storage_options=self.options_for(path),
                                **options)
 
     def wait(self) -> None:
@@ -149,13 +151,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self.wait()  # it may be the checkpoint in flight
         if engine.single_file_path(path) is not None:
             return load_weights_file(path, map_location)
-        store, name = locate(path, self._options(path))
+        store, name = locate(path, self.options_for(path))
         found = Path(store.location(name))
         if found.is_file():
             return engine.load_torch_file(found, map_location=map_location, allow_pickle=self.allow_pickle)
         try:
             return engine.load_checkpoint(path, map_location=map_location, allow_pickle=self.allow_pickle,
-                                          storage_options=self._options(path))
+                                          storage_options=self.options_for(path))
         except NotACheckpointError as err:
             if found.exists():
                 raise
@@ -179,5 +181,6 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if single is not None:
             single.unlink(missing_ok=True)
             return
-        store, name = locate(path, self._options(path), writing=True)
+        store, name = locate(path, self.options_for(path), writing=True)
         store.delete(name)
+

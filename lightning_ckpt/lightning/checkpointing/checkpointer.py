@@ -184,9 +184,9 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self._resolve_dirpath(trainer)
         io = ensure_safetensors_io(trainer, self.allow_pickle)
-        route_if_sharded(trainer, dirpath=self.dirpath, async_save=self.async_save, allow_pickle=io.allow_pickle)
-        if self._storage_options is not None:  # the plugin writes and reads under dirpath with them
+        if self._storage_options is not None:  # the plugin (and a sharded save) write and read under dirpath with them
             io.add_remote_options(self.dirpath, self._storage_options)
+        route_if_sharded(trainer, io=io, async_save=self.async_save)
         if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
             self._reader().refresh()
             return

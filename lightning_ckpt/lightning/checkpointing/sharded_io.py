@@ -10,7 +10,7 @@ checkpoints, ``.ckpt`` files) still go to the strategy's own loader.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -25,35 +25,34 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lightning_ckpt.distributed.sharded import checkpoint_is_sharded, load_sharded, save_sharded
 from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.lightning.checkpointing.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.lightning.checkpointing.trainer_io import StrategyAgree
 from lightning_ckpt.lightning.internals.strategy import LoadCheckpoint, SaveCheckpoint, route_checkpoint_methods
 from lightning_ckpt.distributed.agree import decided_on_rank_zero
-from lightning_ckpt.store.fsutil import remote_scheme
 
 _K_STATE_DICT = "state_dict"
 _K_OPTIMIZERS = "optimizer_states"
 
 
-def route_if_sharded(trainer: L.Trainer, *, dirpath: str | None, async_save: bool, allow_pickle: bool) -> None:
-    """Under ModelParallelStrategy, the Checkpointer's saves and resumes are sharded (every rank writes its shards).
+def route_if_sharded(trainer: L.Trainer, *, io: SafetensorsCheckpointIO, async_save: bool) -> None:
+    """Under ModelParallelStrategy, the Checkpointer's saves and resumes are sharded (every rank writes its shards,
+    to a filesystem every rank sees or to a URL ``dirpath``, with ``io``'s storage options for it).
 
     Raises:
-        ValueError: a URL ``dirpath`` (every rank writes: it must be a filesystem all see) or ``async_save``.
+        ValueError: ``async_save``.
     """
     if not isinstance(trainer.strategy, ModelParallelStrategy):
         return
-    if dirpath is not None and remote_scheme(dirpath) is not None:
-        raise ValueError(f"Checkpointer(dirpath={dirpath!r}): sharded checkpoints (ModelParallelStrategy) are written "
-                         "by every rank to a filesystem all ranks see; use a local or shared dirpath, with "
-                         "mirror=Mirror(url) for a copy on object storage")
     if async_save:
         raise ValueError("Checkpointer(async_save=True) does not support ModelParallelStrategy yet: its sharded "
                          "save is a collective that cannot run beside training's; use async_save=False")
-    route_sharded_io(trainer, allow_pickle=allow_pickle)
+    route_sharded_io(trainer, allow_pickle=io.allow_pickle, options_for=io.options_for)
 
 
-def route_sharded_io(trainer: L.Trainer, *, allow_pickle: bool) -> None:
-    """Make the strategy save and load our sharded checkpoints, on this Trainer only.
+def route_sharded_io(trainer: L.Trainer, *, allow_pickle: bool,
+                     options_for: Callable[[str], Mapping[str, Any] | None] = lambda path: None) -> None:
+    """Make the strategy save and load our sharded checkpoints, on this Trainer only; a URL is written and read
+    with ``options_for(url)``.
 
     An intervention on Lightning (listed in docs/INTERNALS.md): the strategy instance's public
     ``save_checkpoint``/``load_checkpoint`` are replaced by ours (``internals.strategy``), because
@@ -68,22 +67,23 @@ def route_sharded_io(trainer: L.Trainer, *, allow_pickle: bool) -> None:
 
         def save_checkpoint(checkpoint: dict[str, Any], filepath: str | os.PathLike,
                             storage_options: Mapping[str, Any] | None = None) -> None:
-            options = dict(storage_options or {})
-            save_sharded(checkpoint, strategy.broadcast(os.fspath(filepath)), agree=agree, allow_pickle=allow_pickle,
-                         run_id=options.get("run_id"), meta=options.get("meta"))
+            options, path = dict(storage_options or {}), strategy.broadcast(os.fspath(filepath))
+            save_sharded(checkpoint, path, agree=agree, allow_pickle=allow_pickle, run_id=options.get("run_id"),
+                         meta=options.get("meta"), storage_options=options_for(path))
 
         def load_checkpoint(checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
             path = strategy.broadcast(os.fspath(checkpoint_path))
-            if not decided_on_rank_zero(agree, lambda: checkpoint_is_sharded(path)):
+            if not decided_on_rank_zero(agree, lambda: checkpoint_is_sharded(path, options_for(path))):
                 return own_load(path, weights_only=weights_only)
-            return _load_into_strategy(trainer, path, allow_pickle=allow_pickle)
+            return _load_into_strategy(trainer, path, allow_pickle=allow_pickle, storage_options=options_for(path))
 
         return save_checkpoint, load_checkpoint
 
     route_checkpoint_methods(strategy, route)
 
 
-def _load_into_strategy(trainer: L.Trainer, path: str, *, allow_pickle: bool) -> dict[str, Any]:
+def _load_into_strategy(trainer: L.Trainer, path: str, *, allow_pickle: bool,
+                        storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Load the model's and optimizers' shards in place (resharding as needed); return the checkpoint
     dict for Lightning to restore the rest (the strategy's own model/optimizer restore does nothing)."""
     strategy = trainer.strategy
@@ -91,7 +91,8 @@ def _load_into_strategy(trainer: L.Trainer, path: str, *, allow_pickle: bool) ->
     into: dict[str, Any] = {_K_STATE_DICT: get_model_state_dict(model)}
     if optimizers:  # none in validate/test: their shards are not read
         into[_K_OPTIMIZERS] = [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]
-    checkpoint = load_sharded(path, into, agree=StrategyAgree(trainer), allow_pickle=allow_pickle)
+    checkpoint = load_sharded(path, into, agree=StrategyAgree(trainer), allow_pickle=allow_pickle,
+                              storage_options=storage_options)
     saved_optimizers = checkpoint.get(_K_OPTIMIZERS, [])
     if optimizers and len(saved_optimizers) != len(optimizers):
         raise CheckpointError(f"{path}: holds {len(saved_optimizers)} optimizer states, the model configures "
