@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,8 +19,9 @@ from typing import Any
 from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
 from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR
-from lightning_ckpt.store import read_manifest
-from lightning_ckpt.store.fsutil import local_path
+from lightning_ckpt.store import locate, read_manifest
+from lightning_ckpt.store.base import Store
+from lightning_ckpt.store.fsutil import local_path, remote_scheme
 from lightning_ckpt.store.local import LocalStore
 
 MODEL = "model weights"
@@ -36,6 +37,8 @@ _K_HPARAMS = "hyper_parameters"
 # Where torch.distributed.checkpoint's safetensors writer records each chunk's offset in the full tensor.
 _DCP_SHARDING_INFO, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "saved_offsets"
 _K_LIGHTNING_VERSION = "pytorch-lightning_version"
+STATE_FILE = "state.json"  # lightning_ckpt.format.state.STATE_FILE, without torch
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own bound on a header
 _SINGLE_FILE_STATE = "lightning_ckpt.state"  # lightning_ckpt.format.single_file.META_STATE, without torch
 # Bytes per element of the safetensors dtype names (the format's own table).
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -72,12 +75,15 @@ class Inspection:
         return sum(self.group_bytes().values())
 
 
-def inspect_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Inspection:
-    """Describe the checkpoint at ``path`` (any of the four kinds above).
+def inspect_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False,
+                       storage_options: Mapping[str, Any] | None = None) -> Inspection:
+    """Describe the checkpoint at ``path`` (any of the four kinds above; at a URL, ours only: its manifest,
+    its ``state.json`` and each safetensors file's header are read, no tensor data).
 
     Args:
         allow_pickle: the checkpoint is trusted: read a ``.ckpt``, or a DCP directory's ``.metadata`` or
             ``meta.pt``, that needs full unpickling (which runs code the file names).
+        storage_options: for a URL, the fsspec filesystem's options.
 
     Raises:
         NotACheckpointError: nothing at ``path``, or a directory that is none of the kinds.
@@ -85,9 +91,11 @@ def inspect_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -
         UnsafeCheckpointError: a ``.ckpt`` that ``weights_only=True`` refuses to read, or a DCP
             directory that needs unpickling (either without ``allow_pickle``).
     """
+    if remote_scheme(path) is not None:
+        return _ours(*locate(path, storage_options))
     p = local_path(path, what="path")
     if p.is_dir() and (p / MANIFEST_FILE).is_file():
-        return _ours(p)
+        return _ours(LocalStore(p.parent), p.name)
     if p.is_dir() and (p / DCP_METADATA_FILE).is_file():
         return _dcp(p, allow_pickle)
     if p.is_file() and _is_safetensors(p):
@@ -137,24 +145,57 @@ def _safetensors(p: Path) -> Inspection:
     return found
 
 
-def _ours(p: Path) -> Inspection:
-    manifest = read_manifest(LocalStore(p.parent), p.name)
-    found = Inspection(str(p), KIND_OURS, versions=dict(manifest.versions), step=manifest.step, epoch=manifest.epoch)
+def _ours(store: Store, name: str) -> Inspection:
+    manifest = read_manifest(store, name)
+    found = Inspection(store.location(name), KIND_OURS, versions=dict(manifest.versions), step=manifest.step,
+                       epoch=manifest.epoch)
+
+    def header(file: str) -> tuple[list[TensorInfo], dict[str, str]]:
+        return _header_infos(store, name, file, manifest.files[file].size)
+
     shards = [file for file in manifest.files if file.startswith(SHARDS_DIR + "/")]
     for file in manifest.files:
         if file.endswith(".safetensors") and file not in shards:
-            infos, _ = _safetensors_infos(p / file)
+            infos, _ = header(file)
             found.groups[_GROUP_OF_FILE.get(file, OTHER)] += [i for i in infos if not i.name.startswith("__")]
-    for info in _sharded_infos(p, shards):
-        group, _, name = info.name.partition("/")
+    for info in _sharded_infos(found.path, shards, header):
+        group, _, key = info.name.partition("/")
         group = _GROUP_OF_KEY.get(group, OTHER)
-        found.groups[group].append(TensorInfo(name if group == MODEL else info.name, info.dtype, info.shape,
+        found.groups[group].append(TensorInfo(key if group == MODEL else info.name, info.dtype, info.shape,
                                               info.nbytes))
-    found.hyper_parameters = _our_hparams(p)
+    found.hyper_parameters = _our_hparams(store, name, manifest.files.get(STATE_FILE))
     return found
 
 
-def _sharded_infos(p: Path, shards: list[str]) -> list[TensorInfo]:
+def _header_infos(store: Store, name: str, file: str, size: int) -> tuple[list[TensorInfo], dict[str, str]]:
+    """A safetensors file's tensors and metadata from its header alone (two reads of the store: 8 bytes, then
+    no more than the header), every field checked before it is used."""
+    where = f"{store.location(name)}/{file}"
+    fix = "run 'lightning-ckpt verify' on its checkpoint"
+    head = store.read(name, file, 8) or b""
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < length <= min(size - 8, _MAX_HEADER_BYTES):
+        raise CorruptCheckpointError(f"{where}: not a safetensors file (a header of {length} bytes in a file of "
+                                     f"{size}); {fix}")
+    data = store.read(name, file, 8 + length) or b""
+    try:
+        header = json.loads(bytes(data[8:8 + length]))
+        metadata = header.pop("__metadata__", None) or {}
+        infos = []
+        for key, entry in header.items():
+            shape, dtype = tuple(entry["shape"]), entry["dtype"]
+            if not all(isinstance(n, int) and n >= 0 for n in shape) or not isinstance(dtype, str):
+                raise ValueError(f"{key!r}: shape {list(shape)}, dtype {dtype!r}")
+            infos.append(TensorInfo(key, dtype, shape, math.prod(shape) * _ITEMSIZE.get(dtype, 0)))
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("its __metadata__ is not a mapping of strings")
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CorruptCheckpointError(f"{where}: not a readable safetensors header ({err}); {fix}") from err
+    return infos, metadata
+
+
+def _sharded_infos(where: str, shards: list[str],
+                   header: Callable[[str], tuple[list[TensorInfo], dict[str, str]]]) -> list[TensorInfo]:
     """A sharded checkpoint's tensors with their global shapes, joined from every rank's chunks (each
     shard file's header holds its chunks' offsets, as torch.distributed.checkpoint wrote them)."""
     from lightning_ckpt.format.chunks import tiling_problem
@@ -162,7 +203,7 @@ def _sharded_infos(p: Path, shards: list[str]) -> list[TensorInfo]:
     extent: dict[str, tuple[str, list[int]]] = {}
     chunks: dict[str, list[SimpleNamespace]] = {}
     for file in shards:
-        infos, metadata = _safetensors_infos(p / file)
+        infos, metadata = header(file)
         try:
             offsets = {k: v[_SAVED_OFFSETS] for k, v in json.loads(metadata.get(_DCP_SHARDING_INFO, "{}")).items()}
             for info in infos:
@@ -172,28 +213,33 @@ def _sharded_infos(p: Path, shards: list[str]) -> list[TensorInfo]:
                 _, known = extent.setdefault(info.name, (info.dtype, ends))
                 extent[info.name] = (info.dtype, [max(a, b) for a, b in zip(known, ends)])
         except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise CorruptCheckpointError(f"{p / file}: unreadable {_DCP_SHARDING_INFO} ({err})") from err
+            raise CorruptCheckpointError(f"{where}/{file}: unreadable {_DCP_SHARDING_INFO} ({err})") from err
     for key, (_, shape) in extent.items():  # the same check a sharded load makes (distributed/shard_reader.py)
         if (problem := tiling_problem(shape, chunks[key])) is not None:
-            raise CorruptCheckpointError(f"{p}/{SHARDS_DIR}: the chunks of {key!r} do not make one tensor ({problem}); "
+            raise CorruptCheckpointError(f"{where}/{SHARDS_DIR}: the chunks of {key!r} do not make one tensor ({problem}); "
                                          "the checkpoint was changed after it was saved")
     return [TensorInfo(key, dtype, tuple(shape), math.prod(shape) * _ITEMSIZE.get(dtype, 0))
             for key, (dtype, shape) in sorted(extent.items())]
 
 
-def _our_hparams(p: Path) -> dict[str, Any]:
-    from lightning_ckpt.format.state import STATE_FILE, decode_state  # the type-exact JSON decoder
+def _our_hparams(store: Store, name: str, entry: Any) -> dict[str, Any]:
+    from lightning_ckpt.format.state import decode_state  # the type-exact JSON decoder
 
+    where = f"{store.location(name)}/{STATE_FILE}"
     try:
-        state = json.loads((p / STATE_FILE).read_bytes())["state"]
+        data = store.read(name, STATE_FILE, entry.size + 1) if entry is not None else None
+        if data is None or len(data) != entry.size:
+            raise ValueError(f"{0 if data is None else len(data)} bytes, the manifest says "
+                             f"{getattr(entry, 'size', 'none')}")
+        state = json.loads(bytes(data))["state"]
         sub = state.get(_K_HPARAMS) if isinstance(state, dict) else None
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CorruptCheckpointError(f"{p}/{STATE_FILE}: unreadable ({err})") from err
+        raise CorruptCheckpointError(f"{where}: unreadable ({err})") from err
     if not sub:
         return {}
     # Decode only the hyper-parameters: a state holding just them needs no tensor file.
     doc = json.dumps({"state": {_K_HPARAMS: sub}, "pickled": []}).encode()
-    return dict(decode_state({STATE_FILE: doc}, where=str(p)).get(_K_HPARAMS) or {})
+    return dict(decode_state({STATE_FILE: doc}, where=store.location(name)).get(_K_HPARAMS) or {})
 
 
 def _lightning(p: Path, state: Mapping[str, Any]) -> Inspection:

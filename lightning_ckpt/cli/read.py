@@ -114,24 +114,27 @@ def _verified(path: str, options: dict[str, Any] | None) -> list[Row]:
 
 
 @main.command()
-@click.argument("path", type=PATH)
+@click.argument("path")
 @click.option("--tensors", "every", is_flag=True, help="List every tensor, not only the totals per group.")
 @ALLOW_PICKLE
+@STORAGE_OPTIONS
 @JSON_OPTION
-def inspect(path: Path, every: bool, allow_pickle: bool, as_json: bool) -> None:
+def inspect(path: str, every: bool, allow_pickle: bool, options: dict[str, Any] | None, as_json: bool) -> None:
     """What is inside a checkpoint: tensors by group (model weights, optimizer state, other) with
-    dtypes, shapes and bytes, hyper-parameters and library versions. Reads our checkpoints,
-    Lightning .ckpt files (weights_only=True), plain .safetensors files and DCP / FSDP directories
-    (their metadata only; global shapes).
+    dtypes, shapes and bytes, hyper-parameters and library versions. Reads our checkpoints (also at an
+    fsspec URL: headers only), Lightning .ckpt files (weights_only=True), plain .safetensors files and
+    DCP / FSDP directories (their metadata only; global shapes).
 
     \b
     Example:
       lightning-ckpt inspect checkpoints/step=000001000 --tensors
+      lightning-ckpt inspect s3://bucket/run/step=000001000
       lightning-ckpt inspect checkpoints/epoch=1-step=600.ckpt/     # a DCP directory
     """
     from lightning_ckpt.inspection import inspect_checkpoint
 
-    found = inspect_checkpoint(path, allow_pickle=allow_pickle)
+    where = path if remote_scheme(path) is not None else PATH.convert(path, None, None)  # a local PATH must exist
+    found = inspect_checkpoint(where, allow_pickle=allow_pickle, storage_options=options)
     if as_json:
         return emit_json(asdict(found) | {"group_bytes": found.group_bytes(), "total_bytes": found.total_bytes})
     click.echo(f"{found.path}  ({found.kind})  step {num(found.step)}  epoch {num(found.epoch)}")

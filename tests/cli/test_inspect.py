@@ -48,3 +48,23 @@ def test_inspect_a_plain_safetensors_file_and_print_a_table(trained):
     assert found["kind"] == "safetensors" and found["group_bytes"]["model weights"] == _param_bytes(trained.model)
     text = run("inspect", path, "--tensors").stdout
     assert "model weights" in text and "inp.weight" in text and "16x8" in text
+
+
+def test_inspect_a_url_reads_headers_only_and_says_what_a_local_inspect_says(trained, s3):
+    """On S3 (moto on 127.0.0.1): the same answer as the local copy, from the manifest, state.json and each
+    file's header; a header whose length does not fit its file is refused, naming the file."""
+    local = trained.ckpts / "step=000000024"
+    url = f"{s3.url()}/step=000000024"
+    s3.fs().put(str(local), url, recursive=True)
+    options = json.dumps(s3.options)
+    result = run("inspect", url, "--json", "--storage-options", options)
+    assert result.returncode == 0, result.stderr
+    remote, here = json.loads(result.stdout), _inspect(local)
+    assert remote.pop("path") == url and here.pop("path") == str(local)
+    assert remote == here
+    data = bytearray(local.joinpath(MODEL_FILE).read_bytes())
+    data[:8] = (2**40).to_bytes(8, "little")  # a header "longer" than the file
+    s3.fs().pipe(f"{url}/{MODEL_FILE}", bytes(data))
+    refused = run("inspect", url, "--storage-options", options)
+    assert refused.returncode == 2 and "CorruptCheckpointError" in refused.stderr
+    assert f"{url}/{MODEL_FILE}: not a safetensors file" in refused.stderr

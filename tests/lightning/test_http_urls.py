@@ -192,12 +192,14 @@ def test_listing_last_and_writing_at_a_url_say_what_to_do(web, web_requests):
     assert (web.root / "run" / STEP / "manifest.json").is_file()
 
 
-def test_the_cli_verifies_a_url_and_says_it_cannot_list_one(web):
+def test_the_cli_verifies_and_inspects_a_url_and_says_it_cannot_list_one(web):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([COMMAND, *args], capture_output=True, text=True, timeout=120)
 
     verified = cli("verify", f"{web.url}/run/{STEP}")
     assert verified.returncode == 0 and STEP in verified.stdout, verified.stderr
+    inspected = cli("inspect", f"{web.url}/run/{STEP}")
+    assert inspected.returncode == 0 and f"{web.url}/run/{STEP}  (lightning-ckpt)  step 4" in inspected.stdout
     listed = cli("list", f"{web.url}/run")
     assert listed.returncode == 2 and "no list of checkpoints" in listed.stderr, listed.stderr
 
