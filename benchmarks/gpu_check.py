@@ -6,6 +6,11 @@ On a machine with an NVIDIA GPU, from the repository root (about 3 minutes on an
     pip install -e .                                 # torch (CUDA build) and lightning must come with it
     python benchmarks/gpu_check.py --out gpu_check.json
 
+Offline, in an env that already has torch, lightning and the package's other dependencies, skip the
+install: the script puts this checkout on ``sys.path`` when ``lightning_ckpt`` is not installed. The
+checkpoints go to a new directory under the system's temporary directory (``--workdir DIR`` elsewhere; the
+report names its filesystem, and says so when it is tmpfs, i.e. memory).
+
 Without a GPU (seconds; what the test suite runs): ``python benchmarks/gpu_check.py --device cpu --params 2e5``.
 
 It needs nothing but torch, lightning and this package. It prints a summary table (markdown) and the
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -56,6 +62,9 @@ import traceback
 import warnings
 from pathlib import Path
 from typing import Any
+
+if importlib.util.find_spec("lightning_ckpt") is None:  # not installed: this checkout's, by path (children too)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _GIB = 1 << 30
 _SCHEMA = 1
@@ -436,31 +445,25 @@ def _speed_figures(probe: _SpeedProbe, at: list[int], wall_s: float) -> dict[str
             "inflation": statistics.median(writing) / med_idle if writing and idle else None, "fit_wall_s": wall_s}
 
 
+WARM_STEPS = 6  # the first save comes after these
+
+
 def child_speed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One variant in a fresh process (no pinned blocks cached by an earlier run): the sync save twice, 4
+    steps apart; an async one twice, ``gap`` steps apart, then ``gap`` steps more."""
     import torch
 
     _quiet_lightning()
-    device, out = cfg["device"], {"variants": {}}
+    device, variant, gap = cfg["device"], cfg["variant"], cfg["gap"]
     with _Warnings() as caught:
         torch.manual_seed(0)
         with torch.device(device):
             model = _big_model(cfg["params"], cfg["batch"])
-        out["params"] = sum(p.numel() for p in model.parameters())
-        out["state_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-        warm, deadline = 6, time.monotonic() + cfg["time_s"]
-        sync = out["variants"]["sync"] = _speed_fit(cfg, model, "sync", [warm, warm + 4], warm + 8)
-        # Enough steps between the async saves for the first write to end (judged from the sync save), and as
-        # many after the second, within the time left; a write still running delays the next save (when_busy="wait").
-        save_s = max(s["blocking_s"] or 0.0 for s in sync["saves"])
-        step_s = max(sync["median_step_idle_s"] or 1e-3, 1e-4)
-        variants = [v for v in cfg["variants"] if v != "sync"]
-        budget_steps = int((deadline - time.monotonic()) * 0.6 / max(len(variants), 1) / step_s / 2)
-        gap = max(10, min(int(2.5 * save_s / step_s) + 10, budget_steps, cfg["max_gap"]))
-        out["gap_steps"] = gap
-        for variant in variants:
-            out["variants"][variant] = _speed_fit(cfg, model, variant, [warm, warm + gap], warm + 2 * gap)
-    out["warnings"] = caught.summary()
-    return out
+        at = [WARM_STEPS, WARM_STEPS + gap]
+        figures = _speed_fit(cfg, model, variant, at, WARM_STEPS + 2 * gap)
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "state_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "figures": figures, "warnings": caught.summary()}
 
 
 def child_main(role: str, cfg: dict[str, Any], result_path: str) -> int:
@@ -504,10 +507,10 @@ def _run_child(role: str, cfg: dict[str, Any], timeout_s: float, workdir: Path, 
     result_path, log_path = workdir / f"{tag}.result.json", workdir / f"{tag}.log"
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
-    started = time.monotonic()
+    started, timeout_s = time.monotonic(), max(timeout_s, 1.0)
     proc = context.Process(target=_child_entry, args=(role, cfg, str(result_path), str(log_path)), name=tag)
     proc.start()
-    proc.join(timeout=max(timeout_s, 1))
+    proc.join(timeout=timeout_s)
     rc = proc.exitcode
     if rc is None:
         proc.kill()
@@ -596,7 +599,7 @@ def _merged_warnings(runs: Any) -> list[dict[str, Any]]:
 
 
 def check_speed(args: argparse.Namespace, budget: _Budget, workdir: Path) -> dict[str, dict[str, Any]]:
-    """Checks 2 and 3 from one child: the sync save, then async overlapped and eager."""
+    """Checks 2 and 3: the sync save, then async overlapped and eager, each variant in a process of its own."""
     root = workdir / "speed"
     root.mkdir()
     state_bytes = args.params * 4
@@ -604,14 +607,30 @@ def check_speed(args: argparse.Namespace, budget: _Budget, workdir: Path) -> dic
     if free < 2.5 * state_bytes:
         error = f"{root}: {free / _GIB:.1f} GiB free, {2.5 * state_bytes / _GIB:.1f} GiB needed; pass --workdir"
         return {c: {"ok": False, "problems": [error]} for c in ("async_blocking", "write_inflation")}
-    timeout = min(budget.per_check_s * 2, budget.left())
-    cfg = {"device": args.device, "workdir": str(root), "params": args.params, "batch": args.batch,
-           "variants": list(SPEED_VARIANTS), "time_s": max(timeout - 30, 10), "max_gap": args.max_gap}
-    run = _run_child("speed", cfg, timeout, root, "speed")
-    if not run.get("ok"):
-        fail = {"ok": False, "problems": [f"speed run failed: {run.get('error')}"],
-                "output_tail": run.get("output_tail"), "traceback": run.get("traceback")}
+    base = {"device": args.device, "workdir": str(root), "params": args.params, "batch": args.batch}
+    runs = {"sync": _run_child("speed", {**base, "variant": "sync", "gap": 4}, min(budget.per_check_s, budget.left()),
+                               root, "speed-sync")}
+    gap = None
+    if runs["sync"].get("ok"):
+        # Enough steps between the async saves for the first write to end (judged from the sync save), and as many
+        # after the second, within the time left (a write still running delays the next save: when_busy="wait").
+        sync = runs["sync"]["figures"]
+        save_s = max(s["blocking_s"] or 0.0 for s in sync["saves"])
+        step_s = max(sync["median_step_idle_s"] or 1e-3, 1e-4)
+        per_run_s = min(budget.per_check_s, budget.left() / 2) - 20  # setup, CUDA init, the last write
+        gap = max(10, min(int(2.5 * save_s / step_s) + 10, int(per_run_s / 3 / step_s), args.max_gap))
+        for variant in ("overlapped", "eager"):
+            runs[variant] = _run_child("speed", {**base, "variant": variant, "gap": gap},
+                                       min(budget.per_check_s, budget.left()), root, f"speed-{variant}")
+    failed = {v: r for v, r in runs.items() if not r.get("ok")}
+    if failed:
+        fail = {"ok": False, "problems": [f"speed run ({v}) failed: {r.get('error')}" for v, r in failed.items()],
+                "details": {v: {"output_tail": r.get("output_tail"), "traceback": r.get("traceback")}
+                            for v, r in failed.items()}}
         return {"async_blocking": fail, "write_inflation": dict(fail)}
+    run = {"params": runs["sync"]["params"], "state_bytes": runs["sync"]["state_bytes"], "gap_steps": gap,
+           "variants": {v: r["figures"] for v, r in runs.items()}, "warnings": _merged_warnings(runs.values()),
+           "wall_s": {v: r.get("wall_s") for v, r in runs.items()}}
     return {"async_blocking": _judge_blocking(args, run), "write_inflation": _judge_inflation(run)}
 
 
@@ -650,7 +669,7 @@ def _judge_blocking(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, 
             later = table[variant].get("blocking_later_s")
             table[variant]["blocking_later_vs_sync"] = later / sync_s if _finite(later) else None
     return {"ok": not problems, "problems": problems, "params": run["params"], "gap_steps": run.get("gap_steps"),
-            "variants": table, "raw": run["variants"], "warnings": run.get("warnings", [])}
+            "variants": table, "raw": run["variants"], "warnings": run.get("warnings", []), "wall_s": run["wall_s"]}
 
 
 def _judge_inflation(run: dict[str, Any]) -> dict[str, Any]:

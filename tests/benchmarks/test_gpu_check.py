@@ -79,7 +79,7 @@ def test_a_check_that_times_out_fails_the_run_with_its_reason(tmp_path: Path) ->
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "r.md").read_text()
     assert table.startswith("# gpu_check: FAIL") and "| async_blocking | FAIL |" in table
-    assert "speed run failed: timed out after 1 s" in table
+    assert "speed run (sync) failed: timed out after 1 s" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
