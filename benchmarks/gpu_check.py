@@ -30,9 +30,10 @@ Checks:
    with plain SGD (the state is the parameters), saved twice with ``Checkpointer(async_save=True)``
    (``staging="overlapped"``, then ``"eager"``) and twice with the sync save: the time the training
    thread waited in the save (``checkpoint/blocking_s``, first save: host buffers allocated and
-   pinned; later save: reused), the stall (the step interval that holds the save, minus the median
-   step), the deferred copy, the background write, and whether the staging buffers were pinned
-   (read from the staged tensors, not assumed).
+   pinned; later save: reused), how long the next optimizer steps waited for the deferred copy
+   (overlapped staging), the stall (the step interval that holds the save, minus the median step),
+   the deferred copy, the background write, and whether the staging buffers were pinned (read from
+   the staged tensors, not assumed). Each variant runs in a fresh process.
 3. ``write_inflation``: in the same async runs, the median step time while a background write runs
    over the median step time of the same run while none runs (steps timed with a device sync).
 
@@ -265,15 +266,18 @@ class _SpeedProbe:
         self.spans: list[list[float]] = []  # background job [start, end]
         self.stages: list[dict[str, Any]] = []
         self.deferred_s: list[float] = []
+        self.waits: list[tuple[float, float]] = []  # (start, seconds) of each optimizer step's wait for the copy
         self.metrics: list[dict[str, float]] = []
 
     @contextlib.contextmanager
     def installed(self):
         """Wrap the public entry points the save goes through (restored on exit)."""
+        from lightning_ckpt.saving.async_saves import AsyncSavePipeline
         from lightning_ckpt.saving.background import BackgroundJob
         from lightning_ckpt.saving.staging import Staged, Stager
 
         probe, orig_submit, orig_stage, orig_copy = self, BackgroundJob.submit, Stager.stage, Staged.copy_deferred
+        orig_wait = AsyncSavePipeline.wait_for_copy
 
         def submit(job_self: Any, job: Any) -> None:
             def timed() -> Any:
@@ -289,7 +293,8 @@ class _SpeedProbe:
         def stage(stager: Any, state: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             staged = orig_stage(stager, state, **kwargs)
-            probe.stages.append({"stage_s": time.perf_counter() - t0, **_pinned(staged.state), "nbytes": staged.nbytes,
+            probe.stages.append({"at": t0, "stage_s": time.perf_counter() - t0, **_pinned(staged.state),
+                                 "nbytes": staged.nbytes,
                                  "pin_memory_option": bool(stager.pin_memory)})
             return staged
 
@@ -298,11 +303,18 @@ class _SpeedProbe:
             orig_copy(staged)
             probe.deferred_s.append(time.perf_counter() - t0)
 
+        def wait_for_copy(pipeline: Any) -> None:  # the step pre-hook (built in fit, so after this patch)
+            t0 = time.perf_counter()
+            orig_wait(pipeline)
+            probe.waits.append((t0, time.perf_counter() - t0))
+
         BackgroundJob.submit, Stager.stage, Staged.copy_deferred = submit, stage, copy_deferred
+        AsyncSavePipeline.wait_for_copy = wait_for_copy
         try:
             yield self
         finally:
             BackgroundJob.submit, Stager.stage, Staged.copy_deferred = orig_submit, orig_stage, orig_copy
+            AsyncSavePipeline.wait_for_copy = orig_wait
 
     def callbacks(self) -> list[Any]:
         import lightning as L
@@ -431,13 +443,18 @@ def _speed_figures(probe: _SpeedProbe, at: list[int], wall_s: float) -> dict[str
             idle.append(dt)
     med_idle = statistics.median(idle) if idle else math.nan
     saves = []
+    starts = [stage["at"] for stage in probe.stages] + [math.inf]
     for i, step in enumerate(at):
         fig = next((m for m in probe.metrics if int(m.get("step", -1)) == step), {})
+        # the optimizer steps' waits for this save's deferred copy (overlapped staging): before the next save
+        step_wait = (sum((d for t, d in probe.waits if starts[i] <= t < starts[i + 1]), 0.0)
+                     if i + 1 < len(starts) else None)
         saves.append({"step": step, "blocking_s": fig.get("blocking_s"), "write_s": fig.get("write_s"),
                       "bytes": fig.get("bytes"), "interval_s": save_intervals.get(step),
                       "stall_s": save_intervals[step] - med_idle if step in save_intervals else None,
                       "stage": probe.stages[i] if i < len(probe.stages) else None,
                       "deferred_copy_s": probe.deferred_s[i] if i < len(probe.deferred_s) else None,
+                      "step_wait_s": step_wait,
                       "background_s": probe.spans[i][1] - probe.spans[i][0] if i < len(probe.spans) else None})
     return {"saves": saves, "committed": len(probe.metrics), "steps": len(probe.marks),
             "median_step_idle_s": med_idle, "idle_steps": len(idle),
@@ -489,7 +506,8 @@ class _Budget:
 
 # Children are forked from a server process that imported these once (and never touched CUDA): a child
 # starts in a fraction of a second instead of importing torch and Lightning again.
-_PRELOAD = ["torch", "lightning", "lightning.pytorch", "lightning_ckpt", "lightning_ckpt.lightning.checkpointing.checkpointer",
+_PRELOAD = ["torch", "lightning", "lightning.pytorch", "lightning_ckpt",
+            "lightning_ckpt.lightning.checkpointing.checkpointer",
             "lightning_ckpt.lightning.exact.exact_resume"]
 
 
@@ -654,6 +672,7 @@ def _judge_blocking(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, 
                 stage = save["stage"] or {}
                 row[f"stage_{which}_s"] = stage.get("stage_s")
                 row[f"deferred_copy_{which}_s"] = save["deferred_copy_s"]
+                row[f"step_wait_{which}_s"] = save["step_wait_s"]
                 row[f"background_{which}_s"] = save["background_s"]
                 row[f"pinned_bytes_{which}"] = stage.get("pinned_bytes")
                 row[f"staged_bytes_{which}"] = stage.get("staged_bytes")
@@ -702,7 +721,8 @@ def environment(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     env: dict[str, Any] = {
         "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "torch_cuda": torch.version.cuda, "lightning": installed("lightning"),
-        "lightning_ckpt": installed("lightning-ckpt"), "device": args.device, "cuda_available": torch.cuda.is_available(),
+        "lightning_ckpt": installed("lightning-ckpt"), "device": args.device,
+        "cuda_available": torch.cuda.is_available(),
         "workdir": str(workdir), "workdir_free_gib": round(shutil.disk_usage(workdir).free / _GIB, 1),
         "workdir_fs": _fs_type(workdir),
     }
@@ -753,8 +773,9 @@ def summary(report: dict[str, Any]) -> str:
             fig = (f"losses equal {_fmt(c.get('losses_equal'))}, weights {_fmt(c.get('weights_equal'))}, "
                    f"optimizer {_fmt(c.get('optimizer_equal'))}, CUDA RNG states {c.get('cuda_rng_states', '-')}")
         elif name == "async_blocking":
-            fig = "; ".join(f"{v}: blocks {_fmt(r.get('blocking_first_s'))} / {_fmt(r.get('blocking_later_s'))} "
-                            f"(stall {_fmt(r.get('stall_later_s'))}), pinned {_fmt(r.get('pinned_later'))}"
+            fig = "; ".join(f"{v}: blocks {_fmt(r.get('blocking_first_s'))} first / {_fmt(r.get('blocking_later_s'))} "
+                            f"later (+ next step's wait {_fmt(r.get('step_wait_later_s'))}; stall "
+                            f"{_fmt(r.get('stall_later_s'))}), pinned {_fmt(r.get('pinned_later'))}"
                             if v != "sync" else f"sync save {_fmt(r.get('blocking_later_s'))}"
                             for v, r in c.get("variants", {}).items())
         else:
@@ -780,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checks", default="exact,speed", help="comma-separated: exact, speed")
     parser.add_argument("--workdir", default=None, help="where checkpoints go (default: a new temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir (checkpoints, child logs)")
-    parser.add_argument("--out", default=None, help="write the JSON report here (the summary table if FILE ends in .md)")
+    parser.add_argument("--out", default=None,
+                        help="write the JSON report here (the summary table if FILE ends in .md)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

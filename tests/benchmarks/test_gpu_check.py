@@ -60,7 +60,7 @@ def test_cpu_run_passes_every_check_and_reports_it(tmp_path: Path) -> None:
                 assert row[f"staged_bytes_{which}"] >= row["state_bytes"], (variant, row)
                 assert _finite(row[f"stage_{which}_s"]) and _finite(row[f"background_{which}_s"]), (variant, row)
         if variant == "overlapped":  # the parameters were copied on the worker, after the save returned
-            assert _finite(row["deferred_copy_later_s"]), row
+            assert _finite(row["deferred_copy_later_s"]) and _finite(row["step_wait_later_s"]), row
     for variant in ("overlapped", "eager"):
         assert _finite(blocking["variants"][variant]["blocking_later_vs_sync"])
         raw = blocking["raw"][variant]
