@@ -43,6 +43,7 @@ def test_cpu_run_passes_every_check_and_reports_it(tmp_path: Path) -> None:
     for variant in ("async", "sync"):  # killed after the save of step 8, resumed from it, bit-exact to step 30
         exact = report["checks"][f"exact_resume_{variant}"]
         assert exact["losses_equal"] and exact["weights_equal"] and exact["optimizer_equal"], exact
+        assert exact["epoch_means_equal"] and len(exact["epoch_means"]) >= 2, exact  # the resumed epoch's mean too
         assert exact["crash_run_losses_equal"] and exact["steps"] == 30 and not exact["steps_differing"]
         assert exact["resumed_from"].endswith("step=000000008"), exact
         assert exact["cuda_rng_states"] == 0  # on CPU: none; --device cuda requires one per device
@@ -68,8 +69,9 @@ def test_cpu_run_passes_every_check_and_reports_it(tmp_path: Path) -> None:
 
     inflation = report["checks"]["write_inflation"]["variants"]
     assert set(inflation) == {"overlapped", "eager"}
-    for row in inflation.values():
-        assert _finite(row["inflation"]) and row["writing_steps"] > 0 and row["idle_steps"] > 0, row
+    for row in inflation.values():  # on a loaded CPU a tiny write may end before the next step: then a note
+        assert row["idle_steps"] > 0, row
+        assert (_finite(row["inflation"]) and row["writing_steps"] > 0) or (row["writing_steps"] == 0 and row["note"])
     assert not list(tmp_path.glob("gpu_check-*"))  # its checkpoints and child logs removed
 
 
