@@ -783,6 +783,9 @@ def summary(report: dict[str, Any]) -> str:
              f"Checkpoints written to {env['workdir']} ({env.get('workdir_fs') or 'filesystem unknown'}"
              f"{': in memory, not a disk; pass --workdir' if env.get('workdir_fs') == 'tmpfs' else ''}).", "",
              "| check | result | figures |", "| --- | --- | --- |"]
+    def pinned(value: Any) -> str:
+        return _fmt(value) if env["device"] == "cuda" else "no (none expected on CPU)"
+
     for name in (n for n in CHECKS if n in checks):  # those --checks asked for
         c = checks[name]
         if name.startswith("exact"):
@@ -792,7 +795,7 @@ def summary(report: dict[str, Any]) -> str:
         elif name == "async_blocking":
             fig = "; ".join(f"{v}: blocks {_fmt(r.get('blocking_first_s'))} first / {_fmt(r.get('blocking_later_s'))} "
                             f"later (+ next step's wait {_fmt(r.get('step_wait_later_s'))}; stall "
-                            f"{_fmt(r.get('stall_later_s'))}), pinned {_fmt(r.get('pinned_later'))}"
+                            f"{_fmt(r.get('stall_later_s'))}), pinned {pinned(r.get('pinned_later'))}"
                             if v != "sync" else f"sync save {_fmt(r.get('blocking_later_s'))}"
                             for v, r in c.get("variants", {}).items())
         else:
