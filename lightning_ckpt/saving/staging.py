@@ -64,14 +64,34 @@ class Staged:
     state: Any
     nbytes: int = 0
     deferred: list[_Copy] = field(default_factory=list)
+    ready: dict[torch.device, Any] = field(default_factory=dict)  # CUDA device -> event: its state as staged
 
     def copy_deferred(self) -> None:
         """Copy the deferred tensors; the copy is exact only if their sources did not change since
-        ``stage`` (the caller's guarantee, e.g. no optimizer step in between)."""
+        ``stage`` (the caller's guarantee, e.g. no optimizer step in between).
+
+        Meant for another thread than training's: CUDA sources are copied on a side stream of their
+        device, which first waits for the work queued on the training stream when ``stage`` ran (the
+        last update), so the copy overlaps the kernels queued after it instead of queueing behind
+        them on one stream; it returns once the bytes are on the host.
+        """
         copies, self.deferred = self.deferred, []
+        streams: dict[torch.device, Any] = {}
         for deferred in copies:
-            deferred.non_blocking = False
-            deferred.run()
+            device = deferred.source.device
+            if device.type != "cuda":
+                deferred.non_blocking = False
+                deferred.run()
+                continue
+            if device not in streams:
+                streams[device] = torch.cuda.Stream(device)
+                if device in self.ready:
+                    streams[device].wait_event(self.ready[device])
+            with torch.cuda.stream(streams[device]):
+                deferred.non_blocking = True
+                deferred.run()
+        for stream in streams.values():
+            stream.synchronize()  # the sources stay referenced by ``copies`` until their bytes are copied
 
 
 class Stager:
@@ -97,8 +117,10 @@ class Stager:
         walk = _Walk(self._buffers, self.pin_memory, defer)
         staged = Staged(walk.copy(state, ()))
         staged.deferred = walk.copy_storages()
-        if walk.device_copies:
-            torch.cuda.synchronize()  # non-blocking device->host copies: done before training goes on
+        for device in walk.device_copies:
+            torch.cuda.synchronize(device)  # non-blocking device->host copies: done before training goes on
+        for device in {d.source.device for d in staged.deferred if d.source.device.type == "cuda"}:
+            staged.ready[device] = torch.cuda.current_stream(device).record_event()  # the training stream, now
         self._buffers = walk.used  # positions no longer in the state let their buffers go
         staged.nbytes = walk.nbytes
         return staged
@@ -123,7 +145,7 @@ class _Walk:
         self.plans: dict[tuple, _Plan] = {}  # source storage -> its buffer and ranges, in this pass
         self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (source, copy)
         self.nbytes = 0
-        self.device_copies = False
+        self.device_copies: set[torch.device] = set()  # devices with non-blocking copies queued
 
     def copy(self, value: Any, path: tuple) -> Any:
         if isinstance(value, torch.Tensor):
@@ -180,7 +202,8 @@ class _Walk:
                 deferred.append(_Copy(plan.copy.buffer, plan.copy.source, later))
                 plan.copy.ranges = _gaps(later, plan.copy.source.nbytes())
             plan.copy.run()  # with overlapping ranges (a view of both kinds), the whole storage now
-            self.device_copies |= plan.copy.non_blocking
+            if plan.copy.non_blocking:
+                self.device_copies.add(plan.copy.source.device)
         return deferred
 
 

@@ -87,12 +87,12 @@ class RNGSnapshot:
         if npy[_NP_BIT_GENERATOR] != "MT19937":
             raise ValueError(f"numpy global generator state is {npy[_NP_BIT_GENERATOR]!r}; expected 'MT19937'")
         numpy_state = {_NP_BIT_GENERATOR: npy[_NP_BIT_GENERATOR],
-                       "state": {_NP_KEY: npy[_NP_KEY].numpy().astype(np.uint32), _NP_POS: int(npy[_NP_POS])},
+                       "state": {_NP_KEY: npy[_NP_KEY].cpu().numpy().astype(np.uint32), _NP_POS: int(npy[_NP_POS])},
                        _NP_HAS_GAUSS: int(npy[_NP_HAS_GAUSS]), _NP_GAUSS: float(npy[_NP_GAUSS])}
         python_state = (int(py[_PY_VERSION]), tuple(int(v) for v in py[_PY_STATE].tolist()), py[_PY_GAUSS])
         return cls(python_state=python_state, numpy_state=numpy_state,
-                   torch_state=state[TORCH_KEY].clone().to(torch.uint8),
-                   cuda_states=tuple(s.clone().to(torch.uint8) for s in state.get(CUDA_KEY, ())))
+                   torch_state=_host_bytes(state[TORCH_KEY]),
+                   cuda_states=tuple(_host_bytes(s) for s in state.get(CUDA_KEY, ())))
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -131,6 +131,12 @@ def derive_seed(*parts: int) -> int:
     """A well-mixed non-negative 63-bit seed from integers (e.g. a base seed, an epoch, a batch index)."""
     packed = struct.pack(f"<{len(parts)}q", *(p & _SEED_MASK for p in parts))
     return xxhash.xxh64_intdigest(packed) & _SEED_MASK
+
+
+def _host_bytes(state: torch.Tensor) -> torch.Tensor:
+    # torch.set_rng_state and torch.cuda.set_rng_state take CPU byte tensors only; a checkpoint loaded
+    # with map_location="cuda" has its RNG states on the device.
+    return state.detach().to("cpu", torch.uint8, copy=True)
 
 
 def _cuda_states() -> tuple[torch.Tensor, ...]:

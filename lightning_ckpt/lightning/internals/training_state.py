@@ -101,7 +101,7 @@ def merge_epoch_logged_states(trainer: pl.Trainer, saved: Mapping[str, Mapping[s
 
 def partial_grads(module: pl.LightningModule) -> dict[str, torch.Tensor]:
     """The gradients accumulated so far, by parameter name."""
-    return {name: p.grad.detach().cpu().clone() for name, p in module.named_parameters() if p.grad is not None}
+    return {name: p.grad.detach().to("cpu", copy=True) for name, p in module.named_parameters() if p.grad is not None}
 
 
 def restore_grads(module: torch.nn.Module, grads: Mapping[str, torch.Tensor]) -> None:
