@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install demo test quick-test install-test fuzz bench clean
+.PHONY: install demo test quick-test install-test fuzz bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ fuzz: install
 
 bench: install
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# On a machine with an NVIDIA GPU (under 5 minutes): exact resume, async blocking and step inflation on CUDA.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --out gpu_check.json
 
 clean:
 	rm -rf $(VENV) demo_runs .pytest_cache .hypothesis
