@@ -31,7 +31,7 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
 # Three jobs run every fit (tests/scripts/fsdp_fit.py): 2 ranks, then 1 rank, then 2 ranks again, each fit
 # in its own directory; a fit that goes on from an earlier one's checkpoint is in a later job. A fit that
 # kills its ranks ends its job: it goes last. A test reads its fits' rows and directories.
-FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "crash")
+FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "crash")
 ONE_RANK = ("single", "2to1", "url-2to1")
 THEN = ("resume", "1to2", "mirror-resume", "url-resume", "killed")
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN)))
@@ -64,6 +64,7 @@ class Runs:
             "fail-raise": {"dirpath": self / "fail-raise" / "c", **fail, "on_save_error": "raise"},
             "url": {**self.url("url"), "max_steps": 8},
             "url-fail": {**self.url("url-fail"), "max_steps": 7, "fail_upload": 6},
+            "node-local": {"dirpath": self / "node-local", "max_steps": 4, "node_local": True},
             "crash": {"dirpath": self / "crash" / "c", "max_steps": 8, "crash_at": 4},  # every rank exits after step 4
         }, FIRST)
 
@@ -327,3 +328,14 @@ def test_an_upload_that_fails_on_rank_1_is_one_error_on_every_rank_and_commits_n
     assert "rank 1: StorageError" in error and "connection to the storage was reset" in error
     assert latest_checkpoint(url, storage_options=runs.s3.options) == f"{url}/step=000000003"
     assert not fs.exists(f"{url}/step=000000006/{MANIFEST_FILE}")
+
+
+def test_a_sharded_dirpath_some_rank_does_not_see_is_refused_at_setup_on_every_rank(runs, first):
+    rows = first.rows("node-local")
+    here = runs / "node-local" / "rank0"
+    assert {r["error"] for r in rows} == {
+        f"ValueError: Checkpointer(dirpath={str(here)!r}): rank(s) [1] do not see the files rank 0 writes there "
+        "(each node has a disk of its own?). A sharded checkpoint is written by every rank into one directory: use a "
+        "filesystem every node mounts, or a URL dirpath (dirpath='s3://bucket/run', storage_options=...), where "
+        "every rank uploads its own shard"}, rows
+    assert not [p for p in here.iterdir() if not p.name.startswith(".lightning-ckpt")]  # no probe, no checkpoint

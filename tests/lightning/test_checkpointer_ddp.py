@@ -22,7 +22,7 @@ from lightning_ckpt.store.ledger import LEDGER_FILE
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
 # Those that train to the end first: a scenario that failed to stay collective ends the job, not the others.
-FIRST = ("save", "mirror", "s3", "warn", "raise", "async-raise", "held", "logged")
+FIRST = ("save", "mirror", "s3", "warn", "raise", "async-raise", "held", "logged", "node-local")
 RESUMED = ("save", "s3")
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(RESUMED)))
 
@@ -46,6 +46,7 @@ class Runs:
             "held": {"dirpath": self.root / "held", "max_steps": 4},
             "logged": {"dirpath": self.root / "logged", "max_steps": 10, "async_save": True,
                        "mlflow": f"file:{self.root / 'mlruns'}"},
+            "node-local": {"dirpath": self.root / "node-local", "max_steps": 4, "node_local": True},
         }
         assert tuple(scenarios) == FIRST  # the names its timeout counts
         lock = LocalStore(self.root / "held").lock()  # another live run writes there
@@ -181,3 +182,20 @@ def test_ddp_saves_to_s3_and_both_ranks_resume_from_last_in_the_bucket(runs: Run
 def test_both_jobs_end_without_a_hang(first: Job, resumed: Job) -> None:
     first.assert_ended()  # both ranks came out of every fit, the failed ones too, and exited cleanly
     resumed.assert_ended()
+
+
+def test_ranks_that_do_not_see_the_dirpath_are_found_at_setup_and_named_once(runs: Runs, first: Job) -> None:
+    """Each rank its own directory (as nodes with disks of their own): rank 0 warns once, naming the ranks
+    and what a resume needs; training goes on, rank 0 writes, nothing of the probe is left."""
+    zero, one = first.rows("node-local")
+    assert zero.get("error") is one.get("error") is None and zero["step"] == one["step"] == 4, (zero, one)
+    here = runs.root / "node-local" / "rank0"
+    assert [w for w in zero["warned"] if "do not see" in w] == [
+        f"Checkpointer(dirpath={str(here)!r}): rank(s) [1] do not see the files rank 0 writes there (each node has "
+        "a disk of its own?). Rank 0 writes every checkpoint, on its node only; a resume needs the checkpoint where "
+        "every rank can read it: no copy exists elsewhere: add mirror=Mirror(url), or use a shared filesystem or a "
+        "URL dirpath"]
+    assert not [w for w in one["warned"] if "do not see" in w]
+    assert LocalStore(here).names() and not [p for p in here.iterdir() if p.name.startswith(".tmp-")]
+    other = runs.root / "node-local" / "rank1"
+    assert not other.exists() or not [p for p in other.iterdir() if p.name.startswith("step=")]

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import error_text, serve  # noqa: E402
+from launch import error_text, rank, serve  # noqa: E402
 from tiny import TinyModel, tiny_loader  # noqa: E402
 
 from lightning_ckpt import Checkpointer, CheckpointWarning, Mirror  # noqa: E402
@@ -50,8 +50,11 @@ def save_fails_at(step: int | None) -> Iterator[None]:
 
 def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: int | None = None,
         on_save_error: str = "raise", mirror: str | None = None, async_save: bool = False,
-        storage_options: str | None = None, backbone: bool = False, mlflow: str | None = None) -> dict[str, Any]:
+        storage_options: str | None = None, backbone: bool = False, mlflow: str | None = None,
+        node_local: bool = False) -> dict[str, Any]:
     L.seed_everything(0)
+    if node_local:  # each rank its own directory, as on nodes with disks of their own
+        dirpath = os.path.join(dirpath, f"rank{rank()}")
     logger = False
     if mlflow:  # MLFlowLogger(log_model="all") on a file store: rank 0 uploads each save
         os.environ.update(MLFLOW_ALLOW_FILE_STORE="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")

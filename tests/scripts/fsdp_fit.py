@@ -10,6 +10,7 @@ with ENOSPC (inside DCP's collective save), in that scenario only. ``dump_start=
 (safetensors; rank 0 writes it). ``out=FILE``: the full model state at the end of training (ditto).
 ``storage_options``: the Checkpointer's, for a URL dirpath. ``fail_upload=STEP``: rank 1's upload of its shard
 file for the save at STEP fails (the store's upload seam raises ConnectionError), in that scenario only.
+``node_local=True``: each rank's dirpath is its own subdirectory ``rank<N>`` (disks of their own).
 """
 
 from __future__ import annotations
@@ -118,8 +119,11 @@ def seams(kill_rank_in_save: int | None, fail_shard_write: int | None, fail_uplo
 def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: int | None = None,
         kill_rank_in_save: int | None = None, fail_shard_write: int | None = None, on_save_error: str = "raise",
         mirror: str | None = None, dump_start: str | None = None, out: str | None = None,
-        storage_options: dict[str, Any] | None = None, fail_upload: int | None = None) -> dict[str, Any]:
+        storage_options: dict[str, Any] | None = None, fail_upload: int | None = None,
+        node_local: bool = False) -> dict[str, Any]:
     L.seed_everything(0)
+    if node_local:  # each rank its own directory, as on nodes with disks of their own
+        dirpath = os.path.join(dirpath, f"rank{rank()}")
     ranks = world_size()
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, on_save_error=on_save_error,
                         mirror=Mirror(mirror) if mirror else None, storage_options=storage_options)

@@ -24,6 +24,7 @@ from lightning_ckpt.lightning.checkpointing.metric_origin import MetricOrigin
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import checked_dirpath
 from lightning_ckpt.lightning.checkpointing.save_options import STAGING, check_save_options
+from lightning_ckpt.lightning.checkpointing.shared_dirpath import claim_and_probe
 from lightning_ckpt.lightning.checkpointing.sharded_io import route_if_sharded
 from lightning_ckpt.lightning.checkpointing.trainer_io import (StrategyAgree, ensure_safetensors_io, from_rank_zero,
                                                                log_save_figures, snapshot, write)
@@ -194,7 +195,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         agree = StrategyAgree(trainer)
         self._manager = CheckpointManager(self.dirpath, self._retention, run_id=None,
                                           storage_options=self._storage_options)
-        self._manager.run_id = decided_on_rank_zero(agree, self._claim_directory)
+        self._manager.run_id = claim_and_probe(trainer, agree, self._claim_directory, self.dirpath, self.mirror)
         self._pipeline = self._new_pipeline(agree)
         self._uploads = LoggerUploads(trainer, self._pipeline,
                                       settings(self._schedule, self._retention, self.async_save))

@@ -1,0 +1,70 @@
+"""Whether every rank sees the Checkpointer's local ``dirpath`` (one filesystem shared by the nodes) or each node
+has a disk of its own: found out at setup, said once.
+
+Rank 0 writes a probe file into ``dirpath``, every rank reports whether it sees it (a collective), rank 0
+removes it. Sharded checkpoints need every rank to write into one directory, so a ``dirpath`` some rank
+cannot see is refused on every rank, naming the layouts that work; under DDP rank 0 writes every checkpoint,
+on its own node, and a warning says what a resume elsewhere needs.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lightning_ckpt.distributed.agree import Agree, all_ranks, decided_on_rank_zero
+from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.store.fsutil import TMP_PREFIX, remote_scheme
+
+PROBE_PREFIX = f"{TMP_PREFIX}probe."  # a leftover name, should a crash leave one
+
+
+def claim_and_probe(trainer: L.Trainer, agree: Agree, claim: Callable[[], str], dirpath: str,
+                    mirror: object | None) -> str:
+    """Rank 0 claims ``dirpath`` (``claim``, returning the run id every rank learns); then, with several
+    ranks and a local ``dirpath``, whether every rank sees it (what is said depends on a ``mirror``).
+
+    Raises:
+        ValueError: on every rank, a sharded save's ``dirpath`` that some rank does not see.
+    """
+    run_id = decided_on_rank_zero(agree, claim)
+    if trainer.world_size > 1 and remote_scheme(dirpath) is None:
+        blind, where = unseeing_ranks(agree, Path(dirpath))
+        if blind:
+            _refuse_or_warn(trainer, where, blind, mirrored=mirror is not None)
+    return run_id
+
+
+def unseeing_ranks(agree: Agree, root: Path) -> tuple[list[int], str]:
+    """The ranks that do not see a file rank 0 has just written into ``root`` (a collective), and rank 0's
+    ``root`` (the same words on every rank)."""
+    def write_probe() -> tuple[str, str]:
+        name = f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
+        (root / name).write_bytes(b"")
+        return name, str(root)
+
+    probe, where = decided_on_rank_zero(agree, write_probe)
+    try:
+        seen = all_ranks(agree, lambda: (root / probe).is_file())
+    finally:
+        decided_on_rank_zero(agree, lambda: (root / probe).unlink(missing_ok=True))
+    return [rank for rank, saw in enumerate(seen) if not saw], where
+
+
+def _refuse_or_warn(trainer: L.Trainer, dirpath: str, blind: list[int], *, mirrored: bool) -> None:
+    where = (f"Checkpointer(dirpath={dirpath!r}): rank(s) {blind} do not see the files rank 0 writes there "
+             "(each node has a disk of its own?)")
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        raise ValueError(f"{where}. A sharded checkpoint is written by every rank into one directory: use a "
+                         "filesystem every node mounts, or a URL dirpath (dirpath='s3://bucket/run', "
+                         "storage_options=...), where every rank uploads its own shard")
+    if trainer.is_global_zero:
+        copy = ("the Mirror holds a copy every node can download" if mirrored else
+                "no copy exists elsewhere: add mirror=Mirror(url), or use a shared filesystem or a URL dirpath")
+        warnings.warn(f"{where}. Rank 0 writes every checkpoint, on its node only; a resume needs the checkpoint "
+                      f"where every rank can read it: {copy}", CheckpointWarning, stacklevel=3)
