@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+LOOP_ARGS ?=
 
 .PHONY: install demo test quick-test install-test fuzz bench clean
 
@@ -41,8 +42,11 @@ quick-test: install
 fuzz: install
 	$(BIN)/python -m pytest -q -m fuzz tests/faults/test_fuzz_reader.py tests/faults/test_fuzz_header_differential.py $(PYTEST_ARGS)
 
+# bench.py: save and load alone (BENCH_ARGS); bench_loop.py: what checkpointing adds to `trainer.fit` (LOOP_ARGS,
+# e.g. LOOP_ARGS="--out loop.md --json loop.json"; ~15 min on 2 cores at its default size).
 bench: install
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_loop.py $(LOOP_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_runs .pytest_cache .hypothesis
