@@ -42,11 +42,11 @@ quick-test: install
 fuzz: install
 	$(BIN)/python -m pytest -q -m fuzz tests/faults/test_fuzz_reader.py tests/faults/test_fuzz_header_differential.py $(PYTEST_ARGS)
 
-# bench.py: save and load alone (BENCH_ARGS); bench_loop.py: what checkpointing adds to `trainer.fit` (LOOP_ARGS,
-# e.g. LOOP_ARGS="--out loop.md --json loop.json"; ~15 min on 2 cores at its default size).
+# bench.py: save and load alone (BENCH_ARGS), writes benchmarks/RESULTS.md; bench_loop.py: what checkpointing adds
+# to `trainer.fit` (LOOP_ARGS, e.g. "--json loop.json"), appends its table to that RESULTS.md.
 bench: install
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
-	$(BIN)/python benchmarks/bench_loop.py $(LOOP_ARGS)
+	$(BIN)/python benchmarks/bench_loop.py --append benchmarks/RESULTS.md $(LOOP_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_runs .pytest_cache .hypothesis

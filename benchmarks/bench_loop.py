@@ -31,6 +31,7 @@ ours keeps its defaults otherwise (fsync on, checksums, ``exact_resume``). Each 
 
     python benchmarks/bench_loop.py                        # 67M parameters (0.75 GiB of state), 40 steps, 3 rounds
     python benchmarks/bench_loop.py --quick                # a tiny model: a check that it runs (seconds)
+    python benchmarks/bench_loop.py --append benchmarks/RESULTS.md --json loop.json   # what `make bench` runs
 
 Checkpoints go to a temporary directory under ``--dir`` (default: the repository's directory, so the
 disk measured is the repository's; never /dev/shm), removed after each run, with a ``sync`` so that one
@@ -201,7 +202,7 @@ def summarize(rounds: dict[str, list[dict]]) -> dict[str, dict]:
         return statistics.median(values) if values else math.nan
 
     keys = ("fit_s", "step_s", "tail_s", "stall_s", "during_step_s", "steps_during", "cost_per_save_s", "write_s")
-    out = {name: {k: med(rows, k) for k in keys} | {"saves": rows[0]["saves"], "saved_on_disk": rows[0]["saved_on_disk"]}
+    out = {name: {k: med(rows, k) for k in keys} | {k: rows[0][k] for k in ("saves", "saved_on_disk")}
            for name, rows in rounds.items()}
     base = out["baseline"]
     for row in out.values():
@@ -220,7 +221,8 @@ def table(summary: dict[str, dict], config: dict) -> str:
         f"`trainer.fit`, {config['params'] / 1e6:.1f}M float32 parameters + AdamW ({config['state_gib']:.2f} GiB of "
         f"state), {config['steps']} steps, a save every {config['every']} steps, batch {config['batch']}, "
         f"{config['threads']} torch threads, {config['cpus']} CPUs; median of {config['repeat']} rounds after "
-        f"{config['warmup']} warm-up run(s), each run a fresh process, order rotated each round. Checkpoints on {config['disk']}.",
+        f"{config['warmup']} warm-up run(s), each run a fresh process, order rotated each round. "
+        f"Checkpoints on {config['disk']}.",
         "",
         "| contender | fit | overhead | step | stall at save | inflation during write | steps during write "
         "| cost/save | write | end wait | saves |",
@@ -230,7 +232,8 @@ def table(summary: dict[str, dict], config: dict) -> str:
         overhead = "—" if name == "baseline" else f"{row['overhead_pct']:+.1f}%"
         lines.append(
             f"| {CONTENDERS[name]} | {row['fit_s']:.2f} s | {overhead} | {row['step_s'] * 1e3:.0f} ms "
-            f"| {cell(row['stall_s'], '.3f')} | {cell(row['inflation'], '.2f', 'x')} | {cell(row['steps_during'], '.1f', '')} "
+            f"| {cell(row['stall_s'], '.3f')} | {cell(row['inflation'], '.2f', 'x')} "
+            f"| {cell(row['steps_during'], '.1f', '')} "
             f"| {cell(row['cost_per_save_s'], '.3f')} | {cell(row['write_s'], '.3f')} "
             f"| {'—' if name == 'baseline' else cell(row['end_wait_s'], '+.3f')} | {row['saves']} |")
     return "\n".join(lines) + "\n"
@@ -266,6 +269,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--start-method", choices=("forkserver", "spawn"), default="forkserver")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--append", metavar="FILE",
+                        help="append the table as a section of FILE (make bench: to the RESULTS.md bench.py wrote)")
     parser.add_argument("--json", help="write every figure (and each run's step times) to this file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -305,14 +310,21 @@ def main(argv: list[str] | None = None) -> None:
     first = runs["baseline"][0]
     config = {"params": first["state_bytes"] // 12, "state_gib": first["state_bytes"] / 2**30, "steps": args.steps,
               "every": args.every, "batch": args.batch, "repeat": args.repeat, "warmup": args.warmup,
-              "threads": first["threads"], "cpus": os.cpu_count(), "disk": f"the disk of {args.dir}", "start_method": args.start_method}
+              "threads": first["threads"], "cpus": os.cpu_count(), "disk": f"the disk of {args.dir}",
+              "start_method": args.start_method}
     text = table(summary, config)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"config": config, "summary": summary, "rounds": rounds}, indent=1))
-    print(f"bench_loop.py took {time.perf_counter() - began:.0f} s", flush=True)
+    took = time.perf_counter() - began
+    if args.append:
+        command = " ".join(["python benchmarks/bench_loop.py", *(argv if argv is not None else sys.argv[1:])])
+        with open(args.append, "a") as f:
+            f.write(f"\n## What checkpointing adds to a training loop\n\nWritten by `{command}` on "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (it took {took / 60:.0f} min).\n\n{text}")
+    print(f"bench_loop.py took {took:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
