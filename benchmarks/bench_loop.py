@@ -22,7 +22,8 @@ ours keeps its defaults otherwise (fsync on, checksums, ``exact_resume``). Each 
   hooks at the end of a step count in it) over the steps no save touched;
 - ``stall``: the time of the save steps minus that median (what training waits at the step that saves);
 - ``inflation``: the median time of the steps between a save and its commit (the end of the write), over
-  the baseline's median step time (1.00: the background write costs the training threads nothing);
+  the baseline's median step time (1.00: the background write costs the training threads nothing); ``(own)``:
+  over this run's own median step (steadier when the machine's load drifts between runs);
 - ``cost/save``: the time a save adds to the steps it touches: the save step and the steps during its write,
   each minus the median step;
 - ``write``: the write and commit of one save (from the CheckpointIO's ``save_checkpoint``, on whatever thread);
@@ -186,6 +187,7 @@ def figures(run: dict, every: int) -> dict:
         "fit_s": run["fit_s"], "step_s": median, "tail_s": run["fit_s"] - run["train_end"],
         "stall_s": statistics.median(times[i] - median for i in saves) if saves else nan,
         "during_step_s": statistics.median([times[i] for d in during.values() for i in d] or [nan]),
+        "inflation_own": statistics.median([times[i] for d in during.values() for i in d] or [nan]) / median,
         "steps_during": sum(len(d) for d in during.values()) / len(saves) if saves else nan,
         "cost_per_save_s": (sum(times[i] - median for s in saves for i in (s, *during[s])) / len(saves)
                             if saves else nan),
@@ -201,7 +203,8 @@ def summarize(rounds: dict[str, list[dict]]) -> dict[str, dict]:
         values = [r[key] for r in rows if not math.isnan(r[key])]
         return statistics.median(values) if values else math.nan
 
-    keys = ("fit_s", "step_s", "tail_s", "stall_s", "during_step_s", "steps_during", "cost_per_save_s", "write_s")
+    keys = ("fit_s", "step_s", "tail_s", "stall_s", "during_step_s", "inflation_own", "steps_during",
+            "cost_per_save_s", "write_s")
     out = {name: {k: med(rows, k) for k in keys} | {k: rows[0][k] for k in ("saves", "saved_on_disk")}
            for name, rows in rounds.items()}
     base = out["baseline"]
@@ -224,15 +227,16 @@ def table(summary: dict[str, dict], config: dict) -> str:
         f"{config['warmup']} warm-up run(s), each run a fresh process, order rotated each round. "
         f"Checkpoints on {config['disk']}.",
         "",
-        "| contender | fit | overhead | step | stall at save | inflation during write | steps during write "
+        "| contender | fit | overhead | step | stall at save | inflation during write (own) | steps during write "
         "| cost/save | write | end wait | saves |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in summary.items():
         overhead = "—" if name == "baseline" else f"{row['overhead_pct']:+.1f}%"
+        own = "" if math.isnan(row["inflation_own"]) else f" ({row['inflation_own']:.2f}x)"
         lines.append(
             f"| {CONTENDERS[name]} | {row['fit_s']:.2f} s | {overhead} | {row['step_s'] * 1e3:.0f} ms "
-            f"| {cell(row['stall_s'], '.3f')} | {cell(row['inflation'], '.2f', 'x')} "
+            f"| {cell(row['stall_s'], '.3f')} | {cell(row['inflation'], '.2f', 'x')}{own} "
             f"| {cell(row['steps_during'], '.1f', '')} "
             f"| {cell(row['cost_per_save_s'], '.3f')} | {cell(row['write_s'], '.3f')} "
             f"| {'—' if name == 'baseline' else cell(row['end_wait_s'], '+.3f')} | {row['saves']} |")
@@ -317,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).write_text(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": config, "summary": summary, "rounds": rounds}, indent=1))
+        Path(args.json).write_text(json.dumps({"config": config, "summary": summary, "rounds": rounds, "runs": runs},
+                                              indent=1))
     took = time.perf_counter() - began
     if args.append:
         command = " ".join(["python benchmarks/bench_loop.py", *(argv if argv is not None else sys.argv[1:])])

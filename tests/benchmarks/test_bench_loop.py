@@ -55,6 +55,7 @@ def test_quick_run_reports_every_contender(tmp_path: Path) -> None:
         assert row["saves"] == saves, (name, row)  # the same saves, no extra final one
         assert row["saved_on_disk"] == saves, (name, row)  # every checkpoint kept
         assert row["write_s"] > 0, (name, row)
+        assert math.isnan(row["inflation"]) or row["inflation"] > 0, (name, row)  # NaN: no step ran during a write
         assert math.isfinite(row["stall_s"]) and math.isfinite(row["cost_per_save_s"]), (name, row)
     for rounds in figures["rounds"].values():  # one timed round each, every step timed
         assert len(rounds) == 1 and len(rounds[0]["step_times"]) == figures["config"]["steps"]
