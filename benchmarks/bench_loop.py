@@ -32,12 +32,12 @@ ours keeps its defaults otherwise (fsync on, checksums, ``exact_resume``). Each 
 
     python benchmarks/bench_loop.py                        # 67M parameters (0.75 GiB of state), 40 steps, 3 rounds
     python benchmarks/bench_loop.py --quick                # a tiny model: a check that it runs (seconds)
-    python benchmarks/bench_loop.py --append benchmarks/RESULTS.md --json loop.json   # what `make bench` runs
+    python benchmarks/bench_loop.py --append benchmarks/RESULTS.md     # what `make bench` runs, then $(LOOP_ARGS)
 
 Checkpoints go to a temporary directory under ``--dir`` (default: the repository's directory, so the
 disk measured is the repository's; never /dev/shm), removed after each run, with a ``sync`` so that one
 contender's writeback does not land in the next one's run. Runs start from a forkserver that imported
-torch and Lightning once (``--start-method spawn`` for fresh interpreters: the same figures, slower).
+torch and Lightning once (``--start-method spawn``: each run a fresh interpreter, slower to start).
 """
 
 from __future__ import annotations
