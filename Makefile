@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+LOOP_ARGS ?=
 
 .PHONY: install demo test quick-test install-test fuzz bench gpu-check clean
 
@@ -41,8 +42,11 @@ quick-test: install
 fuzz: install
 	$(BIN)/python -m pytest -q -m fuzz tests/faults/test_fuzz_reader.py tests/faults/test_fuzz_header_differential.py $(PYTEST_ARGS)
 
+# bench.py: save and load alone (BENCH_ARGS), writes benchmarks/RESULTS.md; bench_loop.py: what checkpointing adds
+# to `trainer.fit` (LOOP_ARGS, e.g. "--json loop.json"), appends its table to that RESULTS.md.
 bench: install
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_loop.py --append benchmarks/RESULTS.md $(LOOP_ARGS)
 
 # On a machine with an NVIDIA GPU (under 5 minutes): exact resume, async blocking and step inflation on CUDA.
 gpu-check: install
