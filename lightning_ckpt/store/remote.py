@@ -12,26 +12,32 @@ part of a location, a message or a file this package writes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import fsspec
 import fsspec.utils
+from fsspec.asyn import sync
 
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
 from lightning_ckpt.store.fsutil import TMP_PREFIX
 
-if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
+if TYPE_CHECKING:
+    from lightning_ckpt.store.base import Sink  # blob imports torch; listing and the CLI must not
     from lightning_ckpt.format.blob import Blob, Buffer
 
 INCOMPLETE_MARKER = ".incomplete"  # in a prefix being written or deleted; gone once the save committed
 # Backends where one PUT replaces an object wholly, so a reader sees the old bytes or the new.
 _ATOMIC_PUT = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 _LOCAL_SCHEMES = frozenset({"file", "local"})
+STREAM_PIECE = 8 * 2**20  # the most asked of a stream at once: what a read holds besides its final buffer
+STREAM_FILES = 4  # files fetched at once (each one GET, read as it arrives)
 
 
 class FsspecStore:
@@ -122,6 +128,49 @@ class FsspecStore:
         ``limit`` bytes are fetched whatever it says.
         """
         return self._read(f"{self._path(name)}/{file}", limit)
+
+    def stream(self, name: str, wanted: Mapping[str, tuple[int, Sink]]) -> None:
+        """Stream files of checkpoint ``name`` into their sinks: first each file's real size (asked of the
+        storage, never a cached listing's; None when missing) to ``sink.begin``, which may refuse it before a
+        byte is fetched; then, several files at once, each file's bytes in order, at most its ``limit``
+        (``{file: (limit, sink)}``). An error a sink raises stops every stream and is raised as is.
+
+        Raises:
+            StorageError: the storage failed; CheckpointError: what a sink raised.
+        """
+        with self._storage_errors(name, "could not read it"):
+            paths = {f"{self._path(name)}/{file}": job for file, job in wanted.items()}
+            for path, (_, sink) in paths.items():
+                self._fs.invalidate_cache(path)
+                try:
+                    info = self._fs.info(path)
+                except FileNotFoundError:
+                    info = {}
+                sink.begin(int(info["size"]) if info.get("type") == "file" else None)
+            if not self._fs.async_impl:  # memory://, file://: read here, piece by piece
+                for path, (limit, sink) in paths.items():
+                    with self._fs.open(path, "rb") as f:
+                        _pump(lambda n, f=f: f.read(n), limit, sink)
+                return
+            sync(self._fs.loop, run_streams, [partial(self._stream_async, path, limit, sink)
+                                               for path, (limit, sink) in paths.items()])
+
+    async def _stream_async(self, path: str, limit: int, sink: Sink) -> None:
+        """One file through fsspec's streamed reader: one GET, its body read as it arrives."""
+        f = await self._fs.open_async(path, "rb")
+        try:
+            got = 0
+            while got < limit:
+                piece = await f.read(min(STREAM_PIECE, limit - got))
+                if not piece:
+                    break
+                sink.write(piece)
+                got += len(piece)
+        finally:
+            body = getattr(f, "r", None)  # s3fs's streamed file leaves its response open when not read to its end
+            if got >= limit and body is not None and callable(getattr(body, "close", None)):
+                body.close()
+            await f.close()
 
     def read_file(self, file: str, limit: int) -> bytes | None:
         """At most ``limit`` bytes of a file in the root (the ledger), or None."""
@@ -267,6 +316,30 @@ class FsspecStore:
                        "storage_options and that the storage is reachable")
             code = getattr(err, "errno", None)
             raise (StorageError(code, message) if code else StorageError(message)) from err
+
+
+def _pump(read: Callable[[int], bytes], limit: int, sink: Sink) -> None:
+    got = 0
+    while got < limit and (piece := read(min(STREAM_PIECE, limit - got))):
+        sink.write(piece)
+        got += len(piece)
+
+
+async def run_streams(streams: list[Callable[[], Awaitable[None]]]) -> None:
+    """Run the streams ``STREAM_FILES`` at a time; the first error cancels the rest and is raised."""
+    gate = asyncio.Semaphore(STREAM_FILES)
+
+    async def gated(stream: Callable[[], Awaitable[None]]) -> None:
+        async with gate:
+            await stream()
+
+    tasks = [asyncio.ensure_future(gated(s)) for s in streams]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class NoLock:
