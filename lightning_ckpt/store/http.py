@@ -28,10 +28,9 @@ from lightning_ckpt.errors import StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE
 from lightning_ckpt.store.base import UNKNOWN_SIZE, Sink
 from lightning_ckpt.store.fsutil import read_only_message
-from lightning_ckpt.store.remote import FsspecStore, run_streams
+from lightning_ckpt.store.remote import STREAM_PIECE, FsspecStore, run_streams
 
 _MISSING = frozenset({404, 410})  # Not Found, Gone: the file is not there (any other error is the server's)
-_CHUNK = 4 * 2**20
 
 
 class HttpStore(FsspecStore):
@@ -116,7 +115,7 @@ class HttpStore(FsspecStore):
             sink.begin(claimed)
             got = 0
             while got < limit:  # never past the limit, whatever Content-Length said or the body holds
-                chunk = await response.content.read(min(_CHUNK, limit - got))
+                chunk = await response.content.read(min(STREAM_PIECE, limit - got))
                 if not chunk:
                     break
                 sink.write(chunk)

@@ -36,7 +36,7 @@ INCOMPLETE_MARKER = ".incomplete"  # in a prefix being written or deleted; gone 
 # Backends where one PUT replaces an object wholly, so a reader sees the old bytes or the new.
 _ATOMIC_PUT = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 _LOCAL_SCHEMES = frozenset({"file", "local"})
-STREAM_PIECE = 8 * 2**20  # the most asked of a stream at once: what a read holds besides its final buffer
+STREAM_PIECE = 4 * 2**20  # the most asked of a stream at once: what a read holds besides its final buffer
 STREAM_FILES = 4  # files fetched at once (each one GET, read as it arrives)
 
 
