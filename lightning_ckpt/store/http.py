@@ -7,10 +7,11 @@ manifest first, then each file it lists, by name, each checked against it as any
 that says what to do instead.
 
 Nothing the server says is trusted: each file is fetched whole in one GET without a ``Range`` (a server
-that ignores ``Range`` changes nothing), the body is read in chunks and the read stops at the caller's
-limit (the manifest's size + 1), whatever ``Content-Length`` the server claims or however long the body
-it sends; nothing is allocated for bytes that did not arrive. A 404 or 410 is a missing file; any other error
-status, or no answer, is a :class:`~lightning_ckpt.errors.StorageError` naming the URL.
+that ignores ``Range`` changes nothing); a ``Content-Length`` other than the manifest's size is refused
+before the body is read; the body is read in pieces, each copied into the file's final buffer as it
+arrives, and the read stops at the caller's limit (the manifest's size + 1) however long the body the
+server sends; only bytes that arrived use memory. A 404 or 410 is a missing file; any other error status,
+or no answer, is a :class:`~lightning_ckpt.errors.StorageError` naming the URL.
 
 ``storage_options`` are fsspec's HTTP options (``headers``, ``client_kwargs``, ...); never logged.
 """

@@ -98,7 +98,7 @@ def verify(store: Store, name: str, *, keep: bool = False) -> Manifest:
     return manifest
 
 
-def _read_file(store: Store, name: str, file: str, manifest: Manifest, where: str, *,
+def _read_file(store: LocalFiles, name: str, file: str, manifest: Manifest, where: str, *,
                into: memoryview | None = None) -> memoryview:
     """One file's verified bytes: in a new buffer of the file's size, or streamed through ``into``."""
     opened = store.open(name, file)
@@ -152,7 +152,8 @@ def _read_remote(store: Store, name: str, files: list[str], manifest: Manifest, 
     tensors become views of (``keep``) or only hashed; the digests checked once all arrived."""
     _drop_kept()
     sinks = {file: _Fill(file, manifest, where, keep) for file in files}
-    store.stream(name, {file: (manifest.files[file].size + 1, sink) for file, sink in sinks.items()})  # type: ignore[attr-defined]
+    wanted = {file: (manifest.files[file].size + 1, sink) for file, sink in sinks.items()}
+    store.stream(name, wanted)  # type: ignore[attr-defined]  # every store but the local ones (FsspecStore)
     return {file: sink.finish() for file, sink in sinks.items()}
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 import fsspec.utils
+import fsspec.asyn
 from fsspec.asyn import sync
 
 from lightning_ckpt.errors import CheckpointError, StorageError
@@ -147,13 +148,18 @@ class FsspecStore:
                 except FileNotFoundError:
                     info = {}
                 sink.begin(int(info["size"]) if info.get("type") == "file" else None)
-            if not self._fs.async_impl:  # memory://, file://: read here, piece by piece
+            if not self._streams_async():  # memory://, file://: read here, piece by piece
                 for path, (limit, sink) in paths.items():
                     with self._fs.open(path, "rb") as f:
                         _pump(lambda n, f=f: f.read(n), limit, sink)
                 return
             sync(self._fs.loop, run_streams, [partial(self._stream_async, path, limit, sink)
                                                for path, (limit, sink) in paths.items()])
+
+    def _streams_async(self) -> bool:
+        """Whether the filesystem is asynchronous and streams a file's body (``open_async``), as s3fs does."""
+        own = getattr(type(self._fs), "open_async", None)
+        return bool(self._fs.async_impl) and own is not None and own is not fsspec.asyn.AsyncFileSystem.open_async
 
     async def _stream_async(self, path: str, limit: int, sink: Sink) -> None:
         """One file through fsspec's streamed reader: one GET, its body read as it arrives."""
