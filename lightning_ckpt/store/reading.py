@@ -49,8 +49,8 @@ def read_manifest(store: Store, name: str) -> Manifest:
     return Manifest.from_bytes(data, where)
 
 
-def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None = None
-                  ) -> tuple[Manifest, dict[str, memoryview]]:
+def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None = None,
+                  manifest: Manifest | None = None) -> tuple[Manifest, dict[str, memoryview]]:
     """Read every file of a checkpoint (or those ``only`` accepts), checking each against the manifest
     as it is read.
 
@@ -58,10 +58,13 @@ def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None
     bytes cannot change afterwards, as those of a file mapping could), hashed chunk by chunk while
     the chunk is still in cache.
 
+    Args:
+        manifest: the checkpoint's manifest when the caller has just read it (it is not read again).
+
     Raises:
         CheckpointError: a subclass naming the first file that is missing, short or changed.
     """
-    manifest = read_manifest(store, name)
+    manifest = read_manifest(store, name) if manifest is None else manifest
     where = store.location(name)
     wanted = [file for file in manifest.files if only is None or only(file)]
     kept = _take_kept(where, manifest)

@@ -123,7 +123,9 @@ def test_a_load_from_a_url_reads_each_byte_once_into_buffers_of_the_states_size(
     received = served.proxy.received
     _same(loaded, _state())
     assert served.files_bytes() <= received <= served.files_bytes() + SLACK  # once, not verified then read again
-    assert peak <= state_bytes + 2 * STREAM_PIECE  # the state once, plus the pieces in flight; not the bytes twice
+    # The state once, plus what is in flight (pieces of STREAM_PIECE at most, the connections' buffers, decoding's
+    # small objects); never the bytes twice (fetched whole, then copied into tensors: 2x, as before).
+    assert peak <= state_bytes * 1.5 and STREAM_PIECE <= state_bytes * 0.25
 
 
 def test_a_resume_from_last_at_a_url_reads_each_byte_once(served):
