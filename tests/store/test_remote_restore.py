@@ -128,9 +128,8 @@ def test_a_load_from_a_url_reads_each_byte_once_into_buffers_of_the_states_size(
     assert peak <= state_bytes * 1.5 and STREAM_PIECE <= state_bytes * 0.25
 
 
+@pytest.mark.parametrize("served", ["s3"], indirect=True)  # a web server cannot be listed: no "last" there
 def test_a_resume_from_last_at_a_url_reads_each_byte_once(served):
-    if served.run_url.startswith("http"):
-        pytest.skip("a web server cannot be listed: no 'last' there")
     served.proxy.reset()
     path = latest_checkpoint(served.run_url, storage_options=served.options)  # verifies "last" ...
     assert path == served.url
