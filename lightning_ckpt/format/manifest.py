@@ -172,9 +172,11 @@ class Manifest:
         Raises:
             CorruptCheckpointError: the bytes differ from what was committed.
         """
-        if actual != self.files[name].digest:
-            raise CorruptCheckpointError(f"{where}/{name}: {HASH_ALGORITHM} mismatch (file changed after commit); "
-                                         "resume from an older checkpoint or run 'lightning-ckpt verify'")
+        expected = self.files[name].digest
+        if actual != expected:
+            raise CorruptCheckpointError(f"{where}/{name}: {HASH_ALGORITHM} mismatch: the manifest says {expected}, the "
+                                         f"bytes read give {actual} (file changed after commit); resume from an older "
+                                         "checkpoint or run 'lightning-ckpt verify'")
 
     def check_file(self, name: str, data: bytes | None, where: str) -> None:
         """Check one file's bytes against this manifest (``None``: the file is missing).

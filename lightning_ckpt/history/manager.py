@@ -258,9 +258,9 @@ def ranked_entries(entries: list[Entry], store: Store, monitor: str, mode: str |
     return ranked_of(entries, monitor, mode, partial(_verifies, store), run_id, parent)
 
 
-def _verifies(store: Store, name: str) -> bool:
+def _verifies(store: Store, name: str, *, keep: bool = False) -> bool:
     try:
-        verify(store, name)
+        verify(store, name, keep=keep)
         return True
     except CheckpointError as err:
         warnings.warn(f"skipping damaged checkpoint: {err}", CheckpointWarning, stacklevel=3)
@@ -314,9 +314,11 @@ def latest_entry(store: Store, elsewhere: Sequence[Entry] = (), fetch: Verifies 
     remote = {e.name: e for e in elsewhere}
 
     def verifies(name: str) -> bool:
+        # The one chosen is about to be loaded: a remote one keeps its verified bytes for that load, which
+        # then fetches nothing again (each byte crosses the network once).
         if name not in local:
-            return fetch(name) if fetch is not None else _verifies(store, name)
-        if _verifies(store, name):
+            return fetch(name) if fetch is not None else _verifies(store, name, keep=True)
+        if _verifies(store, name, keep=True):
             return True
         # Damaged here, but the other tier holds the same checkpoint (same run, same step): its copy
         # replaces the damaged one (atomically, by ``fetch``) before an older checkpoint is considered.

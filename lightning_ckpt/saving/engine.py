@@ -24,7 +24,7 @@ from lightning_ckpt.format.single_file import (
 )
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.format.torchfile_magic import is_torch_file
-from lightning_ckpt.store import Store, locate, read_manifest, read_verified, verify
+from lightning_ckpt.store import locate, read_manifest, read_verified, verify
 from lightning_ckpt.store.fsutil import atomic_file, local_path, open_regular, remote_scheme
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_pickle: bool = False,
@@ -92,11 +92,12 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None, allow_
     if single_file_path(path) is not None:
         return load_single_file(path, map_location=map_location)
     store, name = locate(path, storage_options)
-    if _is_sharded(store, name):
+    manifest = read_manifest(store, name)  # read once: at a URL each read is a request
+    if _is_sharded(manifest):
         from lightning_ckpt.distributed.sharded import load_consolidated  # torch.distributed loads only if needed
 
         return load_consolidated(store, name, allow_pickle=allow_pickle, map_location=map_location)
-    _, files = read_verified(store, name)
+    _, files = read_verified(store, name, manifest=manifest)
     return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name))
 
@@ -195,7 +196,7 @@ def verify_checkpoint(path: str | os.PathLike, *, storage_options: Mapping[str, 
     return verify(store, name)
 
 
-def _is_sharded(store: Store, name: str) -> bool:
+def _is_sharded(manifest: Manifest) -> bool:
     from lightning_ckpt.distributed.sharded import is_sharded
 
-    return is_sharded(read_manifest(store, name))
+    return is_sharded(manifest)

@@ -69,6 +69,23 @@ class Store(Protocol):
         ...
 
 
+UNKNOWN_SIZE = -1  # what :meth:`Sink.begin` is told when the storage does not say a file's size
+
+
+class Sink(Protocol):
+    """Where a remote file's bytes go as they arrive (``FsspecStore.stream``): its size as the storage
+    reports it first, then its bytes in order."""
+
+    def begin(self, size: int | None) -> None:
+        """The size the storage reports (None: the file is missing; ``UNKNOWN_SIZE``: not said), before any
+        byte is read: a sink checks it against the manifest before it allocates anything, and may raise."""
+        ...
+
+    def write(self, piece: bytes) -> None:
+        """The next bytes of the file (never more, in all, than the limit the stream was given)."""
+        ...
+
+
 class LocalFiles(abc.ABC):
     """A store whose files are local: they are opened and read in place (in parallel), not fetched.
 

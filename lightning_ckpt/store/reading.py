@@ -1,20 +1,23 @@
 """Reading committed checkpoints: the manifest first, then each file checked against it as it is read.
 
-Nothing read from disk is trusted before it is checked: the manifest's size is bounded, each file's
-real size is compared with the manifest's before a buffer is allocated, and its digest after.
+Nothing read from disk or the network is trusted before it is checked: the manifest's size is bounded,
+each file's real size is compared with the manifest's before a buffer is allocated, and its digest after.
+A remote file is streamed once, in pieces, straight into the buffer its tensors become views of, hashed
+as it arrives; nothing is handed to the caller before every file matched.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from lightning_ckpt.errors import NotACheckpointError
-from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, digest, missing_manifest, new_hasher
-from lightning_ckpt.store.base import LocalFiles, Store
+from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest, new_hasher
+from lightning_ckpt.store.base import UNKNOWN_SIZE, LocalFiles, Store
 from lightning_ckpt.store.fsutil import is_read_only_url
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a larger one is damaged
@@ -46,8 +49,8 @@ def read_manifest(store: Store, name: str) -> Manifest:
     return Manifest.from_bytes(data, where)
 
 
-def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None = None
-                  ) -> tuple[Manifest, dict[str, memoryview]]:
+def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None = None,
+                  manifest: Manifest | None = None) -> tuple[Manifest, dict[str, memoryview]]:
     """Read every file of a checkpoint (or those ``only`` accepts), checking each against the manifest
     as it is read.
 
@@ -55,11 +58,21 @@ def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None
     bytes cannot change afterwards, as those of a file mapping could), hashed chunk by chunk while
     the chunk is still in cache.
 
+    Args:
+        manifest: the checkpoint's manifest when the caller has just read it (it is not read again).
+
     Raises:
         CheckpointError: a subclass naming the first file that is missing, short or changed.
     """
-    manifest = read_manifest(store, name)
-    return manifest, read_listed(store, name, manifest, only=only)
+    manifest = read_manifest(store, name) if manifest is None else manifest
+    where = store.location(name)
+    wanted = [file for file in manifest.files if only is None or only(file)]
+    kept = _take_kept(where, manifest)
+    if kept is not None:  # verified a moment ago (``verify(keep=True)``): its bytes are not fetched again
+        return manifest, {file: kept[file] for file in wanted}
+    if not isinstance(store, LocalFiles):
+        return manifest, _read_remote(store, name, wanted, manifest, where, keep=True)
+    return manifest, {file: _read_file(store, name, file, manifest, where) for file in wanted}
 
 
 def read_listed(store: Store, name: str, manifest: Manifest, *, only: Callable[[str], bool] | None = None
@@ -69,29 +82,38 @@ def read_listed(store: Store, name: str, manifest: Manifest, *, only: Callable[[
     Raises:
         CheckpointError: a subclass naming the first file that is missing, short or changed.
     """
-    where = store.location(name)
-    return {file: _read_file(store, name, file, manifest, where) for file in manifest.files
-            if only is None or only(file)}
+    return read_verified(store, name, only=only, manifest=manifest)[1]
 
 
-def verify(store: Store, name: str) -> Manifest:
+def verify(store: Store, name: str, *, keep: bool = False) -> Manifest:
     """Check a checkpoint's files against its manifest; returns the manifest when all match.
 
     Streams every file through one reused chunk: verifying needs no memory the size of the checkpoint.
+
+    Args:
+        keep: for a remote checkpoint about to be loaded (the one "last" chooses), keep the verified
+            bytes, in the buffers a load uses, for the next :func:`read_verified` of it, so that the
+            load fetches nothing again. One checkpoint is kept at most, in all: any other remote
+            read drops it.
     """
+    _drop_kept()
     manifest = read_manifest(store, name)
     where = store.location(name)
+    if not isinstance(store, LocalFiles):
+        buffers = _read_remote(store, name, list(manifest.files), manifest, where, keep=keep)
+        if keep:
+            with _KEPT_LOCK:
+                _KEPT[:] = [(where, manifest, buffers)]
+        return manifest
     chunk = _uninitialized(READ_CHUNK)
     for file in manifest.files:
         _read_file(store, name, file, manifest, where, into=chunk)
     return manifest
 
 
-def _read_file(store: Store, name: str, file: str, manifest: Manifest, where: str, *,
+def _read_file(store: LocalFiles, name: str, file: str, manifest: Manifest, where: str, *,
                into: memoryview | None = None) -> memoryview:
     """One file's verified bytes: in a new buffer of the file's size, or streamed through ``into``."""
-    if not isinstance(store, LocalFiles):
-        return _read_object(store, name, file, manifest, where)
     opened = store.open(name, file)
     if opened is None:
         manifest.check_size(file, None, where)  # raises: missing
@@ -118,13 +140,66 @@ def _uninitialized(size: int) -> memoryview:
     return memoryview(np.empty(size, dtype=np.uint8))
 
 
-def _read_object(store: Store, name: str, file: str, manifest: Manifest, where: str) -> memoryview:
-    """One remote object's verified bytes. The store asks the object's real size first and fetches
-    no more than it, nor more than the manifest's size + 1 (a longer object is caught, not cut)."""
-    data = store.read(name, file, manifest.files[file].size + 1)
-    manifest.check_size(file, None if data is None else len(data), where)
-    manifest.check_digest(file, digest(data), where)  # type: ignore[arg-type]  # None was refused above
-    return memoryview(data)
+_KEPT_LOCK = threading.Lock()
+_KEPT: list[tuple[str, Manifest, dict[str, memoryview]]] = []  # what ``verify(keep=True)`` kept: one at most
+
+
+def _take_kept(where: str, manifest: Manifest) -> dict[str, memoryview] | None:
+    """The buffers kept for this checkpoint if its manifest is still the one they were verified against
+    (taken: they are handed out once); anything else kept is dropped."""
+    with _KEPT_LOCK:
+        kept, _KEPT[:] = list(_KEPT), []
+    return next((buffers for at, verified, buffers in kept if at == where and verified == manifest), None)
+
+
+def _drop_kept() -> None:
+    with _KEPT_LOCK:
+        _KEPT.clear()
+
+
+def _read_remote(store: Store, name: str, files: list[str], manifest: Manifest, where: str, *,
+                 keep: bool) -> dict[str, memoryview]:
+    """Remote files' verified bytes, each fetched once: their real sizes checked against the manifest
+    before anything is allocated or fetched, then their bytes streamed (several files at once, never
+    more than the manifest's size + 1 each: a longer file is caught, not cut) into the buffers the
+    tensors become views of (``keep``) or only hashed; the digests checked once all arrived."""
+    _drop_kept()
+    sinks = {file: _Fill(file, manifest, where, keep) for file in files}
+    wanted = {file: (manifest.files[file].size + 1, sink) for file, sink in sinks.items()}
+    store.stream(name, wanted)  # type: ignore[attr-defined]  # every store but the local ones (FsspecStore)
+    return {file: sink.finish() for file, sink in sinks.items()}
+
+
+class _Fill:
+    """A remote file's bytes as they arrive: copied into its final buffer (or not, ``keep=False``) and hashed."""
+
+    def __init__(self, file: str, manifest: Manifest, where: str, keep: bool) -> None:
+        self.file, self.manifest, self.where, self.keep = file, manifest, where, keep
+        self.size = manifest.files[file].size
+        self.buffer = memoryview(b"")
+        self.hasher = new_hasher()
+        self.done = 0
+        self.begun = False
+
+    def begin(self, size: int | None) -> None:
+        if size != UNKNOWN_SIZE:  # the storage's claim, checked before anything is allocated
+            self.manifest.check_size(self.file, size, self.where)
+        # Without a claim (a server that sends no Content-Length) the pages of the manifest's size are
+        # reserved, not touched: only bytes that arrive use memory, and never more than the size + 1.
+        self.buffer = _uninitialized(self.size) if self.keep else memoryview(b"")
+        self.begun = True
+
+    def write(self, piece: bytes) -> None:
+        fits = max(0, min(len(piece), self.size - self.done))
+        if self.keep and fits:
+            self.buffer[self.done:self.done + fits] = memoryview(piece)[:fits]
+        self.hasher.update(piece)
+        self.done += len(piece)
+
+    def finish(self) -> memoryview:
+        self.manifest.check_size(self.file, self.done if self.begun else None, self.where)
+        self.manifest.check_digest(self.file, self.hasher.hexdigest(), self.where)
+        return self.buffer
 
 
 def _read_parallel(fd: int, buffer: memoryview, hasher: Any) -> int:

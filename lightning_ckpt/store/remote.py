@@ -12,29 +12,37 @@ part of a location, a message or a file this package writes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import fsspec
 import fsspec.utils
+import fsspec.asyn
+from fsspec.asyn import sync
 
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
 from lightning_ckpt.store.fsutil import TMP_PREFIX
+from lightning_ckpt.store.remote_staging import StagedUploads
 
-if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
+if TYPE_CHECKING:
+    from lightning_ckpt.store.base import Sink  # blob imports torch; listing and the CLI must not
     from lightning_ckpt.format.blob import Blob, Buffer
 
 INCOMPLETE_MARKER = ".incomplete"  # in a prefix being written or deleted; gone once the save committed
 # Backends where one PUT replaces an object wholly, so a reader sees the old bytes or the new.
 _ATOMIC_PUT = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 _LOCAL_SCHEMES = frozenset({"file", "local"})
+STREAM_PIECE = 4 * 2**20  # the most asked of a stream at once: what a read holds besides its final buffer
+STREAM_FILES = 4  # files fetched at once (each one GET, read as it arrives)
 
 
-class FsspecStore:
+class FsspecStore(StagedUploads):
     """A prefix of checkpoints at an fsspec URL, one sub-prefix each.
 
     Args:
@@ -96,56 +104,6 @@ class FsspecStore:
         self._drop_marker(prefix)
         return entries
 
-    # -- a checkpoint written by several processes (a sharded save: every rank uploads its own files) --
-
-    def stage(self, name: str, *, folders: Sequence[str] = ()) -> str:
-        """Mark checkpoint ``name``'s prefix in progress and empty it (an older copy goes first: there is no
-        rename); return it. Processes then upload into it with :meth:`put_staged`; one commits it with
-        :meth:`commit_staged`, or :meth:`discard_staged` removes it. Until the commit nothing lists it.
-
-        Raises:
-            StorageError: the storage refused; nothing was committed.
-        """
-        prefix = self._path(name)
-        with self._storage_errors(name, "save failed, nothing was committed"):
-            self._begin(prefix)
-            self._clear(prefix)
-        return prefix
-
-    def put_staged(self, staged: str, file: str, chunks: Iterable[Buffer]) -> FileEntry:
-        """Upload one file into a staged prefix, streamed, checksummed in the same pass.
-
-        Raises:
-            StorageError: the upload failed (the prefix stays uncommitted).
-        """
-        with self._storage_errors(f"{staged[len(self._root) + 1:]}/{file}", "upload failed, nothing was committed"):
-            return self._put(f"{staged}/{file}", chunks)
-
-    def commit_staged(self, staged: str, name: str, files: Mapping[str, Blob],
-                      seal: Callable[[dict[str, FileEntry]], bytes],
-                      written: Mapping[str, FileEntry] | None = None) -> dict[str, FileEntry]:
-        """Upload ``files`` into the staged prefix, then the manifest (the commit), listing ``written`` too
-        (what other processes uploaded there, with the size and checksum each took while uploading).
-
-        Raises:
-            StorageError: an upload failed; the prefix is removed (or left marked for ``clean_leftovers``).
-        """
-        with self._storage_errors(name, "save failed, nothing was committed"):
-            try:
-                entries = {**(written or {}), **{file: self._put(f"{staged}/{file}", blob.chunks)
-                                                  for file, blob in files.items()}}
-                self._put(f"{staged}/{MANIFEST_FILE}", [seal(entries)])  # the commit
-            except BaseException:
-                self._try_remove(staged)
-                raise
-        self._drop_marker(staged)
-        return entries
-
-    def discard_staged(self, staged: str) -> None:
-        """Remove a staged prefix that will not be committed (best effort: its marker lets
-        ``clean_leftovers`` remove what stays)."""
-        self._try_remove(staged)
-
     def replace_file(self, file: str, data: bytes) -> None:
         """Replace a small file in the root (the ledger) so that a reader sees the old or the new bytes.
 
@@ -169,6 +127,54 @@ class FsspecStore:
         ``limit`` bytes are fetched whatever it says.
         """
         return self._read(f"{self._path(name)}/{file}", limit)
+
+    def stream(self, name: str, wanted: Mapping[str, tuple[int, Sink]]) -> None:
+        """Stream files of checkpoint ``name`` into their sinks: first each file's real size (asked of the
+        storage, never a cached listing's; None when missing) to ``sink.begin``, which may refuse it before a
+        byte is fetched; then, several files at once, each file's bytes in order, at most its ``limit``
+        (``{file: (limit, sink)}``). An error a sink raises stops every stream and is raised as is.
+
+        Raises:
+            StorageError: the storage failed; CheckpointError: what a sink raised.
+        """
+        with self._storage_errors(name, "could not read it"):
+            paths = {f"{self._path(name)}/{file}": job for file, job in wanted.items()}
+            for path, (_, sink) in paths.items():
+                self._fs.invalidate_cache(path)
+                try:
+                    info = self._fs.info(path)
+                except FileNotFoundError:
+                    info = {}
+                sink.begin(int(info["size"]) if info.get("type") == "file" else None)
+            if not self._streams_async():  # memory://, file://: read here, piece by piece
+                for path, (limit, sink) in paths.items():
+                    with self._fs.open(path, "rb") as f:
+                        _pump(lambda n, f=f: f.read(n), limit, sink)
+                return
+            sync(self._fs.loop, run_streams, [partial(self._stream_async, path, limit, sink)
+                                               for path, (limit, sink) in paths.items()])
+
+    def _streams_async(self) -> bool:
+        """Whether the filesystem is asynchronous and streams a file's body (``open_async``), as s3fs does."""
+        own = getattr(type(self._fs), "open_async", None)
+        return bool(self._fs.async_impl) and own is not None and own is not fsspec.asyn.AsyncFileSystem.open_async
+
+    async def _stream_async(self, path: str, limit: int, sink: Sink) -> None:
+        """One file through fsspec's streamed reader: one GET, its body read as it arrives."""
+        f = await self._fs.open_async(path, "rb")
+        try:
+            got = 0
+            while got < limit:
+                piece = await f.read(min(STREAM_PIECE, limit - got))
+                if not piece:
+                    break
+                sink.write(piece)
+                got += len(piece)
+        finally:
+            body = getattr(f, "r", None)  # s3fs's streamed file leaves its response open when not read to its end
+            if got >= limit and body is not None and callable(getattr(body, "close", None)):
+                body.close()
+            await f.close()
 
     def read_file(self, file: str, limit: int) -> bytes | None:
         """At most ``limit`` bytes of a file in the root (the ledger), or None."""
@@ -320,6 +326,30 @@ class FsspecStore:
                        "storage_options and that the storage is reachable")
             code = getattr(err, "errno", None)
             raise (StorageError(code, message) if code else StorageError(message)) from err
+
+
+def _pump(read: Callable[[int], bytes], limit: int, sink: Sink) -> None:
+    got = 0
+    while got < limit and (piece := read(min(STREAM_PIECE, limit - got))):
+        sink.write(piece)
+        got += len(piece)
+
+
+async def run_streams(streams: list[Callable[[], Awaitable[None]]]) -> None:
+    """Run the streams ``STREAM_FILES`` at a time; the first error cancels the rest and is raised."""
+    gate = asyncio.Semaphore(STREAM_FILES)
+
+    async def gated(stream: Callable[[], Awaitable[None]]) -> None:
+        async with gate:
+            await stream()
+
+    tasks = [asyncio.ensure_future(gated(s)) for s in streams]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class NoLock:

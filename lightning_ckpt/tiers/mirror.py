@@ -102,7 +102,8 @@ def copy_checkpoint(source: Store, target: Store, name: str) -> None:
     and checksum (a damaged or changing source is never committed; what was written is removed).
 
     From a local store (an upload) the files stream through in chunks: the memory used is a
-    chunk's, not the checkpoint's. From a remote one (a download) each file is read whole first.
+    chunk's, not the checkpoint's. From a remote one (a download) every file is fetched once, verified
+    while it arrives, into a buffer of its size, before any is written: the checkpoint's size in memory.
 
     Raises:
         CheckpointError: the source is missing or damaged; StorageError: the target refused.

@@ -388,6 +388,7 @@ def _masked(text: str) -> list[str]:
     for line in text.strip("\n").split("\n"):
         line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", "<time>", line)
         line = re.sub(r"\b[0-9a-f]{12}\b", "<run>", line)
+        line = re.sub(r"\b[0-9a-f]{32}\b", "<digest>", line)  # a checksum an error names: the bytes' own
         line = re.sub(r"\d+(\.\d+)? (B|KiB|MiB|GiB)\b", "<size>", line)
         line = re.sub(r"\d+\.\d+(\.\d+)*\S*", "<num>", line)
         line = re.sub(r"\(\d+ bytes", "(<n> bytes", line)

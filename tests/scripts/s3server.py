@@ -47,3 +47,35 @@ class S3Server:
         if self._server is not None:
             self._server.stop()
             self._server = None
+
+
+class S3Process(S3Server):
+    """The same server in a process of its own: what this process allocates is then the client's alone
+    (for memory measurements), and the server takes a core of its own as a remote one would."""
+
+    _CODE = ("import logging, sys\n"
+             "from moto.server import ThreadedMotoServer\n"
+             "logging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
+             "server = ThreadedMotoServer(ip_address='127.0.0.1', port=int(sys.argv[1]), verbose=False)\n"
+             "server.start()\n"
+             "print('ready', flush=True)\n"
+             "sys.stdin.read()\n"
+             "server.stop()\n")
+
+    def start(self) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self._process = subprocess.Popen([sys.executable, "-c", self._CODE, str(self.port)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+        if self._process.stdout is None or self._process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the moto server did not start")
+
+    def stop(self) -> None:
+        process = getattr(self, "_process", None)
+        if process is not None:
+            process.stdin.close()
+            process.stdout.close()
+            process.wait(timeout=30)
+            self._process = None

@@ -1,0 +1,68 @@
+"""A checkpoint at an fsspec URL written by several processes (a sharded save: every rank uploads its own files,
+one commits): the stage / upload / commit / discard steps of :class:`~lightning_ckpt.store.remote.FsspecStore`,
+kept here so that the store's module stays small. The commit rule is the store's: the manifest is uploaded last,
+and the prefix is marked ``.incomplete`` until then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry
+
+if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
+    from lightning_ckpt.format.blob import Blob, Buffer
+
+
+class StagedUploads:
+    """Mixed into ``FsspecStore``: uses its prefix helpers, its upload and its error wrapping."""
+
+    def stage(self, name: str, *, folders: Sequence[str] = ()) -> str:
+        """Mark checkpoint ``name``'s prefix in progress and empty it (an older copy goes first: there is no
+        rename); return it. Processes then upload into it with :meth:`put_staged`; one commits it with
+        :meth:`commit_staged`, or :meth:`discard_staged` removes it. Until the commit nothing lists it.
+
+        Raises:
+            StorageError: the storage refused; nothing was committed.
+        """
+        prefix = self._path(name)
+        with self._storage_errors(name, "save failed, nothing was committed"):
+            self._begin(prefix)
+            self._clear(prefix)
+        return prefix
+
+    def put_staged(self, staged: str, file: str, chunks: Iterable[Buffer]) -> FileEntry:
+        """Upload one file into a staged prefix, streamed, checksummed in the same pass.
+
+        Raises:
+            StorageError: the upload failed (the prefix stays uncommitted).
+        """
+        with self._storage_errors(f"{staged[len(self._root) + 1:]}/{file}", "upload failed, nothing was committed"):
+            return self._put(f"{staged}/{file}", chunks)
+
+    def commit_staged(self, staged: str, name: str, files: Mapping[str, Blob],
+                      seal: Callable[[dict[str, FileEntry]], bytes],
+                      written: Mapping[str, FileEntry] | None = None) -> dict[str, FileEntry]:
+        """Upload ``files`` into the staged prefix, then the manifest (the commit), listing ``written`` too
+        (what other processes uploaded there, with the size and checksum each took while uploading).
+
+        Raises:
+            StorageError: an upload failed; the prefix is removed (or left marked for ``clean_leftovers``).
+        """
+        with self._storage_errors(name, "save failed, nothing was committed"):
+            try:
+                entries = {**(written or {}), **{file: self._put(f"{staged}/{file}", blob.chunks)
+                                                  for file, blob in files.items()}}
+                self._put(f"{staged}/{MANIFEST_FILE}", [seal(entries)])  # the commit
+            except BaseException:
+                self._try_remove(staged)
+                raise
+        self._drop_marker(staged)
+        return entries
+
+    def discard_staged(self, staged: str) -> None:
+        """Remove a staged prefix that will not be committed (best effort: its marker lets
+        ``clean_leftovers`` remove what stays)."""
+        self._try_remove(staged)
+
