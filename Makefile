@@ -43,10 +43,12 @@ fuzz: install
 	$(BIN)/python -m pytest -q -m fuzz tests/faults/test_fuzz_reader.py tests/faults/test_fuzz_header_differential.py $(PYTEST_ARGS)
 
 # bench.py: save and load alone (BENCH_ARGS), writes benchmarks/RESULTS.md; bench_loop.py: what checkpointing adds
-# to `trainer.fit` (LOOP_ARGS, e.g. "--json loop.json"), appends its table to that RESULTS.md.
+# to `trainer.fit` (LOOP_ARGS, e.g. "--json loop.json"), appends its table to that RESULTS.md; bench_remote.py: a
+# restore from S3 (moto on 127.0.0.1) against s3fs reading the files plainly, appended too.
 bench: install
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_loop.py --append benchmarks/RESULTS.md $(LOOP_ARGS)
+	$(BIN)/python benchmarks/bench_remote.py --append benchmarks/RESULTS.md
 
 # On a machine with an NVIDIA GPU (under 5 minutes): exact resume, async blocking and step inflation on CUDA.
 gpu-check: install

@@ -176,12 +176,21 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=256, help="model + AdamW state in MiB")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    parser.add_argument("--append", metavar="FILE", default=None,
+                        help="append the table as a section of FILE (make bench: to the RESULTS.md bench.py wrote)")
     args = parser.parse_args()
-    lines, _ = run(args.mb, args.repeat)
+    lines, figures = run(args.mb, args.repeat)
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
+    if args.append:
+        worst = max(figures[row]["ratio"] for row in ROWS if row != "s3fs floor")
+        with open(args.append, "a") as f:
+            f.write(f"\n## Restores from object storage\n\nWritten by `python benchmarks/bench_remote.py "
+                    f"{' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Goal (issue "
+                    f"21): a restore <= 1.2x s3fs reading the files plainly: {worst:.2f}x, "
+                    f"{'met' if worst <= 1.2 else 'missed'}.\n\n{text}")
 
 
 if __name__ == "__main__":
