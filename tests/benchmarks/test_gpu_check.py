@@ -75,16 +75,6 @@ def test_cpu_run_passes_every_check_and_reports_it(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("gpu_check-*"))  # its checkpoints and child logs removed
 
 
-def test_a_check_that_times_out_fails_the_run_with_its_reason(tmp_path: Path) -> None:
-    proc = _run("--device", "cpu", "--params", "1e5", "--checks", "speed", "--timeout-s", "0.5",
-                "--workdir", str(tmp_path), "--out", str(tmp_path / "r.md"))
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = (tmp_path / "r.md").read_text()
-    assert table.startswith("# gpu_check: FAIL") and "| async_blocking | FAIL |" in table
-    assert "speed run (sync) failed: timed out after 1 s" in table
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_says_so_and_exits_2() -> None:
     proc = _run("--params", "1e5", timeout=60)
     assert proc.returncode == 2 and "sees no CUDA device" in proc.stderr and "--device cpu" in proc.stderr
