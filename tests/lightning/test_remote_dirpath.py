@@ -190,8 +190,11 @@ def _read_only_key(s3) -> tuple[str, str]:
 
     iam, user = boto3.client("iam", endpoint_url=s3.endpoint, region_name="us-east-1"), f"reader-{uuid.uuid4().hex[:8]}"
     iam.create_user(UserName=user)
+    # AWS's read-only policy (AmazonS3ReadOnlyAccess) grants "s3:Get*" and "s3:List*". moto >= 5.2 names the actions
+    # after the API call (s3:ListObjectsV2, s3:HeadObject) where AWS says s3:ListBucket / s3:GetObject: the wildcards
+    # and "s3:Head*" match both namings, and none of them matches a write.
     policy = {"Version": "2012-10-17",
-              "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"}]}
+              "Statement": [{"Effect": "Allow", "Action": ["s3:List*", "s3:Get*", "s3:Head*"], "Resource": "*"}]}
     iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName=user)["AccessKey"]
     return key["AccessKeyId"], key["SecretAccessKey"]
