@@ -9,7 +9,9 @@ runs once per contender, each in a fresh process:
 - ``stock_async``: the same with Lightning's ``AsyncCheckpointIO`` plugin (a clone, then torch.save in a thread);
 - ``ours_sync``: ``Checkpointer(every_n_steps=N)``;
 - ``ours_async``: ``Checkpointer(every_n_steps=N, async_save=True)`` (``staging="overlapped"``, the default);
-- ``ours_async_eager``: the same with ``staging="eager"``.
+- ``ours_async_eager``: the same with ``staging="eager"``;
+- ``ours_async_buffered``: ``ours_async`` writing through the page cache (``LIGHTNING_CKPT_O_DIRECT=0``), as it
+  did before its writes went around it.
 
 Every checkpointing contender saves at the same steps (every ``--every`` steps) and keeps every checkpoint
 (nothing is deleted during the run, so every contender writes the same saves and none spends time deleting);
@@ -66,7 +68,10 @@ CONTENDERS = {
     "ours_sync": "Checkpointer",
     "ours_async": "Checkpointer(async_save=True), staging='overlapped'",
     "ours_async_eager": "Checkpointer(async_save=True, staging='eager')",
+    # The background write with buffered writes: the write path before O_DIRECT (store/direct.py).
+    "ours_async_buffered": "Checkpointer(async_save=True), buffered writes (LIGHTNING_CKPT_O_DIRECT=0)",
 }
+OPTION_ENV = {"ours_async_buffered": {"LIGHTNING_CKPT_O_DIRECT": "0"}}
 DEPTH = 16
 PRELOAD = ["torch", "lightning.pytorch", "lightning_ckpt"]
 QUICK = {"params": 65536, "steps": 6, "every": 2, "batch": 4, "repeat": 1, "warmup": 0}
@@ -79,6 +84,7 @@ def run_one(name: str, params: int, steps: int, every: int, batch: int, root: st
     import logging
     import warnings
 
+    os.environ.update(OPTION_ENV.get(name, {}))  # read when the writer starts and at each write, so in time
     warnings.simplefilter("ignore")  # Lightning's tips and deprecation notes; an error still raises
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

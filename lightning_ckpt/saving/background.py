@@ -12,6 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, Literal, TypeVar
 
+from lightning_ckpt.store.direct import direct_writes
+
 T = TypeVar("T")
 WhenBusy = Literal["wait", "skip"]
 WHEN_BUSY: tuple[str, ...] = ("wait", "skip")
@@ -50,7 +52,7 @@ class BackgroundJob(Generic[T]):
         if self._executor is None:
             # Not a daemon: at interpreter exit Python joins the worker, so a commit under way finishes.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD_NAME)
-        self._future = self._executor.submit(job)
+        self._future = self._executor.submit(_off_training_thread, job)
 
     def collect(self) -> T | None:
         """Wait for the pending job and return its result (None if there was none).
@@ -66,3 +68,11 @@ class BackgroundJob(Generic[T]):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def _off_training_thread(job: Callable[[], T]) -> T:
+    """A background job's files go around the page cache where the disk allows (store/direct.py): the
+    copy into the page cache is the CPU a buffered write would take from training's threads.
+    (A lower scheduling priority for this thread was measured too, and did not help: docs/PERFORMANCE.md.)"""
+    with direct_writes():
+        return job()

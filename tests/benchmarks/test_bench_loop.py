@@ -23,6 +23,7 @@ LABELS = {
     "ours_sync": "Checkpointer",
     "ours_async": "Checkpointer(async_save=True), staging='overlapped'",
     "ours_async_eager": "Checkpointer(async_save=True, staging='eager')",
+    "ours_async_buffered": "Checkpointer(async_save=True), buffered writes (LIGHTNING_CKPT_O_DIRECT=0)",
 }
 
 
