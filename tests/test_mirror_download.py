@@ -5,7 +5,6 @@ exists): when "last" is only on the mirror, one downloads it and the others find
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 

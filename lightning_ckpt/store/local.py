@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_ckpt.errors import CheckpointError, DirectoryInUseError, StorageError
+from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
 from lightning_ckpt.store import direct
 from lightning_ckpt.store.base import LocalFiles

@@ -91,18 +91,7 @@ class FsspecStore(StagedUploads):
             StorageError: an upload failed; nothing was committed (what was uploaded is removed,
                 or left marked for :meth:`clean_leftovers` if the backend is unreachable).
         """
-        prefix = self._path(name)
-        with self._storage_errors(name, "save failed, nothing was committed"):
-            self._begin(prefix)
-            self._clear(prefix)
-            try:
-                entries = {file: self._put(f"{prefix}/{file}", blob.chunks) for file, blob in files.items()}
-                self._put(f"{prefix}/{MANIFEST_FILE}", [seal(entries)])  # the commit
-            except BaseException:
-                self._try_remove(prefix)
-                raise
-        self._drop_marker(prefix)
-        return entries
+        return self.commit_staged(self.stage(name), name, files, seal)  # one process: stage, upload, commit
 
     def replace_file(self, file: str, data: bytes) -> None:
         """Replace a small file in the root (the ledger) so that a reader sees the old or the new bytes.

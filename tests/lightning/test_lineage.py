@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import lightning as L
-import pytest
 from lightning.pytorch.callbacks import Callback
 
 from lightning_ckpt import Checkpointer, best_checkpoint, latest_checkpoint
