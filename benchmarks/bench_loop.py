@@ -84,7 +84,7 @@ def run_one(name: str, params: int, steps: int, every: int, batch: int, root: st
     import logging
     import warnings
 
-    os.environ.update(OPTION_ENV.get(name, {}))  # read when the writer starts and at each write, so in time
+    os.environ.update(OPTION_ENV.get(name, {}))  # read at each file written, so in time
     warnings.simplefilter("ignore")  # Lightning's tips and deprecation notes; an error still raises
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

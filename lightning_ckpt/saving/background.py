@@ -73,6 +73,6 @@ class BackgroundJob(Generic[T]):
 def _off_training_thread(job: Callable[[], T]) -> T:
     """A background job's files go around the page cache where the disk allows (store/direct.py): the
     copy into the page cache is the CPU a buffered write would take from training's threads.
-    (A lower scheduling priority for this thread was measured too, and did not help: docs/PERFORMANCE.md.)"""
+    (A lower scheduling priority for this thread was measured too, and did not help: benchmarks/RESULTS.md.)"""
     with direct_writes():
         return job()

@@ -15,7 +15,7 @@ system backed by a block device (ext4, xfs on a disk): network and virtual file 
 FUSE, tmpfs, overlay; those without a device number of their own, btrfs and ZFS among them) keep the
 buffered path, where ``O_DIRECT`` is unsupported or unmeasured. A file system that refuses it at the
 open or at a write gets the buffered path for the rest of that file, same bytes.
-``LIGHTNING_CKPT_O_DIRECT=0`` turns it off. Hand-written: the standard library and fsspec only
+``LIGHTNING_CKPT_O_DIRECT=0`` (exactly "0") turns it off. Hand-written: the standard library and fsspec only
 expose the flag; no maintained library offers an aligned append-only writer.
 """
 
@@ -28,8 +28,6 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import numpy as np
 
 from lightning_ckpt.format.manifest import FileEntry, new_hasher
 
@@ -58,17 +56,19 @@ def wanted() -> bool:
 def write_file(path: Path, chunks: Sequence) -> FileEntry | None:
     """Write ``chunks`` to a new file at ``path`` with ``O_DIRECT``, checksum and fsync it.
 
-    Returns None, having created nothing, when the directory is not on a block device or its file system
-    refuses ``O_DIRECT`` at the open; the caller then writes the file its usual way.
+    Returns None when the directory is not on a block device or its file system refuses ``O_DIRECT``
+    at the open (which may leave an empty file there: Linux creates it before it checks the flag); the
+    caller then writes the file its usual way, which truncates it.
     """
     if os.major(os.stat(path.parent).st_dev) == 0:
-        return None  # not a block device: tmpfs, NFS, FUSE, overlay (or btrfs, ZFS): their O_DIRECT is unmeasured
+        return None  # no device of its own: tmpfs, NFS, FUSE, overlay, btrfs, ZFS: their O_DIRECT is unmeasured
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o666)
     except OSError as err:
         if err.errno != errno.EINVAL:
             raise
         return None
+    writer: _DirectFile | None = None
     try:
         writer = _DirectFile(fd, path)
         hasher = new_hasher()
@@ -79,8 +79,10 @@ def write_file(path: Path, chunks: Sequence) -> FileEntry | None:
                 hasher.update(piece)
                 writer.append(piece)
         size = writer.finish()
-        os.fsync(fd)
+        os.fsync(fd)  # the inode: it covers what the buffered descriptor wrote too
     finally:
+        if writer is not None and writer.buffered is not None:
+            os.close(writer.buffered)
         os.close(fd)
     return FileEntry(size=size, digest=hasher.hexdigest())
 
@@ -91,7 +93,9 @@ class _DirectFile:
     buffered descriptor of the same file."""
 
     def __init__(self, fd: int, path: Path) -> None:
-        self.fd, self.path = fd, path
+        import numpy as np  # here: listing checkpoints (the CLI) imports this module, and must not import numpy
+
+        self.np, self.fd, self.path = np, fd, path
         self.buffer = _bounce()
         self.array = np.frombuffer(self.buffer, dtype=np.uint8)
         self.fill = 0  # bytes waiting in the buffer
@@ -99,11 +103,11 @@ class _DirectFile:
         self.buffered: int | None = None  # a plain descriptor, once O_DIRECT is given up
 
     def append(self, piece: memoryview) -> None:
-        source = np.frombuffer(piece, dtype=np.uint8)
+        source = self.np.frombuffer(piece, dtype=self.np.uint8)
         at = 0
         while at < source.size:
             take = min(source.size - at, BOUNCE - self.fill)
-            np.copyto(self.array[self.fill:self.fill + take], source[at:at + take])  # releases the GIL
+            self.np.copyto(self.array[self.fill:self.fill + take], source[at:at + take])  # releases the GIL
             self.fill, at = self.fill + take, at + take
             if self.fill == BOUNCE:
                 self._flush(BOUNCE)
@@ -116,8 +120,6 @@ class _DirectFile:
             self.array[self.fill:padded] = 0
             self._flush(padded)
             os.ftruncate(self.fd, size)
-        if self.buffered is not None:
-            os.close(self.buffered)
         return size
 
     def _flush(self, length: int) -> None:
@@ -142,24 +144,31 @@ def _write_some(fd: int, view: memoryview, offset: int) -> int:
     """Write ``view`` at ``offset`` with O_DIRECT; the bytes written (all unless the file system stopped early)."""
     done = 0
     while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0 or n % ALIGN:
-            return done + max(n, 0)  # an unaligned short write: the next one could not be direct
+        n = _checked(os.pwrite(fd, view[done:], offset + done), len(view) - done)
+        if n == 0 or n % ALIGN:
+            return done + n  # none, or an unaligned short write: the next one could not be direct
         done += n
     return done
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:  # never loop on a write that takes nothing
+        n = _checked(os.pwrite(fd, view, offset), len(view))
+        if n == 0:  # never loop on a write that takes nothing
             raise OSError(errno.EIO, f"a write of {len(view)} bytes took none")
         view, offset = view[n:], offset + n
+
+
+def _checked(n: int, asked: int) -> int:
+    """A count the kernel returned, refused unless it is within what was asked."""
+    if not 0 <= n <= asked:
+        raise OSError(errno.EIO, f"a write of {asked} bytes reported {n} written")
+    return n
 
 
 def _bounce() -> mmap.mmap:
     """This thread's bounce buffer: one anonymous mapping (page-aligned), made once and reused."""
     buffer = getattr(_local, "bounce", None)
     if buffer is None:
-        buffer = _local.bounce = mmap.mmap(-1, BOUNCE)
+        buffer = _local.bounce = mmap.mmap(-1, BOUNCE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return buffer

@@ -5,6 +5,8 @@ file systems that refuse it; the whole path from an async save in a Trainer."""
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import mmap
 import os
 import shutil
@@ -62,14 +64,16 @@ def _chunks(seed: int) -> list[bytes]:
 
 
 @needs_direct
-def test_direct_write_gives_the_buffered_bytes_and_checksum_for_every_size(tmp_path):
+def test_direct_write_gives_the_buffered_bytes_and_checksum_for_every_size(tmp_path, monkeypatch):
     if not _direct_ok(tmp_path):
         pytest.skip(f"{tmp_path}: its file system refuses O_DIRECT")
-    chunks = _chunks(0)
+    chunks, faults = _chunks(0), _Faults("none")
+    monkeypatch.setattr(direct.os, "fsync", faults.fsync)
     for i, size in enumerate(SIZES):  # each size alone: the tail block padded and truncated away
         direct_entry = direct.write_file(tmp_path / f"d{i}", [chunks[i]])
         buffered = LocalStore(tmp_path)._write_file(tmp_path / f"b{i}", [chunks[i]])
         assert direct_entry == buffered and (tmp_path / f"d{i}").read_bytes() == chunks[i], size
+        assert faults.fsyncs[i:] == [size], "no fsync, or one before the tail was truncated away"
     whole = direct.write_file(tmp_path / "all", chunks)  # pieces that straddle the bounce buffer's edges
     assert whole == LocalStore(tmp_path)._write_file(tmp_path / "all-b", chunks)
     assert (tmp_path / "all").read_bytes() == b"".join(chunks)
@@ -106,8 +110,8 @@ def test_a_file_system_without_a_block_device_keeps_the_buffered_path(tmp_path):
 
 @needs_direct
 def test_a_write_the_file_system_refuses_goes_on_buffered_with_the_same_bytes(tmp_path, monkeypatch):
-    """A bounce buffer of an odd size makes the second write's offset unaligned: the kernel refuses it
-    (EINVAL), and that file's rest goes through a buffered descriptor."""
+    """A bounce buffer of an odd size makes the first write's length unaligned: the kernel itself refuses
+    it (EINVAL), and the whole file goes through a buffered descriptor."""
     if not _direct_ok(tmp_path):
         pytest.skip(f"{tmp_path}: its file system refuses O_DIRECT")
     monkeypatch.setattr(direct, "BOUNCE", direct.ALIGN * 3 + 100)
@@ -121,6 +125,92 @@ def test_a_write_the_file_system_refuses_goes_on_buffered_with_the_same_bytes(tm
     thread.join()
     assert out["entry"] == LocalStore(tmp_path)._write_file(tmp_path / "b", chunks)
     assert (tmp_path / "f").read_bytes() == b"".join(chunks)
+
+
+_PWRITE, _FSYNC, _OPEN = os.pwrite, os.fsync, os.open  # the real calls (the tests patch os's)
+
+
+def _is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+class _Faults:
+    """The kernel's answers a disk or file system may give, injected around the real ``os.pwrite``: the
+    bytes still go to the file for real; only what the call reports (or raises) changes."""
+
+    def __init__(self, fault: str) -> None:
+        self.fault, self.direct_calls, self.fsyncs, self.truncated = fault, 0, [], []
+
+    def pwrite(self, fd: int, view, offset: int) -> int:
+        if not _is_direct(fd):
+            return 0 if self.fault == "zero" else _PWRITE(fd, view, offset)
+        self.direct_calls += 1
+        if self.fault == "einval-second" and self.direct_calls == 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if self.fault == "zero":
+            return 0
+        if self.fault == "short-aligned":
+            return _PWRITE(fd, memoryview(view)[:8192], offset)  # an aligned part of it
+        if self.fault == "short-unaligned":
+            _PWRITE(fd, view, offset)
+            return 5000  # reports less than it wrote: the rest is written again, buffered, at offset + 5000
+        if self.fault == "too-many":
+            return _PWRITE(fd, view, offset) + 4096
+        return _PWRITE(fd, view, offset)
+
+    def fsync(self, fd: int) -> None:
+        if _is_direct(fd):  # the direct path's (the buffered path's fsyncs are not counted)
+            self.fsyncs.append(os.fstat(fd).st_size)
+        _FSYNC(fd)
+
+
+@needs_direct
+@pytest.mark.parametrize("fault", ["einval-second", "short-aligned", "short-unaligned"])
+def test_a_refused_or_short_direct_write_goes_on_buffered_with_the_same_bytes(fault, tmp_path, monkeypatch):
+    if not _direct_ok(tmp_path):
+        pytest.skip(f"{tmp_path}: its file system refuses O_DIRECT")
+    faults, chunks = _Faults(fault), _chunks(2)
+    monkeypatch.setattr(direct.os, "pwrite", faults.pwrite)
+    monkeypatch.setattr(direct.os, "fsync", faults.fsync)
+    fds = len(os.listdir("/proc/self/fd"))
+    entry = direct.write_file(tmp_path / "f", chunks)
+    monkeypatch.undo()
+    assert entry == LocalStore(tmp_path)._write_file(tmp_path / "b", chunks)
+    assert (tmp_path / "f").read_bytes() == b"".join(chunks)
+    # O_DIRECT went on after an aligned short write; an unaligned one gave it up for the rest of the file
+    assert faults.direct_calls == 1 if fault == "short-unaligned" else faults.direct_calls >= 2
+    assert faults.fsyncs == [entry.size]  # one fsync, after the truncation
+    assert len(os.listdir("/proc/self/fd")) == fds  # both descriptors closed
+
+
+@needs_direct
+@pytest.mark.parametrize("fault", ["zero", "too-many"])
+def test_a_write_that_takes_nothing_or_reports_too_much_fails_and_leaks_no_descriptor(fault, tmp_path, monkeypatch):
+    if not _direct_ok(tmp_path):
+        pytest.skip(f"{tmp_path}: its file system refuses O_DIRECT")
+    monkeypatch.setattr(direct.os, "pwrite", _Faults(fault).pwrite)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as err:
+        direct.write_file(tmp_path / "f", _chunks(3))
+    assert err.value.errno == errno.EIO and ("took none" if fault == "zero" else "reported") in str(err.value)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+@needs_direct
+def test_a_file_system_that_refuses_o_direct_at_the_open_gets_the_buffered_write(tmp_path, monkeypatch):
+    if not _direct_ok(tmp_path):
+        pytest.skip(f"{tmp_path}: its file system refuses O_DIRECT")
+    def refusing_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            os.close(_OPEN(path, flags & ~os.O_DIRECT, *args))  # Linux creates the file before it refuses the flag
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return _OPEN(path, flags, *args)
+
+    monkeypatch.setattr(direct.os, "open", refusing_open)
+    chunks = _chunks(4)
+    with direct.direct_writes():
+        entry = LocalStore(tmp_path)._write_file(tmp_path / "f", chunks)
+    assert (tmp_path / "f").read_bytes() == b"".join(chunks) and entry.size == sum(map(len, chunks))
 
 
 def test_direct_writes_are_asked_for_only_inside_the_block_and_env_turns_them_off(monkeypatch):
