@@ -179,6 +179,12 @@ def _remote_prelude(tmp: Path, request: pytest.FixtureRequest) -> dict[str, Any]
     monkeypatch = request.getfixturevalue("monkeypatch")
     for key, value in {**ENV, "AWS_ENDPOINT_URL": server.endpoint}.items():
         monkeypatch.setenv(key, value)  # what `load_from_checkpoint` of an s3:// URL reads: the backend's env
+    import s3fs
+
+    # An s3fs instance an earlier test made with the same arguments (none) is cached with that test's endpoint:
+    # drop it now, and the one this page makes with this server's endpoint when the page is done.
+    s3fs.S3FileSystem.clear_instance_cache()
+    request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)
     server.fs().mkdir("bucket")
     model_class = _model_class(stop_at_step=60)
     model = model_class()
