@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
@@ -41,14 +42,16 @@ from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.format.blob import safetensors_blob
+from lightning_ckpt.format.safetensors_view import header_length, read_header
 from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR, FileEntry
 from lightning_ckpt.format.single_file import is_single_file_name
 from lightning_ckpt.format.state import is_dtensor, sharded_key
-from lightning_ckpt.distributed.shard_reader import ListedShardReader
+from lightning_ckpt.distributed.shard_reader import (ListedShardReader, VerifiedShardReader, files_to_read,
+                                                     shard_metadata)
 from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
-from lightning_ckpt.store.reading import read_listed
+from lightning_ckpt.store.reading import check_listed, read_listed
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.remote import FsspecStore
 
@@ -196,6 +199,16 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
                  map_location: Any = None, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load a sharded checkpoint into a live sharded state, on every rank; collective.
 
+    Every rank reads the checkpoint's other files (``state.json``, ...) and the headers of its shard files;
+    DCP's load planner then says which shard files this rank's chunks come from (resharding to any world
+    size), and the rank reads those files only, each once, checked against rank 0's manifest as it is read
+    (its size before anything is allocated, its checksum before any of its bytes is used); DCP copies the
+    chunks out of those verified bytes. A shard file no rank reads (none, when the same model is loaded) is
+    verified by rank 0 (streamed, nothing kept). So every file the manifest lists is verified by some rank
+    before anything is loaded, and a file the manifest does not list is never read. From a URL, each rank
+    fetches the files it needs only (streamed, verified), nothing to a scratch directory. Memory: this rank's
+    shard files, once.
+
     Args:
         into: a nested state whose DTensors (e.g. ``get_model_state_dict(model)``, any world size and
             sharding) receive the saved values in place, DCP resharding as needed.
@@ -206,34 +219,72 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
         only the model is loaded) are not read and come back as None.
 
     Raises:
-        CheckpointError: the checkpoint does not verify (rank 0 checks every file; all ranks raise),
-            or its sharded tensors do not match ``into``'s.
+        CheckpointError: on every rank alike, of the same class (a CorruptCheckpointError or an
+            IncompleteCheckpointError naming the file, ...) when any rank finds a file damaged or missing;
+            or the checkpoint's sharded tensors do not match ``into``'s.
     """
-    def look_up() -> tuple[str, Manifest]:  # rank 0 (a local checkpoint: every file, shards included, streamed)
-        store, name = locate(path, storage_options)
-        return name, verify(store, name) if isinstance(store, LocalStore) else read_manifest(store, name)
-
-    name, manifest = decided_on_rank_zero(agree, look_up)
+    name, manifest = decided_on_rank_zero(agree, lambda: _look_up(path, storage_options))
     targets = collect_dtensors(into)
     got: dict[str, Any] = {}
-    with contextlib.ExitStack() as scratch:
-        def fetch() -> None:  # every rank reads the files rank 0's manifest lists, each checked against it
-            got["store"] = store = _parent_store(path, storage_options)
-            got["files"] = read_listed(store, name, manifest, only=lambda file: not _in_shards(file))
-            if not isinstance(store, LocalStore):  # from a URL: the shard files into a scratch directory
-                got["folder"] = scratch.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
-                download_shards(store, name, manifest, got["folder"])
 
-        all_ranks(agree, fetch)
-        store, files, folder = got["store"], got["files"], got.get("folder")
-        reader = _shard_reader(store, name, manifest, folder)
-        saved = set(reader.read_metadata().state_dict_metadata)
-        _check_keys(targets, saved, set(into), store.location(name))
-        with _dcp_errors(f"{store.location(name)}: could not read its shards"):
-            dcp.load(targets, storage_reader=reader, no_dist=isinstance(agree, SingleProcess))
+    def plan() -> list[str]:  # every rank: the small files, the shard headers, and which shard files it needs
+        got["store"] = store = _parent_store(path, storage_options)
+        got["files"] = read_listed(store, name, manifest, only=lambda file: not _in_shards(file))
+        where = store.location(name)
+        shards = [file for file in manifest.files if _in_shards(file)]
+        metadata = shard_metadata(read_shard_headers(store, name, manifest, shards), where)
+        got["saved"] = saved = set(metadata.state_dict_metadata)
+        _check_keys(targets, saved, set(into), where)
+        got["reader"] = VerifiedShardReader(where, metadata)
+        got["needed"] = needed = files_to_read(metadata, targets, agree.is_rank_zero)
+        return sorted(needed)
+
+    wanted = all_ranks(agree, plan)  # by rank
+    needed: set[str] = got["needed"]
+    unread = [file for file in manifest.files if _in_shards(file) and not any(file in w for w in wanted)]
+    store, reader = got["store"], got["reader"]
+
+    def read() -> None:  # every rank: its files, verified as read; rank 0 also checks those nobody reads
+        reader.serve(read_listed(store, name, manifest, only=needed.__contains__))
+        if agree.is_rank_zero:
+            check_listed(store, name, manifest, unread)
+
+    all_ranks(agree, read)
+    with _dcp_errors(f"{store.location(name)}: could not read its shards"):
+        dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(),
+                 no_dist=isinstance(agree, SingleProcess))
     # What ``into`` does not ask for at all (optimizer state for a test run) comes back as None.
-    return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
-                        where=store.location(name), sharded={**dict.fromkeys(saved), **targets})
+    return decode_state(got["files"], allow_pickle=allow_pickle, device=device_from_map_location(map_location),
+                        where=store.location(name), sharded={**dict.fromkeys(got["saved"]), **targets})
+
+
+def _look_up(path: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> tuple[str, Manifest]:
+    """Rank 0: the checkpoint's name and manifest (its files are checked by the ranks that read them)."""
+    store, name = locate(path, storage_options)
+    return name, read_manifest(store, name)
+
+
+def read_shard_headers(store: Store, name: str, manifest: Manifest, files: list[str]
+                       ) -> dict[str, tuple[dict[str, Any], int, dict[str, str]]]:
+    """Each listed shard file's safetensors header, read alone (its first bytes, bounded by the manifest's size).
+
+    Raises:
+        IncompleteCheckpointError: a file is missing or shorter than its header; CorruptCheckpointError: a header
+            is not valid safetensors or puts a tensor past the file's recorded size.
+    """
+    where = store.location(name)
+    headers = {}
+    for file in files:
+        size = manifest.files[file].size
+        first = store.read(name, file, min(size, 8))
+        if first is None or len(first) < min(size, 8):
+            manifest.check_size(file, None if first is None else len(first), where)
+        length = header_length(first, size, f"{where}/{file}")
+        prefix = store.read(name, file, length)
+        if prefix is None or len(prefix) < length:
+            manifest.check_size(file, None if prefix is None else len(prefix), where)
+        headers[file] = read_header(prefix, size, f"{where}/{file}")
+    return headers
 
 
 def load_consolidated(store: Store, name: str, *, allow_pickle: bool = False, map_location: Any = None
