@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
-from lightning_ckpt.errors import CheckpointError, StorageError
+from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.format.blob import safetensors_blob
 from lightning_ckpt.format.safetensors_view import header_length, read_header
@@ -199,15 +199,20 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
                  map_location: Any = None, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load a sharded checkpoint into a live sharded state, on every rank; collective.
 
-    Every rank reads the checkpoint's other files (``state.json``, ...) and the headers of its shard files;
-    DCP's load planner then says which shard files this rank's chunks come from (resharding to any world
-    size), and the rank reads those files only, each once, checked against rank 0's manifest as it is read
-    (its size before anything is allocated, its checksum before any of its bytes is used); DCP copies the
-    chunks out of those verified bytes. A shard file no rank reads (none, when the same model is loaded) is
-    verified by rank 0 (streamed, nothing kept). So every file the manifest lists is verified by some rank
-    before anything is loaded, and a file the manifest does not list is never read. From a URL, each rank
-    fetches the files it needs only (streamed, verified), nothing to a scratch directory. Memory: this rank's
-    shard files, once.
+    Rank 0 reads the manifest and the shard files' headers (their first bytes, bounded by the manifest's sizes)
+    and every rank learns them. DCP's load planner then says which shard files this rank's chunks come from
+    (resharding to any world size), and the rank reads those files only, each once, checked against rank 0's
+    manifest as it is read (its size before anything is allocated, its checksum before any of its bytes is
+    used, its header against the one planned with), together with the checkpoint's other files (``state.json``,
+    ...); DCP copies the chunks out of those verified bytes. A listed shard file no rank's plan reads (none,
+    when the whole saved state is loaded) is verified by rank 0 (streamed, nothing kept). So every file the
+    manifest lists is verified by some rank before anything is loaded into ``into``, and a file the manifest
+    does not list is never read. From a URL, each rank fetches the files it needs only (streamed, verified),
+    nothing goes to a scratch directory. Memory: this rank's shard files, once, freed once DCP copied them.
+
+    The ranks agree after the reads (any rank's damaged or missing file fails every rank, with the same
+    error class, naming the file) and after DCP's copy, which each rank runs alone: DCP's default load plan
+    needs no coordination between ranks (its global step returns the local plans as they are).
 
     Args:
         into: a nested state whose DTensors (e.g. ``get_model_state_dict(model)``, any world size and
@@ -223,45 +228,56 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
             IncompleteCheckpointError naming the file, ...) when any rank finds a file damaged or missing;
             or the checkpoint's sharded tensors do not match ``into``'s.
     """
-    name, manifest = decided_on_rank_zero(agree, lambda: _look_up(path, storage_options))
+    name, manifest, headers = decided_on_rank_zero(agree, lambda: _look_up(path, storage_options))
     targets = collect_dtensors(into)
     got: dict[str, Any] = {}
 
-    def plan() -> list[str]:  # every rank: the small files, the shard headers, and which shard files it needs
+    def read() -> list[str]:
+        # Every rank: DCP's plan (from rank 0's headers) of which shard files this rank's chunks come from, then
+        # those files and the small ones (state.json, ...), each verified as it is read.
         got["store"] = store = _parent_store(path, storage_options)
-        got["files"] = read_listed(store, name, manifest, only=lambda file: not _in_shards(file))
         where = store.location(name)
-        shards = [file for file in manifest.files if _in_shards(file)]
-        metadata = shard_metadata(read_shard_headers(store, name, manifest, shards), where)
+        metadata = shard_metadata(headers, where)
         got["saved"] = saved = set(metadata.state_dict_metadata)
         _check_keys(targets, saved, set(into), where)
-        got["reader"] = VerifiedShardReader(where, metadata)
-        got["needed"] = needed = files_to_read(metadata, targets, agree.is_rank_zero)
+        needed = files_to_read(metadata, targets, agree.is_rank_zero)
+        files = read_listed(store, name, manifest, only=lambda file: not _in_shards(file) or file in needed)
+        for file in needed:  # the header planned with is the verified file's (not one read before it changed)
+            if read_header(files[file][:headers[file][1]], manifest.files[file].size, f"{where}/{file}") != \
+                    headers[file]:
+                raise CorruptCheckpointError(f"{where}/{file}: its header changed while the checkpoint was read; "
+                                             "load it again, or resume from an older checkpoint")
+        got["reader"] = reader = VerifiedShardReader(where, metadata)
+        reader.serve({file: files.pop(file) for file in needed})
+        got["files"] = files
         return sorted(needed)
 
-    wanted = all_ranks(agree, plan)  # by rank
-    needed: set[str] = got["needed"]
-    unread = [file for file in manifest.files if _in_shards(file) and not any(file in w for w in wanted)]
+    wanted = all_ranks(agree, read)  # by rank: the files each read
     store, reader = got["store"], got["reader"]
+    unread = [file for file in manifest.files if _in_shards(file) and not any(file in w for w in wanted)]
+    if unread:  # every rank learnt the same ``wanted``: all take this branch, or none
+        all_ranks(agree, lambda: check_listed(store, name, manifest, unread) if agree.is_rank_zero else None)
 
-    def read() -> None:  # every rank: its files, verified as read; rank 0 also checks those nobody reads
-        reader.serve(read_listed(store, name, manifest, only=needed.__contains__))
-        if agree.is_rank_zero:
-            check_listed(store, name, manifest, unread)
+    def load() -> None:
+        # DCP's default load plan needs no coordination (its global step returns each rank's plan as it is):
+        # each rank runs it alone, the ranks agreeing on the outcome in all_ranks' one gather instead.
+        with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards"):
+            warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)  # each rank alone is what is meant
+            dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
 
-    all_ranks(agree, read)
-    with _dcp_errors(f"{store.location(name)}: could not read its shards"):
-        dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(),
-                 no_dist=isinstance(agree, SingleProcess))
+    all_ranks(agree, load)
     # What ``into`` does not ask for at all (optimizer state for a test run) comes back as None.
     return decode_state(got["files"], allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name), sharded={**dict.fromkeys(got["saved"]), **targets})
 
 
-def _look_up(path: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> tuple[str, Manifest]:
-    """Rank 0: the checkpoint's name and manifest (its files are checked by the ranks that read them)."""
+def _look_up(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
+             ) -> tuple[str, Manifest, dict[str, Any]]:
+    """Rank 0: the checkpoint's name, manifest and shard headers, for every rank to plan with (its files are
+    checked by the ranks that read them; each header too, against the bytes verified)."""
     store, name = locate(path, storage_options)
-    return name, read_manifest(store, name)
+    manifest = read_manifest(store, name)
+    return name, manifest, read_shard_headers(store, name, manifest, [f for f in manifest.files if _in_shards(f)])
 
 
 def read_shard_headers(store: Store, name: str, manifest: Manifest, files: list[str]
