@@ -1,5 +1,12 @@
-"""DCP's safetensors reader for a sharded checkpoint, shown only the shard files its manifest lists
-and checked before anything is read or allocated.
+"""DCP storage readers for a sharded checkpoint.
+
+``VerifiedShardReader`` (``load_sharded``, every rank): DCP's metadata is built from the shard files'
+headers alone (``shard_metadata``), DCP's planner says which files this rank's chunks come from
+(``files_to_read``), and the reads are served from those files' bytes, read and verified against the
+manifest before DCP asks for them: DCP itself opens no file.
+
+``ListedShardReader`` (the consolidated load in one process): DCP's safetensors reader, shown only the
+shard files the manifest lists and checked before anything is read or allocated.
 
 ``HuggingFaceStorageReader`` builds the checkpoint's metadata from every ``.safetensors`` file it
 finds in the folder, and each file's header says where its chunks lie in the full tensors. So a file
@@ -155,7 +162,8 @@ def _check_chunks(metadata: Metadata, where: str) -> None:
 
 
 def _under(path: str, where: str) -> str:
-    """``path`` relative to ``where`` (a listed reader's entries are paths in its folder, ours names in the checkpoint)."""
+    """``path`` relative to ``where`` (a listed reader's entries are paths in its folder, ours names in the
+    checkpoint)."""
     return path[len(where) + 1:] if path.startswith(where + "/") else path
 
 
@@ -209,8 +217,9 @@ class VerifiedShardReader(StorageReader):
                 chunk: ShardChunk = self.metadata.storage_data[item.storage_index]
                 data = self.verified.get(chunk.relative_path)
                 if data is None:
-                    raise CheckpointError(f"{self.where}/{chunk.relative_path}: DCP asked for {item.storage_index.fqn!r} "
-                                          "from a file this rank did not read and verify; nothing was loaded")
+                    raise CheckpointError(f"{self.where}/{chunk.relative_path}: DCP asked for "
+                                          f"{item.storage_index.fqn!r} from a file this rank did not read and "
+                                          "verify; it is not read")
                 if chunk.begin == chunk.end:
                     saved = torch.empty(chunk.shape, dtype=chunk.dtype)
                 else:
@@ -218,8 +227,8 @@ class VerifiedShardReader(StorageReader):
                 piece = saved[tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
                 target = planner.resolve_tensor(item).detach()
                 if target.size() != piece.size():
-                    raise CheckpointError(f"{self.where}/{chunk.relative_path}: {item.storage_index.fqn!r}: a read of "
-                                          f"{tuple(piece.size())} for a target of {tuple(target.size())}")
+                    raise CheckpointError(f"{self.where}/{chunk.relative_path}: {item.storage_index.fqn!r}: a read "
+                                          f"of {tuple(piece.size())} for a target of {tuple(target.size())}")
                 target.copy_(piece)
                 planner.commit_tensor(item, target)
         finally:
