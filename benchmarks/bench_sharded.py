@@ -4,8 +4,9 @@ Not a pass/fail test. Each rank holds its half of a model + AdamW state of ``--m
 (``fully_shard`` over 2 ranks). In the same run, medians of ``--repeat`` repetitions of:
 
 - ``ours``: ``lightning_ckpt.distributed.save_sharded`` (DCP's safetensors writer, a checksum of
-  every file, one manifest; the commit is a rename) and ``load_sharded`` (verify every file, then
-  DCP's reader), as the Checkpointer under ModelParallelStrategy does;
+  every file, one manifest; the commit is a rename) and ``load_sharded`` (each rank reads the shard
+  files its DCP plan needs, verified as read, and DCP copies from those bytes), as the Checkpointer
+  under ModelParallelStrategy does;
 - ``dcp``: ``torch.distributed.checkpoint.save``/``load`` with its default ``FileSystemWriter``/
   ``Reader`` (torch.save chunks and a pickled ``.metadata``), what Lightning's ModelParallelStrategy
   writes.

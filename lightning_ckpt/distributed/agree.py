@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from lightning_ckpt.errors import CheckpointError, StorageError
+from lightning_ckpt.errors import (CheckpointError, CorruptCheckpointError, IncompleteCheckpointError,
+                                   NotACheckpointError, StorageError, UnsupportedFormatError)
 
 T = TypeVar("T")
 
@@ -55,9 +56,19 @@ class Failure:
     storage: bool  # the storage refused (disk full, ...): on_error="warn" may train on
 
     def error(self) -> CheckpointError:
-        """The error other ranks raise for it."""
+        """The error other ranks raise for it: of the same class when it says what is wrong with a checkpoint
+        (a damaged or missing file: every rank raises a CorruptCheckpointError, say), else a StorageError
+        or a CheckpointError."""
         text = f"rank {self.rank}: {self.kind}: {self.message}"
+        same = _SHARED_KINDS.get(self.kind)
+        if same is not None:
+            return same(text)
         return StorageError(text) if self.storage else CheckpointError(text)
+
+
+# What a rank finds wrong with a checkpoint's files, raised as such on every rank (each takes one message).
+_SHARED_KINDS: dict[str, type[CheckpointError]] = {cls.__name__: cls for cls in (
+    CorruptCheckpointError, IncompleteCheckpointError, NotACheckpointError, UnsupportedFormatError)}
 
 
 def decided_on_rank_zero(agree: Agree, decide: Callable[[], T]) -> T:

@@ -34,21 +34,24 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
-from lightning_ckpt.errors import CheckpointError, StorageError
+from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.format.blob import safetensors_blob
+from lightning_ckpt.format.safetensors_view import header_length, read_header
 from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR, FileEntry
 from lightning_ckpt.format.single_file import is_single_file_name
 from lightning_ckpt.format.state import is_dtensor, sharded_key
-from lightning_ckpt.distributed.shard_reader import ListedShardReader
+from lightning_ckpt.distributed.shard_reader import (ListedShardReader, VerifiedShardReader, files_to_read,
+                                                     shard_metadata)
 from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
-from lightning_ckpt.store.reading import read_listed
+from lightning_ckpt.store.reading import check_listed, read_listed
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.remote import FsspecStore
 
@@ -196,6 +199,21 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
                  map_location: Any = None, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load a sharded checkpoint into a live sharded state, on every rank; collective.
 
+    Rank 0 reads the manifest and the shard files' headers (their first bytes, bounded by the manifest's sizes)
+    and every rank learns them. DCP's load planner then says which shard files this rank's chunks come from
+    (resharding to any world size), and the rank reads those files only, each once, checked against rank 0's
+    manifest as it is read (its size before anything is allocated, its checksum before any of its bytes is
+    used, its header against the one planned with), together with the checkpoint's other files (``state.json``,
+    ...); DCP copies the chunks out of those verified bytes. A listed shard file no rank's plan reads (none,
+    when the whole saved state is loaded) is verified by rank 0 (streamed, nothing kept). So every file the
+    manifest lists is verified by some rank before anything is loaded into ``into``, and a file the manifest
+    does not list is never read. From a URL, each rank fetches the files it needs only (streamed, verified),
+    nothing goes to a scratch directory. Memory: this rank's shard files, once, freed once DCP copied them.
+
+    The ranks agree after the reads (any rank's damaged or missing file fails every rank, with the same
+    error class, naming the file) and after DCP's copy, which each rank runs alone: DCP's default load plan
+    needs no coordination between ranks (its global step returns the local plans as they are).
+
     Args:
         into: a nested state whose DTensors (e.g. ``get_model_state_dict(model)``, any world size and
             sharding) receive the saved values in place, DCP resharding as needed.
@@ -206,34 +224,83 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
         only the model is loaded) are not read and come back as None.
 
     Raises:
-        CheckpointError: the checkpoint does not verify (rank 0 checks every file; all ranks raise),
-            or its sharded tensors do not match ``into``'s.
+        CheckpointError: on every rank alike, of the same class (a CorruptCheckpointError or an
+            IncompleteCheckpointError naming the file, ...) when any rank finds a file damaged or missing;
+            or the checkpoint's sharded tensors do not match ``into``'s.
     """
-    def look_up() -> tuple[str, Manifest]:  # rank 0 (a local checkpoint: every file, shards included, streamed)
-        store, name = locate(path, storage_options)
-        return name, verify(store, name) if isinstance(store, LocalStore) else read_manifest(store, name)
-
-    name, manifest = decided_on_rank_zero(agree, look_up)
+    name, manifest, headers = decided_on_rank_zero(agree, lambda: _look_up(path, storage_options))
     targets = collect_dtensors(into)
     got: dict[str, Any] = {}
-    with contextlib.ExitStack() as scratch:
-        def fetch() -> None:  # every rank reads the files rank 0's manifest lists, each checked against it
-            got["store"] = store = _parent_store(path, storage_options)
-            got["files"] = read_listed(store, name, manifest, only=lambda file: not _in_shards(file))
-            if not isinstance(store, LocalStore):  # from a URL: the shard files into a scratch directory
-                got["folder"] = scratch.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX))
-                download_shards(store, name, manifest, got["folder"])
 
-        all_ranks(agree, fetch)
-        store, files, folder = got["store"], got["files"], got.get("folder")
-        reader = _shard_reader(store, name, manifest, folder)
-        saved = set(reader.read_metadata().state_dict_metadata)
-        _check_keys(targets, saved, set(into), store.location(name))
-        with _dcp_errors(f"{store.location(name)}: could not read its shards"):
-            dcp.load(targets, storage_reader=reader, no_dist=isinstance(agree, SingleProcess))
+    def read() -> list[str]:
+        # Every rank: DCP's plan (from rank 0's headers) of which shard files this rank's chunks come from, then
+        # those files and the small ones (state.json, ...), each verified as it is read.
+        got["store"] = store = _parent_store(path, storage_options)
+        where = store.location(name)
+        metadata = shard_metadata(headers, where)
+        got["saved"] = saved = set(metadata.state_dict_metadata)
+        _check_keys(targets, saved, set(into), where)
+        needed = files_to_read(metadata, targets, agree.is_rank_zero)
+        files = read_listed(store, name, manifest, only=lambda file: not _in_shards(file) or file in needed)
+        for file in needed:  # the header planned with is the verified file's (not one read before it changed)
+            if read_header(files[file][:headers[file][1]], manifest.files[file].size, f"{where}/{file}") != \
+                    headers[file]:
+                raise CorruptCheckpointError(f"{where}/{file}: its header changed while the checkpoint was read; "
+                                             "load it again, or resume from an older checkpoint")
+        got["reader"] = reader = VerifiedShardReader(where, metadata)
+        reader.serve({file: files.pop(file) for file in needed})
+        got["files"] = files
+        return sorted(needed)
+
+    wanted = all_ranks(agree, read)  # by rank: the files each read
+    store, reader = got["store"], got["reader"]
+    unread = [file for file in manifest.files if _in_shards(file) and not any(file in w for w in wanted)]
+    if unread:  # every rank learnt the same ``wanted``: all take this branch, or none
+        all_ranks(agree, lambda: check_listed(store, name, manifest, unread) if agree.is_rank_zero else None)
+
+    def load() -> None:
+        # DCP's default load plan needs no coordination (its global step returns each rank's plan as it is):
+        # each rank runs it alone, the ranks agreeing on the outcome in all_ranks' one gather instead.
+        with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards"):
+            warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)  # each rank alone is what is meant
+            dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
+
+    all_ranks(agree, load)
     # What ``into`` does not ask for at all (optimizer state for a test run) comes back as None.
-    return decode_state(files, allow_pickle=allow_pickle, device=device_from_map_location(map_location),
-                        where=store.location(name), sharded={**dict.fromkeys(saved), **targets})
+    return decode_state(got["files"], allow_pickle=allow_pickle, device=device_from_map_location(map_location),
+                        where=store.location(name), sharded={**dict.fromkeys(got["saved"]), **targets})
+
+
+def _look_up(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
+             ) -> tuple[str, Manifest, dict[str, Any]]:
+    """Rank 0: the checkpoint's name, manifest and shard headers, for every rank to plan with (its files are
+    checked by the ranks that read them; each header too, against the bytes verified)."""
+    store, name = locate(path, storage_options)
+    manifest = read_manifest(store, name)
+    return name, manifest, read_shard_headers(store, name, manifest, [f for f in manifest.files if _in_shards(f)])
+
+
+def read_shard_headers(store: Store, name: str, manifest: Manifest, files: list[str]
+                       ) -> dict[str, tuple[dict[str, Any], int, dict[str, str]]]:
+    """Each listed shard file's safetensors header, read alone (its first bytes, bounded by the manifest's size).
+
+    Raises:
+        IncompleteCheckpointError: a file is missing or shorter than its header; CorruptCheckpointError: a header
+            is not valid safetensors or puts a tensor past the file's recorded size.
+    """
+    where = store.location(name)
+    headers = {}
+    for file in files:
+        size = manifest.files[file].size
+        first = store.read(name, file, min(size, 8))
+        if first is None or len(first) < min(size, 8):
+            manifest.check_size(file, None if first is None else len(first), where)
+        length = header_length(first, size, f"{where}/{file}")
+        prefix = store.read(name, file, length)
+        if prefix is None or len(prefix) < length:
+            manifest.check_size(file, None if prefix is None else len(prefix), where)
+        headers[file] = read_header(prefix, size, f"{where}/{file}")
+    return headers
 
 
 def load_consolidated(store: Store, name: str, *, allow_pickle: bool = False, map_location: Any = None

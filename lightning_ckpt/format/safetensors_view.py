@@ -55,7 +55,7 @@ def load_tensors(data: Buffer | torch.Tensor, where: str) -> dict[str, torch.Ten
     if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian by definition
         raise RuntimeError("lightning-ckpt reads safetensors on little-endian machines only")
     buf = as_uint8(data)
-    entries, start = _header(buf, where)
+    entries, start, _ = _header(buf, where)
     body = buf[start:]
     end = 0
     for key, (dtype, shape, (first, last)) in sorted(entries.items(), key=lambda kv: tuple(kv[1][2])):
@@ -89,8 +89,38 @@ def _main_dtype(entries: Mapping[str, _Entry]) -> torch.dtype | None:
     return max(size, key=size.__getitem__) if size else None
 
 
-def _header(buf: torch.Tensor, where: str) -> tuple[dict[str, _Entry], int]:
-    """The tensors a file's header describes (its last entry for a repeated name, as the library's map keeps)."""
+def read_header(prefix: Buffer, size: int, where: str) -> tuple[dict[str, _Entry], int, dict[str, str]]:
+    """The header of a safetensors file of ``size`` bytes, from its first bytes (``prefix``: at least the
+    header, see :func:`header_length`): each tensor's (dtype, shape, data_offsets), where the data begins,
+    and the ``__metadata__`` map; every tensor's data checked to lie inside the file.
+
+    Raises:
+        CorruptCheckpointError: the header is not valid safetensors, or a tensor lies past the file's end.
+    """
+    entries, start, metadata = _header(as_uint8(prefix), where)
+    for key, (_, _, (_, last)) in entries.items():
+        if start + last > size:
+            raise _corrupt(where, f"tensor {key!r} ends at byte {start + last}, past the file's {size}")
+    return entries, start, metadata
+
+
+def header_length(first: bytes, size: int, where: str) -> int:
+    """The bytes to read to have a file's whole header (length field included), from its first 8 bytes.
+
+    Raises:
+        CorruptCheckpointError: the length is past the limit or the file's ``size``.
+    """
+    if len(first) < _LENGTH_FIELD:
+        raise _corrupt(where, f"{len(first)} bytes, shorter than the header length field")
+    (length,) = struct.unpack("<Q", bytes(first[:_LENGTH_FIELD]))
+    if length > MAX_HEADER_BYTES or _LENGTH_FIELD + length > size:
+        raise _corrupt(where, f"header length {length} is past the limit or the file's {size} bytes")
+    return _LENGTH_FIELD + length
+
+
+def _header(buf: torch.Tensor, where: str) -> tuple[dict[str, _Entry], int, dict[str, str]]:
+    """The tensors a file's header describes (its last entry for a repeated name, as the library's map keeps),
+    where the data begins, and the ``__metadata__`` map."""
     if buf.numel() < _LENGTH_FIELD:
         raise _corrupt(where, f"{buf.numel()} bytes, shorter than the header length field")
     (length,) = struct.unpack("<Q", buf[:_LENGTH_FIELD].numpy().tobytes())
@@ -105,6 +135,7 @@ def _header(buf: torch.Tensor, where: str) -> tuple[dict[str, _Entry], int]:
     if not isinstance(header, strict_json.Object):
         raise _corrupt(where, "the header is not a JSON object")
     entries: dict[str, _Entry] = {}
+    metadata: dict[str, str] = {}
     metadata_seen = False
     for key, info in header:
         if key != METADATA_KEY:
@@ -115,7 +146,8 @@ def _header(buf: torch.Tensor, where: str) -> tuple[dict[str, _Entry], int]:
             raise _corrupt(where, f"{METADATA_KEY} is not a map of strings")
         else:
             metadata_seen = True
-    return entries, _LENGTH_FIELD + length
+            metadata = {k: v for k, v in info} if info is not None else {}
+    return entries, _LENGTH_FIELD + length, metadata
 
 
 _Entry = tuple[torch.dtype, list[int], list[int]]

@@ -85,6 +85,23 @@ def read_listed(store: Store, name: str, manifest: Manifest, *, only: Callable[[
     return read_verified(store, name, only=only, manifest=manifest)[1]
 
 
+def check_listed(store: Store, name: str, manifest: Manifest, files: list[str]) -> None:
+    """Check ``files`` (listed in ``manifest``) against it, streamed through one reused chunk: nothing is kept.
+
+    Raises:
+        CheckpointError: a subclass naming the first file that is missing, short or changed.
+    """
+    where = store.location(name)
+    if not files:
+        return
+    if not isinstance(store, LocalFiles):
+        _read_remote(store, name, list(files), manifest, where, keep=False)
+        return
+    chunk = _uninitialized(min(READ_CHUNK, max(manifest.files[file].size for file in files)) or 1)
+    for file in files:
+        _read_file(store, name, file, manifest, where, into=chunk)
+
+
 def verify(store: Store, name: str, *, keep: bool = False) -> Manifest:
     """Check a checkpoint's files against its manifest; returns the manifest when all match.
 

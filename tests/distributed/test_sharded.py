@@ -33,7 +33,7 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
 # kills its ranks ends its job: it goes last. A test reads its fits' rows and directories.
 FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "crash")
 ONE_RANK = ("single", "2to1", "url-2to1")
-THEN = ("resume", "1to2", "mirror-resume", "url-resume", "killed")
+THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "killed")
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN)))
 
 
@@ -90,6 +90,10 @@ class Runs:
         if fs.exists(f"{url}/step=000000006/{MANIFEST_FILE}"):  # "last" of a copy holding only step 6
             fs.copy(f"{url}/step=000000006", f"{self.s3.url('url-resume')}/step=000000006", recursive=True)
         (self / "url-resume").mkdir(parents=True, exist_ok=True)  # for its "out" file
+        damaged = self / "damaged" / "step=000000006"
+        if (self / "straight" / "c" / "step=000000006").exists():  # one flipped byte in what rank 1 alone reads
+            shutil.copytree(self / "straight" / "c" / "step=000000006", damaged)
+            flip_byte(damaged / "shards" / "rank-00001.safetensors", -1)
         return self.run({
             "resume": {"dirpath": self / "resume" / "c", "max_steps": 8, "ckpt_path": "last",
                        "out": self / "resume" / "final.safetensors"},
@@ -99,8 +103,15 @@ class Runs:
                               "mirror": self / "mirror-resume" / "remote"},  # downloaded, then resharded
             "url-resume": {**self.url("url-resume"), "max_steps": 8, "ckpt_path": "last",
                            "out": self / "url-resume" / "final.safetensors"},
+            "damaged": {"dirpath": self / "damaged" / "new", "max_steps": 7, "ckpt_path": damaged},
             "killed": {"dirpath": self / "killed" / "c", "max_steps": 8, "kill_rank_in_save": 6},
         }, THEN)
+
+
+def flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +350,35 @@ def test_a_sharded_dirpath_some_rank_does_not_see_is_refused_at_setup_on_every_r
         "filesystem every node mounts, or a URL dirpath (dirpath='s3://bucket/run', storage_options=...), where "
         "every rank uploads its own shard"}, rows
     assert not [p for p in here.iterdir() if not p.name.startswith(".lightning-ckpt")]  # no probe, no checkpoint
+
+
+def shard_sizes(checkpoint: Path) -> dict[str, int]:
+    listed = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+    return {name: entry["size"] for name, entry in listed.items() if name.startswith("shards/")}
+
+
+def test_each_rank_reads_only_the_shard_files_its_chunks_come_from(runs, straight, one_rank, then):
+    # The rows count what each rank's load read in full (tests/scripts/fsdp_fit.py wraps the module's
+    # read_listed): on the same world size each rank its own file, once; resharding, the files its chunks
+    # overlap. No file is left for rank 0 to check for nobody: every one is some rank's.
+    three = shard_sizes(runs / "crash" / "c" / "step=000000003")  # the resume ran on a copy of it
+    for rank, row in enumerate(trained(then, "resume")):
+        own = f"shards/rank-{rank:05d}.safetensors"
+        assert row["shards_read"] == {own: three[own]} and row["shards_checked"] == [], row
+    (row,) = trained(one_rank, "2to1")  # one rank: both files
+    assert row["shards_read"] == shard_sizes(straight[0] / "step=000000006") and row["shards_checked"] == []
+    one = shard_sizes(runs / "single" / "step=000000003")  # 1 -> 2: both ranks read the one file
+    assert [r["shards_read"] for r in trained(then, "1to2")] == [one, one]
+    for rank, row in enumerate(trained(then, "url-resume")):  # from a URL: its own file fetched, nothing else
+        assert list(row["shards_read"]) == [f"shards/rank-{rank:05d}.safetensors"], row
+
+
+def test_a_damaged_shard_only_rank_1_reads_is_the_same_error_on_every_rank(runs, then):
+    rows = then.rows("damaged")  # both rows: no hang, no rank left in a collective
+    file = f"{runs / 'damaged' / 'step=000000006'}/shards/rank-00001.safetensors"
+    for row in rows:
+        assert row["error"] is not None and row["error"].startswith("CorruptCheckpointError: "), row
+        assert file in row["error"] and "mismatch" in row["error"], row
+    assert list(rows[0]["shards_read"]) == ["shards/rank-00000.safetensors"]  # rank 0 never read rank 1's file
+    assert rows[1]["shards_read"] == {}  # its one file failed its checksum: nothing of it was used
+    assert not (runs / "damaged" / "new").exists() or not list((runs / "damaged" / "new").glob("step=*"))

@@ -82,3 +82,14 @@ def test_a_shard_the_storage_cannot_read_is_a_storage_error_not_damage(tmp_path)
         ListedShardReader(str(tmp_path), ["unreadable.safetensors"]).read_metadata()
     assert not isinstance(caught.value, CorruptCheckpointError)
     assert "changed after it was saved" not in str(caught.value)
+
+
+def test_dcps_default_load_plan_needs_no_coordination():
+    # load_sharded runs dcp.load on each rank alone (no_dist): DCP's default global load step must return the
+    # local plans as they are, and a plan's ReadItems name the storage entries (our ShardChunk, by file).
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_global_load_plan
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    plans = [LoadPlan(items=[]), LoadPlan(items=[])]
+    assert create_default_global_load_plan(plans) is plans
+    assert DefaultLoadPlanner().create_global_plan(plans) is plans

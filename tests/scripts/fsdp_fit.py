@@ -11,6 +11,8 @@ with ENOSPC (inside DCP's collective save), in that scenario only. ``dump_start=
 ``storage_options``: the Checkpointer's, for a URL dirpath. ``fail_upload=STEP``: rank 1's upload of its shard
 file for the save at STEP fails (the store's upload seam raises ConnectionError), in that scenario only.
 ``node_local=True``: each rank's dirpath is its own subdirectory ``rank<N>`` (disks of their own).
+Every row says which shard files the rank's loads read in full (``shards_read``: file -> bytes, through
+the module's ``read_listed``) and checked for nobody (``shards_checked``, through its ``check_listed``).
 """
 
 from __future__ import annotations
@@ -83,6 +85,27 @@ class Probe(L.Callback):
 
 
 @contextmanager
+def counted(read: dict[str, int], checked: list[str]) -> Iterator[None]:
+    """The shard files this rank's sharded loads read in full (with their bytes) and check for nobody."""
+    read_listed, check_listed = sharded.read_listed, sharded.check_listed
+
+    def read_listed_(store, name, manifest, *, only=None):
+        got = read_listed(store, name, manifest, only=only)
+        read.update({file: len(data) for file, data in got.items() if file.startswith("shards/")})
+        return got
+
+    def check_listed_(store, name, manifest, files):
+        checked.extend(files)
+        return check_listed(store, name, manifest, files)
+
+    sharded.read_listed, sharded.check_listed = read_listed_, check_listed_
+    try:
+        yield
+    finally:
+        sharded.read_listed, sharded.check_listed = read_listed, check_listed
+
+
+@contextmanager
 def seams(kill_rank_in_save: int | None, fail_shard_write: int | None, fail_upload: int | None) -> Iterator[None]:
     """Rank 1 dies in the save at ``kill_rank_in_save``, once its shard file is written; its shard write for
     the save at ``fail_shard_write`` runs out of disk space (inside DCP's write); its shard upload for the save
@@ -134,14 +157,19 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: in
                         callbacks=[ckpt, Probe(crash_at, dump_start, out)], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     model = ShardedTiny()
-    with warnings.catch_warnings(record=True) as caught, seams(kill_rank_in_save, fail_shard_write, fail_upload):
+    read: dict[str, int] = {}
+    checked: list[str] = []
+    loads = {"shards_read": read, "shards_checked": checked}
+    with warnings.catch_warnings(record=True) as caught, seams(kill_rank_in_save, fail_shard_write, fail_upload), \
+            counted(read, checked):
         warnings.simplefilter("always", CheckpointWarning)
         try:
             trainer.fit(model, tiny_loader(shuffle=True), ckpt_path=ckpt_path)
         except Exception as err:  # noqa: BLE001 - what the user sees, for the test to check
-            return {"error": error_text(err, 2000)}
+            return {"error": error_text(err, 2000), **loads}
     warned = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
-    return {"step": trainer.global_step, "last": ckpt.last_model_path, "losses": model.losses, "warned": warned}
+    return {"step": trainer.global_step, "last": ckpt.last_model_path, "losses": model.losses, "warned": warned,
+            **loads}
 
 
 if __name__ == "__main__":

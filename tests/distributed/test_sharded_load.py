@@ -1,0 +1,123 @@
+"""A sharded load in one process (a one-rank gloo group): DCP's plan decides which listed shard files are
+read, each is verified as it is read, and a listed file no rank's plan needs is still checked (by rank 0).
+The 2-rank scenarios (each rank reads its own file; a file only rank 1 reads, damaged) are in test_sharded.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from lightning_ckpt.distributed import save_sharded, sharded
+from lightning_ckpt.distributed.agree import Failure, SingleProcess
+from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
+from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest
+from lightning_ckpt.store import LocalStore
+from lightning_ckpt.store.fsutil import hash_file
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+@pytest.fixture
+def mesh():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _state(mesh, w: torch.Tensor, b: torch.Tensor) -> dict:
+    return {"state_dict": {"w": distribute_tensor(w, mesh, [Shard(0)]), "b": distribute_tensor(b, mesh, [Shard(0)])},
+            "global_step": 5}
+
+
+W, B = torch.arange(12.0).reshape(4, 3), torch.arange(5, dtype=torch.bfloat16)
+
+
+@pytest.fixture
+def saved(mesh, tmp_path):
+    save_sharded(_state(mesh, W, B), tmp_path / "c", agree=SingleProcess())
+    return tmp_path / "c"
+
+
+def _load(path, mesh, counted: dict | None = None):
+    into = {"state_dict": {"w": distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]),
+                           "b": distribute_tensor(torch.zeros(5, dtype=torch.bfloat16), mesh, [Shard(0)])}}
+    return sharded.load_sharded(path, into, agree=SingleProcess())
+
+
+def _add_listed_shard(checkpoint, file: str, tensors: dict, offsets: dict) -> None:
+    """Another shard file, listed in a re-sealed manifest (as a second rank's file would be)."""
+    save_file(tensors, checkpoint / file, metadata={"DCP_SHARDING_INFO": json.dumps(offsets)})
+    manifest = Manifest.from_bytes((checkpoint / MANIFEST_FILE).read_bytes(), str(checkpoint))
+    files = {**manifest.files, file: hash_file(checkpoint / file)}
+    (checkpoint / MANIFEST_FILE).write_bytes(dataclasses.replace(manifest, files=files).to_bytes())
+
+
+def test_a_load_gets_the_saved_values_from_the_headers_plan_and_the_verified_bytes(saved, mesh):
+    out = _load(saved, mesh)
+    assert out["global_step"] == 5
+    assert torch.equal(out["state_dict"]["w"].full_tensor(), W) and torch.equal(out["state_dict"]["b"].full_tensor(), B)
+
+
+def test_our_header_metadata_is_dcps_own(saved):
+    # shard_metadata builds from the headers alone what HuggingFaceStorageReader.read_metadata builds from the files.
+    store = LocalStore(saved.parent)
+    manifest = Manifest.from_bytes((saved / MANIFEST_FILE).read_bytes(), str(saved))
+    ours = sharded.shard_metadata(sharded.read_shard_headers(store, "c", manifest, ["shards/rank-00000.safetensors"]),
+                                  str(saved))
+    dcps = HuggingFaceStorageReader(str(saved / "shards")).read_metadata()
+    assert ours.state_dict_metadata == dcps.state_dict_metadata
+    assert {i: (c.shape, c.dtype) for i, c in ours.storage_data.items()} == {
+        i: (c.shape, c.dtype) for i, c in dcps.storage_data.items()}
+
+
+def test_a_damaged_shard_file_is_refused_before_anything_is_loaded(saved, mesh):
+    shard = saved / "shards" / "rank-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="shards/rank-00000.safetensors: xxh3"):
+        _load(saved, mesh)
+    shard.write_bytes(bytes(data[:-1]))  # truncated: its size is refused before its header is trusted
+    with pytest.raises(IncompleteCheckpointError, match="rank-00000.safetensors"):
+        _load(saved, mesh)
+
+
+def test_a_listed_shard_file_no_plan_reads_is_still_verified(saved, mesh):
+    # A listed file with tensors the live state does not ask for (under a top-level key it lacks): no rank
+    # reads it for the load, rank 0 checks it. Intact, the load succeeds; damaged, it fails naming it.
+    _add_listed_shard(saved, "shards/rank-00001.safetensors", {"extra/x": torch.ones(2)},
+                      {"extra/x": {"saved_offsets": [0]}})
+    assert torch.equal(_load(saved, mesh)["state_dict"]["w"].full_tensor(), W)
+    extra = saved / "shards" / "rank-00001.safetensors"
+    data = bytearray(extra.read_bytes())
+    data[-1] ^= 1
+    extra.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="rank-00001.safetensors"):
+        _load(saved, mesh)
+
+
+def test_an_unlisted_file_in_shards_is_never_read(saved, mesh):
+    (saved / "shards" / "dropped-in.safetensors").write_bytes(b"not even safetensors")
+    assert torch.equal(_load(saved, mesh)["state_dict"]["w"].full_tensor(), W)
+
+
+def test_other_ranks_raise_the_same_class_for_a_damaged_file():
+    failure = Failure(rank=1, kind="CorruptCheckpointError", message="c/shards/rank-00001.safetensors: mismatch",
+                      storage=False)
+    assert type(failure.error()) is CorruptCheckpointError and "rank-00001" in str(failure.error())
+    other = Failure(rank=1, kind="RuntimeError", message="boom", storage=False).error()
+    assert type(other) is CheckpointError
