@@ -224,6 +224,8 @@ class VerifiedShardReader(StorageReader):
                     saved = torch.empty(chunk.shape, dtype=chunk.dtype)
                 else:
                     saved = torch.frombuffer(data[chunk.begin:chunk.end], dtype=chunk.dtype).view(chunk.shape)
+                    if saved.data_ptr() % saved.element_size():  # another writer's unaligned offset: as the format's
+                        saved = saved.clone()                     # reader does (format/safetensors_view.py)
                 piece = saved[tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))]
                 target = planner.resolve_tensor(item).detach()
                 if target.size() != piece.size():

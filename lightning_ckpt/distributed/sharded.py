@@ -2,10 +2,11 @@
 
 A sharded state (FSDP2 ``fully_shard``, tensor parallelism) holds DTensors: each rank has a chunk of
 each. DCP already knows how to plan that (which chunk each rank writes, replicated chunks once) and
-how to reshard on load (any world size reads any chunks), so it is used as it is, with its
-safetensors writer and reader (``HuggingFaceStorageWriter``/``Reader``): every rank writes one
-safetensors file with its chunks and their offsets in the header, and DCP's own pickled
-``.metadata`` is never written (the reader rebuilds it from the headers). What DCP does not do is
+how to reshard on load (any world size reads any chunks), so it is used as it is: every rank writes
+one safetensors file with its chunks and their offsets in the header (the layout of DCP's
+``HuggingFaceStorageWriter``, streamed by ours), and DCP's own pickled ``.metadata`` is never written;
+a load rebuilds it from the headers and serves DCP's reads from files verified as they were read
+(``shard_reader.py``). What DCP does not do is
 ours: the rest of the state goes to the usual files of the format (``state.json`` refers to each
 DTensor by key), and the commit is two-phase:
 
@@ -46,8 +47,8 @@ from lightning_ckpt.format.safetensors_view import header_length, read_header
 from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR, FileEntry
 from lightning_ckpt.format.single_file import is_single_file_name
 from lightning_ckpt.format.state import is_dtensor, sharded_key
-from lightning_ckpt.distributed.shard_reader import (ListedShardReader, VerifiedShardReader, files_to_read,
-                                                     shard_metadata)
+from lightning_ckpt.distributed.shard_reader import (_SAVED_OFFSETS, _SHARDING_INFO, ListedShardReader,
+                                                     VerifiedShardReader, files_to_read, shard_metadata)
 from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
@@ -55,11 +56,9 @@ from lightning_ckpt.store.reading import check_listed, read_listed
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.remote import FsspecStore
 
+_HEADER_GUESS = 64 * 1024  # bytes read for a shard file's header: its tensors' names and offsets fit, mostly
 _NO_PROCESS_GROUP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
-SCRATCH_PREFIX = "lightning-ckpt-shards-"  # a rank's scratch directory in TMPDIR, for a sharded load from a URL
-# What DCP's safetensors reader reads in a shard file's header (torch.distributed.checkpoint._hf_utils, torch 2.13:
-# the file format, public in effect; tests/distributed/test_sharded_internals.py checks the reader still reads it).
-_SHARDING_INFO, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "saved_offsets"
+SCRATCH_PREFIX = "lightning-ckpt-shards-"  # load_consolidated's scratch directory in TMPDIR, for a URL
 _DCP_HEADER = {"DCP_VERSION": "1.0", "format": "pt"}
 
 
@@ -208,7 +207,9 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
     when the whole saved state is loaded) is verified by rank 0 (streamed, nothing kept). So every file the
     manifest lists is verified by some rank before anything is loaded into ``into``, and a file the manifest
     does not list is never read. From a URL, each rank fetches the files it needs only (streamed, verified),
-    nothing goes to a scratch directory. Memory: this rank's shard files, once, freed once DCP copied them.
+    nothing goes to a scratch directory. Memory: this rank's shard files, once, freed once DCP copied them (or
+    failed). (Choosing ``ckpt_path="last"`` before this load verifies the chosen checkpoint's files on each rank
+    first, as for any checkpoint: that read is not this function's.)
 
     The ranks agree after the reads (any rank's damaged or missing file fails every rank, with the same
     error class, naming the file) and after DCP's copy, which each rank runs alone: DCP's default load plan
@@ -224,9 +225,10 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
         only the model is loaded) are not read and come back as None.
 
     Raises:
-        CheckpointError: on every rank alike, of the same class (a CorruptCheckpointError or an
-            IncompleteCheckpointError naming the file, ...) when any rank finds a file damaged or missing;
-            or the checkpoint's sharded tensors do not match ``into``'s.
+        CheckpointError: on every rank when any rank finds a file damaged or missing (the rank that found it
+            raises its own error, e.g. a CorruptCheckpointError naming the file; the others the same class
+            with that rank's message, when one rank failed), or the checkpoint's sharded tensors do not
+            match ``into``'s.
     """
     name, manifest, headers = decided_on_rank_zero(agree, lambda: _look_up(path, storage_options))
     targets = collect_dtensors(into)
@@ -263,7 +265,10 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
         # each rank runs it alone, the ranks agreeing on the outcome in all_ranks' one gather instead.
         with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards"):
             warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)  # each rank alone is what is meant
-            dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
+            try:
+                dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
+            finally:
+                reader.serve({})  # the verified bytes go as soon as DCP is done with them, on a failure too
 
     all_ranks(agree, load)
     # What ``into`` does not ask for at all (optimizer state for a test run) comes back as None.
@@ -292,13 +297,14 @@ def read_shard_headers(store: Store, name: str, manifest: Manifest, files: list[
     headers = {}
     for file in files:
         size = manifest.files[file].size
-        first = store.read(name, file, min(size, 8))
-        if first is None or len(first) < min(size, 8):
-            manifest.check_size(file, None if first is None else len(first), where)
-        length = header_length(first, size, f"{where}/{file}")
-        prefix = store.read(name, file, length)
-        if prefix is None or len(prefix) < length:
+        prefix = store.read(name, file, min(size, _HEADER_GUESS))  # one request, unless the header is larger
+        if prefix is None or len(prefix) < min(size, 8):
             manifest.check_size(file, None if prefix is None else len(prefix), where)
+        length = header_length(prefix[:8], size, f"{where}/{file}")
+        if len(prefix) < length:
+            prefix = store.read(name, file, length)
+            if prefix is None or len(prefix) < length:
+                manifest.check_size(file, None if prefix is None else len(prefix), where)
         headers[file] = read_header(prefix, size, f"{where}/{file}")
     return headers
 

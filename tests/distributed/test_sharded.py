@@ -360,7 +360,8 @@ def shard_sizes(checkpoint: Path) -> dict[str, int]:
 def test_each_rank_reads_only_the_shard_files_its_chunks_come_from(runs, straight, one_rank, then):
     # The rows count what each rank's load read in full (tests/scripts/fsdp_fit.py wraps the module's
     # read_listed): on the same world size each rank its own file, once; resharding, the files its chunks
-    # overlap. No file is left for rank 0 to check for nobody: every one is some rank's.
+    # overlap. No file is left for rank 0 to check for nobody: every one is some rank's. (Choosing "last"
+    # before the load verifies the chosen checkpoint's files on each rank: that read is not counted here.)
     three = shard_sizes(runs / "crash" / "c" / "step=000000003")  # the resume ran on a copy of it
     for rank, row in enumerate(trained(then, "resume")):
         own = f"shards/rank-{rank:05d}.safetensors"
@@ -369,7 +370,7 @@ def test_each_rank_reads_only_the_shard_files_its_chunks_come_from(runs, straigh
     assert row["shards_read"] == shard_sizes(straight[0] / "step=000000006") and row["shards_checked"] == []
     one = shard_sizes(runs / "single" / "step=000000003")  # 1 -> 2: both ranks read the one file
     assert [r["shards_read"] for r in trained(then, "1to2")] == [one, one]
-    for rank, row in enumerate(trained(then, "url-resume")):  # from a URL: its own file fetched, nothing else
+    for rank, row in enumerate(trained(then, "url-resume")):  # from a URL: the load took its own file only
         assert list(row["shards_read"]) == [f"shards/rank-{rank:05d}.safetensors"], row
 
 

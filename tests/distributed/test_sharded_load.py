@@ -121,3 +121,23 @@ def test_other_ranks_raise_the_same_class_for_a_damaged_file():
     assert type(failure.error()) is CorruptCheckpointError and "rank-00001" in str(failure.error())
     other = Failure(rank=1, kind="RuntimeError", message="boom", storage=False).error()
     assert type(other) is CheckpointError
+
+
+def test_the_plan_dcp_load_reads_is_the_one_files_to_read_made(saved, mesh, monkeypatch):
+    # Each rank reads (and verifies) the files files_to_read names, then runs dcp.load alone: DCP must ask the
+    # reader for exactly those files' chunks. A torch release whose planner plans differently fails here.
+    planned, served = [], []
+    files_to_read, read_data = sharded.files_to_read, sharded.VerifiedShardReader.read_data
+
+    def spy_plan(*args):
+        planned.append(files_to_read(*args))
+        return planned[-1]
+
+    def spy_read(self, plan, planner):
+        served.append({self.metadata.storage_data[item.storage_index].relative_path for item in plan.items})
+        return read_data(self, plan, planner)
+
+    monkeypatch.setattr(sharded, "files_to_read", spy_plan)
+    monkeypatch.setattr(sharded.VerifiedShardReader, "read_data", spy_read)
+    _load(saved, mesh)
+    assert planned and planned == served and all(planned)
