@@ -263,7 +263,8 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
     def load() -> None:
         # DCP's default load plan needs no coordination (its global step returns each rank's plan as it is):
         # each rank runs it alone, the ranks agreeing on the outcome in all_ranks' one gather instead.
-        with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards"):
+        with warnings.catch_warnings(), _dcp_errors(f"{store.location(name)}: could not read its shards",
+                                                     alone=True):
             warnings.filterwarnings("ignore", message=_NO_PROCESS_GROUP_WARNING)  # each rank alone is what is meant
             try:
                 dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=True)
@@ -335,14 +336,16 @@ def load_consolidated(store: Store, name: str, *, allow_pickle: bool = False, ma
 
 
 @contextlib.contextmanager
-def _dcp_errors(what: str) -> Iterator[None]:
+def _dcp_errors(what: str, *, alone: bool = False) -> Iterator[None]:
     """DCP's collective failure (a BaseException, raised on every rank alike) as one of ours: a
-    StorageError when every failing rank's storage refused (disk full, ...), else a CheckpointError."""
+    StorageError when every failing rank's storage refused (disk full, ...), else a CheckpointError.
+    ``alone``: DCP ran on this rank only (``no_dist``), where it numbers the rank 0: no rank is named."""
     try:
         yield
     except CheckpointException as err:
         causes = {rank: exc for rank, (exc, _) in err.failures.items()}
-        text = "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, exc in sorted(causes.items()))
+        text = "; ".join(f"{'' if alone else f'rank {rank}: '}{type(exc).__name__}: {exc}"
+                         for rank, exc in sorted(causes.items()))
         first = next(iter(causes.values()), None)
         if causes and all(isinstance(exc, OSError) for exc in causes.values()):
             code = getattr(first, "errno", None)
