@@ -1,7 +1,7 @@
 """DCP storage readers for a sharded checkpoint.
 
 ``VerifiedShardReader`` (``load_sharded``, every rank): DCP's metadata is built from the shard files'
-headers alone (``shard_metadata``), DCP's planner says which files this rank's chunks come from
+headers alone (``read_shard_headers``, ``shard_metadata``), DCP's planner says which files this rank's chunks come from
 (``files_to_read``), and the reads are served from those files' bytes, read and verified against the
 manifest before DCP asks for them: DCP itself opens no file.
 
@@ -37,9 +37,13 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from lightning_ckpt.format.chunks import tiling_problem
+from lightning_ckpt.format.manifest import Manifest
+from lightning_ckpt.format.safetensors_view import header_length, read_header
+from lightning_ckpt.store.base import Store
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError
 
 _SHARDING_INFO, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "saved_offsets"  # what DCP's writer puts in a header
+_HEADER_GUESS = 64 * 1024  # bytes read for a shard file's header: its tensors' names and offsets fit, mostly
 _FIX = "the checkpoint was changed after it was saved: restore it from a copy, or resume from an earlier one"
 
 
@@ -238,3 +242,37 @@ class VerifiedShardReader(StorageReader):
         done: Future = Future()
         done.set_result(None)
         return done
+
+
+def read_shard_headers(store: Store, name: str, manifest: Manifest, files: list[str]
+                       ) -> dict[str, tuple[dict[str, Any], int, dict[str, str]]]:
+    """Each listed shard file's safetensors header, read alone (its first bytes, bounded by the manifest's size).
+
+    Raises:
+        IncompleteCheckpointError: a file is missing or shorter than its header; CorruptCheckpointError: a header
+            is not valid safetensors or puts a tensor past the file's recorded size.
+    """
+    where = store.location(name)
+    headers = {}
+    for file in files:
+        size = manifest.files[file].size
+        prefix = store.read(name, file, min(size, _HEADER_GUESS))  # one request, unless the header is larger
+        if prefix is None or len(prefix) < min(size, 8):
+            manifest.check_size(file, None if prefix is None else len(prefix), where)
+        length = header_length(prefix[:8], size, f"{where}/{file}")
+        if len(prefix) < length:
+            prefix = store.read(name, file, length)
+            if prefix is None or len(prefix) < length:
+                manifest.check_size(file, None if prefix is None else len(prefix), where)
+        headers[file] = read_header(prefix, size, f"{where}/{file}")
+    return headers
+
+
+def check_keys(targets: Mapping[str, torch.Tensor], saved: set[str], asked: set[str], where: str) -> None:
+    """The live state and the checkpoint hold the same sharded tensors, under the top-level keys asked for."""
+    missing = sorted(key for key in saved - set(targets) if key.partition("/")[0] in asked)
+    unexpected = sorted(set(targets) - saved)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: its sharded tensors do not match the model's: in the checkpoint only: {missing[:5]}, in the "
+            f"model only: {unexpected[:5]}. Resume with the model (and optimizer) the checkpoint was saved with.")

@@ -43,12 +43,13 @@ from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError
 from lightning_ckpt.format import Blob, Manifest, decode_state, device_from_map_location, encode_state
 from lightning_ckpt.format.blob import safetensors_blob
-from lightning_ckpt.format.safetensors_view import header_length, read_header
+from lightning_ckpt.format.safetensors_view import read_header
 from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR, FileEntry
 from lightning_ckpt.format.single_file import is_single_file_name
 from lightning_ckpt.format.state import is_dtensor, sharded_key
 from lightning_ckpt.distributed.shard_reader import (_SAVED_OFFSETS, _SHARDING_INFO, ListedShardReader,
-                                                     VerifiedShardReader, files_to_read, shard_metadata)
+                                                     VerifiedShardReader, check_keys, files_to_read,
+                                                     read_shard_headers, shard_metadata)
 from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
@@ -56,7 +57,6 @@ from lightning_ckpt.store.reading import check_listed, read_listed
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.remote import FsspecStore
 
-_HEADER_GUESS = 64 * 1024  # bytes read for a shard file's header: its tensors' names and offsets fit, mostly
 _NO_PROCESS_GROUP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 SCRATCH_PREFIX = "lightning-ckpt-shards-"  # load_consolidated's scratch directory in TMPDIR, for a URL
 _DCP_HEADER = {"DCP_VERSION": "1.0", "format": "pt"}
@@ -241,7 +241,7 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
         where = store.location(name)
         metadata = shard_metadata(headers, where)
         got["saved"] = saved = set(metadata.state_dict_metadata)
-        _check_keys(targets, saved, set(into), where)
+        check_keys(targets, saved, set(into), where)
         needed = files_to_read(metadata, targets, agree.is_rank_zero)
         files = read_listed(store, name, manifest, only=lambda file: not _in_shards(file) or file in needed)
         for file in needed:  # the header planned with is the verified file's (not one read before it changed)
@@ -284,30 +284,6 @@ def _look_up(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
     store, name = locate(path, storage_options)
     manifest = read_manifest(store, name)
     return name, manifest, read_shard_headers(store, name, manifest, [f for f in manifest.files if _in_shards(f)])
-
-
-def read_shard_headers(store: Store, name: str, manifest: Manifest, files: list[str]
-                       ) -> dict[str, tuple[dict[str, Any], int, dict[str, str]]]:
-    """Each listed shard file's safetensors header, read alone (its first bytes, bounded by the manifest's size).
-
-    Raises:
-        IncompleteCheckpointError: a file is missing or shorter than its header; CorruptCheckpointError: a header
-            is not valid safetensors or puts a tensor past the file's recorded size.
-    """
-    where = store.location(name)
-    headers = {}
-    for file in files:
-        size = manifest.files[file].size
-        prefix = store.read(name, file, min(size, _HEADER_GUESS))  # one request, unless the header is larger
-        if prefix is None or len(prefix) < min(size, 8):
-            manifest.check_size(file, None if prefix is None else len(prefix), where)
-        length = header_length(prefix[:8], size, f"{where}/{file}")
-        if len(prefix) < length:
-            prefix = store.read(name, file, length)
-            if prefix is None or len(prefix) < length:
-                manifest.check_size(file, None if prefix is None else len(prefix), where)
-        headers[file] = read_header(prefix, size, f"{where}/{file}")
-    return headers
 
 
 def load_consolidated(store: Store, name: str, *, allow_pickle: bool = False, map_location: Any = None
@@ -374,16 +350,6 @@ def download_shards(store: Store, name: str, manifest: Manifest, folder: str) ->
         data = read_listed(store, name, manifest, only=file.__eq__)[file]  # one file in memory at a time
         with open(os.path.join(folder, file), "wb") as f:
             f.write(data)
-
-
-def _check_keys(targets: Mapping[str, torch.Tensor], saved: set[str], asked: set[str], where: str) -> None:
-    """The live state and the checkpoint hold the same sharded tensors, under the top-level keys asked for."""
-    missing = sorted(key for key in saved - set(targets) if key.partition("/")[0] in asked)
-    unexpected = sorted(set(targets) - saved)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: its sharded tensors do not match the model's: in the checkpoint only: {missing[:5]}, in the "
-            f"model only: {unexpected[:5]}. Resume with the model (and optimizer) the checkpoint was saved with.")
 
 
 def _in_shards(file: str) -> bool:
