@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_ckpt.errors import NotACheckpointError
-from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest, missing_manifest, new_hasher
+from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR, Manifest, missing_manifest, new_hasher
 from lightning_ckpt.store.base import UNKNOWN_SIZE, LocalFiles, Store
 from lightning_ckpt.store.fsutil import is_read_only_url
 
@@ -68,8 +68,10 @@ def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None
     where = store.location(name)
     wanted = [file for file in manifest.files if only is None or only(file)]
     kept = _take_kept(where, manifest)
-    if kept is not None:  # verified a moment ago (``verify(keep=True)``): its bytes are not fetched again
-        return manifest, {file: kept[file] for file in wanted}
+    if kept is not None:  # verified a moment ago (``verify(keep=True)``): its kept bytes are not fetched again
+        rest = [file for file in wanted if file not in kept]  # a sharded checkpoint's shard files were not kept
+        fetched = _read_remote(store, name, rest, manifest, where, keep=True) if rest else {}
+        return manifest, {file: kept[file] if file in kept else fetched[file] for file in wanted}
     if not isinstance(store, LocalFiles):
         return manifest, _read_remote(store, name, wanted, manifest, where, keep=True)
     return manifest, {file: _read_file(store, name, file, manifest, where) for file in wanted}
@@ -111,16 +113,18 @@ def verify(store: Store, name: str, *, keep: bool = False) -> Manifest:
         keep: for a remote checkpoint about to be loaded (the one "last" chooses), keep the verified
             bytes, in the buffers a load uses, for the next :func:`read_verified` of it, so that the
             load fetches nothing again. One checkpoint is kept at most, in all: any other remote
-            read drops it.
+            read drops it. A sharded checkpoint's shard files are verified but not kept: each rank
+            loads the ones its part of the state comes from (``distributed/sharded.py``), and keeping
+            every rank's files would hold the whole checkpoint in each rank's memory.
     """
     _drop_kept()
     manifest = read_manifest(store, name)
     where = store.location(name)
     if not isinstance(store, LocalFiles):
-        buffers = _read_remote(store, name, list(manifest.files), manifest, where, keep=keep)
+        buffers = _read_remote(store, name, list(manifest.files), manifest, where, keep=keep, keep_file=_not_a_shard)
         if keep:
             with _KEPT_LOCK:
-                _KEPT[:] = [(where, manifest, buffers)]
+                _KEPT[:] = [(where, manifest, {file: b for file, b in buffers.items() if _not_a_shard(file)})]
         return manifest
     chunk = _uninitialized(READ_CHUNK)
     for file in manifest.files:
@@ -161,6 +165,11 @@ _KEPT_LOCK = threading.Lock()
 _KEPT: list[tuple[str, Manifest, dict[str, memoryview]]] = []  # what ``verify(keep=True)`` kept: one at most
 
 
+def _not_a_shard(file: str) -> bool:
+    """What ``verify(keep=True)`` keeps: every file but a sharded checkpoint's shard files."""
+    return not file.startswith(f"{SHARDS_DIR}/")
+
+
 def _take_kept(where: str, manifest: Manifest) -> dict[str, memoryview] | None:
     """The buffers kept for this checkpoint if its manifest is still the one they were verified against
     (taken: they are handed out once); anything else kept is dropped."""
@@ -175,13 +184,13 @@ def _drop_kept() -> None:
 
 
 def _read_remote(store: Store, name: str, files: list[str], manifest: Manifest, where: str, *,
-                 keep: bool) -> dict[str, memoryview]:
+                 keep: bool, keep_file: Callable[[str], bool] | None = None) -> dict[str, memoryview]:
     """Remote files' verified bytes, each fetched once: their real sizes checked against the manifest
     before anything is allocated or fetched, then their bytes streamed (several files at once, never
     more than the manifest's size + 1 each: a longer file is caught, not cut) into the buffers the
     tensors become views of (``keep``) or only hashed; the digests checked once all arrived."""
     _drop_kept()
-    sinks = {file: _Fill(file, manifest, where, keep) for file in files}
+    sinks = {file: _Fill(file, manifest, where, keep and (keep_file is None or keep_file(file))) for file in files}
     wanted = {file: (manifest.files[file].size + 1, sink) for file, sink in sinks.items()}
     store.stream(name, wanted)  # type: ignore[attr-defined]  # every store but the local ones (FsspecStore)
     return {file: sink.finish() for file, sink in sinks.items()}

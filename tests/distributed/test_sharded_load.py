@@ -141,3 +141,31 @@ def test_the_plan_dcp_load_reads_is_the_one_files_to_read_made(saved, mesh, monk
     monkeypatch.setattr(sharded.VerifiedShardReader, "read_data", spy_read)
     _load(saved, mesh)
     assert planned and planned == served and all(planned)
+
+
+def test_choosing_a_sharded_checkpoint_at_a_url_keeps_no_shard_file_and_the_load_fetches_its_own(mesh, s3,
+                                                                                                   monkeypatch):
+    # "last" verifies the checkpoint it chooses on each rank, keeping the verified bytes for the load that
+    # follows; a sharded checkpoint's shard files are not kept (each rank's would hold the whole checkpoint):
+    # the load then fetches the files its plan needs, and the small files come from what was kept.
+    from lightning_ckpt.store import open_store, reading, verify
+
+    url = s3.url("sharded")
+    save_sharded(_state(mesh, W, B), f"{url}/c", agree=SingleProcess(), storage_options=s3.options)
+    store = open_store(url, s3.options)
+    manifest = verify(store, "c", keep=True)
+    ((_, _, kept),) = reading._KEPT
+    assert set(kept) == {f for f in manifest.files if not f.startswith("shards/")} and set(kept) != set(manifest.files)
+    fetched: list[str] = []
+    read_remote = reading._read_remote
+
+    def counted(store, name, files, *args, **kwargs):
+        fetched.extend(files)
+        return read_remote(store, name, files, *args, **kwargs)
+
+    monkeypatch.setattr(reading, "_read_remote", counted)
+    into = {"state_dict": {"w": distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]),
+                           "b": distribute_tensor(torch.zeros(5, dtype=torch.bfloat16), mesh, [Shard(0)])}}
+    out = sharded.load_sharded(f"{url}/c", into, agree=SingleProcess(), storage_options=s3.options)
+    assert fetched == ["shards/rank-00000.safetensors"]  # the shard only: state.json came from what was kept
+    assert torch.equal(out["state_dict"]["w"].full_tensor(), W) and out["global_step"] == 5
