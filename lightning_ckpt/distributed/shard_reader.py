@@ -37,8 +37,9 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from lightning_ckpt.format.chunks import tiling_problem
-from lightning_ckpt.format.manifest import Manifest
+from lightning_ckpt.format.manifest import SHARDS_DIR, Manifest
 from lightning_ckpt.format.safetensors_view import header_length, read_header
+from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError
 
@@ -242,6 +243,15 @@ class VerifiedShardReader(StorageReader):
         done: Future = Future()
         done.set_result(None)
         return done
+
+
+def look_up(path: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> tuple[str, Manifest, dict[str, Any]]:
+    """Rank 0: a sharded checkpoint's name, manifest and shard headers, for every rank to plan with (its files are
+    checked by the ranks that read them; each header too, against the bytes verified)."""
+    store, name = locate(path, storage_options)
+    manifest = read_manifest(store, name)
+    shards = [file for file in manifest.files if file.startswith(f"{SHARDS_DIR}/")]
+    return name, manifest, read_shard_headers(store, name, manifest, shards)
 
 
 def read_shard_headers(store: Store, name: str, manifest: Manifest, files: list[str]

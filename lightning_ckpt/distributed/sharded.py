@@ -48,8 +48,9 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR, FileEntry
 from lightning_ckpt.format.single_file import is_single_file_name
 from lightning_ckpt.format.state import is_dtensor, sharded_key
 from lightning_ckpt.distributed.shard_reader import (_SAVED_OFFSETS, _SHARDING_INFO, ListedShardReader,
-                                                     VerifiedShardReader, check_keys, files_to_read,
-                                                     read_shard_headers, shard_metadata)
+                                                     VerifiedShardReader, check_keys, files_to_read, look_up,
+                                                     shard_metadata)
+from lightning_ckpt.distributed.shard_stream import StreamedShardReader
 from lightning_ckpt.distributed.agree import Agree, SingleProcess, all_ranks, decided_on_rank_zero
 from lightning_ckpt.store import LocalStore, locate, open_store, read_manifest, verify
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
@@ -201,15 +202,12 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
     Rank 0 reads the manifest and the shard files' headers (their first bytes, bounded by the manifest's sizes)
     and every rank learns them. DCP's load planner then says which shard files this rank's chunks come from
     (resharding to any world size), and the rank reads those files only, each once, checked against rank 0's
-    manifest as it is read (its size before anything is allocated, its checksum before any of its bytes is
-    used, its header against the one planned with), together with the checkpoint's other files (``state.json``,
-    ...); DCP copies the chunks out of those verified bytes. A listed shard file no rank's plan reads (none,
-    when the whole saved state is loaded) is verified by rank 0 (streamed, nothing kept). So every file the
-    manifest lists is verified by some rank before anything is loaded into ``into``, and a file the manifest
-    does not list is never read. From a URL, each rank fetches the files it needs only (streamed, verified),
-    nothing goes to a scratch directory. Memory: this rank's shard files, once, freed once DCP copied them (or
-    failed). (Choosing ``ckpt_path="last"`` before this load verifies the chosen checkpoint's files on each rank
-    first, as for any checkpoint: that read is not this function's.)
+    manifest (its size before anything is allocated, its header against the one planned with, its checksum).
+    Local files are read straight into the DTensors they fill (``shard_stream.py``: a damaged file fails the
+    load after some of its bytes may have reached ``into``); from a URL, each rank fetches its files into
+    memory, verified before DCP copies from them (``VerifiedShardReader``), nothing in a scratch directory. A
+    listed shard file no rank's plan reads is verified by rank 0; a file the manifest does not list is never
+    read. (Choosing ``ckpt_path="last"`` before this load verifies the chosen checkpoint on each rank first.)
 
     The ranks agree after the reads (any rank's damaged or missing file fails every rank, with the same
     error class, naming the file) and after DCP's copy, which each rank runs alone: DCP's default load plan
@@ -230,7 +228,7 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
             with that rank's message, when one rank failed), or the checkpoint's sharded tensors do not
             match ``into``'s.
     """
-    name, manifest, headers = decided_on_rank_zero(agree, lambda: _look_up(path, storage_options))
+    name, manifest, headers = decided_on_rank_zero(agree, lambda: look_up(path, storage_options))
     targets = collect_dtensors(into)
     got: dict[str, Any] = {}
 
@@ -243,6 +241,10 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
         got["saved"] = saved = set(metadata.state_dict_metadata)
         check_keys(targets, saved, set(into), where)
         needed = files_to_read(metadata, targets, agree.is_rank_zero)
+        if isinstance(store, LocalStore):  # the shard files are read in the load step, into the DTensors
+            got["reader"] = StreamedShardReader(where, metadata, store, name, manifest, headers, needed)
+            got["files"] = read_listed(store, name, manifest, only=lambda file: not _in_shards(file))
+            return sorted(needed)
         files = read_listed(store, name, manifest, only=lambda file: not _in_shards(file) or file in needed)
         for file in needed:  # the header planned with is the verified file's (not one read before it changed)
             if read_header(files[file][:headers[file][1]], manifest.files[file].size, f"{where}/{file}") != \
@@ -275,15 +277,6 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
     # What ``into`` does not ask for at all (optimizer state for a test run) comes back as None.
     return decode_state(got["files"], allow_pickle=allow_pickle, device=device_from_map_location(map_location),
                         where=store.location(name), sharded={**dict.fromkeys(got["saved"]), **targets})
-
-
-def _look_up(path: str | os.PathLike, storage_options: Mapping[str, Any] | None
-             ) -> tuple[str, Manifest, dict[str, Any]]:
-    """Rank 0: the checkpoint's name, manifest and shard headers, for every rank to plan with (its files are
-    checked by the ranks that read them; each header too, against the bytes verified)."""
-    store, name = locate(path, storage_options)
-    manifest = read_manifest(store, name)
-    return name, manifest, read_shard_headers(store, name, manifest, [f for f in manifest.files if _in_shards(f)])
 
 
 def load_consolidated(store: Store, name: str, *, allow_pickle: bool = False, map_location: Any = None
@@ -323,6 +316,8 @@ def _dcp_errors(what: str, *, alone: bool = False) -> Iterator[None]:
         text = "; ".join(f"{'' if alone else f'rank {rank}: '}{type(exc).__name__}: {exc}"
                          for rank, exc in sorted(causes.items()))
         first = next(iter(causes.values()), None)
+        if alone and isinstance(first, CheckpointError):  # ours (a damaged file, ...): as raised, with its class
+            raise first
         if causes and all(isinstance(exc, OSError) for exc in causes.values()):
             code = getattr(first, "errno", None)
             raise (StorageError(code, f"{what} ({text})") if code else StorageError(f"{what} ({text})")) from first

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from lightning_ckpt.distributed import save_sharded, sharded
+from lightning_ckpt.distributed import save_sharded, shard_reader, sharded
 from lightning_ckpt.distributed.agree import Failure, SingleProcess
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest
@@ -76,15 +76,15 @@ def test_our_header_metadata_is_dcps_own(saved):
     # shard_metadata builds from the headers alone what HuggingFaceStorageReader.read_metadata builds from the files.
     store = LocalStore(saved.parent)
     manifest = Manifest.from_bytes((saved / MANIFEST_FILE).read_bytes(), str(saved))
-    ours = sharded.shard_metadata(sharded.read_shard_headers(store, "c", manifest, ["shards/rank-00000.safetensors"]),
-                                  str(saved))
+    headers = shard_reader.read_shard_headers(store, "c", manifest, ["shards/rank-00000.safetensors"])
+    ours = shard_reader.shard_metadata(headers, str(saved))
     dcps = HuggingFaceStorageReader(str(saved / "shards")).read_metadata()
     assert ours.state_dict_metadata == dcps.state_dict_metadata
     assert {i: (c.shape, c.dtype) for i, c in ours.storage_data.items()} == {
         i: (c.shape, c.dtype) for i, c in dcps.storage_data.items()}
 
 
-def test_a_damaged_shard_file_is_refused_before_anything_is_loaded(saved, mesh):
+def test_a_damaged_shard_file_fails_the_load_naming_it(saved, mesh):
     shard = saved / "shards" / "rank-00000.safetensors"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
@@ -127,7 +127,7 @@ def test_the_plan_dcp_load_reads_is_the_one_files_to_read_made(saved, mesh, monk
     # Each rank reads (and verifies) the files files_to_read names, then runs dcp.load alone: DCP must ask the
     # reader for exactly those files' chunks. A torch release whose planner plans differently fails here.
     planned, served = [], []
-    files_to_read, read_data = sharded.files_to_read, sharded.VerifiedShardReader.read_data
+    files_to_read, read_data = sharded.files_to_read, sharded.StreamedShardReader.read_data  # a local checkpoint's
 
     def spy_plan(*args):
         planned.append(files_to_read(*args))
@@ -138,7 +138,7 @@ def test_the_plan_dcp_load_reads_is_the_one_files_to_read_made(saved, mesh, monk
         return read_data(self, plan, planner)
 
     monkeypatch.setattr(sharded, "files_to_read", spy_plan)
-    monkeypatch.setattr(sharded.VerifiedShardReader, "read_data", spy_read)
+    monkeypatch.setattr(sharded.StreamedShardReader, "read_data", spy_read)
     _load(saved, mesh)
     assert planned and planned == served and all(planned)
 
@@ -169,3 +169,21 @@ def test_choosing_a_sharded_checkpoint_at_a_url_keeps_no_shard_file_and_the_load
     out = sharded.load_sharded(f"{url}/c", into, agree=SingleProcess(), storage_options=s3.options)
     assert fetched == ["shards/rank-00000.safetensors"]  # the shard only: state.json came from what was kept
     assert torch.equal(out["state_dict"]["w"].full_tensor(), W) and out["global_step"] == 5
+
+
+def test_a_local_load_on_the_same_world_size_reads_every_chunk_in_place(saved, mesh, monkeypatch):
+    # shard_stream.py: a chunk that fills its whole target is read straight into the target's memory (one pass
+    # over the bytes); the values are the saved ones, and a changed byte is still caught at the end of the file.
+    from lightning_ckpt.distributed import shard_stream
+
+    in_place = []
+    bytes_of = shard_stream._bytes_of
+    monkeypatch.setattr(shard_stream, "_bytes_of", lambda target: in_place.append(target.shape) or bytes_of(target))
+    out = _load(saved, mesh)
+    assert sorted(in_place) == sorted([W.shape, B.shape]) and torch.equal(out["state_dict"]["w"].full_tensor(), W)
+    shard = saved / "shards" / "rank-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 1  # in b's bytes, read in place: the load fails all the same
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="rank-00000.safetensors: xxh3"):
+        _load(saved, mesh)

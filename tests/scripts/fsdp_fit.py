@@ -12,7 +12,8 @@ with ENOSPC (inside DCP's collective save), in that scenario only. ``dump_start=
 file for the save at STEP fails (the store's upload seam raises ConnectionError), in that scenario only.
 ``node_local=True``: each rank's dirpath is its own subdirectory ``rank<N>`` (disks of their own).
 Every row says which shard files the rank's loads read in full (``shards_read``: file -> bytes, through
-the module's ``read_listed``) and checked for nobody (``shards_checked``, through its ``check_listed``).
+the module's ``read_listed`` or, for a local checkpoint, its ``StreamedShardReader``) and checked for nobody
+(``shards_checked``, through its ``check_listed``).
 """
 
 from __future__ import annotations
@@ -98,11 +99,20 @@ def counted(read: dict[str, int], checked: list[str]) -> Iterator[None]:
         checked.extend(files)
         return check_listed(store, name, manifest, files)
 
+    stream = sharded.StreamedShardReader._stream
+
+    def stream_(self, file, chunks, planner):  # a local load reads its shard files straight into the DTensors
+        loaded = stream(self, file, chunks, planner)
+        read[file] = self.manifest.files[file].size  # every byte of it was read and hashed to get here
+        return loaded
+
     sharded.read_listed, sharded.check_listed = read_listed_, check_listed_
+    sharded.StreamedShardReader._stream = stream_
     try:
         yield
     finally:
         sharded.read_listed, sharded.check_listed = read_listed, check_listed
+        sharded.StreamedShardReader._stream = stream
 
 
 @contextmanager
