@@ -1,6 +1,7 @@
 """DCP storage readers for a sharded checkpoint.
 
-``VerifiedShardReader`` (``load_sharded``, every rank): DCP's metadata is built from the shard files'
+``VerifiedShardReader`` (``load_sharded`` of a checkpoint at a URL, every rank; a local one is read by
+``shard_stream.StreamedShardReader``, on the same metadata and plan): DCP's metadata is built from the shard files'
 headers alone (``read_shard_headers``, ``shard_metadata``), DCP's planner says which files this rank's chunks come from
 (``files_to_read``), and the reads are served from those files' bytes, read and verified against the
 manifest before DCP asks for them: DCP itself opens no file.

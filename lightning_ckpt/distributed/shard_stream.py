@@ -3,9 +3,9 @@
 ``VerifiedShardReader`` serves DCP from files read into memory of their own and verified first: two
 passes over the bytes (the read, then DCP's copy into the live DTensors) and fresh memory to fault in.
 Here each file this rank's plan needs is read once, in file order: a chunk that fills a whole target
-(the same world size: a rank's own file, every chunk whole) is read straight into the target's
-memory; other chunks (resharding: a target takes part of a chunk, or parts of several) through one
-buffer per chunk. Every byte is hashed as it is read, and the file's size, header and checksum are
+(the same world size, every chunk whole) of its dtype, contiguous and in CPU memory, is read straight
+into the target's memory; other chunks (resharding, a GPU or a cast target) through one buffer per
+chunk, copied from there by torch. Every byte is hashed as it is read, and the file's size, header and checksum are
 checked before ``read_data`` returns; the planner is told a tensor is loaded only then.
 
 A file that fails its check fails the load (on every rank: ``load_sharded`` agrees on it), after some
@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
 from lightning_ckpt.distributed.shard_reader import ShardChunk, VerifiedShardReader
-from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError
+from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, StorageError
 from lightning_ckpt.format.manifest import Manifest, new_hasher
 from lightning_ckpt.format.safetensors_view import read_header
 from lightning_ckpt.store.base import LocalFiles
@@ -74,6 +74,7 @@ class StreamedShardReader(VerifiedShardReader):
             if read_header(header, size, where) != self.headers[file]:
                 raise CorruptCheckpointError(f"{where}: its header changed while the checkpoint was read; load it "
                                              "again, or resume from an older checkpoint")
+            del header
             loaded: list[tuple[ReadItem, torch.Tensor]] = []
             for (begin, end), (chunk, items) in sorted(chunks.items()):
                 if begin < read.at:
@@ -90,15 +91,17 @@ class StreamedShardReader(VerifiedShardReader):
                             raise CheckpointError(f"{where}: {item.storage_index.fqn!r}: a read of "
                                                   f"{tuple(piece.size())} for a target of {tuple(target.size())}")
                         target.copy_(piece)
+                    del saved, piece  # before the next chunk's buffer is made: one chunk's buffer at a time
                 loaded += targets
             read.skip(size - read.at)
-            read.check_end(size)
+            read.check_end()
         return loaded
 
 
 def _fills(chunk: ShardChunk, item: ReadItem, target: torch.Tensor) -> bool:
     """Whether ``item`` takes the whole chunk into a target whose memory is laid out as the file's bytes."""
-    return (chunk.end > chunk.begin and all(o == 0 for o in item.storage_offsets)
+    return (chunk.end > chunk.begin and all(o == 0 for o in item.storage_offsets) and type(target) is torch.Tensor
+            and not target.is_conj() and not target.is_neg()
             and tuple(item.lengths) == tuple(chunk.shape) and target.device.type == "cpu"
             and target.dtype == chunk.dtype and target.is_contiguous()
             and target.numel() * target.element_size() == chunk.end - chunk.begin)
@@ -127,9 +130,13 @@ class _Reader:
             part = view[start:start + _SLICE]
             got = 0
             while got < len(part):
-                n = os.preadv(self.fd, [part[got:]], self.at + got)
+                try:
+                    n = os.preadv(self.fd, [part[got:]], self.at + got)
+                except OSError as err:  # the storage's failure, not the checkpoint's: named, with its errno
+                    raise StorageError(err.errno, f"{self.where}/{self.file}: could not read it ({err})") from err
                 if n == 0:  # the file is shorter than it was when opened
                     self.manifest.check_size(self.file, self.at + got, self.where)
+                    raise CorruptCheckpointError(f"{self.where}/{self.file}: it ended early")  # never loop
                 got += n
             self.hasher.update(part)
             self.at += len(part)
@@ -150,7 +157,7 @@ class _Reader:
             self.into(part)
             size -= len(part)
 
-    def check_end(self, size: int) -> None:
+    def check_end(self) -> None:
         extra = len(os.pread(self.fd, 1, self.at))  # it grew since it was opened
         self.manifest.check_size(self.file, self.at + extra, self.where)
         self.manifest.check_digest(self.file, self.hasher.hexdigest(), self.where)

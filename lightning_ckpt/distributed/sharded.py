@@ -5,8 +5,9 @@ each. DCP already knows how to plan that (which chunk each rank writes, replicat
 how to reshard on load (any world size reads any chunks), so it is used as it is: every rank writes
 one safetensors file with its chunks and their offsets in the header (the layout of DCP's
 ``HuggingFaceStorageWriter``, streamed by ours), and DCP's own pickled ``.metadata`` is never written;
-a load rebuilds it from the headers and serves DCP's reads from files verified as they were read
-(``shard_reader.py``). What DCP does not do is
+a load rebuilds it from the headers (``shard_reader.py``) and serves DCP's reads from each file read
+once: a local one streamed into the targets and checked at its end (``shard_stream.py``), one at a URL
+fetched and verified first (``VerifiedShardReader``). What DCP does not do is
 ours: the rest of the state goes to the usual files of the format (``state.json`` refers to each
 DTensor by key), and the commit is two-phase:
 
@@ -203,8 +204,9 @@ def load_sharded(path: str | os.PathLike, into: Mapping[str, Any], *, agree: Agr
     and every rank learns them. DCP's load planner then says which shard files this rank's chunks come from
     (resharding to any world size), and the rank reads those files only, each once, checked against rank 0's
     manifest (its size before anything is allocated, its header against the one planned with, its checksum).
-    Local files are read straight into the DTensors they fill (``shard_stream.py``: a damaged file fails the
-    load after some of its bytes may have reached ``into``); from a URL, each rank fetches its files into
+    Local files are read once each, into the DTensors they fill (in place where a chunk fills a whole CPU
+    target, else through a buffer per chunk: ``shard_stream.py``; a damaged file fails the load after some of
+    its bytes may have reached ``into``); from a URL, each rank fetches its files into
     memory, verified before DCP copies from them (``VerifiedShardReader``), nothing in a scratch directory. A
     listed shard file no rank's plan reads is verified by rank 0; a file the manifest does not list is never
     read. (Choosing ``ckpt_path="last"`` before this load verifies the chosen checkpoint on each rank first.)
@@ -316,6 +318,8 @@ def _dcp_errors(what: str, *, alone: bool = False) -> Iterator[None]:
         text = "; ".join(f"{'' if alone else f'rank {rank}: '}{type(exc).__name__}: {exc}"
                          for rank, exc in sorted(causes.items()))
         first = next(iter(causes.values()), None)
+        if first is not None and not isinstance(first, Exception):  # Ctrl-C, SystemExit: not the checkpoint's
+            raise first
         if alone and isinstance(first, CheckpointError):  # ours (a damaged file, ...): as raised, with its class
             raise first
         if causes and all(isinstance(exc, OSError) for exc in causes.values()):
