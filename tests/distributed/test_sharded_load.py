@@ -187,3 +187,16 @@ def test_a_local_load_on_the_same_world_size_reads_every_chunk_in_place(saved, m
     shard.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match="rank-00000.safetensors: xxh3"):
         _load(saved, mesh)
+
+
+def test_ctrl_c_during_a_streamed_load_stays_a_keyboard_interrupt(saved, mesh, monkeypatch):
+    # The shard files are read inside dcp.load, which wraps whatever its reader raises: an interrupt must come
+    # out as itself, not as a damaged checkpoint (the other ranks would be told the checkpoint is broken).
+    from lightning_ckpt.distributed import shard_stream
+
+    def interrupted(self, view):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shard_stream._Reader, "into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _load(saved, mesh)
