@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import _hf_utils
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from lightning_ckpt import inspection, load_checkpoint
@@ -23,20 +20,8 @@ from lightning_ckpt.distributed.shard_reader import ListedShardReader
 from lightning_ckpt.distributed.agree import SingleProcess
 
 
-@pytest.fixture
-def one_rank_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_our_shard_files_carry_the_header_dcps_safetensors_reader_reads(one_rank_group, tmp_path):
-    weight = distribute_tensor(torch.arange(12.0).reshape(4, 3), one_rank_group, [Shard(0)])
+def test_our_shard_files_carry_the_header_dcps_safetensors_reader_reads(one_rank_mesh, tmp_path):
+    weight = distribute_tensor(torch.arange(12.0).reshape(4, 3), one_rank_mesh, [Shard(0)])
     manifest = save_sharded({"state_dict": {"w": weight}, "global_step": 1}, tmp_path / "c", agree=SingleProcess())
     assert [f for f in manifest.files if f.startswith("shards/")] == ["shards/rank-00000.safetensors"]
     shard = tmp_path / "c" / "shards" / "rank-00000.safetensors"

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from lightning_ckpt.distributed import save_sharded, shard_reader, sharded
@@ -27,15 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 @pytest.fixture
-def mesh():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
+def mesh(one_rank_mesh):
+    return one_rank_mesh
 
 
 def _state(mesh, w: torch.Tensor, b: torch.Tensor) -> dict:
@@ -56,6 +46,14 @@ def _load(path, mesh, counted: dict | None = None):
     into = {"state_dict": {"w": distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]),
                            "b": distribute_tensor(torch.zeros(5, dtype=torch.bfloat16), mesh, [Shard(0)])}}
     return sharded.load_sharded(path, into, agree=SingleProcess())
+
+
+def _flip(file, at: int) -> bytearray:
+    """Change one bit of ``file`` at byte ``at``; its new bytes."""
+    data = bytearray(file.read_bytes())
+    data[at] ^= 1
+    file.write_bytes(bytes(data))
+    return data
 
 
 def _add_listed_shard(checkpoint, file: str, tensors: dict, offsets: dict) -> None:
@@ -86,9 +84,7 @@ def test_our_header_metadata_is_dcps_own(saved):
 
 def test_a_damaged_shard_file_fails_the_load_naming_it(saved, mesh):
     shard = saved / "shards" / "rank-00000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 1
-    shard.write_bytes(bytes(data))
+    data = _flip(shard, -1)
     with pytest.raises(CorruptCheckpointError, match="shards/rank-00000.safetensors: xxh3"):
         _load(saved, mesh)
     shard.write_bytes(bytes(data[:-1]))  # truncated: its size is refused before its header is trusted
@@ -102,10 +98,7 @@ def test_a_listed_shard_file_no_plan_reads_is_still_verified(saved, mesh):
     _add_listed_shard(saved, "shards/rank-00001.safetensors", {"extra/x": torch.ones(2)},
                       {"extra/x": {"saved_offsets": [0]}})
     assert torch.equal(_load(saved, mesh)["state_dict"]["w"].full_tensor(), W)
-    extra = saved / "shards" / "rank-00001.safetensors"
-    data = bytearray(extra.read_bytes())
-    data[-1] ^= 1
-    extra.write_bytes(bytes(data))
+    _flip(saved / "shards" / "rank-00001.safetensors", -1)
     with pytest.raises(CorruptCheckpointError, match="rank-00001.safetensors"):
         _load(saved, mesh)
 
@@ -181,10 +174,7 @@ def test_a_local_load_on_the_same_world_size_reads_every_chunk_in_place(saved, m
     monkeypatch.setattr(shard_stream, "_bytes_of", lambda target: in_place.append(target.shape) or bytes_of(target))
     out = _load(saved, mesh)
     assert sorted(in_place) == sorted([W.shape, B.shape]) and torch.equal(out["state_dict"]["w"].full_tensor(), W)
-    shard = saved / "shards" / "rank-00000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3] ^= 1  # in b's bytes, read in place: the load fails all the same
-    shard.write_bytes(bytes(data))
+    _flip(saved / "shards" / "rank-00000.safetensors", -3)  # in b's bytes, read in place: the load fails all the same
     with pytest.raises(CorruptCheckpointError, match="rank-00000.safetensors: xxh3"):
         _load(saved, mesh)
 
