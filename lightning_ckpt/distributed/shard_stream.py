@@ -31,6 +31,7 @@ from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, Stora
 from lightning_ckpt.format.manifest import Manifest, new_hasher
 from lightning_ckpt.format.safetensors_view import read_header
 from lightning_ckpt.store.base import LocalFiles
+from lightning_ckpt.store.reading import uninitialized
 
 _SLICE = 8 * 2**20  # read and hashed at a time: the bytes are hashed while they are in cache
 
@@ -142,9 +143,7 @@ class _Reader:
             self.at += len(part)
 
     def into_new(self, size: int) -> memoryview:
-        import numpy as np
-
-        buffer = memoryview(np.empty(size, dtype=np.uint8))
+        buffer = uninitialized(size)
         self.into(buffer)
         return buffer
 

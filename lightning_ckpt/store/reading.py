@@ -99,7 +99,7 @@ def check_listed(store: Store, name: str, manifest: Manifest, files: list[str]) 
     if not isinstance(store, LocalFiles):
         _read_remote(store, name, list(files), manifest, where, keep=False)
         return
-    chunk = _uninitialized(min(READ_CHUNK, max(manifest.files[file].size for file in files)) or 1)
+    chunk = uninitialized(min(READ_CHUNK, max(manifest.files[file].size for file in files)) or 1)
     for file in files:
         _read_file(store, name, file, manifest, where, into=chunk)
 
@@ -126,7 +126,7 @@ def verify(store: Store, name: str, *, keep: bool = False) -> Manifest:
             with _KEPT_LOCK:
                 _KEPT[:] = [(where, manifest, {file: b for file, b in buffers.items() if _not_a_shard(file)})]
         return manifest
-    chunk = _uninitialized(READ_CHUNK)
+    chunk = uninitialized(READ_CHUNK)
     for file in manifest.files:
         _read_file(store, name, file, manifest, where, into=chunk)
     return manifest
@@ -144,7 +144,7 @@ def _read_file(store: LocalFiles, name: str, file: str, manifest: Manifest, wher
         # The real size is checked before anything is allocated: a claim in the manifest is not trusted.
         manifest.check_size(file, size, where)
         if into is None:
-            buffer = _uninitialized(size)
+            buffer = uninitialized(size)
             done = _read_parallel(f.fileno(), buffer, hasher)
         else:
             buffer, done = into, _read_through(f.fileno(), size, into, hasher)
@@ -154,7 +154,7 @@ def _read_file(store: LocalFiles, name: str, file: str, manifest: Manifest, wher
     return buffer
 
 
-def _uninitialized(size: int) -> memoryview:
+def uninitialized(size: int) -> memoryview:
     """A writable buffer whose pages are first touched by the read itself (a bytearray zeroes them first)."""
     import numpy as np  # here, not at the top: listing checkpoints (the CLI) must not pay numpy's import
 
@@ -212,7 +212,7 @@ class _Fill:
             self.manifest.check_size(self.file, size, self.where)
         # Without a claim (a server that sends no Content-Length) the pages of the manifest's size are
         # reserved, not touched: only bytes that arrive use memory, and never more than the size + 1.
-        self.buffer = _uninitialized(self.size) if self.keep else memoryview(b"")
+        self.buffer = uninitialized(self.size) if self.keep else memoryview(b"")
         self.begun = True
 
     def write(self, piece: bytes) -> None:
