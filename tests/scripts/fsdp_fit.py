@@ -11,6 +11,8 @@ with ENOSPC (inside DCP's collective save), in that scenario only. ``dump_start=
 ``storage_options``: the Checkpointer's, for a URL dirpath. ``fail_upload=STEP``: rank 1's upload of its shard
 file for the save at STEP fails (the store's upload seam raises ConnectionError), in that scenario only.
 ``node_local=True``: each rank's dirpath is its own subdirectory ``rank<N>`` (disks of their own).
+``async_save=True``: the Checkpointer saves in the background (``staging``: "overlapped" or "eager"); the seams
+above then meet the save on the background worker.
 Every row says which shard files the rank's loads read in full (``shards_read``: file -> bytes, through
 the module's ``read_listed`` or, for a local checkpoint, its ``StreamedShardReader``) and checked for nobody
 (``shards_checked``, through its ``check_listed``).
@@ -153,13 +155,14 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: in
         kill_rank_in_save: int | None = None, fail_shard_write: int | None = None, on_save_error: str = "raise",
         mirror: str | None = None, dump_start: str | None = None, out: str | None = None,
         storage_options: dict[str, Any] | None = None, fail_upload: int | None = None,
-        node_local: bool = False) -> dict[str, Any]:
+        node_local: bool = False, async_save: bool = False, staging: str = "overlapped") -> dict[str, Any]:
     L.seed_everything(0)
     if node_local:  # each rank its own directory, as on nodes with disks of their own
         dirpath = os.path.join(dirpath, f"rank{rank()}")
     ranks = world_size()
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, on_save_error=on_save_error,
-                        mirror=Mirror(mirror) if mirror else None, storage_options=storage_options)
+                        mirror=Mirror(mirror) if mirror else None, storage_options=storage_options,
+                        async_save=async_save, staging=staging)
     strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1)
     # A ckpt_path at another URL than dirpath is read with the plugin's remote_options (the same bucket here).
     plugins = [SafetensorsCheckpointIO(remote_options=storage_options)] if storage_options else None
