@@ -33,7 +33,7 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
 # in its own directory; a fit that goes on from an earlier one's checkpoint is in a later job. A fit that
 # kills its ranks ends its job: it goes last. A test reads its fits' rows and directories.
 FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "async", "async-eager",
-         "async-fail-warn", "async-fail-raise", "crash")
+         "async-fail-warn", "async-fail-raise", "async-copy-fail", "crash")
 ONE_RANK = ("single", "2to1", "url-2to1")
 THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "killed")
 LAST = ("async-killed",)  # a rank killed in a background save ends a job of its own
@@ -74,6 +74,8 @@ class Runs:
             "async-fail-warn": {"dirpath": self / "async-fail-warn" / "c", **fail, "on_save_error": "warn",
                                 "async_save": True},
             "async-fail-raise": {"dirpath": self / "async-fail-raise" / "c", **fail, "async_save": True},
+            "async-copy-fail": {"dirpath": self / "async-copy-fail" / "c", "max_steps": 7, "async_save": True,
+                                "fail_deferred_copy": 6, "on_save_error": "warn"},
             "crash": {"dirpath": self / "crash" / "c", "max_steps": 8, "crash_at": 4},  # every rank exits after step 4
         }, FIRST)
 
@@ -438,3 +440,14 @@ def test_an_async_sharded_checkpoint_resumes_bit_exact(runs, straight, first, th
     for rank, row in enumerate(resumed):
         assert row["losses"][0][0] == 6 and row["losses"] == straight_rows[rank]["losses"][6:]
     assert_same_tensors(load_file(runs / "async-resume" / "final.safetensors"), load_file(straight_final))
+
+
+def test_a_deferred_copy_that_fails_on_rank_1_is_written_by_no_rank_and_raised_on_every_rank(runs, first):
+    root = runs / "async-copy-fail" / "c"
+    rows = first.rows("async-copy-fail")  # both rows: rank 0's worker did not wait for rank 1's in the write
+    cause = "injected deferred copy failure at step 6"
+    for row in rows:  # not the storage's failure: it raises with on_save_error="warn" too, on every rank
+        assert row["error"] is not None and cause in row["error"], row
+    assert rows[0]["error"].startswith("CheckpointError: rank 1: RuntimeError")  # rank 0 names the rank
+    assert Path(latest_checkpoint(root)).name == "step=000000003"
+    assert not (root / "step=000000006").exists() and not [p for p in os.listdir(root) if p.startswith(".tmp-")]
