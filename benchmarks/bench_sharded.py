@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=512, help="model + AdamW state in MiB, over both ranks")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
-    parser.add_argument("--batch", type=int, default=256, help="rows per training step in the async rows")
+    parser.add_argument("--batch", type=int, default=64, help="rows per training step in the async rows")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
