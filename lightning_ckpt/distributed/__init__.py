@@ -1,7 +1,7 @@
 """What the ranks of a job agree on, and sharded state through torch.distributed.checkpoint.
 
 Owns ``agree`` (rank 0 decides, every rank learns the outcome or the failure; every path calls the
-same collectives) and ``sharded`` (FSDP2 / tensor-parallel state written and read by DCP, listed in
+same collectives; ``GroupAgree`` over a process group of a background save's own) and ``sharded`` (FSDP2 / tensor-parallel state written and read by DCP, listed in
 our manifest and committed in two phases; ``shard_reader`` shows DCP only the files the manifest lists).
 
 It imports format and store only; it must not import saving/, history/, ``lightning/`` or ``cli/``.

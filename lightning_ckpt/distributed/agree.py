@@ -34,6 +34,36 @@ class Agree(Protocol):
         ...
 
 
+class GroupAgree:
+    """``Agree`` over one ``torch.distributed`` process group, every rank of the job in it: for a background
+    save, a group of the checkpoint's own (``new_group(backend="gloo")``, made once by every rank), so that
+    its collectives never interleave with training's on another thread (as torch's ``dcp.async_save`` does).
+
+    Args:
+        group: the process group (its rank 0 decides).
+    """
+
+    def __init__(self, group: Any) -> None:
+        import torch.distributed as dist
+
+        self._dist, self._group = dist, group
+        self._source = dist.get_global_rank(group, 0)
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self._dist.get_rank(self._group) == 0
+
+    def broadcast(self, value: T) -> T:
+        box = [value]
+        self._dist.broadcast_object_list(box, src=self._source, group=self._group)
+        return box[0]
+
+    def gather(self, value: T) -> list[T]:
+        out: list[Any] = [None] * self._dist.get_world_size(self._group)
+        self._dist.all_gather_object(out, value, group=self._group)
+        return out
+
+
 class SingleProcess:
     """``Agree`` for one process: it decides, and there is nobody to tell."""
 

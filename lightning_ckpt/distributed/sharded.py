@@ -82,7 +82,7 @@ def collect_dtensors(state: Any, path: tuple = ()) -> dict[str, torch.Tensor]:
 
 def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Agree, allow_pickle: bool = False,
                  run_id: str | None = None, meta: Mapping[str, Any] | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> Manifest:
+                 storage_options: Mapping[str, Any] | None = None, process_group: Any = None) -> Manifest:
     """Save a state holding DTensors from every rank at once; collective (every rank must call it).
 
     Args:
@@ -93,6 +93,8 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
             uploads the manifest last.
         agree: the ranks' collectives.
         storage_options: for a URL, the fsspec filesystem's options.
+        process_group: the group DCP's planning runs on (None: the default group); for a save on a background
+            thread, the group ``agree`` runs on, one of the checkpoint's own.
 
     Returns:
         The committed manifest, on every rank.
@@ -120,7 +122,7 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
     try:
         all_ranks(agree, lambda: opened.update(store=_parent_store(path, storage_options)))
         store = opened["store"]
-        written = _write_shards(sharded, store, staged, agree, store.location(name))
+        written = _write_shards(sharded, store, staged, agree, store.location(name), process_group)
         unsealed = Manifest(files={}, versions=library_versions(), **manifest_fields(state, run_id, meta))
 
         def commit() -> Manifest:
@@ -136,13 +138,13 @@ def save_sharded(state: Mapping[str, Any], path: str | os.PathLike, *, agree: Ag
 
 
 def _write_shards(sharded: dict[str, torch.Tensor], store: LocalStore | FsspecStore, staged: str, agree: Agree,
-                  where: str) -> dict[str, FileEntry]:
+                  where: str, process_group: Any = None) -> dict[str, FileEntry]:
     """DCP plans which chunks each rank writes; each rank streams its file into the staged checkpoint (a
     local or shared directory, fsynced; or a URL's prefix, uploaded), checksummed as it goes; all learn
     all entries."""
     writer = _ShardWriter(store, staged)
     with _dcp_errors(f"{where}: save failed, nothing was committed; older checkpoints are untouched"):
-        dcp.save(sharded, storage_writer=writer, no_dist=isinstance(agree, SingleProcess))
+        dcp.save(sharded, storage_writer=writer, process_group=process_group, no_dist=isinstance(agree, SingleProcess))
     written: dict[str, FileEntry] = {}
     for entries in all_ranks(agree, lambda: written_entries(writer)):
         written.update(entries)

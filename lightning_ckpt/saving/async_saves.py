@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lightning_ckpt.distributed.agree import Agree, all_ranks
 from lightning_ckpt.saving.background import WHEN_BUSY, BackgroundJob, WhenBusy
 from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.saving.overlap import StepGuard, optimizer_owned
@@ -44,15 +45,20 @@ class AsyncSavePipeline(SavePipeline):
         overlap: copy parameters and optimizer state on the worker while the next forward/backward
             runs (see lightning_ckpt/saving/overlap.py); the optimizers must be given to :meth:`guard`.
         stager: copies the state into reused host buffers.
+        worker_agree: for a write that is itself collective (a sharded save, every rank writing its shards): the
+            ranks' collectives for the worker, over a process group of their own (never training's, which the
+            training thread uses meanwhile). Before the write, every rank's worker learns whether every rank's
+            deferred copy succeeded (a write one rank never joins would wait in its collectives for ever).
     """
 
     def __init__(self, *args: Any, when_busy: WhenBusy = "wait", overlap: bool = False,
-                 stager: Stager | None = None, **kwargs: Any) -> None:
+                 stager: Stager | None = None, worker_agree: Agree | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if when_busy not in WHEN_BUSY:
             raise ValueError(f"when_busy={when_busy!r}; use 'wait' (the next save waits for the one in flight) "
                              "or 'skip' (it is skipped with a warning)")
         self.when_busy, self.overlap, self.stager = when_busy, overlap, stager or Stager()
+        self.worker_agree = worker_agree
         self.skipped: list[int] = []
         self.last_started: int | None = None  # the step of the save the latest call started (None: it started none)
         self._job: BackgroundJob[BaseException | None] = BackgroundJob()
@@ -149,12 +155,20 @@ class AsyncSavePipeline(SavePipeline):
 
     def _run(self, flight: _InFlight, staged: Staged, options: Mapping[str, Any],
              write: Writer, final: bool) -> BaseException | None:
+        failed: Exception | None = None
         try:
             staged.copy_deferred()
         except Exception as err:  # noqa: BLE001 - settled like a failed write
-            return err
+            failed = err
         finally:
             flight.copied.set()  # also on failure: a step must not wait for a copy that never comes
+        if self.worker_agree is not None:  # a collective write: every rank writes, or none
+            try:
+                all_ranks(self.worker_agree, lambda: _raise(failed))
+            except Exception as err:  # noqa: BLE001 - settled like a failed write, on every rank alike
+                return err
+        elif failed is not None:
+            return failed
         return self._execute(flight.outcome.name, flight.outcome.path, staged.state, options, write, flight.timing,
                              final)
 
@@ -164,3 +178,8 @@ class AsyncSavePipeline(SavePipeline):
             warnings.warn(f"Checkpointer: the save at step {step} was skipped: the save at step {self._in_flight.step} "
                           "is still being written (when_busy='skip'); save less often, or pass when_busy='wait'",
                           CheckpointWarning, stacklevel=3)
+
+
+def _raise(error: Exception | None) -> None:
+    if error is not None:
+        raise error

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from lightning_ckpt.format.state import is_dtensor
 from lightning_ckpt.saving.staging import Defer
 
 _CLOSURE = "closure"
@@ -30,19 +31,22 @@ def optimizer_owned(optimizers: Iterable[torch.optim.Optimizer]) -> Defer:
 
     Decided per tensor (where it starts, its dtype, shape and strides), not per storage: parameters
     and buffers may share one storage (a model filled by ``load_state_dict(assign=True)`` from one
-    read buffer), and a buffer in it changes outside the optimizer, so it is never deferred.
+    read buffer), and a buffer in it changes outside the optimizer, so it is never deferred. A DTensor
+    (FSDP2, tensor parallel) is its local tensor: the one the Stager copies.
     """
     owned: set[tuple] = set()
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            owned.update(_tensor_key(p) for p in group["params"])
-        for state in optimizer.state.values():
-            owned.update(_tensor_key(t) for t in state.values() if isinstance(t, torch.Tensor))
+    with torch.no_grad():
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                owned.update(_tensor_key(p) for p in group["params"])
+            for state in optimizer.state.values():
+                owned.update(_tensor_key(t) for t in state.values() if isinstance(t, torch.Tensor))
     return lambda tensor: _tensor_key(tensor) in owned
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:
     # The state dict holds detached views of the parameters: other objects, the same memory and layout.
+    tensor = tensor.to_local() if is_dtensor(tensor) else tensor
     return tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
 
 

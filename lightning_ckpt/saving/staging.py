@@ -13,6 +13,12 @@ only the optimizer changes later than the rest of the state, which needs a per-t
 state rebuilt on every save (a ``.clone()`` in ``on_save_checkpoint``) gets fresh, slow memory each
 time, while keys by position in the state reuse it; (3) ``DefaultStager`` appeared in torch 2.9 and
 ``StateDictStager`` is private, while this package supports torch 2.4.
+
+A sharded state (FSDP2, tensor parallel) holds DTensors: with a ``wrap`` the Stager copies each one's
+local tensor (this rank's shard) like any tensor, into a reused buffer, deferred or not, and wraps the
+copy again as a DTensor of the same mesh, placements, shape and stride (``wrap(source, copy)``, which
+must leave the copy on the host: the Lightning adapter's, ``lightning/internals/dtensor.py``, does as
+torch's own ``_create_cpu_state_dict``); without one, DTensors are left as they are.
 """
 
 from __future__ import annotations
@@ -24,9 +30,14 @@ from typing import Any
 
 import torch
 
+from lightning_ckpt.format.state import is_dtensor
+
 Defer = Callable[[torch.Tensor], bool]
 """Says, for a tensor of the state, whether it may be copied later (``Staged.copy_deferred``): only
 its own bytes are deferred, so a storage shared with tensors copied at once is split between the two."""
+
+Wrap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(a DTensor of the state, a host copy of its local tensor) -> a DTensor laid out as the first, over the copy."""
 
 _Range = tuple[int, int]  # [start, end) in bytes of a storage
 _Buffer = tuple[torch.UntypedStorage, bool]  # (staging buffer, pinned)
@@ -104,17 +115,19 @@ class Stager:
 
     Args:
         pin_memory: pin the buffers of CUDA tensors (default: when CUDA is available).
+        wrap: stage each DTensor's local tensor and wrap the copy with it (see the module's docstring).
     """
 
-    def __init__(self, *, pin_memory: bool | None = None) -> None:
+    def __init__(self, *, pin_memory: bool | None = None, wrap: Wrap | None = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.wrap = wrap
         self._buffers: dict[tuple, _Buffer] = {}
 
     @torch.no_grad()
     def stage(self, state: Any, *, defer: Defer | None = None) -> Staged:
         """Copy ``state``; the bytes of tensors for which ``defer`` is true are copied in
         :meth:`Staged.copy_deferred`, the rest now. Other values are deep-copied (they may be mutated later)."""
-        walk = _Walk(self._buffers, self.pin_memory, defer)
+        walk = _Walk(self._buffers, self.pin_memory, defer, self.wrap)
         staged = Staged(walk.copy(state, ()))
         staged.deferred = walk.copy_storages()
         for device in walk.device_copies:
@@ -139,8 +152,9 @@ class _Walk:
     """One pass over a state: rebuilds containers, gives each storage one buffer (so views stay shared)
     and notes which of its bytes may be copied later; :meth:`copy_storages` then copies."""
 
-    def __init__(self, buffers: dict[tuple, _Buffer], pin_memory: bool, defer: Defer | None) -> None:
-        self.buffers, self.pin_memory, self.defer = buffers, pin_memory, defer
+    def __init__(self, buffers: dict[tuple, _Buffer], pin_memory: bool, defer: Defer | None,
+                 wrap: Wrap | None = None) -> None:
+        self.buffers, self.pin_memory, self.defer, self.wrap = buffers, pin_memory, defer, wrap
         self.used: dict[tuple, _Buffer] = {}
         self.plans: dict[tuple, _Plan] = {}  # source storage -> its buffer and ranges, in this pass
         self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(source) -> (source, copy)
@@ -160,6 +174,10 @@ class _Walk:
         return copy.deepcopy(value)
 
     def tensor(self, tensor: torch.Tensor, path: tuple) -> torch.Tensor:
+        if self.wrap is not None and is_dtensor(tensor):  # this rank's shard, copied as any tensor, wrapped again
+            if id(tensor) not in self.views:
+                self.views[id(tensor)] = (tensor, self.wrap(tensor, self.tensor(tensor.to_local(), path)))
+            return self.views[id(tensor)][1]
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided or tensor.is_meta:
             return tensor  # the format refuses these with their key path; nothing to snapshot
         if id(tensor) in self.views:  # the same object twice (tied weights) stays one object

@@ -1,7 +1,7 @@
 """A collective outcome is symmetric: a save that fails at any step of the pipeline (snapshot or staging,
 write, commit, record), on either of 2 gloo ranks, is the same warning or error on both ranks, never a
 hang, leaves nothing partial in the directory and "last" where it was; for the synchronous, both
-asynchronous (overlapped, eager) and the sharded (FSDP2) pipelines.
+asynchronous (overlapped, eager), the sharded (FSDP2) and the asynchronous sharded pipelines.
 
 One 2-rank job (tests/scripts/failure_matrix.py) runs every cell: each pipeline's fits, one after
 another in the same two processes; each test below reads one cell of the job's report.

@@ -1,6 +1,7 @@
 """Sharded checkpoints with FSDP2 (ModelParallelStrategy + fully_shard) on CPU ranks over gloo: every rank
 writes its shards, rank 0 commits; crash and resume bit-exact; reshard 2 -> 1 and 1 -> 2; consolidated load
-in one process; a rank that fails or dies in a save commits nothing, on every rank, without a hang."""
+in one process; a rank that fails or dies in a save commits nothing, on every rank, without a hang. The same
+with ``async_save=True``: each rank stages its own shards, the worker writes them on a group of its own."""
 
 from __future__ import annotations
 
@@ -31,10 +32,12 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
 # Three jobs run every fit (tests/scripts/fsdp_fit.py): 2 ranks, then 1 rank, then 2 ranks again, each fit
 # in its own directory; a fit that goes on from an earlier one's checkpoint is in a later job. A fit that
 # kills its ranks ends its job: it goes last. A test reads its fits' rows and directories.
-FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "crash")
+FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "async", "async-eager",
+         "async-fail-warn", "async-fail-raise", "async-copy-fail", "crash")
 ONE_RANK = ("single", "2to1", "url-2to1")
-THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "killed")
-pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN)))
+THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "killed")
+LAST = ("async-killed",)  # a rank killed in a background save ends a job of its own
+pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN), len(LAST)))
 
 
 class Runs:
@@ -65,6 +68,14 @@ class Runs:
             "url": {**self.url("url"), "max_steps": 8},
             "url-fail": {**self.url("url-fail"), "max_steps": 7, "fail_upload": 6},
             "node-local": {"dirpath": self / "node-local", "max_steps": 4, "node_local": True},
+            **{f"async{suffix}": {"dirpath": self / f"async{suffix}" / "c", "max_steps": 8, "async_save": True,
+                                  "staging": staging, "out": self / f"async{suffix}" / "final.safetensors"}
+               for suffix, staging in (("", "overlapped"), ("-eager", "eager"))},
+            "async-fail-warn": {"dirpath": self / "async-fail-warn" / "c", **fail, "on_save_error": "warn",
+                                "async_save": True},
+            "async-fail-raise": {"dirpath": self / "async-fail-raise" / "c", **fail, "async_save": True},
+            "async-copy-fail": {"dirpath": self / "async-copy-fail" / "c", "max_steps": 7, "async_save": True,
+                                "fail_deferred_copy": 6, "on_save_error": "warn"},
             "crash": {"dirpath": self / "crash" / "c", "max_steps": 8, "crash_at": 4},  # every rank exits after step 4
         }, FIRST)
 
@@ -90,6 +101,8 @@ class Runs:
         if fs.exists(f"{url}/step=000000006/{MANIFEST_FILE}"):  # "last" of a copy holding only step 6
             fs.copy(f"{url}/step=000000006", f"{self.s3.url('url-resume')}/step=000000006", recursive=True)
         (self / "url-resume").mkdir(parents=True, exist_ok=True)  # for its "out" file
+        if (self / "async" / "c" / "step=000000006").exists():  # "last" of a copy holding only step 6
+            shutil.copytree(self / "async" / "c" / "step=000000006", self / "async-resume" / "c" / "step=000000006")
         damaged = self / "damaged" / "step=000000006"
         if (self / "straight" / "c" / "step=000000006").exists():  # one flipped byte in what rank 1 alone reads
             shutil.copytree(self / "straight" / "c" / "step=000000006", damaged)
@@ -104,8 +117,14 @@ class Runs:
             "url-resume": {**self.url("url-resume"), "max_steps": 8, "ckpt_path": "last",
                            "out": self / "url-resume" / "final.safetensors"},
             "damaged": {"dirpath": self / "damaged" / "new", "max_steps": 7, "ckpt_path": damaged},
+            "async-resume": {"dirpath": self / "async-resume" / "c", "max_steps": 8, "ckpt_path": "last",
+                             "async_save": True, "out": self / "async-resume" / "final.safetensors"},
             "killed": {"dirpath": self / "killed" / "c", "max_steps": 8, "kill_rank_in_save": 6},
         }, THEN)
+
+    def last(self) -> Job:
+        return self.run({"async-killed": {"dirpath": self / "async-killed" / "c", "max_steps": 8, "async_save": True,
+                                          "kill_rank_in_save": 6}}, LAST)
 
 
 def flip_byte(path: Path, at: int) -> None:
@@ -132,6 +151,11 @@ def one_rank(runs: Runs, first: Job) -> Job:
 @pytest.fixture(scope="module")
 def then(runs: Runs, first: Job, one_rank: Job) -> Job:
     return runs.then()
+
+
+@pytest.fixture(scope="module")
+def last(runs: Runs, then: Job) -> Job:
+    return runs.last()
 
 
 def trained(job: Job, fit: str) -> list[dict]:
@@ -200,21 +224,28 @@ def test_resume_reshards_two_ranks_to_one_and_one_to_two(runs, straight, one_ran
     assert_same_tensors(load_file(runs / "1to2" / "start.safetensors"), full_expected(one_rank_checkpoint))
 
 
-def test_a_rank_killed_in_a_save_leaves_the_previous_checkpoint_last(runs, then):
-    root = runs / "killed" / "c"
-    rows = [then.row("killed", rank) for rank in (0, 1)]
-    assert rows[1] is None and then.codes[1] == 9, then.story([1])  # rank 1 died after writing its shard
-    assert rows[0] is not None and not then.hung, then.story([0])  # rank 0 came out of the save: an error, no hang
-    assert "could not agree" in rows[0]["error"] and "ckpt_path='last'" in rows[0]["error"]
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_rank_killed_in_a_save_leaves_the_previous_checkpoint_last(runs, then, last, mode):
+    job, fit = (then, "killed") if mode == "sync" else (last, "async-killed")
+    root = runs / fit / "c"
+    rows = [job.row(fit, rank) for rank in (0, 1)]
+    assert rows[1] is None and job.codes[1] == 9, job.story([1])  # rank 1 died after writing its shard
+    assert rows[0] is not None and not job.hung, job.story([0])  # rank 0 came out of the save: an error, no hang
+    if mode == "sync":
+        assert "could not agree" in rows[0]["error"] and "ckpt_path='last'" in rows[0]["error"]
+    else:  # the background save failed with it: rank 0's training stopped at its next collective with rank 1
+        assert rows[0]["error"] is not None, rows[0]
     assert Path(latest_checkpoint(root)).name == "step=000000003"
     assert not (root / "step=000000006").exists()
     assert [e["step"] for e in json.loads((root / LEDGER_FILE).read_text())["checkpoints"]] == [3]
+    assert not [p for p in os.listdir(root) if p.startswith(".tmp-")]  # rank 0 removed what was staged
 
 
+@pytest.mark.parametrize("mode", ["", "async-"])
 @pytest.mark.parametrize("on_error", ["raise", "warn"])
-def test_a_shard_write_that_fails_on_rank_1_is_one_outcome_on_every_rank(runs, first, on_error):
-    root = runs / f"fail-{on_error}" / "c"
-    rows = first.rows(f"fail-{on_error}")
+def test_a_shard_write_that_fails_on_rank_1_is_one_outcome_on_every_rank(runs, first, on_error, mode):
+    root = runs / f"{mode}fail-{on_error}" / "c"
+    rows = first.rows(f"{mode}fail-{on_error}")
     assert [r["rank"] for r in rows] == [0, 1]
     if on_error == "raise":  # every rank raises the same StorageError, naming the checkpoint and the rank
         assert {r["error"] for r in rows} == {rows[0]["error"]}
@@ -383,3 +414,40 @@ def test_a_damaged_shard_only_rank_1_reads_is_the_same_error_on_every_rank(runs,
     assert list(rows[0]["shards_read"]) == ["shards/rank-00000.safetensors"]  # rank 0 never read rank 1's file
     assert rows[1]["shards_read"] == {}  # its one file failed its checksum: nothing of it was used
     assert not (runs / "damaged" / "new").exists() or not list((runs / "damaged" / "new").glob("step=*"))
+
+
+@pytest.mark.parametrize("fit", ["async", "async-eager"])
+def test_async_sharded_saves_write_what_sync_ones_do_and_leave_training_alone(runs, straight, first, fit):
+    root, straight_rows, straight_final = straight
+    rows = trained(first, fit)
+    assert [r["losses"] for r in rows] == [r["losses"] for r in straight_rows]  # training as without a save
+    assert [r["last"] for r in rows] == [str(runs / fit / "c" / "step=000000008")] * 2
+    for step in (6, 8):  # each checkpoint holds what the synchronous save of that step holds, tensor for tensor
+        checkpoint = f"step={step:09d}"
+        assert sorted(shard_sizes(runs / fit / "c" / checkpoint)) == sorted(shard_sizes(root / checkpoint))
+        assert_same_tensors(full_expected(runs / fit / "c" / checkpoint), full_expected(root / checkpoint))
+        assert cli("verify", runs / fit / "c" / checkpoint).returncode == 0
+    assert_same_tensors(load_file(runs / fit / "final.safetensors"), load_file(straight_final))
+    ledger = json.loads((runs / fit / "c" / LEDGER_FILE).read_text())["checkpoints"]
+    assert [(e["step"], e["status"] == "deleted") for e in ledger] == [(3, True), (6, False), (8, False)]  # keep_last=2
+    assert all(e["figures"]["blocking_s"] > 0 for e in ledger)  # recorded by rank 0's worker, with the stall
+
+
+def test_an_async_sharded_checkpoint_resumes_bit_exact(runs, straight, first, then):
+    _, straight_rows, straight_final = straight
+    trained(first, "async")
+    resumed = trained(then, "async-resume")  # "last" of a copy of the async run's step 6, saving async again
+    for rank, row in enumerate(resumed):
+        assert row["losses"][0][0] == 6 and row["losses"] == straight_rows[rank]["losses"][6:]
+    assert_same_tensors(load_file(runs / "async-resume" / "final.safetensors"), load_file(straight_final))
+
+
+def test_a_deferred_copy_that_fails_on_rank_1_is_written_by_no_rank_and_raised_on_every_rank(runs, first):
+    root = runs / "async-copy-fail" / "c"
+    rows = first.rows("async-copy-fail")  # both rows: rank 0's worker did not wait for rank 1's in the write
+    cause = "injected deferred copy failure at step 6"
+    for row in rows:  # not the storage's failure: it raises with on_save_error="warn" too, on every rank
+        assert row["error"] is not None and cause in row["error"], row
+    assert rows[0]["error"].startswith("CheckpointError: rank 1: RuntimeError")  # rank 0 names the rank
+    assert Path(latest_checkpoint(root)).name == "step=000000003"
+    assert not (root / "step=000000006").exists() and not [p for p in os.listdir(root) if p.startswith(".tmp-")]

@@ -1,4 +1,5 @@
-"""What a Checkpointer cannot do under ModelParallelStrategy is refused before training, naming the fix."""
+"""How a Checkpointer is wired under ModelParallelStrategy, before training: sharded saves, synchronous or in the
+background; other strategies are left alone."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_ckpt import SafetensorsCheckpointIO
-from lightning_ckpt.lightning.checkpointing.sharded_io import route_if_sharded
+from lightning_ckpt.lightning.checkpointing.sharded_io import BackgroundShardedWrites, route_if_sharded
 
 
 @pytest.fixture
@@ -16,13 +17,14 @@ def trainer() -> L.Trainer:
                      accelerator="cpu", logger=False)
 
 
-def test_async_saves_are_refused_under_model_parallel(trainer):
-    with pytest.raises(ValueError, match="async_save=False"):
-        route_if_sharded(trainer, io=SafetensorsCheckpointIO(), async_save=True)
-    assert "save_checkpoint" not in vars(trainer.strategy)
+def test_async_saves_under_model_parallel_route_the_strategy_and_write_in_the_background(trainer):
+    writes = route_if_sharded(trainer, io=SafetensorsCheckpointIO(), async_save=True)
+    assert "save_checkpoint" in vars(trainer.strategy)  # a user's trainer.save_checkpoint: ours, sharded
+    assert isinstance(writes, BackgroundShardedWrites) and writes.group is None  # no process group: one process
+    assert set(writes.pipeline_options()) == {"stager", "worker_agree"}
 
 
 def test_other_strategies_are_left_alone():
     plain = L.Trainer(devices=1, accelerator="cpu", logger=False)
-    route_if_sharded(plain, io=SafetensorsCheckpointIO(), async_save=True)
+    assert route_if_sharded(plain, io=SafetensorsCheckpointIO(), async_save=True) is None
     assert "save_checkpoint" not in vars(plain.strategy)

@@ -78,3 +78,18 @@ def test_dcps_default_load_plan_needs_no_coordination():
     plans = [LoadPlan(items=[]), LoadPlan(items=[])]
     assert create_default_global_load_plan(plans) is plans
     assert DefaultLoadPlanner().create_global_plan(plans) is plans
+
+
+def test_a_dtensor_is_still_built_over_a_given_local_tensor_with_another_ones_spec(one_rank_mesh):
+    # internals/dtensor.py::dtensor_over: DTensor(local, like._spec, requires_grad=False), as torch's
+    # _state_dict_utils._create_cpu_state_dict builds its host copies (DTensor.from_local would move the
+    # copy to the mesh's device type).
+    from torch.distributed.tensor import DTensor
+
+    from lightning_ckpt.lightning.internals.dtensor import dtensor_over
+
+    like = distribute_tensor(torch.arange(12.0).reshape(4, 3), one_rank_mesh, [Shard(0)])
+    local = torch.full((4, 3), 2.0)
+    built = dtensor_over(like, local)
+    assert isinstance(built, DTensor) and built.to_local().data_ptr() == local.data_ptr() and built._spec is like._spec
+    assert built.placements == like.placements and built.shape == like.shape and not built.requires_grad

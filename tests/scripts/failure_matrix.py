@@ -2,8 +2,9 @@
 of the save pipeline, on one rank at a time; one row per fit.
 
 Each scenario is one fit, ``run_fit(pipeline, fit, root)``, all of them in the same two processes over
-one process group. PIPELINE: sync, async-overlapped, async-eager (DDP) or sharded (ModelParallelStrategy,
-FSDP2). The fits of a pipeline, each in a fresh directory under ROOT, a save every 2 steps:
+one process group. PIPELINE: sync, async-overlapped, async-eager (DDP), sharded (ModelParallelStrategy,
+FSDP2) or sharded-async (the same, saving in the background with overlapped staging: every rank's worker
+writes its shards, on a process group of its own). The fits of a pipeline, each in a fresh directory under ROOT, a save every 2 steps:
 - ``storage`` (on_save_error="warn"): the save at step N fails at STORAGE_CELLS[N] = (step, rank): an
   injected OSError in the real store code: ``write`` (a data file; sharded: DCP's shard write), ``commit``
   (rank 0: the rename into place; sharded rank 1: writing out its shard file, inside DCP's collective save), ``record`` (the
@@ -37,7 +38,7 @@ from lightning_ckpt.saving.staging import Stager  # noqa: E402
 from lightning_ckpt.store import LocalStore  # noqa: E402
 from lightning_ckpt.store.local import LEFTOVER_PREFIXES  # noqa: E402
 
-PIPELINES = ("sync", "async-overlapped", "async-eager", "sharded")
+PIPELINES = ("sync", "async-overlapped", "async-eager", "sharded", "sharded-async")
 STORAGE_CELLS = {4: ("write", 0), 6: ("write", 1), 8: ("commit", 0), 10: ("commit", 1), 12: ("record", 0),
                  14: ("record", 1)}
 STORAGE_STEPS = 16  # the saves at 2 and 16 meet no fault
@@ -50,7 +51,7 @@ ASYNC: list[bool] = [False]  # whether the current fit saves asynchronously (its
 
 def performs(pipeline: str, step: str, rank: int) -> bool:
     """Whether ``rank`` takes part in that step of a save (so whether a fault injected there fires)."""
-    return step == "snapshot" or rank == 0 or (pipeline == "sharded" and step != "record")
+    return step == "snapshot" or rank == 0 or (pipeline.startswith("sharded") and step != "record")
 
 
 def injected(what: str, step: int) -> str:
@@ -141,7 +142,7 @@ class Recorder:
 
 
 def trainer_for(pipeline: str, ckpt: Checkpointer, max_steps: int) -> L.Trainer:
-    if pipeline == "sharded":
+    if pipeline.startswith("sharded"):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy: Any = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
@@ -152,7 +153,7 @@ def trainer_for(pipeline: str, ckpt: Checkpointer, max_steps: int) -> L.Trainer:
 
 
 def model_for(pipeline: str) -> L.LightningModule:
-    if pipeline != "sharded":
+    if not pipeline.startswith("sharded"):
         return Tiny()
     from fsdp_fit import ShardedTiny
 
@@ -172,7 +173,7 @@ def run_fit(pipeline: str, fit: str, root: str) -> dict[str, Any]:
     """One fit with this rank's faults; returns what this rank saw."""
     FAULTS.clear()
     FAULTS.update(faults_of(fit))
-    ASYNC[0] = pipeline.startswith("async")
+    ASYNC[0] = "async" in pipeline
     dirpath = Path(root) / pipeline / fit
     L.seed_everything(0)
     ckpt = Checkpointer(dirpath, every_n_steps=2, keep_last=None, on_save_error="raise" if fit == "raise" else "warn",

@@ -11,6 +11,9 @@ with ENOSPC (inside DCP's collective save), in that scenario only. ``dump_start=
 ``storage_options``: the Checkpointer's, for a URL dirpath. ``fail_upload=STEP``: rank 1's upload of its shard
 file for the save at STEP fails (the store's upload seam raises ConnectionError), in that scenario only.
 ``node_local=True``: each rank's dirpath is its own subdirectory ``rank<N>`` (disks of their own).
+``async_save=True``: the Checkpointer saves in the background (``staging``: "overlapped" or "eager"); the seams
+above then meet the save on the background worker. ``fail_deferred_copy=STEP``: rank 1's deferred (overlapped)
+copy of the save at STEP fails on its worker, before any rank writes.
 Every row says which shard files the rank's loads read in full (``shards_read``: file -> bytes, through
 the module's ``read_listed`` or, for a local checkpoint, its ``StreamedShardReader``) and checked for nobody
 (``shards_checked``, through its ``check_listed``).
@@ -40,6 +43,7 @@ from tiny import TinyModel, tiny_loader  # noqa: E402
 
 import lightning_ckpt.distributed.sharded as sharded  # noqa: E402
 from lightning_ckpt import Checkpointer, CheckpointWarning, Mirror, SafetensorsCheckpointIO  # noqa: E402
+from lightning_ckpt.saving.staging import Staged  # noqa: E402
 from lightning_ckpt.store.remote import FsspecStore  # noqa: E402
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -116,11 +120,13 @@ def counted(read: dict[str, int], checked: list[str]) -> Iterator[None]:
 
 
 @contextmanager
-def seams(kill_rank_in_save: int | None, fail_shard_write: int | None, fail_upload: int | None) -> Iterator[None]:
+def seams(kill_rank_in_save: int | None, fail_shard_write: int | None, fail_upload: int | None,
+          fail_deferred_copy: int | None = None) -> Iterator[None]:
     """Rank 1 dies in the save at ``kill_rank_in_save``, once its shard file is written; its shard write for
     the save at ``fail_shard_write`` runs out of disk space (inside DCP's write); its shard upload for the save
     at ``fail_upload`` loses the connection. Rank 0 meets none of them."""
     written_entries, write_data, put = sharded.written_entries, sharded._ShardWriter.write_data, FsspecStore._put
+    copy_deferred = Staged.copy_deferred
 
     def written_entries_(writer):
         if f"step={kill_rank_in_save:09d}" in writer.staged:
@@ -137,6 +143,13 @@ def seams(kill_rank_in_save: int | None, fail_shard_write: int | None, fail_uplo
             raise ConnectionError("the connection to the storage was reset")
         return put(self, path, chunks)
 
+    def copy_deferred_(self):
+        if self.state.get("global_step") == fail_deferred_copy:
+            raise RuntimeError(f"injected deferred copy failure at step {fail_deferred_copy}")
+        return copy_deferred(self)
+
+    if fail_deferred_copy is not None and rank() == 1:
+        Staged.copy_deferred = copy_deferred_
     if fail_upload is not None and rank() == 1:
         FsspecStore._put = put_
     if kill_rank_in_save is not None and rank() == 1:
@@ -147,19 +160,22 @@ def seams(kill_rank_in_save: int | None, fail_shard_write: int | None, fail_uplo
         yield
     finally:
         sharded.written_entries, sharded._ShardWriter.write_data, FsspecStore._put = written_entries, write_data, put
+        Staged.copy_deferred = copy_deferred
 
 
 def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: int | None = None,
         kill_rank_in_save: int | None = None, fail_shard_write: int | None = None, on_save_error: str = "raise",
         mirror: str | None = None, dump_start: str | None = None, out: str | None = None,
         storage_options: dict[str, Any] | None = None, fail_upload: int | None = None,
-        node_local: bool = False) -> dict[str, Any]:
+        node_local: bool = False, async_save: bool = False, staging: str = "overlapped",
+        fail_deferred_copy: int | None = None) -> dict[str, Any]:
     L.seed_everything(0)
     if node_local:  # each rank its own directory, as on nodes with disks of their own
         dirpath = os.path.join(dirpath, f"rank{rank()}")
     ranks = world_size()
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, on_save_error=on_save_error,
-                        mirror=Mirror(mirror) if mirror else None, storage_options=storage_options)
+                        mirror=Mirror(mirror) if mirror else None, storage_options=storage_options,
+                        async_save=async_save, staging=staging)
     strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1)
     # A ckpt_path at another URL than dirpath is read with the plugin's remote_options (the same bucket here).
     plugins = [SafetensorsCheckpointIO(remote_options=storage_options)] if storage_options else None
@@ -170,7 +186,7 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: in
     read: dict[str, int] = {}
     checked: list[str] = []
     loads = {"shards_read": read, "shards_checked": checked}
-    with warnings.catch_warnings(record=True) as caught, seams(kill_rank_in_save, fail_shard_write, fail_upload), \
+    with warnings.catch_warnings(record=True) as caught, seams(kill_rank_in_save, fail_shard_write, fail_upload, fail_deferred_copy), \
             counted(read, checked):
         warnings.simplefilter("always", CheckpointWarning)
         try:

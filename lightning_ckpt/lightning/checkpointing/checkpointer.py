@@ -23,13 +23,13 @@ from lightning_ckpt.lightning.checkpointing.logger_uploads import LoggerUploads,
 from lightning_ckpt.lightning.checkpointing.metric_origin import MetricOrigin
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import checked_dirpath
-from lightning_ckpt.lightning.checkpointing.save_options import STAGING, check_save_options
+from lightning_ckpt.lightning.checkpointing.save_options import check_save_options, new_pipeline
 from lightning_ckpt.lightning.checkpointing.shared_dirpath import claim_and_probe
-from lightning_ckpt.lightning.checkpointing.sharded_io import route_if_sharded
+from lightning_ckpt.lightning.checkpointing.sharded_io import BackgroundShardedWrites, route_if_sharded
 from lightning_ckpt.lightning.checkpointing.trainer_io import (StrategyAgree, ensure_safetensors_io, from_rank_zero,
                                                                log_save_figures, snapshot, write)
 from lightning_ckpt.history.manager import CheckpointManager, new_run_id
-from lightning_ckpt.tiers.mirror import Mirror, Tiering
+from lightning_ckpt.tiers.mirror import Mirror
 from lightning_ckpt.distributed.agree import decided_on_rank_zero
 from lightning_ckpt.saving.pipeline import SaveOutcome, SavePipeline
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
@@ -88,9 +88,9 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         allow_pickle: pickle values that have no safe representation (an object in the
             hyper-parameters), passed to the ``SafetensorsCheckpointIO`` this callback installs.
             Off by default; hyper-parameters that need it are refused when ``fit`` starts.
-        async_save: training waits only for a copy of the state into reused host buffers (pinned for
-            CUDA); a background thread writes, commits, records and retains it. One save is in
-            flight; its outcome reaches every rank at the next save or at the end of training.
+        async_save: training waits only for a copy of the state (under ModelParallelStrategy, each rank's
+            shards) into reused host buffers (pinned for CUDA); a background thread writes, commits, records
+            and retains it. One save is in flight; its outcome reaches every rank at the next save or the end.
         when_busy: with ``async_save``, a save due while the previous one still writes ``"wait"``s
             for it or is ``"skip"``ped with a warning (never the final or a preemption save).
         staging: with ``async_save``, ``"overlapped"`` copies weights and optimizer state while the
@@ -153,6 +153,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         self._lock: Lock | None = None
         self._manager: CheckpointManager | None = None
         self._pipeline: SavePipeline | None = None
+        self._sharded: BackgroundShardedWrites | None = None  # with async_save under ModelParallelStrategy
         self._inherited_run_id: str | None = None
         self._view_cache: tuple[int, dict[str, Any]] | None = None
         self._best_override: str | None = None
@@ -187,7 +188,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         io = ensure_safetensors_io(trainer, self.allow_pickle)
         if self._storage_options is not None:  # the plugin (and a sharded save) write and read under dirpath with them
             io.add_remote_options(self.dirpath, self._storage_options)
-        route_if_sharded(trainer, io=io, async_save=self.async_save)
+        self._sharded = route_if_sharded(trainer, io=io, async_save=self.async_save and stage == "fit")
         if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
             self._reader().refresh()
             return
@@ -281,6 +282,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
             self._preempted = True  # after training ended: the final save (save_on_train_end) stands for it
         if isinstance(self._pipeline, AsyncSavePipeline):
             self._pipeline.close()
+        if self._sharded is not None:  # after the worker stopped: its process group goes
+            self._sharded, _ = None, self._sharded.close()
         self._release()
         if self._preempted and stage == "fit":
             finish_preemption(trainer, self._preemption.received, self._last_saved_step, self.preemption_exit_code)
@@ -373,7 +376,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         if reason in (TRAIN_END, PREEMPTED):  # never skipped: wait for the save in flight
             self.settle_saves(trainer)
         outcome = self._pipeline.save(step, reason=reason, metrics=self._origin.at_save(step, trainer.callback_metrics),
-                                      snapshot=partial(snapshot, trainer), write=partial(write, trainer),
+                                      snapshot=partial(snapshot, trainer),
+                                      write=self._sharded.write if self._sharded else partial(write, trainer),
                                       final=reason in (TRAIN_END, PREEMPTED))
         committed = self._after_save(trainer, outcome)  # async: the previous save's, settled now
         if committed if not self.async_save else self._pipeline.last_started == step:
@@ -390,11 +394,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         return outcome is not None and outcome.committed
 
     def _new_pipeline(self, agree: StrategyAgree) -> SavePipeline:
-        tiering = Tiering(self.mirror, self._manager.store) if self.mirror and agree.is_rank_zero else None
-        if not self.async_save:
-            return SavePipeline(self._manager, agree, on_error=self.on_save_error, tiering=tiering)
-        return AsyncSavePipeline(self._manager, agree, on_error=self.on_save_error, tiering=tiering,
-                                 when_busy=self.when_busy, overlap=self.staging == STAGING[0])
+        return new_pipeline(self._manager, agree, self, self._sharded)
 
     def _resolve_dirpath(self, trainer: L.Trainer) -> str:
         return self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")

@@ -4,7 +4,8 @@ ModelParallelStrategy does not write through the CheckpointIO: its ``save_checkp
 files and a pickled ``meta.pt``, its ``load_checkpoint`` reads them. For a Trainer with a
 Checkpointer both are routed to :mod:`lightning_ckpt.distributed` (every rank writes its shards,
 rank 0 commits; a resume on any world size); directories that are not ours (Lightning's own DCP
-checkpoints, ``.ckpt`` files) still go to the strategy's own loader.
+checkpoints, ``.ckpt`` files) still go to the strategy's own loader. With ``Checkpointer(async_save=True)``
+the save runs on the background worker, on a process group of its own (``BackgroundShardedWrites``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
+import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -28,25 +30,57 @@ from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.lightning.checkpointing.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.lightning.checkpointing.trainer_io import StrategyAgree
 from lightning_ckpt.lightning.internals.strategy import LoadCheckpoint, SaveCheckpoint, route_checkpoint_methods
-from lightning_ckpt.distributed.agree import decided_on_rank_zero
+from lightning_ckpt.distributed.agree import Agree, GroupAgree, SingleProcess, decided_on_rank_zero
+from lightning_ckpt.lightning.internals.dtensor import dtensor_over
+from lightning_ckpt.saving.staging import Stager
 
 _K_STATE_DICT = "state_dict"
 _K_OPTIMIZERS = "optimizer_states"
 
 
-def route_if_sharded(trainer: L.Trainer, *, io: SafetensorsCheckpointIO, async_save: bool) -> None:
+def route_if_sharded(trainer: L.Trainer, *, io: SafetensorsCheckpointIO, async_save: bool
+                     ) -> BackgroundShardedWrites | None:
     """Under ModelParallelStrategy, the Checkpointer's saves and resumes are sharded (every rank writes its shards,
     to a filesystem every rank sees or to a URL ``dirpath``, with ``io``'s storage options for it).
 
-    Raises:
-        ValueError: ``async_save``.
+    Returns:
+        With ``async_save``, how the Checkpointer's background saves write (a collective: every rank calls
+        this, it makes their process group); else None.
     """
     if not isinstance(trainer.strategy, ModelParallelStrategy):
-        return
-    if async_save:
-        raise ValueError("Checkpointer(async_save=True) does not support ModelParallelStrategy yet: its sharded "
-                         "save is a collective that cannot run beside training's; use async_save=False")
+        return None
     route_sharded_io(trainer, allow_pickle=io.allow_pickle, options_for=io.options_for)
+    return BackgroundShardedWrites(allow_pickle=io.allow_pickle, options_for=io.options_for) if async_save else None
+
+
+class BackgroundShardedWrites:
+    """Asynchronous sharded saves: each rank stages its own shards (a DTensor's local tensor into a reused host
+    buffer, wrapped again: ``internals.dtensor``), and the worker runs the whole sharded save and commit, every
+    collective of it (the path, DCP's planning, the gather of the files, rank 0's commit) on a gloo process
+    group of the checkpoint's own, made here once by every rank, never on training's group, which the training
+    thread uses meanwhile (as torch's ``dcp.async_save`` and torchtitan do). Collective: every rank makes it.
+    """
+
+    def __init__(self, *, allow_pickle: bool, options_for: Callable[[str], Mapping[str, Any] | None]) -> None:
+        self.allow_pickle, self.options_for = allow_pickle, options_for
+        self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
+        self.agree: Agree = GroupAgree(self.group) if self.group is not None else SingleProcess()
+
+    def pipeline_options(self) -> dict[str, Any]:
+        """The AsyncSavePipeline's arguments for these saves."""
+        return {"stager": Stager(wrap=dtensor_over), "worker_agree": self.agree}
+
+    def write(self, state: Mapping[str, Any], path: str, options: Mapping[str, Any]) -> None:
+        """The pipeline's Writer, on the worker of every rank: the sharded save of ``state`` (its staged copy)."""
+        path = self.agree.broadcast(path)  # rank 0's, as the strategy's save_checkpoint does
+        save_sharded(state, path, agree=self.agree, allow_pickle=self.allow_pickle, run_id=options.get("run_id"),
+                     meta=options.get("meta"), storage_options=self.options_for(path), process_group=self.group)
+
+    def close(self) -> None:
+        """Let the process group go (after the last save settled; local, no collective)."""
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
 
 def route_sharded_io(trainer: L.Trainer, *, allow_pickle: bool,
