@@ -16,9 +16,8 @@ matter: the RNG state after a batch is restored right before the next batch is f
 run. The training streams thus depend only on the training batches, which a resume replays exactly.
 (Cost: a snapshot and a restore of the generators per batch, about 0.1 ms, mostly numpy's.)
 
-A resume on another world size deals the rest of the epoch over the new ranks, each sample once (see
-:mod:`.resize`); its audit says what differs. Not covered: IterableDatasets without state and several train
-dataloaders (their position is not restored; a resume says so, once, and the audit names it); generators the user
+Not covered (a resume says so, once, and the audit names it): IterableDatasets without state and several train
+dataloaders (their position is not restored; on another world size it is dealt, see :mod:`.resize`); generators the user
 owns (``np.random.default_rng`` in a dataset, a sampler's ``random.Random``); manual optimization's
 accumulated gradients; metrics accumulated across epochs without a reset when the save falls at an
 epoch end; a plain ``DataLoader`` over a stateful IterableDataset without ``__len__`` (its position is
@@ -349,6 +348,7 @@ class ExactResume(Callback):
                     raise RuntimeError(f"ExactResume: {fit_loop_seams.NO_BATCH_COUNT}")
                 for report in reports:  # on another world size: what differs from an uninterrupted run
                     self._report(report)
+                self._anchor = None if self._anchor is None else replace(self._anchor, next_position=position)
             sampler.resume_at(position, batches)
             rank_zero_info(f"ExactResume: the train dataloader resumes at epoch {position.epoch}, "
                            f"batch {position.batch}")
