@@ -5,7 +5,7 @@ one rank of a job (``launch.run_job``), one fit per scenario (``fit``'s argument
 128 samples, batches of 4 per rank, in the order of Lightning's DistributedSampler (each rank trains
 its own half).
 
-``resize_fit`` trains 48 identifiable samples with a Checkpointer (and so ExactResume) on ``devices``
+``resize_fit`` trains 47 identifiable samples with a Checkpointer (and so ExactResume) on ``devices``
 ranks, recording the sample ids of every batch each rank trained; the resize tests run it on 2 ranks
 here and on 1 in the test's process, each resuming the other's checkpoint.
 """
@@ -65,7 +65,7 @@ def resize_fit(dirpath: str, max_epochs: int, every_n_steps: int, ckpt_path: str
     trainer = L.Trainer(max_epochs=max_epochs, devices=devices, accelerator="cpu", callbacks=[checkpointer, log],
                         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         **ddp)
-    loader = DataLoader(PoisonedData(48), batch_size=4, shuffle=True)
+    loader = DataLoader(PoisonedData(47), batch_size=4, shuffle=True)  # on 2 ranks: 24 each, one sample twice
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
