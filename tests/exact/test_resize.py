@@ -169,3 +169,32 @@ def test_the_text_says_which_streams_carry_over() -> None:
     assert resize.rng_text(1, 2) == ("per-rank RNG of rank 0 carried over, of rank 1 re-derived (from the order seed, "
                                      "the step and the rank)")
     assert resize.rng_text(4, 2) == "per-rank RNG of ranks 0-1 carried over, of ranks 2-3 dropped"
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), old=st.integers(1, 3), new=st.integers(1, 3), batch_size=st.integers(1, 5),
+       done=st.integers(1, 20))
+def test_any_resize_of_a_distributed_epoch_trains_the_uninterrupted_epochs_samples(
+        n: int, old: int, new: int, batch_size: int, done: int) -> None:
+    """Saving ranks ``old`` (DistributedSampler shares) stopped ``done`` batches in; ``new`` ranks train the rest."""
+    saving = [_sampler(r, old, n, batch_size) for r in range(old)]
+    length = len(saving[0])
+    done = min(done, length - 1)
+    if done < 1:
+        return  # a one-batch epoch has no middle
+    uninterrupted = Counter(i for s in saving for b in s.epoch_batches(1) for i in b)
+    states = [{resize.K_REMAINING: resize.remaining_state(s, DataPosition(1, done), float("inf"))} for s in saving]
+    plan = resize.Reposition.of(1, done, 5, states, "ckpt", same_world=old == new)
+    resuming = [_sampler(r, new, n, batch_size) for r in range(new)]
+    if plan is None:  # the saving world size: each rank goes on from its position in its own order
+        assert old == new
+        return
+    placed = [plan.place(r, new, s, torch.utils.data.DataLoader(range(n)), len(s)) for r, s in enumerate(resuming)]
+    before = Counter(i for s in saving for b in s.epoch_batches(1)[:done] for i in b)
+    after = Counter(i for _, mine, _ in placed for b in mine for i in b)
+    padded = {report.message for _, _, reports in placed for report in reports if "repeated to give" in report.message}
+    assert not uninterrupted - (before + after)  # no sample skipped
+    if not padded:
+        assert before + after == uninterrupted  # and none repeated
+    assert len({len(mine) for _, mine, _ in placed}) == 1  # equally many batches on every new rank
+    assert all(0 <= position.batch == len(s) - len(mine) for (position, mine, _), s in zip(placed, resuming))
