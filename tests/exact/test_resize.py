@@ -91,6 +91,15 @@ def test_the_saved_remaining_is_what_the_rank_has_not_trained_of_the_epoch() -> 
     assert resize.saved_batches(limited, "x") == batches[2:4]
 
 
+def test_batches_a_rollback_skips_are_not_remaining() -> None:
+    inner = BatchSampler(DistributedSampler(range(40), num_replicas=2, rank=0, shuffle=True, seed=3), 4, False)
+    sampler = ResumableBatchSampler(inner, order_seed=7, rank=0, epoch_fn=lambda: 1, skip=[DataPosition(1, 3)])
+    batches = sampler.epoch_batches(1)
+    state = resize.remaining_state(sampler, DataPosition(1, 2), float("inf"))
+    assert resize.saved_batches(state, "x") == [batches[2]] + batches[4:]
+    assert state[resize.K_INDICES].dtype == torch.int32
+
+
 def test_a_dealt_epoch_is_the_samplers_order_until_its_end_and_saved_as_dealt() -> None:
     sampler = _sampler(0, 1)
     sampler.resume_at(DataPosition(1, 7), [[3, 4], [5]])

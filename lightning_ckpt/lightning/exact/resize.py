@@ -38,11 +38,13 @@ from lightning_ckpt.lightning.exact.resume_audit import RESIZED, AuditReport
 from lightning_ckpt.lightning.exact.rng import RNGSnapshot, derive_seed, seed_cpu_rngs
 
 K_REMAINING = "remaining"  # a rank state's entry: what it has left of the epoch (None at an epoch's start)
-K_INDICES = "indices"  # the remaining samples of a rank, in order (int64)
+K_INDICES = "indices"  # the remaining samples of a rank, in order (int32, or int64 for a larger index)
 K_SIZES = "sizes"  # the sizes of its remaining batches, in order (int64)
 K_DEALT = "dealt"  # whether its epoch was itself dealt by a resume on another world size
 _RNG_SALT = 0x5E5A
-_cache: weakref.WeakKeyDictionary[ResumableBatchSampler, tuple[int, list[list[int]]]] = weakref.WeakKeyDictionary()
+# Per tracked sampler: (epoch, its samples in order, each batch's size, where each batch starts in them).
+_cache: weakref.WeakKeyDictionary[ResumableBatchSampler, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = \
+    weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -93,19 +95,29 @@ def remaining_state(sampler: ResumableBatchSampler | None, position: DataPositio
                     epoch_len: float) -> dict[str, Any] | None:
     """What this rank has left of ``position``'s epoch (None at an epoch's start, or without a tracked sampler).
 
-    ``epoch_len``: the batches Lightning trains per epoch (``num_training_batches``, may be a limit)."""
+    ``epoch_len``: the batches Lightning trains per epoch (``num_training_batches``, may be a limit). The
+    epoch's batches are computed once per epoch (a pass over the sampler), then each save slices them."""
     if sampler is None or position.batch == 0:
         return None
+    dealt = sampler.dealt_epoch == position.epoch
     cached = _cache.get(sampler)
-    if cached is None or cached[0] != position.epoch or sampler.dealt_epoch == position.epoch:
-        cached = (position.epoch, sampler.epoch_batches(position.epoch))
+    if cached is None or cached[0] != position.epoch or dealt:
+        batches = sampler.epoch_batches(position.epoch)
+        sizes = torch.tensor([len(batch) for batch in batches], dtype=torch.int64)
+        flat = [i for batch in batches for i in batch]
+        cached = (position.epoch, torch.tensor(flat, dtype=torch.int32 if max(flat, default=0) < 2**31 else torch.int64),
+                  sizes, torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]))
         _cache[sampler] = cached
-    stop = len(cached[1]) if epoch_len == float("inf") else int(epoch_len)
-    batches = [batch for index, batch in enumerate(cached[1][position.batch:stop], start=position.batch)
-               if DataPosition(position.epoch, index) not in sampler.skip]
-    return {K_INDICES: torch.tensor([i for batch in batches for i in batch], dtype=torch.int64),
-            K_SIZES: torch.tensor([len(batch) for batch in batches], dtype=torch.int64),
-            K_DEALT: sampler.dealt_epoch == position.epoch}
+    _, flat, sizes, offsets = cached
+    stop = len(sizes) if epoch_len == float("inf") else min(int(epoch_len), len(sizes))
+    start = min(position.batch, stop)
+    keep = [index for index in range(start, stop) if DataPosition(position.epoch, index) not in sampler.skip]
+    if len(keep) == stop - start:  # no batch a rollback skips: one slice
+        indices, kept = flat[int(offsets[start]):int(offsets[stop])].clone(), sizes[start:stop].clone()
+    else:
+        indices = torch.cat([flat[int(offsets[i]):int(offsets[i + 1])] for i in keep] or [flat[:0]])
+        kept = sizes[keep]
+    return {K_INDICES: indices, K_SIZES: kept, K_DEALT: dealt}
 
 
 def saved_batches(state: Any, where: str) -> list[list[int]]:
