@@ -8,9 +8,10 @@ start where it stopped, as before. A resume on another world size cannot: the sa
 1. the *union* is the saving ranks' remaining samples, rank 0's first, each rank's in its order;
 2. sample ``i`` of the union goes to new rank ``i % world_size`` (dealt round robin, as
    ``DistributedSampler`` deals an epoch), so the shares differ by at most one sample;
-3. every new rank trains the same number of batches, ``ceil(largest share / batch_size)`` (at most the
-   new epoch's length in batches), so no rank waits in a collective for a batch another rank never
-   trains: each share is cut into that many batches whose sizes differ by at most one, larger first;
+3. every new rank trains the same number of batches, ``ceil(largest share / batch_size)``, so no rank
+   waits in a collective for a batch another rank never trains: each share is cut into that many
+   batches whose sizes differ by at most one, larger first (capped at the new epoch's length in
+   batches, where batches then hold more than ``batch_size``: no sample is dropped);
 4. only where a share has fewer samples than batches (fewer samples left than ranks, or
    ``batch_size=1`` with a share one short) is it padded, with samples repeated from the start of the
    union as ``DistributedSampler`` pads an epoch; the split counts them (``padded``) and the resume says so.
@@ -19,8 +20,9 @@ The rest of the epoch is then trained as batches ``epoch_len - n .. epoch_len - 
 epoch (Lightning's batch counter is renumbered to match), and the next epochs are the new world size's own.
 So within the interrupted epoch every sample is trained exactly once, as in an uninterrupted epoch.
 
-The random streams of a rank that did not save (a new rank) are derived from the order seed, the step
-and the rank (:func:`derived_rng`); a rank that did keeps its own. Nothing here imports Lightning.
+A new rank numbered as a saving rank gets that rank's random streams; one numbered past the saving
+ranks gets streams derived from the order seed, the step and the rank (:func:`derived_rng`). Nothing
+here imports Lightning.
 """
 
 from __future__ import annotations
