@@ -4,7 +4,8 @@ And ExactResume on another world size (2 -> 1, 1 -> 2): the interrupted epoch tr
 
 One 2-rank job (tests/scripts/rollback_ddp.py) runs every scenario, each a fit in its own directory;
 each test reads its scenario's rows. The 1-rank fits of the resize tests run in this process: one before
-the job (whose checkpoint a 2-rank scenario resumes), one after (resuming a 2-rank scenario's).
+the job (whose checkpoint a 2-rank scenario resumes), two after (resuming a 2-rank scenario's, then that
+resume's own checkpoint).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ SCENARIOS = {
     "two-ranks": {"scenario": "resize", "max_epochs": 2, "every_n_steps": 3},  # saves at step 3, mid-epoch 0
     "one-to-two": {"scenario": "resize", "max_epochs": 2, "every_n_steps": 5},  # resumes one rank's step 5
 }
-ONE_RANK_FIT_S = 60  # each of the two 1-rank fits in this process (about 5 s alone)
-pytestmark = pytest.mark.timeout(pytest_timeout_s(len(SCENARIOS)) + 2 * ONE_RANK_FIT_S)
+ONE_RANK_FIT_S = 60  # each of the three 1-rank fits in this process (about 5 s alone)
+pytestmark = pytest.mark.timeout(pytest_timeout_s(len(SCENARIOS)) + 3 * ONE_RANK_FIT_S)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,13 @@ def test_divergence_past_max_rollbacks_stops_every_rank_with_the_same_error(job:
 
 def test_the_job_ends_without_a_hang(job: Job) -> None:
     job.assert_ended()  # both ranks came out of every fit and exited cleanly
+
+
+@pytest.fixture(scope="module")
+def dealt_again(root: Path, two_to_one: dict[str, Any]) -> dict[str, Any]:
+    """1 rank resuming the 2 -> 1 run's step 5: a save in the epoch the resize dealt, on the same world size."""
+    return resize_fit(str(root / "dealt-again"), max_epochs=2, every_n_steps=5, devices=1,
+                      ckpt_path=str(root / "two-to-one" / "step=000000005"))
 
 
 def _epoch(rows: list[dict[str, Any]], epoch: int, before_step: int | None = None,
@@ -147,3 +155,12 @@ def test_a_one_rank_checkpoint_resumed_on_two_ranks_trains_the_rest_of_the_epoch
     assert set(epoch1) == set(range(47)) and epoch1.total() == 48
     # The same order as the uninterrupted 2-rank run's next epoch: the order seed carried over too.
     assert [_epoch([row], 1) for row in rows] == [_epoch([row], 1) for row in job.rows("two-ranks")]
+
+
+def test_a_save_in_a_dealt_epoch_resumes_exactly_on_the_same_world_size(two_to_one: dict[str, Any],
+                                                                        dealt_again: dict[str, Any]) -> None:
+    assert dealt_again["error"] is None, dealt_again["error"]
+    # The same batches as the run that saved (its dealt epoch 0 from batch 8, then epoch 1), verified bit-exact.
+    assert dealt_again["batches"] == [b for b in two_to_one["batches"] if b["step"] > 5]
+    assert dealt_again["audit"]["status"] == "exact", dealt_again["audit"]
+    assert dealt_again["warned"] == []
