@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ class Runs:
         (self / "url-2to1").mkdir(parents=True, exist_ok=True)  # its dirpath is a URL: no local directory
         return self.run({
             "single": {"dirpath": self / "single", "max_steps": 3},
-            "2to1": {"dirpath": self / "2to1" / "one", "max_steps": 7,
+            "2to1": {"dirpath": self / "2to1" / "one", "max_steps": 10,  # to the end of epoch 1, mid-way at step 6
                      "ckpt_path": self / "straight" / "c" / "step=000000006",
                      "dump_start": self / "2to1" / "start.safetensors"},
             "url-2to1": {**self.url("url-2to1"), "max_steps": 7, "ckpt_path": f"{self.s3.url('url')}/step=000000006",
@@ -222,6 +223,26 @@ def test_resume_reshards_two_ranks_to_one_and_one_to_two(runs, straight, one_ran
     assert len([n for n in os.listdir(one_rank_checkpoint / "shards")]) == 1
     trained(then, "1to2")
     assert_same_tensors(load_file(runs / "1to2" / "start.safetensors"), full_expected(one_rank_checkpoint))
+
+
+def test_a_sharded_resume_on_one_rank_trains_the_rest_of_the_interrupted_epoch_once(straight, one_rank):
+    """64 samples in batches of 8: 4 batches per rank and epoch on 2 ranks; step 6 is batch 2 of epoch 1."""
+    _, saved, _ = straight
+    (resumed,) = trained(one_rank, "2to1")
+
+    def samples(rows, before=None):
+        return Counter(i for row in rows for b in row["batches"] if b["epoch"] == 1
+                       and (before is None or b["step"] <= before) for i in b["ids"])
+
+    assert samples(saved) == Counter(range(64))  # the uninterrupted epoch 1: each sample once
+    assert samples(saved, before=6) + samples([resumed]) == samples(saved)
+    # The 32 samples left dealt into 4 batches of 8, the last 4 of the 1-rank epoch's 8.
+    assert [(b["epoch"], b["batch_idx"], len(b["ids"])) for b in resumed["batches"]] == [(1, i, 8) for i in range(4, 8)]
+    assert resumed["audit"] == {"status": "resized", "message": (
+        "world size 2 -> 1: data position carried over (the 32 samples left of epoch 1 dealt over 1 rank, 4 batches "
+        "each: no sample repeated or skipped); per-rank RNG of rank 0 carried over, of rank 1 dropped; the interrupted "
+        "epoch's per-rank metric, logged and accumulated-gradient states are not carried over; bit-exactness not "
+        "expected")}
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

@@ -193,5 +193,8 @@ def test_a_resume_on_another_world_size_says_why_once(runner: Runner) -> None:
     said = [w for w in records["warnings"] if "cannot be exact" in w]
     reason = "the world size changed from 2 to 1 ranks"
     assert len(said) == 1 and reason in said[0], records["warnings"]
-    assert records["audit"]["status"] == "mismatch"
-    assert f"Likely cause: {reason}" in records["audit"]["message"]
+    # The audit does not compare steps that cannot match: it says what differs from an uninterrupted run.
+    assert records["audit"]["status"] == "resized"
+    assert records["audit"]["message"].startswith(
+        "world size 2 -> 1: data position carried over (the 32 samples left of epoch 1 dealt over 1 rank, 8 batches "
+        "each: no sample repeated or skipped); per-rank RNG of rank 0 carried over, of rank 1 dropped; ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -34,3 +35,34 @@ def test_the_warning_we_silence_is_lightnings() -> None:
     from lightning.pytorch.loops import training_epoch_loop
 
     assert fit_loop_seams.NOT_RESUMABLE_WARNING in inspect.getsource(training_epoch_loop)
+
+
+def test_a_renumbered_batch_count_ends_the_resumed_epoch_after_the_batches_left(tmp_path: Path) -> None:
+    """What ``renumber_epoch_batches`` relies on: Lightning numbers a resumed epoch's batches from the restored
+    ``batch_progress.current`` and ends the epoch when that count reaches ``num_training_batches``."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class Seen(Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.seen.append((trainer.current_epoch, batch_idx))
+
+    def trainer(*callbacks: Callback) -> L.Trainer:
+        return L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, limit_val_batches=0, callbacks=list(callbacks))
+
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer(saver).fit(TinyModel(), tiny_loader())  # 8 batches per epoch
+    seen = Seen()
+    resumed = trainer(seen)
+    renumbered: list[bool] = []
+    fit_loop_seams.patch_fit_loop(
+        resumed, lambda loaders: renumbered.append(fit_loop_seams.renumber_epoch_batches(resumed, 5)), lambda: None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=fit_loop_seams.NOT_RESUMABLE_WARNING)
+        resumed.fit(TinyModel(), tiny_loader(), ckpt_path=tmp_path / "step=2.ckpt")
+    assert renumbered[0] is True
+    assert seen.seen == [(0, 5), (0, 6), (0, 7)] + [(1, b) for b in range(8)]
+    assert resumed.global_step == 2 + 3 + 8

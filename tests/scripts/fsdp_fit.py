@@ -14,7 +14,8 @@ file for the save at STEP fails (the store's upload seam raises ConnectionError)
 ``async_save=True``: the Checkpointer saves in the background (``staging``: "overlapped" or "eager"); the seams
 above then meet the save on the background worker. ``fail_deferred_copy=STEP``: rank 1's deferred (overlapped)
 copy of the save at STEP fails on its worker, before any rank writes.
-Every row says which shard files the rank's loads read in full (``shards_read``: file -> bytes, through
+Every row holds the batches the rank trained (``batches``: epoch, batch index, step after it, the ids of its
+samples in ``tiny_loader``'s dataset) and ExactResume's audit report (``audit``). Every row says which shard files the rank's loads read in full (``shards_read``: file -> bytes, through
 the module's ``read_listed`` or, for a local checkpoint, its ``StreamedShardReader``) and checked for nobody
 (``shards_checked``, through its ``check_listed``).
 """
@@ -42,7 +43,7 @@ from launch import error_text, rank, serve, world_size  # noqa: E402
 from tiny import TinyModel, tiny_loader  # noqa: E402
 
 import lightning_ckpt.distributed.sharded as sharded  # noqa: E402
-from lightning_ckpt import Checkpointer, CheckpointWarning, Mirror, SafetensorsCheckpointIO  # noqa: E402
+from lightning_ckpt import Checkpointer, CheckpointWarning, ExactResume, Mirror, SafetensorsCheckpointIO  # noqa: E402
 from lightning_ckpt.saving.staging import Staged  # noqa: E402
 from lightning_ckpt.store.remote import FsspecStore  # noqa: E402
 
@@ -66,6 +67,20 @@ def full_state(trainer: L.Trainer) -> dict[str, torch.Tensor]:
         for key, value in moments.items():
             state[f"optim/{fqn}/{key}"] = value.reshape(-1) if value.ndim == 0 else value
     return {k: v.contiguous() for k, v in state.items()}
+
+
+class SampleIds(L.Callback):
+    """The ids (indices in ``tiny_loader()``'s dataset) of the samples of every batch this rank trained."""
+
+    def __init__(self) -> None:
+        self.rows = tiny_loader().dataset.tensors[0]
+        self.batches: list[dict[str, Any]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        ids = [int((self.rows == x).all(dim=1).nonzero()[0]) for x in batch[0].cpu()]
+        self.batches.append({"epoch": trainer.current_epoch, "batch_idx": batch_idx, "step": trainer.global_step,
+                             "ids": ids})
 
 
 class Probe(L.Callback):
@@ -176,16 +191,17 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: in
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, on_save_error=on_save_error,
                         mirror=Mirror(mirror) if mirror else None, storage_options=storage_options,
                         async_save=async_save, staging=staging)
+    ids = SampleIds()
     strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1)
     # A ckpt_path at another URL than dirpath is read with the plugin's remote_options (the same bucket here).
     plugins = [SafetensorsCheckpointIO(remote_options=storage_options)] if storage_options else None
     trainer = L.Trainer(max_steps=max_steps, strategy=strategy, devices=ranks, accelerator="cpu", plugins=plugins,
-                        callbacks=[ckpt, Probe(crash_at, dump_start, out)], logger=False, enable_progress_bar=False,
+                        callbacks=[ckpt, Probe(crash_at, dump_start, out), ids], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)
     model = ShardedTiny()
     read: dict[str, int] = {}
     checked: list[str] = []
-    loads = {"shards_read": read, "shards_checked": checked}
+    loads = {"shards_read": read, "shards_checked": checked, "batches": ids.batches}
     with warnings.catch_warnings(record=True) as caught, seams(kill_rank_in_save, fail_shard_write, fail_upload, fail_deferred_copy), \
             counted(read, checked):
         warnings.simplefilter("always", CheckpointWarning)
@@ -194,8 +210,9 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: in
         except Exception as err:  # noqa: BLE001 - what the user sees, for the test to check
             return {"error": error_text(err, 2000), **loads}
     warned = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    audit = next(c for c in trainer.callbacks if isinstance(c, ExactResume)).last_audit
     return {"step": trainer.global_step, "last": ckpt.last_model_path, "losses": model.losses, "warned": warned,
-            **loads}
+            "audit": None if audit is None else {"status": audit.status, "message": audit.message}, **loads}
 
 
 if __name__ == "__main__":

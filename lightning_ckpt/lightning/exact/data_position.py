@@ -101,10 +101,19 @@ class ResumableBatchSampler(_WrapsBatchSampler):
         self._rank = rank
         self._epoch_fn = epoch_fn
         self._resume_at: DataPosition | None = None
+        self.dealt: tuple[int, list[list[int]]] | None = None  # (epoch, its batches) dealt by a resize
 
-    def resume_at(self, position: DataPosition) -> None:
-        """Make the next iteration start at ``position`` instead of the start of the current epoch."""
+    def resume_at(self, position: DataPosition, batches: Sequence[list[int]] | None = None) -> None:
+        """Make the next iteration start at ``position`` instead of the start of the current epoch; with
+        ``batches``, those are the rest of that epoch (a resume on another world size, see :mod:`.resize`)."""
         self._resume_at = position
+        if batches is not None:
+            self.dealt = (position.epoch, [[] for _ in range(position.batch)] + [list(b) for b in batches])
+
+    @property
+    def dealt_epoch(self) -> int | None:
+        """The epoch whose rest a resume on another world size dealt to this rank, if any."""
+        return None if self.dealt is None else self.dealt[0]
 
     @property
     def pending_resume(self) -> DataPosition | None:
@@ -125,7 +134,10 @@ class ResumableBatchSampler(_WrapsBatchSampler):
             yield SeededBatch(indices, derive_seed(_BATCH_SALT, self.order_seed, position.epoch, index, self._rank))
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Every batch of ``epoch`` in order, computed without loading any data."""
+        """Every batch of ``epoch`` in order, computed without loading any data (a dealt epoch: empty until
+        the first dealt batch)."""
+        if self.dealt is not None and self.dealt[0] == epoch:
+            return [list(batch) for batch in self.dealt[1]]
         set_epoch = getattr(self.sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
@@ -241,8 +253,10 @@ def install(loader: DataLoader, *, order_seed: int, rank: int, epoch_fn: Callabl
     assert inner is not None
     wrapper = ResumableBatchSampler(inner, order_seed=order_seed, rank=rank, epoch_fn=epoch_fn, skip=skip)
     _wrap_collate(loader, bool(skip))
-    if isinstance(current, ResumableBatchSampler) and current.pending_resume is not None:
-        wrapper.resume_at(current.pending_resume)  # a second install must not lose a pending resume
+    if isinstance(current, ResumableBatchSampler):  # a second install must not lose a pending resume or a dealt epoch
+        wrapper.dealt = current.dealt
+        if current.pending_resume is not None:
+            wrapper.resume_at(current.pending_resume)
     # DataLoader refuses to swap the batch sampler after __init__ because a live iterator would keep
     # the old one; here no iterator exists yet, and a persistent one is shut down first.
     drop_persistent_iterator(loader)

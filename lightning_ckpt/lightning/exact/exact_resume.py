@@ -16,8 +16,8 @@ matter: the RNG state after a batch is restored right before the next batch is f
 run. The training streams thus depend only on the training batches, which a resume replays exactly.
 (Cost: a snapshot and a restore of the generators per batch, about 0.1 ms, mostly numpy's.)
 
-Not covered: IterableDatasets without state and several train dataloaders (their position is not restored) and a
-resume on another world size (a resume says so, once, and the audit names it); generators the user
+Not covered (a resume says so, once, and the audit names it): IterableDatasets without state and several train
+dataloaders (their position is not restored; on another world size it is dealt, see :mod:`.resize`); generators the user
 owns (``np.random.default_rng`` in a dataset, a sampler's ``random.Random``); manual optimization's
 accumulated gradients; metrics accumulated across epochs without a reset when the save falls at an
 epoch end; a plain ``DataLoader`` over a stateful IterableDataset without ``__len__`` (its position is
@@ -43,11 +43,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug, rank_zero_info, rank_zero_warn
 from torchmetrics import Metric
 
-from lightning_ckpt.lightning.exact import data_position
+from lightning_ckpt.lightning.exact import data_position, resize
 from lightning_ckpt.lightning.exact.audit_session import AuditSession, audit_directory
 from lightning_ckpt.lightning.internals import fit_loop_seams, torchdata_state, training_state
 from lightning_ckpt.lightning.exact.data_position import DataPosition
-from lightning_ckpt.lightning.exact.resume_audit import MISMATCH, NOT_AUDITED, AuditReport, ResumeAuditWarning
+from lightning_ckpt.lightning.exact.resume_audit import MISMATCH, NOT_AUDITED, RESIZED, AuditReport, ResumeAuditWarning
 from lightning_ckpt.lightning.exact.rng import RNGSnapshot
 
 STATE_VERSION = 1
@@ -110,6 +110,7 @@ class ExactResume(Callback):
         self._loaded: dict[str, Any] | None = None
         self._resumed = False  # whether this fit loaded an ExactResume state
         self._resume_position: DataPosition | None = None
+        self._reposition: resize.Reposition | None = None  # the rest of a resumed epoch, as the saving ranks left it
         self._pending: dict[str, Any] = {}  # restores that wait for the first batch after a resume
         self._audit = AuditSession(self._report)
         self._limits: dict[str, None] = {}  # why this fit cannot resume (or be resumed) exactly; ordered, unique
@@ -266,7 +267,8 @@ class ExactResume(Callback):
         mid_window = anchor.next_position.batch % trainer.accumulate_grad_batches != 0
         grads = training_state.partial_grads(module) if mid_window and module.automatic_optimization else {}
         return {K_SAVE_ID: anchor.save_id, K_RNG: anchor.rng.to_state_dict(), K_METRICS: metrics, K_LOGGED: logged,
-                K_GRADS: grads, K_DATA: anchor.data_state}
+                K_GRADS: grads, K_DATA: anchor.data_state, resize.K_REMAINING: resize.remaining_state(
+                    self._sampler, anchor.next_position, trainer.num_training_batches)}
 
     def _apply_loaded_state(self) -> None:
         """Turn a loaded checkpoint state into this rank's pending restores (once per load)."""
@@ -276,18 +278,24 @@ class ExactResume(Callback):
             return
         self._order_seed = state[K_ORDER_SEED]
         self._resume_position = DataPosition(state[K_EPOCH], state[K_BATCH])
-        ranks = state[K_RANKS]
-        if len(ranks) == trainer.world_size:
+        ranks, same_world = state[K_RANKS], len(state[K_RANKS]) == trainer.world_size
+        self._reposition = resize.Reposition.of(state[K_EPOCH], state[K_BATCH], state[K_GLOBAL_STEP], ranks,
+                                                str(trainer.ckpt_path), same_world)
+        if same_world:
             self._restore_rank_state(state, ranks[trainer.global_rank])
         else:
-            self._limits[f"the world size changed from {len(ranks)} to {trainer.world_size} ranks, so the "
-                         "per-rank RNG, metric and gradient states are not restored"] = None
+            rng = resize.rank_rng([r[K_RNG] for r in ranks], trainer.global_rank, self._order_seed, state[K_GLOBAL_STEP])
+            self._anchor = _Anchor(rng, self._resume_position, state[K_GLOBAL_STEP])
+            self._limits[resize.limit_text(len(ranks), trainer.world_size)] = None
         if self._limits:
             rank_zero_warn(f"ExactResume: the resume from {trainer.ckpt_path} (step {state[K_GLOBAL_STEP]}) cannot "
                            f"be exact: {'; '.join(self._limits)}. Training resumes from the checkpoint, not bit "
                            "for bit.")
         rolling_back, self._rolling_back = self._rolling_back, False
-        if self.audit_steps and trainer.global_rank < len(ranks) and not rolling_back:
+        if not same_world and self._reposition is None:  # no rest of an epoch to deal (or saved without one)
+            self._report(AuditReport(RESIZED, state[K_GLOBAL_STEP], 0, resize.describe(
+                len(ranks), trainer.world_size, state[K_EPOCH], None, bool(state[K_BATCH]))))
+        elif self.audit_steps and same_world and not rolling_back:
             self._audit.start_verifying(trainer, audit_dir=state[K_AUDIT_DIR], global_step=state[K_GLOBAL_STEP],
                                         save_id=ranks[trainer.global_rank][K_SAVE_ID],
                                         likely_cause="; ".join(self._limits) or None)
@@ -330,8 +338,18 @@ class ExactResume(Callback):
         self._sampler = sampler
         self._undo.append(lambda: data_position.uninstall(loader))
         position, self._resume_position = self._resume_position, None
+        plan, self._reposition = self._reposition, None
         if position is not None:
-            sampler.resume_at(position)
+            batches = None
+            if plan is not None:  # the rest of the epoch as the saving ranks left it, dealt over this world size
+                position, batches, reports = plan.place(trainer.global_rank, trainer.world_size, sampler, loader,
+                                                        trainer.num_training_batches)
+                if not fit_loop_seams.renumber_epoch_batches(trainer, position.batch):
+                    raise RuntimeError(f"ExactResume: {fit_loop_seams.NO_BATCH_COUNT}")
+                for report in reports:  # on another world size: what differs from an uninterrupted run
+                    self._report(report)
+                self._anchor = None if self._anchor is None else replace(self._anchor, next_position=position)
+            sampler.resume_at(position, batches)
             rank_zero_info(f"ExactResume: the train dataloader resumes at epoch {position.epoch}, "
                            f"batch {position.batch}")
             self._undo.append(fit_loop_seams.silence_not_resumable_warning())

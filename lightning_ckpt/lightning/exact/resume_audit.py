@@ -29,6 +29,7 @@ MAX_RECORDS = 32
 EXACT: Literal["exact"] = "exact"
 MISMATCH: Literal["mismatch"] = "mismatch"
 NOT_AUDITED: Literal["not_audited"] = "not_audited"
+RESIZED: Literal["resized"] = "resized"  # a resume on another world size: not comparable step by step
 EPOCH_END = "epoch_end_hparams"  # the difference named when only the epoch end differs
 _K_VERSION = "version"
 _K_RECORDS = "records"
@@ -73,7 +74,7 @@ class StepFingerprint:
 class AuditReport:
     """The outcome of a resume audit, kept on the callback as ``last_audit``."""
 
-    status: Literal["exact", "mismatch", "not_audited"]
+    status: Literal["exact", "mismatch", "not_audited", "resized"]
     resumed_from_step: int
     steps_compared: int
     message: str

@@ -138,3 +138,33 @@ def complete_finished_epoch(checkpoint: dict[str, Any]) -> bool | None:
                      SCHEDULER_PROGRESS: schedulers.state_dict(), OPTIM_PROGRESS: optimization.state_dict(),
                      VAL_BATCH_PROGRESS: validation.state_dict()})
     return True
+
+
+_COUNTERS = ("ready", "started", "processed", "completed")
+NO_BATCH_COUNT = ("this Lightning version keeps the training batch count where ExactResume does not look, so the rest "
+                  "of an epoch cannot be dealt over another world size; resume on the saving world size, or from a "
+                  "checkpoint saved at an epoch end")
+
+
+def renumber_epoch_batches(trainer: pl.Trainer, done: int) -> bool:
+    """Make the restored fit loop count ``done`` batches of the current epoch as trained.
+
+    For a resume on another world size (``ExactResume``, see ``exact/resize.py``): the rest of the
+    epoch is dealt over the new ranks in another number of batches than the saving ranks had left, and
+    Lightning ends an epoch when its batch count reaches ``num_training_batches``, so the count
+    restored from the checkpoint must become ``num_training_batches`` minus the batches dealt. Shifts
+    ``_TrainingEpochLoop.batch_progress.current`` (a ``_BatchProgress``: ready, started, processed,
+    completed) by one amount, which keeps their differences (they tell Lightning at which point of a
+    batch the save was made); call it after the loops were restored and before the epoch loop's reset
+    (from the train-loader seam of :func:`patch_fit_loop`). Returns False if this Lightning keeps the
+    count elsewhere. Checked with Lightning 2.6.6.
+    """
+    progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
+    current = getattr(progress, "current", None)
+    if not (isinstance(progress, _BatchProgress) and all(isinstance(getattr(current, c, None), int)
+                                                          for c in _COUNTERS)):
+        return False
+    shift = done - current.ready
+    for counter in _COUNTERS:
+        setattr(current, counter, getattr(current, counter) + shift)
+    return True
