@@ -88,7 +88,12 @@ def _rebuilt(value: Any, each: Callable[[Any], Any]) -> Any:
         return [each(item) for item in value]
     if isinstance(value, tuple):
         items = [each(item) for item in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        if type(value) is tuple:
+            return tuple(items)
+        try:
+            return type(value)(items)
+        except TypeError:  # a named tuple takes its fields one by one
+            return type(value)(*items)
     return value
 
 
