@@ -16,14 +16,19 @@ from typing import Any
 
 import pytest
 
+from byteproxy import ByteProxy
+from ddp_fit import weights_digest
 from launch import Job, pytest_timeout_s, run_job
+from lightning_ckpt import load_checkpoint
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.ledger import LEDGER_FILE
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
 # Those that train to the end first: a scenario that failed to stay collective ends the job, not the others.
-FIRST = ("save", "mirror", "s3", "warn", "raise", "async-raise", "held", "logged", "node-local")
-RESUMED = ("save", "s3")
+FIRST = ("save", "mirror", "s3", "warn", "raise", "async-raise", "held", "logged", "node-local", "node-disks",
+         "node-disks-full", "s3-once")
+RESUMED = ("save", "s3", "node-disks", "node-disks-damaged", "node-disks-bad-path", "s3-once")
+SLACK = 256 * 2**10  # what a resume reads besides the checkpoint's files: listings, ledger, manifests, headers
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(RESUMED)))
 
 
@@ -47,6 +52,10 @@ class Runs:
             "logged": {"dirpath": self.root / "logged", "max_steps": 10, "async_save": True,
                        "mlflow": f"file:{self.root / 'mlruns'}"},
             "node-local": {"dirpath": self.root / "node-local", "max_steps": 4, "node_local": True},
+            "node-disks": {"dirpath": self.root / "node-disks", "max_steps": 4, "node_disks": True},
+            "node-disks-full": {"dirpath": self.root / "node-disks-full", "max_steps": 8, "node_disks": True},
+            "s3-once": {"dirpath": self.s3.url("once"), "max_steps": 4, "hidden": 1024,  # 24 MiB with AdamW
+                        "storage_options": self.options},
         }
         assert tuple(scenarios) == FIRST  # the names its timeout counts
         lock = LocalStore(self.root / "held").lock()  # another live run writes there
@@ -60,13 +69,40 @@ class Runs:
         fs = self.s3.fs()
         if fs.exists(f"{self.s3.bucket}/run"):  # otherwise its test fails on the first fit, the other resumes
             fs.copy(f"{self.s3.bucket}/run", f"{self.s3.bucket}/run-resumed", recursive=True)
+        for copy in ("node-disks-resumed", "node-disks-damaged", "node-disks-bad-path"):  # rank 0's disk only
+            if (self.root / "node-disks" / "node0" / "ckpts").is_dir():
+                shutil.copytree(self.root / "node-disks" / "node0", self.root / copy / "node0")
+        for copy in ("node-disks-damaged", "node-disks-bad-path"):
+            damage(self.root / copy / "node0" / "ckpts" / "step=000000004")
+        self.proxy = ByteProxy(self.s3.port)  # counts what the server sends the resume of s3-once
+        counted = {**self.s3.options, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{self.proxy.port}"}}
         scenarios = {
             "save": {"dirpath": self.root / "save-resumed", "max_steps": 15, "ckpt_path": "last"},
             "s3": {"dirpath": self.s3.url("run-resumed"), "max_steps": 15, "ckpt_path": "last",
                    "storage_options": self.options},
+            "node-disks": {"dirpath": self.root / "node-disks-resumed", "max_steps": 8, "ckpt_path": "last",
+                           "node_disks": True},
+            "node-disks-damaged": {"dirpath": self.root / "node-disks-damaged", "max_steps": 8, "ckpt_path": "last",
+                                   "node_disks": True},
+            "node-disks-bad-path": {"dirpath": self.root / "node-disks-bad-path", "max_steps": 8,
+                                    "ckpt_path": "ckpts/step=000000004", "node_disks": True},
+            "s3-once": {"dirpath": self.s3.url("once"), "max_steps": 5, "ckpt_path": "last", "hidden": 1024,
+                        "storage_options": json.dumps(counted), "views": False},
         }
         assert tuple(scenarios) == RESUMED
-        return run_job(SCRIPT, scenarios, self.root / "resumed")
+        try:
+            return run_job(SCRIPT, scenarios, self.root / "resumed")
+        finally:
+            self.proxy.close()
+
+
+def damage(checkpoint: Path) -> None:
+    """Change one byte in the middle of the checkpoint's largest file (its manifest left as it was)."""
+    largest = max((p for p in checkpoint.rglob("*") if p.is_file() and p.name != "manifest.json"),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    largest.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +235,55 @@ def test_ranks_that_do_not_see_the_dirpath_are_found_at_setup_and_named_once(run
     assert LocalStore(here).names() and not [p for p in here.iterdir() if p.name.startswith(".tmp-")]
     other = runs.root / "node-local" / "rank1"
     assert not other.exists() or not [p for p in other.iterdir() if p.name.startswith("step=")]
+
+
+# -- node-local disks and URLs: a resume reads the checkpoint once (lightning/checkpointing/shared_load.py) --------
+
+def test_a_rank_whose_disk_has_no_checkpoint_resumes_from_rank_0s_last_exactly(runs: Runs, first: Job,
+                                                                                resumed: Job) -> None:
+    """One path, "ckpts", names another directory on each rank (rank 1's empty, as another node's disk): both
+    ranks resume from rank 0's "last", which rank 0 alone read, with its weights, and train on exactly as the
+    uninterrupted run did."""
+    trained(first, "node-disks")
+    full = trained(first, "node-disks-full")
+    again = trained(resumed, "node-disks")
+    assert [r["ckpt_path"] for r in again] == ["ckpts/step=000000004"] * 2
+    assert not (runs.root / "node-disks-resumed" / "node1" / "ckpts").exists() or not [
+        p for p in (runs.root / "node-disks-resumed" / "node1" / "ckpts").iterdir() if p.name.startswith("step=")]
+    saved = load_checkpoint(runs.root / "node-disks" / "node0" / "ckpts" / "step=000000004")  # as the first fit left it
+    assert again[0]["restored"] == again[1]["restored"] == weights_digest(saved["state_dict"])
+    for rank in (0, 1):  # each rank's loss at every step after the resume, bit for bit (floats from JSON)
+        assert again[rank]["first_step"] == 4 and again[rank]["step"] == 8
+        assert again[rank]["losses"] == [loss for loss in full[rank]["losses"] if loss[0] >= 4], rank
+    assert again[0]["run_id"] == again[1]["run_id"] == first.rows("node-disks")[0]["run_id"]
+
+
+def test_a_damaged_last_on_rank_0s_disk_resumes_both_ranks_from_the_one_before(runs: Runs, resumed: Job) -> None:
+    zero, one = trained(resumed, "node-disks-damaged")
+    assert zero["ckpt_path"] == one["ckpt_path"] == "ckpts/step=000000003"
+    assert zero["first_step"] == one["first_step"] == 3 and zero["step"] == one["step"] == 8
+    assert zero["restored"] == one["restored"]
+    assert [w for w in zero["warned"] if "skipping damaged checkpoint" in w and "step=000000004" in w]
+
+
+def test_a_damaged_checkpoint_only_rank_0_can_read_is_one_error_on_every_rank(resumed: Job) -> None:
+    errors = {r["rank"]: r["error"] or "" for r in resumed.rows("node-disks-bad-path")}  # no hang: rank 1 heard
+    assert errors[0].startswith("CorruptCheckpointError: ") and "step=000000004" in errors[0], errors
+    assert errors[1] == errors[0].replace("CorruptCheckpointError: ", "CorruptCheckpointError: rank 0: "
+                                          "CorruptCheckpointError: ", 1), errors
+
+
+def test_a_ddp_resume_from_a_bucket_reads_the_checkpoint_from_the_server_once_per_job(runs: Runs, first: Job,
+                                                                                      resumed: Job) -> None:
+    trained(first, "s3-once")
+    zero, one = trained(resumed, "s3-once")
+    last = f"{runs.s3.bucket}/once/step=000000004"
+    assert zero["ckpt_path"] == one["ckpt_path"] == f"s3://{last}"
+    fs = runs.s3.fs()
+    manifest = fs.cat_file(f"{last}/manifest.json")
+    files = sum(f["size"] for f in json.loads(manifest)["files"].values()) + len(manifest)
+    assert files > 20 * 2**20
+    assert files <= runs.proxy.received <= files + SLACK  # rank 0's read; rank 1 got it over the process group
+    saved = load_checkpoint(f"s3://{last}", storage_options=runs.s3.options)
+    assert zero["restored"] == one["restored"] == weights_digest(saved["state_dict"])
+    assert zero["first_step"] == one["first_step"] == 4

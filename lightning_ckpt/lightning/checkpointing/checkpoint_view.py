@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.lightning.checkpointing.from_modelcheckpoint import newest_stock_ckpt
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import note_remote_last
+from lightning_ckpt.lightning.checkpointing.shared_load import Last, last_on_rank_zero
 from lightning_ckpt.history.manager import CheckpointManager, best_entry, last_entry, latest_entry, ranked_entries
 from lightning_ckpt.tiers.mirror import last_across_tiers
 from lightning_ckpt.store import Store, open_store
@@ -43,6 +44,11 @@ class ModelCheckpointView:
     _migrating_from: str | None = None  # the ModelCheckpoint file "last" chose, for the Checkpointer to say so
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        # Under DDP decided on rank 0 alone, every rank learns it: another node may see nothing of dirpath.
+        paths, self._migrating_from, _ = last_on_rank_zero(trainer, lambda: self._last_here(trainer))
+        return paths
+
+    def _last_here(self, trainer: L.Trainer) -> Last:
         dirpath = self._resolve_dirpath(trainer)
         manager = self._manager
         if manager is None or manager.run_id is None or not manager.is_at(dirpath):
@@ -50,15 +56,13 @@ class ModelCheckpointView:
             entry = latest_entry(store) if self.mirror is None else self._last_with_mirror(store)
         else:
             store, entry = manager.store, last_entry(manager.entries, manager.store, manager.run_id, manager.parent)
-        self._migrating_from = None
         if entry is None:  # none of ours: a ModelCheckpoint's newest .ckpt there, rather than step 0 in silence
             stock = newest_stock_ckpt(dirpath) if remote_scheme(dirpath) is None else None
-            self._migrating_from = str(stock) if stock is not None else None
-            return {self._migrating_from} if self._migrating_from else set()
+            return ({str(stock)}, str(stock), stock.stat().st_mtime) if stock is not None else (set(), None, None)
         path = store.location(entry.name)
         if remote_scheme(path) is not None:  # Lightning cannot date a prefix: tell it when this one was committed
             note_remote_last(path, entry.wall_time)
-        return {path}
+        return {path}, None, entry.wall_time
 
     def _last_with_mirror(self, store: Store) -> Entry | None:
         """"Last" of both tiers; one only the mirror holds is downloaded first, and the user told so."""

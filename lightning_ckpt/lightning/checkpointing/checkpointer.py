@@ -25,7 +25,7 @@ from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, s
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import checked_dirpath
 from lightning_ckpt.lightning.checkpointing.save_options import check_save_options, new_pipeline
 from lightning_ckpt.lightning.checkpointing.shared_dirpath import claim_and_probe
-from lightning_ckpt.lightning.checkpointing.sharded_io import BackgroundShardedWrites, route_if_sharded
+from lightning_ckpt.lightning.checkpointing.shared_load import BackgroundShardedWrites, route_loads
 from lightning_ckpt.lightning.checkpointing.trainer_io import (StrategyAgree, ensure_safetensors_io, from_rank_zero,
                                                                log_save_figures, snapshot, write)
 from lightning_ckpt.history.manager import CheckpointManager, new_run_id
@@ -188,7 +188,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         io = ensure_safetensors_io(trainer, self.allow_pickle)
         if self._storage_options is not None:  # the plugin (and a sharded save) write and read under dirpath with them
             io.add_remote_options(self.dirpath, self._storage_options)
-        self._sharded = route_if_sharded(trainer, io=io, async_save=self.async_save and stage == "fit")
+        self._sharded = route_loads(trainer, io=io, async_save=self.async_save and stage == "fit")
         if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
             self._reader().refresh()
             return

@@ -1,8 +1,10 @@
-"""The strategy's own ``save_checkpoint``/``load_checkpoint``, replaced on one strategy instance.
+"""The strategy's own ``save_checkpoint``/``load_checkpoint``, replaced on one strategy instance; and a DDP
+strategy's process group, made before Lightning resolves ``ckpt_path="last"``.
 
 ModelParallelStrategy (FSDP2, tensor parallel) writes and reads its checkpoints itself, bypassing the
-CheckpointIO a plugin could provide. Checked with Lightning 2.6.6;
-``tests/distributed/test_sharded_internals.py`` fails loudly when a release changes either method.
+CheckpointIO a plugin could provide; under DDP every rank reads through the strategy's ``load_checkpoint``.
+Checked with Lightning 2.6.6; ``tests/distributed/test_sharded_internals.py`` and
+``tests/lightning/test_shared_load_internals.py`` fail loudly when a release changes these.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lightning.pytorch.strategies import Strategy
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 _ROUTED = "_lightning_ckpt_sharded_io"  # marks a strategy whose save/load are already replaced
 
@@ -29,3 +33,20 @@ def route_checkpoint_methods(strategy: Strategy,
     strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
     strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
     setattr(strategy, _ROUTED, True)
+
+
+def ddp_process_group_now(trainer: L.Trainer) -> bool:
+    """Whether ``trainer`` runs DDP on several ranks, its process group made now if it has none yet (a
+    collective: every rank makes it).
+
+    Lightning 2.6.6 resolves ``ckpt_path="last"`` (``_CheckpointConnector._parse_ckpt_path``, asking each
+    ``ModelCheckpoint._find_last_checkpoints``) before ``Trainer._run`` calls ``strategy.setup_environment()``,
+    which makes the group: so no rank could learn rank 0's "last" there. ``DDPStrategy.setup_environment``
+    makes it through ``_init_dist_connection``, which returns early once a group exists, so Lightning's own
+    call later changes nothing.
+    """
+    if not isinstance(trainer.strategy, DDPStrategy) or trainer.world_size < 2 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        trainer.strategy.setup_environment()
+    return True

@@ -1,0 +1,56 @@
+"""The Lightning internals a DDP resume leans on (docs/INTERNALS.md, ``lightning/internals/strategy.py``): each
+test fails loudly when a release moves one."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+import torch.distributed as dist
+from lightning.fabric.utilities import distributed as fabric_distributed
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+from lightning_ckpt.lightning.internals.strategy import ddp_process_group_now
+
+
+def _order(source: str, *needles: str) -> list[int]:
+    found = [source.find(n) for n in needles]
+    assert -1 not in found, dict(zip(needles, found))
+    return found
+
+
+def test_last_is_resolved_before_the_trainer_makes_the_process_group():
+    # shared_load.last_on_rank_zero makes the group itself (ddp_process_group_now) because Lightning asks every
+    # ModelCheckpoint for "last" (in _parse_ckpt_path, from _fit_impl) before _run calls setup_environment.
+    fit = inspect.getsource(L.Trainer._fit_impl)
+    assert _order(fit, "_select_ckpt_path(", "self._run(") == sorted(_order(fit, "_select_ckpt_path(", "self._run("))
+    parse = inspect.getsource(_CheckpointConnector._parse_ckpt_path)
+    assert "._find_last_checkpoints(self.trainer)" in parse
+    run = inspect.getsource(L.Trainer._run)
+    setup, hook, restore = _order(run, "self.strategy.setup_environment()", "call._call_setup_hook(self)",
+                                  "_restore_modules_and_callbacks(ckpt_path")
+    assert setup < hook < restore  # the Checkpointer's setup routes the strategy's load before any read
+
+
+def test_ddp_setup_environment_keeps_a_process_group_that_exists():
+    # Lightning's own setup_environment, after ours, must leave the group we made (and its peers) alone.
+    source = inspect.getsource(fabric_distributed._init_dist_connection)
+    early = source.index("if torch.distributed.is_initialized():")
+    assert source[early:].split("\n")[2].strip() == "return"
+    assert "self.setup_distributed()" in inspect.getsource(DDPStrategy.setup_environment)
+    assert "_init_dist_connection(" in inspect.getsource(DDPStrategy.setup_distributed)
+
+
+def test_every_ddp_rank_reads_a_checkpoint_through_the_strategys_load_checkpoint():
+    # shared_load routes DDPStrategy.load_checkpoint on the instance (internals.strategy.route_checkpoint_methods).
+    assert list(inspect.signature(DDPStrategy.load_checkpoint).parameters) == ["self", "checkpoint_path",
+                                                                                "weights_only"]
+    assert "self.trainer.strategy.load_checkpoint(checkpoint_path, weights_only=weights_only)" in inspect.getsource(
+        _CheckpointConnector.resume_start)
+
+
+def test_one_process_makes_no_group_and_routes_nothing():
+    trainer = L.Trainer(strategy="ddp", devices=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 1
+    assert ddp_process_group_now(trainer) is False and not dist.is_initialized()
