@@ -67,7 +67,7 @@ class Runs:
             "fail-raise": {"dirpath": self / "fail-raise" / "c", **fail, "on_save_error": "raise"},
             "url": {**self.url("url"), "max_steps": 8},
             "url-fail": {**self.url("url-fail"), "max_steps": 7, "fail_upload": 6},
-            "node-local": {"dirpath": self / "node-local", "max_steps": 4, "node_local": True},
+            "node-local": {"dirpath": self / "node-local", "max_steps": 10, "node_local": True},
             **{f"async{suffix}": {"dirpath": self / f"async{suffix}" / "c", "max_steps": 8, "async_save": True,
                                   "staging": staging, "out": self / f"async{suffix}" / "final.safetensors"}
                for suffix, staging in (("", "overlapped"), ("-eager", "eager"))},
@@ -372,15 +372,27 @@ def test_an_upload_that_fails_on_rank_1_is_one_error_on_every_rank_and_commits_n
     assert not fs.exists(f"{url}/step=000000006/{MANIFEST_FILE}")
 
 
-def test_a_sharded_dirpath_some_rank_does_not_see_is_refused_at_setup_on_every_rank(runs, first):
-    rows = first.rows("node-local")
-    here = runs / "node-local" / "rank0"
-    assert {r["error"] for r in rows} == {
-        f"ValueError: Checkpointer(dirpath={str(here)!r}): rank(s) [1] do not see the files rank 0 writes there "
-        "(each node has a disk of its own?). A sharded checkpoint is written by every rank into one directory: use a "
-        "filesystem every node mounts, or a URL dirpath (dirpath='s3://bucket/run', storage_options=...), where "
-        "every rank uploads its own shard"}, rows
-    assert not [p for p in here.iterdir() if not p.name.startswith(".lightning-ckpt")]  # no probe, no checkpoint
+def test_on_node_local_disks_each_rank_writes_its_own_part_and_rank_0_the_manifest(runs, straight, first):
+    rows = trained(first, "node-local")
+    zero, one = runs / "node-local" / "rank0", runs / "node-local" / "rank1"
+    assert [r["step"] for r in rows] == [10, 10]
+    assert [r["losses"][:8] for r in rows] == [r["losses"] for r in straight[1]]  # the same training
+    warned = [[w for w in r["warned"] if "no complete copy of any checkpoint exists" in w] for r in rows]
+    assert [len(w) for w in warned] == [1, 0], rows  # said once, on rank 0
+    assert warned[0][0].startswith(f"Checkpointer(dirpath={str(zero)!r}): rank(s) [1] do not see the files")
+    names = sorted(p.name for p in zero.iterdir() if p.name.startswith("step="))
+    assert names == ["step=000000009", "step=000000010"]  # keep_last=2
+    shards = ["shards/rank-00000.safetensors", "shards/rank-00001.safetensors"]
+    for name in names:
+        listed = json.loads((zero / name / MANIFEST_FILE).read_text())["files"]
+        assert sorted(n for n in listed if n.startswith("shards/")) == shards  # the manifest lists both ranks'
+        assert not (zero / name / shards[1]).exists()  # rank 1's file is on rank 1's disk only
+        assert hash_file(zero / name / shards[0]).digest == listed[shards[0]]["digest"]
+        assert sorted(str(p.relative_to(one / name)) for p in (one / name).rglob("*") if p.is_file()) == [shards[1]]
+        assert hash_file(one / name / shards[1]).digest == listed[shards[1]]["digest"]
+    # Rank 1 drops its parts of what rank 0's retention dropped, as of the save after: one behind.
+    assert sorted(p.name for p in one.iterdir() if p.name.startswith("step=")) == ["step=000000006", *names]
+    assert not (one / "step=000000006" / MANIFEST_FILE).exists()  # a part alone is no checkpoint
 
 
 def shard_sizes(checkpoint: Path) -> dict[str, int]:
