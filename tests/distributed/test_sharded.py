@@ -32,7 +32,8 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
 # Three jobs run every fit (tests/scripts/fsdp_fit.py): 2 ranks, then 1 rank, then 2 ranks again, each fit
 # in its own directory; a fit that goes on from an earlier one's checkpoint is in a later job. A fit that
 # kills its ranks ends its job: it goes last. A test reads its fits' rows and directories.
-FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "async", "async-eager",
+FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "node-local-fail",
+         "node-local-async", "async", "async-eager",
          "async-fail-warn", "async-fail-raise", "async-copy-fail", "crash")
 ONE_RANK = ("single", "2to1", "url-2to1")
 THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "killed")
@@ -68,6 +69,10 @@ class Runs:
             "url": {**self.url("url"), "max_steps": 8},
             "url-fail": {**self.url("url-fail"), "max_steps": 7, "fail_upload": 6},
             "node-local": {"dirpath": self / "node-local", "max_steps": 10, "node_local": True},
+            "node-local-fail": {"dirpath": self / "node-local-fail", **fail, "on_save_error": "warn",
+                                "node_local": True},
+            "node-local-async": {"dirpath": self / "node-local-async", "max_steps": 10, "node_local": True,
+                                 "async_save": True},
             **{f"async{suffix}": {"dirpath": self / f"async{suffix}" / "c", "max_steps": 8, "async_save": True,
                                   "staging": staging, "out": self / f"async{suffix}" / "final.safetensors"}
                for suffix, staging in (("", "overlapped"), ("-eager", "eager"))},
@@ -393,6 +398,30 @@ def test_on_node_local_disks_each_rank_writes_its_own_part_and_rank_0_the_manife
     # Rank 1 drops its parts of what rank 0's retention dropped, as of the save after: one behind.
     assert sorted(p.name for p in one.iterdir() if p.name.startswith("step=")) == ["step=000000006", *names]
     assert not (one / "step=000000006" / MANIFEST_FILE).exists()  # a part alone is no checkpoint
+
+
+def test_on_node_local_disks_async_saves_write_the_same_parts(runs, first):
+    rows = trained(first, "node-local-async")
+    zero, one = runs / "node-local-async" / "rank0", runs / "node-local-async" / "rank1"
+    assert [r["losses"] for r in rows] == [r["losses"] for r in trained(first, "node-local")]
+    names = sorted(p.name for p in zero.iterdir() if p.name.startswith("step="))
+    assert names == ["step=000000009", "step=000000010"]
+    for name in names:
+        listed = json.loads((zero / name / MANIFEST_FILE).read_text())["files"]
+        own = "shards/rank-00001.safetensors"
+        assert hash_file(one / name / own).digest == listed[own]["digest"] and not (zero / name / own).exists()
+
+
+def test_on_node_local_disks_a_shard_write_failing_on_rank_1_commits_nothing_anywhere(runs, first):
+    rows = first.rows("node-local-fail")
+    zero, one = runs / "node-local-fail" / "rank0", runs / "node-local-fail" / "rank1"
+    assert [r["error"] for r in rows] == [None, None] and [r["step"] for r in rows] == [7, 7]
+    failed = [[w for w in r["warned"] if "step=000000006: save failed, nothing was committed" in w] for r in rows]
+    assert [len(w) for w in failed] == [1, 1] and failed[0] == failed[1], rows  # one warning, the same on both
+    assert "rank 1: " in failed[0][0]
+    for root in (zero, one):  # nothing of step 6 on either disk, staged or committed
+        assert sorted(p.name for p in root.iterdir() if "step=" in p.name) == ["step=000000003", "step=000000007"]
+    assert (zero / "step=000000007" / MANIFEST_FILE).is_file()
 
 
 def shard_sizes(checkpoint: Path) -> dict[str, int]:
