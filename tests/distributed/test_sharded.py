@@ -36,7 +36,7 @@ FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "no
          "node-local-async", "async", "async-eager",
          "async-fail-warn", "async-fail-raise", "async-copy-fail", "crash")
 ONE_RANK = ("single", "2to1", "url-2to1")
-THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "killed")
+THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "node-local-resume", "killed")
 LAST = ("async-killed",)  # a rank killed in a background save ends a job of its own
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN), len(LAST)))
 
@@ -108,6 +108,8 @@ class Runs:
         (self / "url-resume").mkdir(parents=True, exist_ok=True)  # for its "out" file
         if (self / "async" / "c" / "step=000000006").exists():  # "last" of a copy holding only step 6
             shutil.copytree(self / "async" / "c" / "step=000000006", self / "async-resume" / "c" / "step=000000006")
+        if (self / "node-local").exists():
+            shutil.copytree(self / "node-local", self / "node-local-resume")
         damaged = self / "damaged" / "step=000000006"
         if (self / "straight" / "c" / "step=000000006").exists():  # one flipped byte in what rank 1 alone reads
             shutil.copytree(self / "straight" / "c" / "step=000000006", damaged)
@@ -124,6 +126,8 @@ class Runs:
             "damaged": {"dirpath": self / "damaged" / "new", "max_steps": 7, "ckpt_path": damaged},
             "async-resume": {"dirpath": self / "async-resume" / "c", "max_steps": 8, "ckpt_path": "last",
                              "async_save": True, "out": self / "async-resume" / "final.safetensors"},
+            "node-local-resume": {"dirpath": self / "node-local-resume", "max_steps": 12, "ckpt_path": "last",
+                                  "node_local": True},
             "killed": {"dirpath": self / "killed" / "c", "max_steps": 8, "kill_rank_in_save": 6},
         }, THEN)
 
@@ -398,6 +402,24 @@ def test_on_node_local_disks_each_rank_writes_its_own_part_and_rank_0_the_manife
     # Rank 1 drops its parts of what rank 0's retention dropped, as of the save after: one behind.
     assert sorted(p.name for p in one.iterdir() if p.name.startswith("step=")) == ["step=000000006", *names]
     assert not (one / "step=000000006" / MANIFEST_FILE).exists()  # a part alone is no checkpoint
+
+
+def test_a_resume_from_node_local_parts_is_refused_on_every_rank_and_the_gathered_parts_load(runs, then):
+    rows = then.rows("node-local-resume")
+    zero = runs / "node-local-resume" / "rank0"
+    assert {r["error"] for r in rows} == {
+        f"ValueError: Checkpointer(dirpath={str(zero)!r}): rank(s) [1] do not see the files rank 0 writes there "
+        "(each node has a disk of its own?). Resuming a sharded checkpoint from node-local parts is not supported "
+        "yet (rank(s) [0, 1] asked to resume): copy each rank's part of the checkpoint (its directory of the same "
+        "name, in that rank's dirpath) into rank 0's checkpoint directory, which then verifies whole, onto a "
+        "filesystem every node mounts, and resume from there"}, rows
+    # What the error says works: rank 1's part copied into rank 0's checkpoint makes it whole.
+    gathered = runs / "node-local-resume" / "gathered"
+    shutil.copytree(zero / "step=000000010", gathered)
+    shutil.copytree(runs / "node-local-resume" / "rank1" / "step=000000010", gathered, dirs_exist_ok=True)
+    assert load_checkpoint(gathered)["global_step"] == 10
+    with pytest.raises(Exception, match="rank-00001"):  # rank 0's alone is incomplete, and says which file
+        load_checkpoint(zero / "step=000000010")
 
 
 def test_on_node_local_disks_async_saves_write_the_same_parts(runs, first):

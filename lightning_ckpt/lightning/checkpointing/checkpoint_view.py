@@ -41,8 +41,10 @@ class ModelCheckpointView:
     _view_cache: tuple[int, dict[str, Any]] | None  # the manager's revision, the answers given at it
     _resolve_dirpath: Callable[[L.Trainer], str]  # the Checkpointer's
     _migrating_from: str | None = None  # the ModelCheckpoint file "last" chose, for the Checkpointer to say so
+    asked_for_last: bool = False  # Lightning asked for "last" (ckpt_path="last") before this fit's setup
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        self.asked_for_last = True  # a resume from "last", decided on each rank alone: node_local_dirpath.py
         dirpath = self._resolve_dirpath(trainer)
         manager = self._manager
         if manager is None or manager.run_id is None or not manager.is_at(dirpath):

@@ -32,13 +32,15 @@ def claim_and_probe(trainer: L.Trainer, agree: Agree, claim: Callable[[], str], 
     ``background``: the async sharded saves' writer, told of node-local parts.
 
     Raises:
-        ValueError: on every rank, a sharded save's ``dirpath`` that some rank does not see, with a ``mirror``.
+        ValueError: on every rank, a sharded save's ``dirpath`` that some rank does not see, with a ``mirror`` or
+            a resume (``node_local_dirpath.py``).
     """
     run_id = decided_on_rank_zero(agree, claim)
     if trainer.world_size > 1 and remote_scheme(dirpath) is None:
         blind, where = unseeing_ranks(agree, Path(dirpath))
         if blind:
-            _refuse_or_warn(trainer, where, blind, mirrored=mirror is not None, dirpath=dirpath, background=background)
+            _refuse_or_warn(trainer, agree, where, blind, mirrored=mirror is not None, dirpath=dirpath,
+                            background=background)
     return run_id
 
 
@@ -58,12 +60,12 @@ def unseeing_ranks(agree: Agree, root: Path) -> tuple[list[int], str]:
     return [rank for rank, saw in enumerate(seen) if not saw], where
 
 
-def _refuse_or_warn(trainer: L.Trainer, shown: str, blind: list[int], *, mirrored: bool, dirpath: str,
+def _refuse_or_warn(trainer: L.Trainer, agree: Agree, shown: str, blind: list[int], *, mirrored: bool, dirpath: str,
                     background: object | None) -> None:
     where = (f"Checkpointer(dirpath={shown!r}): rank(s) {blind} do not see the files rank 0 writes there "
              "(each node has a disk of its own?)")
     if isinstance(trainer.strategy, ModelParallelStrategy):
-        use_node_local(trainer, where, dirpath, mirrored=mirrored, background=background)
+        use_node_local(trainer, agree, where, dirpath, mirrored=mirrored, background=background)
         return
     if trainer.is_global_zero:
         copy = ("the Mirror holds a copy every node can download" if mirrored else
