@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lightning_ckpt.distributed.agree import Agree, all_ranks, decided_on_rank_zero
+from lightning_ckpt.distributed.sharded import _write_shards  # one shard writer for both layouts
 from lightning_ckpt.format import Blob, Manifest, encode_state
 from lightning_ckpt.format.manifest import SHARDS_DIR
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
@@ -45,8 +46,6 @@ def save_sharded_parts(state: Mapping[str, Any], path: str | os.PathLike, own_ro
         StorageError, CheckpointError (or DCP's CheckpointException): on every rank when any rank failed;
         no manifest was written, so nothing was committed.
     """
-    from lightning_ckpt.distributed.sharded import _write_shards  # one writer for both layouts
-
     sharded: dict[str, torch.Tensor] = {}
     files: dict[str, Blob] = {}
     all_ranks(agree, lambda: files.update(encode_state(state, allow_pickle=allow_pickle, sharded=sharded)))
