@@ -49,8 +49,16 @@ def save_sharded_parts(state: Mapping[str, Any], path: str | os.PathLike, own_ro
     sharded: dict[str, torch.Tensor] = {}
     files: dict[str, Blob] = {}
     all_ranks(agree, lambda: files.update(encode_state(state, allow_pickle=allow_pickle, sharded=sharded)))
-    name = local_path(os.fspath(path).rstrip("/"), what="path").name
-    store = LocalStore(own_root)
+    target = local_path(os.fspath(path).rstrip("/"), what="path")
+    name, store = target.name, LocalStore(own_root)
+
+    def check_place() -> None:  # a manual trainer.save_checkpoint(path) elsewhere: rank 1's part has no place
+        if target.parent.resolve() != store.root.resolve():
+            raise ValueError(f"{target}: on node-local disks a sharded checkpoint is saved into the Checkpointer's "
+                             f"dirpath ({store.root}) only, each rank its part into its own; save it there, or "
+                             "use a filesystem every node mounts or a URL dirpath")
+
+    decided_on_rank_zero(agree, check_place)
     kept = set(decided_on_rank_zero(agree, store.names))  # rank 0's checkpoints, before this one
     opened: dict[str, str] = {}
     try:

@@ -53,3 +53,16 @@ def test_a_part_whose_move_fails_is_not_committed_and_the_older_stays(tmp_path: 
     assert not Path(staged).exists()
     assert hashlib.sha256((tmp_path / "step=000000003" / SHARD).read_bytes()).digest() == \
         hashlib.sha256(b"old").digest()
+
+
+def test_a_node_local_save_outside_the_dirpath_is_refused_naming_where_it_goes(tmp_path: Path):
+    import torch
+
+    from lightning_ckpt.distributed.agree import SingleProcess
+    from lightning_ckpt.distributed.node_local import save_sharded_parts
+
+    with pytest.raises(ValueError, match="saved into the Checkpointer's dirpath"):
+        save_sharded_parts({"w": torch.ones(2)}, tmp_path / "elsewhere" / "c", tmp_path / "root", agree=SingleProcess())
+    assert not (tmp_path / "root").exists() and not (tmp_path / "elsewhere").exists()
+    save_sharded_parts({"w": torch.ones(2)}, tmp_path / "root" / "c", tmp_path / "root", agree=SingleProcess())
+    assert LocalStore(tmp_path / "root").names() == ["c"]
