@@ -136,6 +136,27 @@ class LocalStore(LocalFiles):
                                "older checkpoints are untouched") from err
         return entries
 
+    def commit_part(self, staged: str, name: str) -> None:
+        """Move one rank's part of a node-local sharded checkpoint (its files, already written and fsynced with
+        :meth:`put_staged`) into place as ``name``, durably; no manifest: rank 0's, in its own directory, lists
+        every rank's files and is written after every rank's part is in place. A part without that manifest
+        is no checkpoint, and a part that replaces an older one of the same name is swapped atomically.
+
+        Raises:
+            StorageError: the move failed; the staged directory is removed, older parts are untouched.
+        """
+        tmp = Path(staged)
+        try:
+            for folder in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+                fsync_dir(folder)
+            fsync_dir(tmp)
+            self._move_into_place(tmp, self.root / name)
+            fsync_dir(self.root)
+        except OSError as err:
+            self.discard_staged(staged)
+            raise StorageError(err.errno, f"{self.location(name)}: save failed, this rank's part was not "
+                               f"committed ({err}); older checkpoints are untouched") from err
+
     def discard_staged(self, staged: str) -> None:
         """Remove a staged directory that will not be committed (best effort: a leftover is cleaned later)."""
         shutil.rmtree(staged, ignore_errors=True)

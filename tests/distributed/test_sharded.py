@@ -33,10 +33,11 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
 # Three jobs run every fit (tests/scripts/fsdp_fit.py): 2 ranks, then 1 rank, then 2 ranks again, each fit
 # in its own directory; a fit that goes on from an earlier one's checkpoint is in a later job. A fit that
 # kills its ranks ends its job: it goes last. A test reads its fits' rows and directories.
-FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "async", "async-eager",
+FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "node-local-fail",
+         "node-local-async", "async", "async-eager",
          "async-fail-warn", "async-fail-raise", "async-copy-fail", "crash")
 ONE_RANK = ("single", "2to1", "url-2to1")
-THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "killed")
+THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "node-local-resume", "killed")
 LAST = ("async-killed",)  # a rank killed in a background save ends a job of its own
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN), len(LAST)))
 
@@ -68,7 +69,11 @@ class Runs:
             "fail-raise": {"dirpath": self / "fail-raise" / "c", **fail, "on_save_error": "raise"},
             "url": {**self.url("url"), "max_steps": 8},
             "url-fail": {**self.url("url-fail"), "max_steps": 7, "fail_upload": 6},
-            "node-local": {"dirpath": self / "node-local", "max_steps": 4, "node_local": True},
+            "node-local": {"dirpath": self / "node-local", "max_steps": 10, "node_local": True},
+            "node-local-fail": {"dirpath": self / "node-local-fail", **fail, "on_save_error": "warn",
+                                "node_local": True},
+            "node-local-async": {"dirpath": self / "node-local-async", "max_steps": 10, "node_local": True,
+                                 "async_save": True},
             **{f"async{suffix}": {"dirpath": self / f"async{suffix}" / "c", "max_steps": 8, "async_save": True,
                                   "staging": staging, "out": self / f"async{suffix}" / "final.safetensors"}
                for suffix, staging in (("", "overlapped"), ("-eager", "eager"))},
@@ -104,6 +109,8 @@ class Runs:
         (self / "url-resume").mkdir(parents=True, exist_ok=True)  # for its "out" file
         if (self / "async" / "c" / "step=000000006").exists():  # "last" of a copy holding only step 6
             shutil.copytree(self / "async" / "c" / "step=000000006", self / "async-resume" / "c" / "step=000000006")
+        if (self / "node-local").exists():
+            shutil.copytree(self / "node-local", self / "node-local-resume")
         damaged = self / "damaged" / "step=000000006"
         if (self / "straight" / "c" / "step=000000006").exists():  # one flipped byte in what rank 1 alone reads
             shutil.copytree(self / "straight" / "c" / "step=000000006", damaged)
@@ -120,6 +127,8 @@ class Runs:
             "damaged": {"dirpath": self / "damaged" / "new", "max_steps": 7, "ckpt_path": damaged},
             "async-resume": {"dirpath": self / "async-resume" / "c", "max_steps": 8, "ckpt_path": "last",
                              "async_save": True, "out": self / "async-resume" / "final.safetensors"},
+            "node-local-resume": {"dirpath": self / "node-local-resume", "max_steps": 12, "ckpt_path": "last",
+                                  "node_local": True},
             "killed": {"dirpath": self / "killed" / "c", "max_steps": 8, "kill_rank_in_save": 6},
         }, THEN)
 
@@ -393,15 +402,69 @@ def test_an_upload_that_fails_on_rank_1_is_one_error_on_every_rank_and_commits_n
     assert not fs.exists(f"{url}/step=000000006/{MANIFEST_FILE}")
 
 
-def test_a_sharded_dirpath_some_rank_does_not_see_is_refused_at_setup_on_every_rank(runs, first):
-    rows = first.rows("node-local")
-    here = runs / "node-local" / "rank0"
+def test_on_node_local_disks_each_rank_writes_its_own_part_and_rank_0_the_manifest(runs, straight, first):
+    rows = trained(first, "node-local")
+    zero, one = runs / "node-local" / "rank0", runs / "node-local" / "rank1"
+    assert [r["step"] for r in rows] == [10, 10]
+    assert [r["losses"][:8] for r in rows] == [r["losses"] for r in straight[1]]  # the same training
+    warned = [[w for w in r["warned"] if "no complete copy of any checkpoint exists" in w] for r in rows]
+    assert [len(w) for w in warned] == [1, 0], rows  # said once, on rank 0
+    assert warned[0][0].startswith(f"Checkpointer(dirpath={str(zero)!r}): rank(s) [1] do not see the files")
+    names = sorted(p.name for p in zero.iterdir() if p.name.startswith("step="))
+    assert names == ["step=000000009", "step=000000010"]  # keep_last=2
+    shards = ["shards/rank-00000.safetensors", "shards/rank-00001.safetensors"]
+    for name in names:
+        listed = json.loads((zero / name / MANIFEST_FILE).read_text())["files"]
+        assert sorted(n for n in listed if n.startswith("shards/")) == shards  # the manifest lists both ranks'
+        assert not (zero / name / shards[1]).exists()  # rank 1's file is on rank 1's disk only
+        assert hash_file(zero / name / shards[0]).digest == listed[shards[0]]["digest"]
+        assert sorted(str(p.relative_to(one / name)) for p in (one / name).rglob("*") if p.is_file()) == [shards[1]]
+        assert hash_file(one / name / shards[1]).digest == listed[shards[1]]["digest"]
+    # Rank 1 drops its parts of what rank 0's retention dropped, as of the save after: one behind.
+    assert sorted(p.name for p in one.iterdir() if p.name.startswith("step=")) == ["step=000000006", *names]
+    assert not (one / "step=000000006" / MANIFEST_FILE).exists()  # a part alone is no checkpoint
+
+
+def test_a_resume_from_node_local_parts_is_refused_on_every_rank_and_the_gathered_parts_load(runs, then):
+    rows = then.rows("node-local-resume")
+    zero = runs / "node-local-resume" / "rank0"
     assert {r["error"] for r in rows} == {
-        f"ValueError: Checkpointer(dirpath={str(here)!r}): rank(s) [1] do not see the files rank 0 writes there "
-        "(each node has a disk of its own?). A sharded checkpoint is written by every rank into one directory: use a "
-        "filesystem every node mounts, or a URL dirpath (dirpath='s3://bucket/run', storage_options=...), where "
-        "every rank uploads its own shard"}, rows
-    assert not [p for p in here.iterdir() if not p.name.startswith(".lightning-ckpt")]  # no probe, no checkpoint
+        f"ValueError: Checkpointer(dirpath={str(zero)!r}): rank(s) [1] do not see the files rank 0 writes there "
+        "(each node has a disk of its own?). Resuming a sharded checkpoint from node-local parts is not supported "
+        "yet (rank(s) [0, 1] asked to resume): copy each rank's part of the checkpoint (its directory of the same "
+        "name, in that rank's dirpath) into rank 0's checkpoint directory, which then verifies whole, onto a "
+        "filesystem every node mounts, and resume from there"}, rows
+    # What the error says works: rank 1's part copied into rank 0's checkpoint makes it whole.
+    gathered = runs / "node-local-resume" / "gathered"
+    shutil.copytree(zero / "step=000000010", gathered)
+    shutil.copytree(runs / "node-local-resume" / "rank1" / "step=000000010", gathered, dirs_exist_ok=True)
+    assert load_checkpoint(gathered)["global_step"] == 10
+    with pytest.raises(Exception, match="rank-00001"):  # rank 0's alone is incomplete, and says which file
+        load_checkpoint(zero / "step=000000010")
+
+
+def test_on_node_local_disks_async_saves_write_the_same_parts(runs, first):
+    rows = trained(first, "node-local-async")
+    zero, one = runs / "node-local-async" / "rank0", runs / "node-local-async" / "rank1"
+    assert [r["losses"] for r in rows] == [r["losses"] for r in trained(first, "node-local")]
+    names = sorted(p.name for p in zero.iterdir() if p.name.startswith("step="))
+    assert names == ["step=000000009", "step=000000010"]
+    for name in names:
+        listed = json.loads((zero / name / MANIFEST_FILE).read_text())["files"]
+        own = "shards/rank-00001.safetensors"
+        assert hash_file(one / name / own).digest == listed[own]["digest"] and not (zero / name / own).exists()
+
+
+def test_on_node_local_disks_a_shard_write_failing_on_rank_1_commits_nothing_anywhere(runs, first):
+    rows = first.rows("node-local-fail")
+    zero, one = runs / "node-local-fail" / "rank0", runs / "node-local-fail" / "rank1"
+    assert [r["error"] for r in rows] == [None, None] and [r["step"] for r in rows] == [7, 7]
+    failed = [[w for w in r["warned"] if "step=000000006: save failed, nothing was committed" in w] for r in rows]
+    assert [len(w) for w in failed] == [1, 1] and failed[0] == failed[1], rows  # one warning, the same on both
+    assert "rank 1: " in failed[0][0]
+    for root in (zero, one):  # nothing of step 6 on either disk, staged or committed
+        assert sorted(p.name for p in root.iterdir() if "step=" in p.name) == ["step=000000003", "step=000000007"]
+    assert (zero / "step=000000007" / MANIFEST_FILE).is_file()
 
 
 def shard_sizes(checkpoint: Path) -> dict[str, int]:

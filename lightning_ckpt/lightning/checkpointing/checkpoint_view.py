@@ -42,8 +42,10 @@ class ModelCheckpointView:
     _view_cache: tuple[int, dict[str, Any]] | None  # the manager's revision, the answers given at it
     _resolve_dirpath: Callable[[L.Trainer], str]  # the Checkpointer's
     _migrating_from: str | None = None  # the ModelCheckpoint file "last" chose, for the Checkpointer to say so
+    asked_for_last: bool = False  # Lightning asked for "last" (ckpt_path="last") before this fit's setup
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        self.asked_for_last = True  # a resume from "last": node_local_dirpath.py refuses it on node-local parts
         # Under DDP decided on rank 0 alone, every rank learns it: another node may see nothing of dirpath.
         paths, self._migrating_from, _ = last_on_rank_zero(trainer, lambda: self._last_here(trainer))
         return paths

@@ -196,7 +196,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         agree = StrategyAgree(trainer)
         self._manager = CheckpointManager(self.dirpath, self._retention, run_id=None,
                                           storage_options=self._storage_options)
-        self._manager.run_id = claim_and_probe(trainer, agree, self._claim_directory, self.dirpath, self.mirror)
+        self._manager.run_id = claim_and_probe(trainer, agree, self._claim_directory, self.dirpath, self.mirror, self._sharded)
         self._pipeline = self._new_pipeline(agree)
         self._uploads = LoggerUploads(trainer, self._pipeline,
                                       settings(self._schedule, self._retention, self.async_save))

@@ -26,7 +26,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lightning_ckpt.distributed.sharded import checkpoint_is_sharded, load_sharded, save_sharded
+from lightning_ckpt.distributed.node_local import save_sharded_parts
 from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.lightning.checkpointing.node_local_dirpath import own_root
 from lightning_ckpt.lightning.checkpointing.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.lightning.checkpointing.trainer_io import StrategyAgree
 from lightning_ckpt.lightning.internals.strategy import LoadCheckpoint, SaveCheckpoint, route_checkpoint_methods
@@ -65,6 +67,7 @@ class BackgroundShardedWrites:
         self.allow_pickle, self.options_for = allow_pickle, options_for
         self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
         self.agree: Agree = GroupAgree(self.group) if self.group is not None else SingleProcess()
+        self.own_root: str | None = None  # node-local disks: this rank's own dirpath (node_local_dirpath.py)
 
     def pipeline_options(self) -> dict[str, Any]:
         """The AsyncSavePipeline's arguments for these saves."""
@@ -73,6 +76,10 @@ class BackgroundShardedWrites:
     def write(self, state: Mapping[str, Any], path: str, options: Mapping[str, Any]) -> None:
         """The pipeline's Writer, on the worker of every rank: the sharded save of ``state`` (its staged copy)."""
         path = self.agree.broadcast(path)  # rank 0's, as the strategy's save_checkpoint does
+        if self.own_root is not None:
+            save_sharded_parts(state, path, self.own_root, agree=self.agree, allow_pickle=self.allow_pickle,
+                               run_id=options.get("run_id"), meta=options.get("meta"), process_group=self.group)
+            return
         save_sharded(state, path, agree=self.agree, allow_pickle=self.allow_pickle, run_id=options.get("run_id"),
                      meta=options.get("meta"), storage_options=self.options_for(path), process_group=self.group)
 
@@ -102,6 +109,10 @@ def route_sharded_io(trainer: L.Trainer, *, allow_pickle: bool,
         def save_checkpoint(checkpoint: dict[str, Any], filepath: str | os.PathLike,
                             storage_options: Mapping[str, Any] | None = None) -> None:
             options, path = dict(storage_options or {}), strategy.broadcast(os.fspath(filepath))
+            if own_root(strategy) is not None:  # node-local disks: each rank its own part
+                save_sharded_parts(checkpoint, path, own_root(strategy), agree=agree, allow_pickle=allow_pickle,
+                                   run_id=options.get("run_id"), meta=options.get("meta"))
+                return
             save_sharded(checkpoint, path, agree=agree, allow_pickle=allow_pickle, run_id=options.get("run_id"),
                          meta=options.get("meta"), storage_options=options_for(path))
 

@@ -2,9 +2,9 @@
 has a disk of its own: found out at setup, said once.
 
 Rank 0 writes a probe file into ``dirpath``, every rank reports whether it sees it (a collective), rank 0
-removes it. Sharded checkpoints need every rank to write into one directory, so a ``dirpath`` some rank
-cannot see is refused on every rank, naming the layouts that work; under DDP rank 0 writes every checkpoint,
-on its own node, and a warning says what a resume elsewhere needs.
+removes it. Sharded checkpoints on a ``dirpath`` some rank cannot see are written as node-local parts (each
+rank into its own ``dirpath``: ``node_local_dirpath.py``); under DDP rank 0 writes every checkpoint, on its
+own node, and a warning says what a resume elsewhere needs.
 """
 
 from __future__ import annotations
@@ -19,24 +19,28 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_ckpt.distributed.agree import Agree, all_ranks, decided_on_rank_zero
 from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.lightning.checkpointing.node_local_dirpath import use_node_local
 from lightning_ckpt.store.fsutil import TMP_PREFIX, remote_scheme
 
 PROBE_PREFIX = f"{TMP_PREFIX}probe."  # a leftover name, should a crash leave one
 
 
 def claim_and_probe(trainer: L.Trainer, agree: Agree, claim: Callable[[], str], dirpath: str,
-                    mirror: object | None) -> str:
+                    mirror: object | None, background: object | None = None) -> str:
     """Rank 0 claims ``dirpath`` (``claim``, returning the run id every rank learns); then, with several
-    ranks and a local ``dirpath``, whether every rank sees it (what is said depends on a ``mirror``).
+    ranks and a local ``dirpath``, whether every rank sees it (what is said depends on a ``mirror``);
+    ``background``: the async sharded saves' writer, told of node-local parts.
 
     Raises:
-        ValueError: on every rank, a sharded save's ``dirpath`` that some rank does not see.
+        ValueError: on every rank, a sharded save's ``dirpath`` that some rank does not see, with a ``mirror`` or
+            a resume (``node_local_dirpath.py``).
     """
     run_id = decided_on_rank_zero(agree, claim)
     if trainer.world_size > 1 and remote_scheme(dirpath) is None:
         blind, where = unseeing_ranks(agree, Path(dirpath))
         if blind:
-            _refuse_or_warn(trainer, where, blind, mirrored=mirror is not None)
+            _refuse_or_warn(trainer, agree, where, blind, mirrored=mirror is not None, dirpath=dirpath,
+                            background=background)
     return run_id
 
 
@@ -56,13 +60,13 @@ def unseeing_ranks(agree: Agree, root: Path) -> tuple[list[int], str]:
     return [rank for rank, saw in enumerate(seen) if not saw], where
 
 
-def _refuse_or_warn(trainer: L.Trainer, dirpath: str, blind: list[int], *, mirrored: bool) -> None:
-    where = (f"Checkpointer(dirpath={dirpath!r}): rank(s) {blind} do not see the files rank 0 writes there "
+def _refuse_or_warn(trainer: L.Trainer, agree: Agree, shown: str, blind: list[int], *, mirrored: bool, dirpath: str,
+                    background: object | None) -> None:
+    where = (f"Checkpointer(dirpath={shown!r}): rank(s) {blind} do not see the files rank 0 writes there "
              "(each node has a disk of its own?)")
     if isinstance(trainer.strategy, ModelParallelStrategy):
-        raise ValueError(f"{where}. A sharded checkpoint is written by every rank into one directory: use a "
-                         "filesystem every node mounts, or a URL dirpath (dirpath='s3://bucket/run', "
-                         "storage_options=...), where every rank uploads its own shard")
+        use_node_local(trainer, agree, where, dirpath, mirrored=mirrored, background=background)
+        return
     if trainer.is_global_zero:
         copy = ("the Mirror holds a copy every node can download" if mirrored else
                 "no copy exists elsewhere: add mirror=Mirror(url), or use a shared filesystem or a URL dirpath")
