@@ -9,20 +9,25 @@ without rank 0's manifest is no checkpoint: a save cut short anywhere reads as n
 path in another rank's directory.
 
 Retention is rank 0's: at each save rank 0 says which checkpoints its directory holds, and every other rank
-deletes its parts of the others (a part of a checkpoint rank 0 dropped, or of a save that never committed).
+deletes its parts of the others (a part of a checkpoint rank 0 dropped, or of a save that never committed):
+only directories that hold exactly its own shard file, nothing of the user's. A part never replaces a
+committed checkpoint of the same name (another run's, whose rank 0 was on this node): the save fails instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_ckpt.distributed.agree import Agree, all_ranks, decided_on_rank_zero
 from lightning_ckpt.distributed.sharded import _write_shards  # one shard writer for both layouts
+from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.format import Blob, Manifest, encode_state
 from lightning_ckpt.format.manifest import SHARDS_DIR
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
@@ -67,9 +72,9 @@ def save_sharded_parts(state: Mapping[str, Any], path: str | os.PathLike, own_ro
         written = _write_shards(sharded, store, staged, agree, store.location(name), process_group)
         all_ranks(agree, lambda: None if agree.is_rank_zero else store.commit_part(staged, name))
         opened.pop("staged")  # committed (rank 0's below, or discarded by commit_staged on its failure)
-        unsealed = Manifest(files={}, versions=library_versions(), **manifest_fields(state, run_id, meta))
 
-        def commit() -> Manifest:
+        def commit() -> Manifest:  # on rank 0 alone: whatever raises here raises on every rank
+            unsealed = Manifest(files={}, versions=library_versions(), **manifest_fields(state, run_id, meta))
             entries = store.commit_staged(staged, name, files, lambda e: dataclasses.replace(
                 unsealed, files=e).to_bytes(), written)
             return dataclasses.replace(unsealed, files=entries)
@@ -79,17 +84,42 @@ def save_sharded_parts(state: Mapping[str, Any], path: str | os.PathLike, own_ro
         if "staged" in opened:
             store.discard_staged(opened["staged"])
         raise
-    all_ranks(agree, lambda: None if agree.is_rank_zero else _drop_parts(store, keep=kept | {name}))
+    # The checkpoint is committed: a cleanup that fails now is a warning (the same on every rank), not a failed save.
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    failed = [f for f in all_ranks(agree, lambda: None if agree.is_rank_zero else
+                                   _drop_parts(store, rank, keep=kept | {name})) if f]
+    if failed:
+        warnings.warn(f"{store.location(name)}: saved, but older parts could not be removed ({'; '.join(failed)}); "
+                      "they take disk space until a later save removes them", CheckpointWarning, stacklevel=2)
     return manifest
 
 
-def _drop_parts(store: LocalStore, keep: set[str]) -> None:
+def _drop_parts(store: LocalStore, rank: int, keep: set[str]) -> str | None:
     """Delete this rank's parts of checkpoints rank 0 no longer holds (its retention's decision), and what
-    interrupted saves left in this rank's directory (rank 0 cleans its own when it claims it)."""
-    store.clean_leftovers()
-    for part in store.uncommitted():
-        if part not in keep:
-            store.delete(part)
+    interrupted saves left in this rank's directory (rank 0 cleans its own when it claims it). Only directories
+    that are exactly a part of this rank's (its shard file, nothing else) are deleted: a folder of the user's,
+    a damaged checkpoint or a copy being gathered stays. Returns what failed, or None."""
+    try:
+        store.clean_leftovers()
+        for name in store.uncommitted():
+            if name not in keep and is_own_part(store.root / name, rank):
+                store.delete(name)
+    except OSError as err:
+        return f"rank {rank}: {err}"
+    return None
+
+
+def is_own_part(path: Path, rank: int) -> bool:
+    """Whether ``path`` holds nothing but rank ``rank``'s part of a node-local checkpoint: a ``shards`` folder
+    with at most its shard file in it (a rank that holds no tensor writes none)."""
+    own = f"rank-{rank:05d}.safetensors"
+    try:
+        if [p.name for p in path.iterdir()] != [SHARDS_DIR] or (path / SHARDS_DIR).is_symlink():
+            return False
+        inside = list((path / SHARDS_DIR).iterdir())
+    except (NotADirectoryError, FileNotFoundError):
+        return False
+    return all(p.name == own and p.is_file() and not p.is_symlink() for p in inside)
 
 
 __all__ = ["save_sharded_parts"]

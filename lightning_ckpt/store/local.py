@@ -143,9 +143,15 @@ class LocalStore(LocalFiles):
         is no checkpoint, and a part that replaces an older one of the same name is swapped atomically.
 
         Raises:
-            StorageError: the move failed; the staged directory is removed, older parts are untouched.
+            StorageError: the move failed, or ``name`` is a committed checkpoint (with a manifest) here; the staged
+                directory is removed, older parts and checkpoints are untouched.
         """
         tmp = Path(staged)
+        if (self.root / name / MANIFEST_FILE).exists():  # another run's whole checkpoint (its rank 0 was here)
+            self.discard_staged(staged)
+            raise StorageError(errno.EEXIST, f"{self.location(name)}: this rank's part was not committed: this "
+                               "rank's dirpath holds a complete checkpoint of that name (another run's, whose rank 0 "
+                               "ran on this node?), which a part would replace; move it away or use another dirpath")
         try:
             for folder in sorted(p for p in tmp.rglob("*") if p.is_dir()):
                 fsync_dir(folder)

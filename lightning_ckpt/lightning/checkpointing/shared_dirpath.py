@@ -60,11 +60,40 @@ def unseeing_ranks(agree: Agree, root: Path) -> tuple[list[int], str]:
     return [rank for rank, saw in enumerate(seen) if not saw], where
 
 
+def ranks_sharing_a_directory(agree: Agree, root: Path, rank: int) -> list[list[int]]:
+    """The groups of two or more ranks whose ``root`` is one directory (the ranks of one node, on its local
+    disk): every rank writes a probe file of its own there, then reports whose probes it sees (collectives)."""
+    token = agree.broadcast(uuid.uuid4().hex[:12])
+    mine = root / f"{PROBE_PREFIX}{token}.{rank}"
+
+    def write() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        mine.write_bytes(b"")
+
+    def seen() -> tuple[int, ...]:
+        suffixes = (p.name.rsplit(".", 1)[1] for p in root.glob(f"{PROBE_PREFIX}{token}.*"))
+        return tuple(sorted(int(s) for s in suffixes if s.isdigit()))  # our names only: the token is this run's
+
+    try:
+        all_ranks(agree, write)
+        groups = all_ranks(agree, seen)
+    finally:
+        all_ranks(agree, lambda: mine.unlink(missing_ok=True))
+    return [list(group) for group in sorted(set(groups)) if len(group) > 1]
+
+
 def _refuse_or_warn(trainer: L.Trainer, agree: Agree, shown: str, blind: list[int], *, mirrored: bool, dirpath: str,
                     background: object | None) -> None:
     where = (f"Checkpointer(dirpath={shown!r}): rank(s) {blind} do not see the files rank 0 writes there "
              "(each node has a disk of its own?)")
     if isinstance(trainer.strategy, ModelParallelStrategy):
+        shared = ranks_sharing_a_directory(agree, Path(dirpath), trainer.global_rank)
+        if shared:
+            raise ValueError(f"{where}, and rank(s) {' and '.join(map(str, shared))} see one directory each: "
+                             "node-local sharded checkpoints need a dirpath of its own for every rank (several ranks "
+                             "writing parts into one directory is not supported yet); give each rank its own, e.g. "
+                             "dirpath=f\"/local/ckpt/rank{trainer.global_rank}\", or use a filesystem every node "
+                             "mounts, or a URL dirpath (dirpath='s3://bucket/run', storage_options=...)")
         use_node_local(trainer, agree, where, dirpath, mirrored=mirrored, background=background)
         return
     if trainer.is_global_zero:
