@@ -243,6 +243,7 @@ class PartTiering:
             self.target.drop_unlisted(staged, listed)
             self.target.commit_staged(staged, name, {}, lambda _: data, listed)
         except Exception as err:  # noqa: BLE001 - reported, never raised on the worker
+            self._remove(name)  # what the ranks uploaded: never listed (no manifest), removed
             return [PartEvent(name, FAILED, self.rank, f"{type(err).__name__}: {err}", part=False)]
         events = [PartEvent(name, SEALED, self.rank)]
         try:
