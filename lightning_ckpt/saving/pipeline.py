@@ -74,6 +74,10 @@ class SavePipeline:
         agree: how ranks agree (``SingleProcess()`` outside distributed training).
         on_error: ``"raise"``: a failed save raises on every rank; ``"warn"``: a failure of the storage
             warns on every rank and the caller trains on (other failures still raise).
+        tiering: rank 0's mirror (it uploads whole checkpoints), if any.
+        parts: every rank's side of the mirror on node-local disks, instead (each rank uploads its own part, rank 0
+            the manifest once every rank reported its part: ``tiers/part_uploads.py``); its reports travel in the
+            one collective of each save (``_settle``).
     """
 
     def __init__(self, manager: CheckpointManager, agree: Agree, *, on_error: OnError = "raise",

@@ -229,7 +229,8 @@ class PartTiering:
                 attempt += 1
 
     def _seal(self, name: str, sent: dict[str, FileEntry], run_id: str | None) -> list[PartEvent]:
-        """Rank 0: the manifest, once every listed file went up as the manifest lists it; then the remote retention."""
+        """Rank 0: the manifest, once every listed file went up as the manifest lists it; then the remote retention.
+        Not retried: a failed commit removes the prefix (every rank's files), so the checkpoint is given up whole."""
         try:
             data = self.source.read(name, MANIFEST_FILE, MAX_MANIFEST_BYTES)
             if data is None:
