@@ -31,6 +31,7 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, m
 from lightning_ckpt.store.ledger import MIRROR_TIER, Entry
 from lightning_ckpt.store.local import LocalStore
 from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, READ_CHUNK
+from lightning_ckpt.store.fsutil import remote_scheme
 from lightning_ckpt.store.remote import FsspecStore
 from lightning_ckpt.tiers.mirror import FAILED, NOT_PRUNED, REMOVED, RETRYING, UPLOADED, Mirror, prune_remote
 
@@ -66,10 +67,10 @@ def check_mirror_for_parts(mirror: Mirror, where: str) -> None:
         target = mirror.open()
     except (ImportError, ValueError, TypeError) as err:
         raise ValueError(f"{where}. Mirror({mirror.url!s}): fsspec cannot open this URL ({err})") from None
-    if not isinstance(target, FsspecStore):
+    if not isinstance(target, FsspecStore) or remote_scheme(mirror.url) == "memory":  # memory://: each process's own
         raise ValueError(f"{where}. Mirror({mirror.url!s}): on node-local disks every rank uploads its own part of "
                          "each checkpoint, so the mirror must be object storage every node reaches (s3://, gs://, "
-                         "az://, ...), not a local path")
+                         "az://, ...), not a local path (or memory://, which each process has its own of)")
 
 
 class PartTiering:

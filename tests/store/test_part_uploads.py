@@ -100,7 +100,9 @@ def test_rank_0_uploads_the_manifest_only_when_every_part_went_up_as_it_lists(tm
     assert entry.tiers == ["local"] and entry.mirror_error.startswith("rank 0: CorruptCheckpointError: ")
 
 
-def test_a_mirror_on_node_local_disks_must_be_object_storage_every_node_reaches(tmp_path):
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_mirror_on_node_local_disks_must_be_object_storage_every_node_reaches(tmp_path, where):
+    url = tmp_path / "second-disk" if where == "local" else "memory://mirror"
     with pytest.raises(ValueError, match=r"^here\. Mirror\(.*\): on node-local disks every rank uploads its own part "
                                          r"of each checkpoint, so the mirror must be object storage"):
-        check_mirror_for_parts(Mirror(tmp_path / "second-disk"), "here")
+        check_mirror_for_parts(Mirror(url), "here")
