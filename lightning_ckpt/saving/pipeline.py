@@ -26,6 +26,7 @@ from lightning_ckpt.distributed.agree import Agree, Failure, failure_of, with_ra
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, StorageError
 from lightning_ckpt.history.manager import CheckpointManager
 from lightning_ckpt.tiers.mirror import Tiering
+from lightning_ckpt.tiers.part_uploads import PartReport, PartTiering
 from lightning_ckpt.store.ledger import FIG_BLOCKING_S, FIG_WRITE_S, Entry
 
 T = TypeVar("T")
@@ -73,14 +74,21 @@ class SavePipeline:
         agree: how ranks agree (``SingleProcess()`` outside distributed training).
         on_error: ``"raise"``: a failed save raises on every rank; ``"warn"``: a failure of the storage
             warns on every rank and the caller trains on (other failures still raise).
+        tiering: rank 0's mirror (it uploads whole checkpoints), if any.
+        parts: every rank's side of the mirror on node-local disks, instead (each rank uploads its own part, rank 0
+            the manifest once every rank reported its part: ``tiers/part_uploads.py``); its reports travel in the
+            one collective of each save (``_settle``).
     """
 
     def __init__(self, manager: CheckpointManager, agree: Agree, *, on_error: OnError = "raise",
-                 tiering: Tiering | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+                 tiering: Tiering | None = None, clock: Callable[[], float] = time.perf_counter,
+                 parts: PartTiering | None = None) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_save_error={on_error!r}; use 'raise' (stop training) or 'warn' (train on)")
         self.manager, self.agree, self.on_error, self.clock = manager, agree, on_error, clock
         self.tiering = tiering  # rank 0's mirror, if any (the other ranks upload nothing)
+        self.parts = parts  # every rank's, instead, on node-local disks: each uploads its part (part_uploads.py)
+        self.part_reports: list[PartReport | None] = []  # every rank's, as the last settle gathered them
         self.hold_commits = False  # rank 0: keep each committed save from retention until release(name)
         self._held: set[str] = set()  # added by the worker of an async save, released by the training thread
         self._held_lock = threading.Lock()
@@ -128,7 +136,9 @@ class SavePipeline:
         """End of training: wait for pending uploads (up to the mirror's timeout), record how they
         went and retain again (checkpoints held for an upload, the mirror's or a logger's, may go now). Collective."""
         failure = None
-        if self.agree.is_rank_zero and (self.tiering is not None or self.hold_commits):
+        if self.parts is not None:  # rounds of waiting and exchanging reports, in the one collective of a save
+            self.parts.finish(self._exchange_parts)
+        if self.agree.is_rank_zero and (self.tiering is not None or self.hold_commits or self.parts is not None):
             try:
                 if self.tiering is not None:
                     self.manager.entries = self.tiering.finish(self.manager.entries)
@@ -136,6 +146,11 @@ class SavePipeline:
             except Exception as err:  # noqa: BLE001 - every rank must learn of it
                 failure = err
         self._settle(_NO_SAVE, failure)
+
+    def _exchange_parts(self, report: PartReport) -> list[PartReport | None]:
+        """A round of the end of training's part uploads: the one collective of a save, carrying ``report``."""
+        self._settle(_NO_SAVE, None, report)
+        return self.part_reports
 
     def release(self, name: str) -> None:
         """Let retention delete the committed save ``name`` again (held since its commit, with ``hold_commits``:
@@ -147,6 +162,8 @@ class SavePipeline:
         """Stop the mirror's worker without waiting for what is queued (after an error); local only."""
         if self.tiering is not None:
             self.tiering.close()
+        if self.parts is not None:
+            self.parts.close()
 
     def _begin(self, step: int, reason: str, metrics: Mapping[str, Any]) -> tuple[SaveOutcome, dict[str, Any]]:
         """The name and path of a save at ``step``, and what its manifest records."""
@@ -173,6 +190,8 @@ class SavePipeline:
             start = self.clock()
             write(state, path, options)
             timing.write_s = self.clock() - start
+            if self.parts is not None:  # this rank's part goes up once every rank learnt that it committed
+                self.parts.note(name, final)
             if self.agree.is_rank_zero:
                 blocking_s = timing.blocking_s if timing.blocking_s is not None else self.clock() - timing.started
                 self._record(name, {FIG_BLOCKING_S: blocking_s, FIG_WRITE_S: timing.write_s})
@@ -212,27 +231,39 @@ class SavePipeline:
         if self.tiering is not None:
             self.manager.entries = self.tiering.apply(self.manager.entries)
             held = self.tiering.held()
+        if self.parts is not None:
+            self.manager.entries = self.parts.apply(self.manager.entries)
+            held = self.parts.held()
         with self._held_lock:
             held |= self._held
         self.manager.prune(held=held)
         if self.manager.revision != unless_unchanged_since:
             self.manager.commit_ledger()
 
-    def _settle(self, outcome: SaveOutcome, local: BaseException | None) -> SaveOutcome:
-        """The one collective of a save: every rank reports its failure (if any), rank 0 its ledger.
-        Then every rank raises, warns or goes on alike, and answers "best"/"last" from one ledger."""
+    def _settle(self, outcome: SaveOutcome, local: BaseException | None,
+                part_report: PartReport | None = None) -> SaveOutcome:
+        """The one collective of a save: every rank reports its failure (if any), rank 0 its ledger, and each
+        its part uploads' report on node-local disks. Then every rank raises, warns or goes on alike, and
+        answers "best"/"last" from one ledger."""
         mine = failure_of(local) if local is not None else None
         ledger = self.manager.entries if self.agree.is_rank_zero else None
+        read_here = self.parts is not None and part_report is None  # else the end of training reads them itself
+        if read_here:
+            part_report = self.parts.report()
         try:
-            reports: list[tuple[Failure | None, list[Entry] | None]] = self.agree.gather((mine, ledger))
+            reports: list[tuple[Failure | None, list[Entry] | None, PartReport | None]] = self.agree.gather(
+                (mine, ledger, part_report))
         except RuntimeError as err:  # the process group broke (a rank died): no outcome can be agreed
             raise CheckpointError(
                 f"{outcome.path or 'a save'}: the ranks could not agree on the outcome ({err}). A rank has stopped "
                 "(crashed, killed or timed out); the checkpoints committed before are intact: resume with "
                 "ckpt_path='last'") from (local or err)
-        failures = [with_rank(f, rank) for rank, (f, _) in enumerate(reports) if f is not None]
+        failures = [with_rank(f, rank) for rank, (f, _, _) in enumerate(reports) if f is not None]
         if reports[0][1] is not None:
             self.manager.entries = reports[0][1]
+        self.part_reports = [part for _, _, part in reports]
+        if read_here:  # every rank reads every rank's report; a committed save's part goes up now
+            self.parts.settled(outcome.name if outcome.name and not failures else None, self.part_reports)
         if not failures:
             return outcome
         first = failures[0]

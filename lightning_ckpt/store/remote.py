@@ -28,13 +28,12 @@ from fsspec.asyn import sync
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
 from lightning_ckpt.store.fsutil import TMP_PREFIX
-from lightning_ckpt.store.remote_staging import StagedUploads
+from lightning_ckpt.store.remote_staging import INCOMPLETE_MARKER, StagedUploads
 
 if TYPE_CHECKING:
     from lightning_ckpt.store.base import Sink  # blob imports torch; listing and the CLI must not
     from lightning_ckpt.format.blob import Blob, Buffer
 
-INCOMPLETE_MARKER = ".incomplete"  # in a prefix being written or deleted; gone once the save committed
 # Backends where one PUT replaces an object wholly, so a reader sees the old bytes or the new.
 _ATOMIC_PUT = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 _LOCAL_SCHEMES = frozenset({"file", "local"})

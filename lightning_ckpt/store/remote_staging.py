@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry
 
+INCOMPLETE_MARKER = ".incomplete"  # in a prefix being written or deleted; gone once the save committed
+
 if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
     from lightning_ckpt.format.blob import Blob, Buffer
 
@@ -31,6 +33,33 @@ class StagedUploads:
             self._begin(prefix)
             self._clear(prefix)
         return prefix
+
+    def join_staged(self, name: str) -> str:
+        """Mark checkpoint ``name``'s prefix in progress and unlist an older copy (its manifest goes first), without
+        emptying it: for processes that each upload their own files into it, in no order among them (the ranks of
+        node-local disks mirroring their parts); one then commits it with :meth:`commit_staged`, after
+        :meth:`drop_unlisted`. Idempotent: every process calls it before its first upload.
+
+        Raises:
+            StorageError: the storage refused; nothing was committed.
+        """
+        prefix = self._path(name)
+        with self._storage_errors(name, "upload failed, nothing was committed"):
+            self._begin(prefix)
+        return prefix
+
+    def drop_unlisted(self, staged: str, listed: Iterable[str]) -> None:
+        """Remove what a joined prefix holds besides the ``listed`` files and its marker (an older copy's files).
+
+        Raises:
+            StorageError: the storage refused.
+        """
+        keep = {f"{staged}/{file}" for file in listed} | {f"{staged}/{INCOMPLETE_MARKER}"}
+        with self._storage_errors(staged[len(self._root) + 1:], "could not remove an older copy's files"):
+            self._fs.invalidate_cache(staged)
+            stale = [p for p in self._fs.find(staged) if p not in keep]
+            if stale:
+                self._remove_files(staged, stale)
 
     def put_staged(self, staged: str, file: str, chunks: Iterable[Buffer]) -> FileEntry:
         """Upload one file into a staged prefix, streamed, checksummed in the same pass.

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from launch import Job, pytest_timeout_s, run_job
-from lightning_ckpt import latest_checkpoint, load_checkpoint
+from lightning_ckpt import latest_checkpoint, load_checkpoint, verify_checkpoint
 from lightning_ckpt.distributed.sharded import SCRATCH_PREFIX
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, Manifest
@@ -34,10 +34,11 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
 # in its own directory; a fit that goes on from an earlier one's checkpoint is in a later job. A fit that
 # kills its ranks ends its job: it goes last. A test reads its fits' rows and directories.
 FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "node-local-fail",
-         "node-local-async", "async", "async-eager",
+         "node-local-async", "node-local-mirror", "node-local-mirror-async", "node-local-mirror-fail", "async", "async-eager",
          "async-fail-warn", "async-fail-raise", "async-copy-fail", "crash")
-ONE_RANK = ("single", "2to1", "url-2to1")
-THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "node-local-resume", "killed")
+ONE_RANK = ("single", "2to1", "url-2to1", "node-local-mirror-2to1")
+THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "node-local-resume",
+        "node-local-mirror-resume", "killed")
 LAST = ("async-killed",)  # a rank killed in a background save ends a job of its own
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN), len(LAST)))
 
@@ -51,6 +52,10 @@ class Runs:
     def url(self, fit: str) -> dict[str, Any]:
         """A URL dirpath for ``fit`` on the bucket, with the options that reach it."""
         return {"dirpath": self.s3.url(fit), "storage_options": self.s3.options}
+
+    def mirror(self, fit: str, **options: Any) -> dict[str, Any]:
+        """A Mirror on the bucket for ``fit`` (its arguments), with the options that reach it."""
+        return {"url": self.s3.url(fit), "storage_options": self.s3.options, **options}
 
     def __truediv__(self, fit: str) -> Path:
         return self.root / fit
@@ -74,6 +79,13 @@ class Runs:
                                 "node_local": True},
             "node-local-async": {"dirpath": self / "node-local-async", "max_steps": 10, "node_local": True,
                                  "async_save": True},
+            **{f"node-local-mirror{suffix}": {"dirpath": self / f"node-local-mirror{suffix}", "max_steps": 10,
+                                              "node_local": True, "async_save": bool(suffix),
+                                              "mirror_args": self.mirror(f"node-local-mirror{suffix}", keep_last=3)}
+               for suffix in ("", "-async")},
+            "node-local-mirror-fail": {"dirpath": self / "node-local-mirror-fail", "max_steps": 6, "node_local": True,
+                                       "fail_upload": 6,  # rank 1's upload of its part of step 6
+                                       "mirror_args": self.mirror("node-local-mirror-fail", retries=1, backoff=0)},
             **{f"async{suffix}": {"dirpath": self / f"async{suffix}" / "c", "max_steps": 8, "async_save": True,
                                   "staging": staging, "out": self / f"async{suffix}" / "final.safetensors"}
                for suffix, staging in (("", "overlapped"), ("-eager", "eager"))},
@@ -94,6 +106,9 @@ class Runs:
                      "dump_start": self / "2to1" / "start.safetensors"},
             "url-2to1": {**self.url("url-2to1"), "max_steps": 7, "ckpt_path": f"{self.s3.url('url')}/step=000000006",
                          "dump_start": self / "url-2to1" / "start.safetensors"},
+            "node-local-mirror-2to1": {**self.url("node-local-mirror-2to1"), "max_steps": 7,
+                                       "ckpt_path": f"{self.s3.url('node-local-mirror')}/step=000000006",
+                                       "dump_start": self / "url-2to1" / "mirror-start.safetensors"},
         }, ONE_RANK, ranks=1)
 
     def then(self) -> Job:
@@ -129,6 +144,9 @@ class Runs:
                              "async_save": True, "out": self / "async-resume" / "final.safetensors"},
             "node-local-resume": {"dirpath": self / "node-local-resume", "max_steps": 12, "ckpt_path": "last",
                                   "node_local": True},
+            "node-local-mirror-resume": {**self.url("node-local-mirror-resume"), "max_steps": 8,
+                                         "ckpt_path": f"{self.s3.url('node-local-mirror')}/step=000000006",
+                                         "out": self / "url-resume" / "mirror-final.safetensors"},
             "killed": {"dirpath": self / "killed" / "c", "max_steps": 8, "kill_rank_in_save": 6},
         }, THEN)
 
@@ -465,6 +483,70 @@ def test_on_node_local_disks_a_shard_write_failing_on_rank_1_commits_nothing_any
     for root in (zero, one):  # nothing of step 6 on either disk, staged or committed
         assert sorted(p.name for p in root.iterdir() if "step=" in p.name) == ["step=000000003", "step=000000007"]
     assert (zero / "step=000000007" / MANIFEST_FILE).is_file()
+
+
+def stored_files(fs, checkpoint: str) -> list[str]:
+    """The files under a checkpoint's prefix, relative to it."""
+    return sorted(p[len(checkpoint) - len("s3://") + 1:] for p in fs.find(checkpoint))
+
+
+@pytest.mark.parametrize("fit", ["node-local-mirror", "node-local-mirror-async"])
+def test_on_node_local_disks_each_rank_mirrors_its_part_and_rank_0_the_manifest_last(runs, straight, first, fit):
+    rows = trained(first, fit)
+    url, options, fs = runs.s3.url(fit), runs.s3.options, runs.s3.fs()
+    assert [r["losses"] for r in rows] == [r["losses"] for r in trained(first, "node-local")]  # the same training
+    assert [r["warned"] for r in rows] == [[], []]  # nothing failed, and a complete copy exists: the mirror's
+    zero = runs / fit / "rank0"
+    # Mirror(keep_last=3) of saves 3, 6, 9 and the final 10; whole checkpoints, both ranks' files in each.
+    assert latest_checkpoint(url, storage_options=options) == f"{url}/step=000000010"
+    names = sorted({p.split("/")[2] for p in fs.find(url)})
+    assert names == ["step=000000006", "step=000000009", "step=000000010"]
+    for name in names:
+        checkpoint = f"{url}/{name}"
+        listed = json.loads(fs.cat_file(f"{checkpoint}/{MANIFEST_FILE}"))["files"]
+        assert sorted(n for n in listed if n.startswith("shards/")) == [
+            "shards/rank-00000.safetensors", "shards/rank-00001.safetensors"]
+        assert stored_files(fs, checkpoint) == sorted([*listed, MANIFEST_FILE])  # no marker, nothing unlisted
+        verify_checkpoint(checkpoint, storage_options=options)  # every file's bytes as its manifest says
+        if (zero / name).exists():  # still local: the remote manifest is rank 0's, byte for byte
+            assert fs.cat_file(f"{checkpoint}/{MANIFEST_FILE}") == (zero / name / MANIFEST_FILE).read_bytes()
+    ledger = {e["name"]: e for e in json.loads((zero / LEDGER_FILE).read_text())["checkpoints"]}
+    assert [ledger[n]["tiers"] for n in ("step=000000009", "step=000000010")] == [["local", "mirror"]] * 2
+    assert ledger["step=000000003"]["tiers"] == []  # gone from both tiers (the mirror's retention too)
+    # What the mirror holds is what the ranks trained: equal to the uninterrupted run's checkpoint of step 6.
+    assert_same_tensors(full_expected(f"{url}/step=000000006", options), full_expected(straight[0] / "step=000000006"))
+
+
+def test_on_node_local_disks_a_part_upload_failing_on_rank_1_mirrors_nothing_of_that_checkpoint(runs, first):
+    rows = trained(first, "node-local-mirror-fail")
+    url, options, fs = runs.s3.url("node-local-mirror-fail"), runs.s3.options, runs.s3.fs()
+    assert [r["step"] for r in rows] == [6, 6]  # training went on
+    assert rows[0]["warned"] == rows[1]["warned"], rows  # the same warnings on both ranks: a retry, then given up
+    retried, given_up = rows[0]["warned"]
+    assert "step=000000006: rank 1's upload of its part, attempt 1, failed" in retried
+    assert "step=000000006: rank 1's upload of its part was given up" in given_up
+    assert "connection to the storage was reset" in given_up and "no manifest was uploaded" in given_up
+    # The previous mirrored checkpoint stays the mirror's last; nothing of step 6 is left there (rank 0 removed it).
+    assert latest_checkpoint(url, storage_options=options) == f"{url}/step=000000003"
+    assert sorted({p.split("/")[2] for p in fs.find(url)}) == ["step=000000003"]
+    zero = runs / "node-local-mirror-fail" / "rank0"
+    ledger = {e["name"]: e for e in json.loads((zero / LEDGER_FILE).read_text())["checkpoints"]}
+    assert ledger["step=000000003"]["tiers"] == ["local", "mirror"] and ledger["step=000000003"]["mirror_error"] is None
+    assert ledger["step=000000006"]["tiers"] == ["local"]
+    assert ledger["step=000000006"]["mirror_error"].startswith("rank 1: StorageError: ")
+    assert (zero / "step=000000006" / MANIFEST_FILE).is_file()  # kept locally
+
+
+def test_a_mirrored_node_local_checkpoint_resumes_from_its_url_bit_exact_on_two_ranks_and_one(runs, straight,
+                                                                                              first, one_rank, then):
+    trained(first, "node-local-mirror")
+    _, straight_rows, straight_final = straight
+    resumed = trained(then, "node-local-mirror-resume")  # trainer.fit(ckpt_path=<the mirror's URL of step 6>)
+    assert [r["losses"] for r in resumed] == [r["losses"][6:] for r in straight_rows]
+    assert_same_tensors(load_file(runs / "url-resume" / "mirror-final.safetensors"), load_file(straight_final))
+    trained(one_rank, "node-local-mirror-2to1")  # resharded onto one rank: what it restored is the checkpoint
+    expected = full_expected(f"{runs.s3.url('node-local-mirror')}/step=000000006", runs.s3.options)
+    assert_same_tensors(load_file(runs / "url-2to1" / "mirror-start.safetensors"), expected)
 
 
 def shard_sizes(checkpoint: Path) -> dict[str, int]:

@@ -11,6 +11,7 @@ with ENOSPC (inside DCP's collective save), in that scenario only. ``dump_start=
 ``storage_options``: the Checkpointer's, for a URL dirpath. ``fail_upload=STEP``: rank 1's upload of its shard
 file for the save at STEP fails (the store's upload seam raises ConnectionError), in that scenario only.
 ``node_local=True``: each rank's dirpath is its own subdirectory ``rank<N>`` (disks of their own).
+``mirror_args``: the Mirror's arguments (``url``, ``storage_options``, ``retries``, ...) instead of ``mirror``'s path.
 ``async_save=True``: the Checkpointer saves in the background (``staging``: "overlapped" or "eager"); the seams
 above then meet the save on the background worker. ``fail_deferred_copy=STEP``: rank 1's deferred (overlapped)
 copy of the save at STEP fails on its worker, before any rank writes.
@@ -183,13 +184,14 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: in
         mirror: str | None = None, dump_start: str | None = None, out: str | None = None,
         storage_options: dict[str, Any] | None = None, fail_upload: int | None = None,
         node_local: bool = False, async_save: bool = False, staging: str = "overlapped",
-        fail_deferred_copy: int | None = None) -> dict[str, Any]:
+        fail_deferred_copy: int | None = None, mirror_args: dict[str, Any] | None = None) -> dict[str, Any]:
     L.seed_everything(0)
     if node_local:  # each rank its own directory, as on nodes with disks of their own
         dirpath = os.path.join(dirpath, f"rank{rank()}")
     ranks = world_size()
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, on_save_error=on_save_error,
-                        mirror=Mirror(mirror) if mirror else None, storage_options=storage_options,
+                        mirror=Mirror(mirror) if mirror else Mirror(**mirror_args) if mirror_args else None,
+                        storage_options=storage_options,
                         async_save=async_save, staging=staging)
     ids = SampleIds()
     strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1)

@@ -1,10 +1,11 @@
 """A sharded Checkpointer on node-local disks: each rank's ``dirpath`` is a directory of its own node's that no
 other rank sees (found out at setup by ``shared_dirpath.py``'s probe). Each rank then writes its own part of
-every checkpoint into its own ``dirpath`` and rank 0 commits (``distributed/node_local.py``).
+every checkpoint into its own ``dirpath`` and rank 0 commits (``distributed/node_local.py``). With a ``Mirror``
+(object storage), each rank uploads its own part of each chosen checkpoint and rank 0 the remote manifest once
+every rank reported its part uploaded (``tiers/part_uploads.py``): the mirror holds complete checkpoints.
 
-Not yet: a ``Mirror`` on node-local disks (each rank would upload its own files, rank 0 the remote manifest
-once all have), and resuming from the parts (each rank verifying and reading its own): both are refused at
-setup on every rank, naming what works (a resume: gather the parts into one directory first).
+Not yet: resuming from the parts (each rank verifying and reading its own): refused at setup on every rank,
+naming what works (resume from the mirror's URL, or gather the parts into one directory first).
 """
 
 from __future__ import annotations
@@ -16,20 +17,23 @@ from weakref import WeakKeyDictionary
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_ckpt.distributed.agree import Agree
+from lightning_ckpt.distributed.agree import Agree, all_ranks
 from lightning_ckpt.errors import CheckpointWarning
+from lightning_ckpt.history.manager import CheckpointManager
+from lightning_ckpt.tiers.mirror import Mirror
+from lightning_ckpt.tiers.part_uploads import PartTiering, check_mirror_for_parts
 
 _OWN_ROOTS: WeakKeyDictionary[Any, str] = WeakKeyDictionary()  # strategy -> this rank's own dirpath
 
 
-def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *, mirrored: bool,
+def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *, mirror: Mirror | None,
                    background: Any = None) -> None:
     """Every rank (a collective): write this Trainer's sharded checkpoints as node-local parts, each rank into
     ``dirpath`` (its own); ``where`` says what the probe found (rank 0's words). Said once, on rank 0.
 
     Raises:
-        ValueError: on every rank, with a ``Mirror``, or when any rank resumes (``ckpt_path``): neither is
-            supported on node-local disks yet.
+        ValueError: on every rank, when any rank resumes (``ckpt_path``: not supported on node-local parts yet), or
+            with a ``Mirror`` some rank cannot upload to (a local path: not every node's).
     """
     # Lightning chooses "last" on each rank alone, before setup (rank 0 finds one, the others none of theirs),
     # and sets ckpt_path after setup: a resume is known here by the Checkpointer having been asked for "last".
@@ -44,16 +48,17 @@ def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *
                          "(its directory of the same name, in that rank's dirpath) into rank 0's checkpoint "
                          "directory, which then verifies whole, onto a filesystem every node mounts, and resume "
                          "from there")
-    if mirrored:
-        raise ValueError(f"{where}. A Mirror of sharded checkpoints on node-local disks is not supported yet (each "
-                         "rank would upload its own part): use a filesystem every node mounts, or a URL dirpath "
-                         "(dirpath='s3://bucket/run', storage_options=...), where every rank uploads its own shard")
+    if mirror is not None:
+        all_ranks(agree, lambda: check_mirror_for_parts(mirror, where))
     _OWN_ROOTS[trainer.strategy] = dirpath
     if background is not None:
         background.own_root = dirpath
     rank_zero_info(f"{where}: each rank writes its own part of every sharded checkpoint into its own dirpath, "
                    "rank 0 the manifest listing every rank's files")
-    if trainer.is_global_zero:
+    if mirror is not None:
+        rank_zero_info(f"Mirror({mirror.url!s}): each rank uploads its own part of each mirrored checkpoint, rank 0 "
+                       "its manifest once every rank's part is up: the mirror holds complete checkpoints")
+    elif trainer.is_global_zero:
         warnings.warn(f"{where}: no complete copy of any checkpoint exists (each node holds its part only); "
                       "use a filesystem every node mounts or a URL dirpath for checkpoints a resume can read",
                       CheckpointWarning, stacklevel=3)
@@ -62,3 +67,13 @@ def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *
 def own_root(strategy: Any) -> str | None:
     """This rank's own dirpath when its sharded checkpoints are node-local parts, else None."""
     return _OWN_ROOTS.get(strategy)
+
+
+def part_mirror(agree: Any, mirror: Mirror | None, manager: CheckpointManager) -> PartTiering | None:
+    """With a ``mirror``, on node-local disks (``agree``: the pipeline's ``StrategyAgree``): this rank's side of the
+    mirror (each rank uploads its own part of each chosen checkpoint from its ``dirpath``); else None."""
+    strategy = getattr(agree, "strategy", None)
+    if mirror is None or strategy is None or own_root(strategy) is None:
+        return None
+    return PartTiering(mirror, manager.store, strategy.global_rank, strategy.world_size,
+                       run_id=lambda: manager.run_id)

@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning_ckpt.distributed.agree import Agree
 from lightning_ckpt.history.manager import CheckpointManager
+from lightning_ckpt.lightning.checkpointing.node_local_dirpath import part_mirror
 from lightning_ckpt.saving.async_saves import AsyncSavePipeline
 from lightning_ckpt.saving.background import WHEN_BUSY
 from lightning_ckpt.saving.pipeline import SavePipeline
@@ -28,9 +29,10 @@ def new_pipeline(manager: CheckpointManager, agree: Agree, options: Any, sharded
     """The save pipeline of a fit, as a Checkpointer's ``options`` ask (``mirror``, ``on_save_error``,
     ``async_save``, ``when_busy``, ``staging``); ``sharded``: its ``BackgroundShardedWrites`` (sharded_io.py),
     under ModelParallelStrategy with ``async_save``."""
-    tiering = Tiering(options.mirror, manager.store) if options.mirror and agree.is_rank_zero else None
+    parts = part_mirror(agree, options.mirror, manager)  # node-local disks: every rank uploads its part
+    tiering = Tiering(options.mirror, manager.store) if options.mirror and agree.is_rank_zero and not parts else None
     if not options.async_save:
-        return SavePipeline(manager, agree, on_error=options.on_save_error, tiering=tiering)
-    return AsyncSavePipeline(manager, agree, on_error=options.on_save_error, tiering=tiering,
+        return SavePipeline(manager, agree, on_error=options.on_save_error, tiering=tiering, parts=parts)
+    return AsyncSavePipeline(manager, agree, on_error=options.on_save_error, tiering=tiering, parts=parts,
                              when_busy=options.when_busy, overlap=options.staging == STAGING[0],
                              **(sharded.pipeline_options() if sharded is not None else {}))

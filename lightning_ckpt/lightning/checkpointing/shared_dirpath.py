@@ -39,8 +39,7 @@ def claim_and_probe(trainer: L.Trainer, agree: Agree, claim: Callable[[], str], 
     if trainer.world_size > 1 and remote_scheme(dirpath) is None:
         blind, where = unseeing_ranks(agree, Path(dirpath))
         if blind:
-            _refuse_or_warn(trainer, agree, where, blind, mirrored=mirror is not None, dirpath=dirpath,
-                            background=background)
+            _refuse_or_warn(trainer, agree, where, blind, mirror=mirror, dirpath=dirpath, background=background)
     return run_id
 
 
@@ -82,8 +81,8 @@ def ranks_sharing_a_directory(agree: Agree, root: Path, rank: int) -> list[list[
     return [list(group) for group in sorted(set(groups)) if len(group) > 1]
 
 
-def _refuse_or_warn(trainer: L.Trainer, agree: Agree, shown: str, blind: list[int], *, mirrored: bool, dirpath: str,
-                    background: object | None) -> None:
+def _refuse_or_warn(trainer: L.Trainer, agree: Agree, shown: str, blind: list[int], *, mirror: object | None,
+                    dirpath: str, background: object | None) -> None:
     where = (f"Checkpointer(dirpath={shown!r}): rank(s) {blind} do not see the files rank 0 writes there "
              "(each node has a disk of its own?)")
     if isinstance(trainer.strategy, ModelParallelStrategy):
@@ -94,10 +93,10 @@ def _refuse_or_warn(trainer: L.Trainer, agree: Agree, shown: str, blind: list[in
                              "writing parts into one directory is not supported yet); give each rank its own, e.g. "
                              "dirpath=f\"/local/ckpt/rank{trainer.global_rank}\", or use a filesystem every node "
                              "mounts, or a URL dirpath (dirpath='s3://bucket/run', storage_options=...)")
-        use_node_local(trainer, agree, where, dirpath, mirrored=mirrored, background=background)
+        use_node_local(trainer, agree, where, dirpath, mirror=mirror, background=background)
         return
     if trainer.is_global_zero:
-        copy = ("the Mirror holds a copy every node can download" if mirrored else
+        copy = ("the Mirror holds a copy every node can download" if mirror is not None else
                 "no copy exists elsewhere: add mirror=Mirror(url), or use a shared filesystem or a URL dirpath")
         warnings.warn(f"{where}. Rank 0 writes every checkpoint, on its node only; a resume needs the checkpoint "
                       f"where every rank can read it: {copy}", CheckpointWarning, stacklevel=3)

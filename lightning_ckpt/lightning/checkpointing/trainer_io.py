@@ -39,6 +39,11 @@ class StrategyAgree:
     def is_rank_zero(self) -> bool:
         return self._trainer.is_global_zero
 
+    @property
+    def strategy(self) -> Any:
+        """The Trainer's strategy (a node-local layout is registered under it: ``node_local_dirpath.own_root``)."""
+        return self._trainer.strategy
+
     def broadcast(self, value: T) -> T:
         return self._trainer.strategy.broadcast(value, src=0) if self._distributed() else value
 
