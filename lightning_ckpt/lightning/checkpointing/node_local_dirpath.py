@@ -2,9 +2,9 @@
 other rank sees (found out at setup by ``shared_dirpath.py``'s probe). Each rank then writes its own part of
 every checkpoint into its own ``dirpath`` and rank 0 commits (``distributed/node_local.py``).
 
-Not yet: a ``Mirror`` on node-local disks (each rank would upload its own files, rank 0 the remote manifest
-once all have), and resuming from the parts (each rank verifying and reading its own): both are refused at
-setup on every rank, naming what works (a resume: gather the parts into one directory first).
+A resume reads the parts where they lie, each rank its own (``node_local_resume.py``). Not yet: a ``Mirror`` on
+node-local disks (each rank would upload its own files, rank 0 the remote manifest once all have): refused at
+setup on every rank, naming what works.
 """
 
 from __future__ import annotations
@@ -28,22 +28,8 @@ def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *
     ``dirpath`` (its own); ``where`` says what the probe found (rank 0's words). Said once, on rank 0.
 
     Raises:
-        ValueError: on every rank, with a ``Mirror``, or when any rank resumes (``ckpt_path``): neither is
-            supported on node-local disks yet.
+        ValueError: on every rank, with a ``Mirror``: not supported on node-local disks yet.
     """
-    # Lightning chooses "last" on each rank alone, before setup (rank 0 finds one, the others none of theirs),
-    # and sets ckpt_path after setup: a resume is known here by the Checkpointer having been asked for "last".
-    asked = [getattr(c, "asked_for_last", False) for c in trainer.callbacks]
-    for callback in trainer.callbacks:
-        if getattr(callback, "asked_for_last", False):
-            callback.asked_for_last = False  # answered: a later fit asks again
-    resuming = [rank for rank, yes in enumerate(agree.gather(any(asked) or trainer.ckpt_path is not None)) if yes]
-    if resuming:
-        raise ValueError(f"{where}. Resuming a sharded checkpoint from node-local parts is not supported yet "
-                         f"(rank(s) {resuming} asked to resume): copy each rank's part of the checkpoint "
-                         "(its directory of the same name, in that rank's dirpath) into rank 0's checkpoint "
-                         "directory, which then verifies whole, onto a filesystem every node mounts, and resume "
-                         "from there")
     if mirrored:
         raise ValueError(f"{where}. A Mirror of sharded checkpoints on node-local disks is not supported yet (each "
                          "rank would upload its own part): use a filesystem every node mounts, or a URL dirpath "
