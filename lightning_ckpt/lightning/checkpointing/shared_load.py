@@ -5,8 +5,9 @@ Under DDP rank 0 writes every checkpoint, on its own node when each node has a d
 ``shared_dirpath``). So at a resume:
 
 - ``ckpt_path="last"`` is decided on rank 0 alone (the ``Checkpointer``'s one decision, in ``checkpoint_view``)
-  and every rank learns it (:func:`last_on_rank_zero`): a rank that sees nothing of ``dirpath`` resumes from the
-  same checkpoint, and a URL ``dirpath`` is listed and verified once, not once per rank;
+  and every rank learns it (:func:`last_on_rank_zero`; under ModelParallelStrategy too, where a node-local
+  ``dirpath`` holds each rank's part only): a rank that sees nothing of ``dirpath`` resumes from the same
+  checkpoint, and a URL ``dirpath`` is listed and verified once, not once per rank;
 - the strategy's ``load_checkpoint`` (:func:`route_loads`): when every rank holds the very checkpoint rank 0
   reads (a local directory whose manifest is byte for byte rank 0's), each rank reads its own copy (on one
   machine, 4x faster than a broadcast: ``benchmarks/bench_shared_load.py``); otherwise (a rank without it, a
