@@ -268,10 +268,11 @@ def _verifies(store: Store, name: str, *, keep: bool = False) -> bool:
 
 
 def last_entry(entries: list[Entry], store: Store, run_id: str | None = None,
-               parent: str | None = None) -> Entry | None:
+               parent: str | None = None, verifies: Verifies | None = None) -> Entry | None:
     """"Last" in ``store`` (``lineage.last_of``): the newest checkpoint of ``run_id``'s lineage
-    (default: the newest branch's) whose files verify, passing over damaged ones with a warning."""
-    return last_of(entries, partial(_verifies, store), run_id, parent)
+    (default: the newest branch's) whose files verify, passing over damaged ones with a warning;
+    ``verifies``: how a candidate is checked instead (node-local parts: the files this node holds)."""
+    return last_of(entries, verifies or partial(_verifies, store), run_id, parent)
 
 
 def latest_checkpoint(dirpath: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
@@ -293,8 +294,10 @@ def latest_checkpoint(dirpath: str | os.PathLike, *, storage_options: Mapping[st
     return store.location(entry.name) if entry else None
 
 
-def latest_entry(store: Store, elsewhere: Sequence[Entry] = (), fetch: Verifies | None = None) -> Entry | None:
-    """:func:`latest_checkpoint`'s choice in ``store``, as the entry its manifest makes.
+def latest_entry(store: Store, elsewhere: Sequence[Entry] = (), fetch: Verifies | None = None,
+                 verifies: Verifies | None = None) -> Entry | None:
+    """:func:`latest_checkpoint`'s choice in ``store``, as the entry its manifest makes (``verifies``: how a
+    checkpoint of ``store`` is checked instead of verifying all its files, as for :func:`last_entry`).
 
     Args:
         elsewhere: checkpoints another tier holds (a mirror's, from their manifests); "last" is then
@@ -313,12 +316,14 @@ def latest_entry(store: Store, elsewhere: Sequence[Entry] = (), fetch: Verifies 
     local = {e.name: e for e in here}
     remote = {e.name: e for e in elsewhere}
 
-    def verifies(name: str) -> bool:
+    check = verifies or partial(_verifies, store, keep=True)
+
+    def sound(name: str) -> bool:
         # The one chosen is about to be loaded: a remote one keeps its verified bytes for that load, which
         # then fetches nothing again (each byte crosses the network once).
         if name not in local:
-            return fetch(name) if fetch is not None else _verifies(store, name, keep=True)
-        if _verifies(store, name, keep=True):
+            return fetch(name) if fetch is not None else check(name)
+        if check(name):
             return True
         # Damaged here, but the other tier holds the same checkpoint (same run, same step): its copy
         # replaces the damaged one (atomically, by ``fetch``) before an older checkpoint is considered.
@@ -326,7 +331,7 @@ def latest_entry(store: Store, elsewhere: Sequence[Entry] = (), fetch: Verifies 
         same = other is not None and (other.run_id, other.step) == (local[name].run_id, local[name].step)
         return fetch is not None and same and fetch(name)
 
-    return last_of([*here, *(e for e in elsewhere if e.name not in local)], verifies)
+    return last_of([*here, *(e for e in elsewhere if e.name not in local)], sound)
 
 
 def manifest_entries(listed: list[Listed]) -> list[Entry]:

@@ -38,7 +38,7 @@ FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "no
          "async-fail-warn", "async-fail-raise", "async-copy-fail", "crash")
 ONE_RANK = ("single", "2to1", "url-2to1", "node-local-mirror-2to1")
 THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "node-local-resume",
-        "node-local-mirror-resume", "killed")
+        "node-local-explicit", "node-local-wiped", "node-local-damaged", "node-local-mirror-resume", "killed")
 LAST = ("async-killed",)  # a rank killed in a background save ends a job of its own
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN), len(LAST)))
 
@@ -74,7 +74,8 @@ class Runs:
             "fail-raise": {"dirpath": self / "fail-raise" / "c", **fail, "on_save_error": "raise"},
             "url": {**self.url("url"), "max_steps": 8},
             "url-fail": {**self.url("url-fail"), "max_steps": 7, "fail_upload": 6},
-            "node-local": {"dirpath": self / "node-local", "max_steps": 10, "node_local": True},
+            "node-local": {"dirpath": self / "node-local", "max_steps": 10, "node_local": True,
+                           "out": self / "node-local" / "final.safetensors"},
             "node-local-fail": {"dirpath": self / "node-local-fail", **fail, "on_save_error": "warn",
                                 "node_local": True},
             "node-local-async": {"dirpath": self / "node-local-async", "max_steps": 10, "node_local": True,
@@ -124,8 +125,7 @@ class Runs:
         (self / "url-resume").mkdir(parents=True, exist_ok=True)  # for its "out" file
         if (self / "async" / "c" / "step=000000006").exists():  # "last" of a copy holding only step 6
             shutil.copytree(self / "async" / "c" / "step=000000006", self / "async-resume" / "c" / "step=000000006")
-        if (self / "node-local").exists():
-            shutil.copytree(self / "node-local", self / "node-local-resume")
+        node_local = self.node_local_copies()
         damaged = self / "damaged" / "step=000000006"
         if (self / "straight" / "c" / "step=000000006").exists():  # one flipped byte in what rank 1 alone reads
             shutil.copytree(self / "straight" / "c" / "step=000000006", damaged)
@@ -142,13 +142,37 @@ class Runs:
             "damaged": {"dirpath": self / "damaged" / "new", "max_steps": 7, "ckpt_path": damaged},
             "async-resume": {"dirpath": self / "async-resume" / "c", "max_steps": 8, "ckpt_path": "last",
                              "async_save": True, "out": self / "async-resume" / "final.safetensors"},
-            "node-local-resume": {"dirpath": self / "node-local-resume", "max_steps": 12, "ckpt_path": "last",
-                                  "node_local": True},
+            # From the parts of step 9 (step 10 removed on both disks), to step 10: "last", then the explicit path.
+            "node-local-resume": {"dirpath": self / "node-local-resume", "max_steps": 10, "ckpt_path": "last",
+                                  "node_local": True, "out": self / "node-local-resume" / "final.safetensors"},
+            "node-local-explicit": {"dirpath": self / "node-local-explicit", "max_steps": 10, "node_local": True,
+                                    "ckpt_path": node_local["explicit"],
+                                    "out": self / "node-local-explicit" / "final.safetensors"},
+            "node-local-wiped": {"dirpath": self / "node-local-wiped", "max_steps": 12, "ckpt_path": "last",
+                                 "node_local": True},
+            "node-local-damaged": {"dirpath": self / "node-local-damaged", "max_steps": 12, "node_local": True,
+                                   "ckpt_path": node_local["damaged"]},
             "node-local-mirror-resume": {**self.url("node-local-mirror-resume"), "max_steps": 8,
                                          "ckpt_path": f"{self.s3.url('node-local-mirror')}/step=000000006",
                                          "out": self / "url-resume" / "mirror-final.safetensors"},
             "killed": {"dirpath": self / "killed" / "c", "max_steps": 8, "kill_rank_in_save": 6},
         }, THEN)
+
+    def node_local_copies(self) -> dict[str, Path]:
+        """Copies of the node-local run's two disks: without step 10 (to resume from step 9), with rank 1's disk
+        wiped, with one flipped byte in rank 1's shard of step 10; rank 0's checkpoint paths to resume from."""
+        ten = "step=000000010"
+        if (self / "node-local").exists():
+            for fit in ("node-local-resume", "node-local-explicit", "node-local-wiped", "node-local-damaged"):
+                shutil.copytree(self / "node-local", self / fit, ignore=shutil.ignore_patterns("final.safetensors"))
+            for fit in ("node-local-resume", "node-local-explicit"):
+                for disk in ("rank0", "rank1"):
+                    shutil.rmtree(self / fit / disk / ten)
+            shutil.rmtree(self / "node-local-wiped" / "rank1")
+            (self / "node-local-wiped" / "rank1").mkdir()
+            flip_byte(self / "node-local-damaged" / "rank1" / ten / "shards" / "rank-00001.safetensors", -1)
+        return {"explicit": self / "node-local-explicit" / "rank0" / "step=000000009",
+                "damaged": self / "node-local-damaged" / "rank0" / ten}
 
     def last(self) -> Job:
         return self.run({"async-killed": {"dirpath": self / "async-killed" / "c", "max_steps": 8, "async_save": True,
@@ -443,22 +467,49 @@ def test_on_node_local_disks_each_rank_writes_its_own_part_and_rank_0_the_manife
     assert not (one / "step=000000006" / MANIFEST_FILE).exists()  # a part alone is no checkpoint
 
 
-def test_a_resume_from_node_local_parts_is_refused_on_every_rank_and_the_gathered_parts_load(runs, then):
-    rows = then.rows("node-local-resume")
-    zero = runs / "node-local-resume" / "rank0"
-    assert {r["error"] for r in rows} == {
-        f"ValueError: Checkpointer(dirpath={str(zero)!r}): rank(s) [1] do not see the files rank 0 writes there "
-        "(each node has a disk of its own?). Resuming a sharded checkpoint from node-local parts is not supported "
-        "yet (rank(s) [0, 1] asked to resume): copy each rank's part of the checkpoint (its directory of the same "
-        "name, in that rank's dirpath) into rank 0's checkpoint directory, which then verifies whole, onto a "
-        "filesystem every node mounts, and resume from there"}, rows
+@pytest.mark.parametrize("fit", ["node-local-resume", "node-local-explicit"])
+def test_a_resume_from_node_local_parts_is_bit_exact_each_rank_reading_its_own(runs, first, then, fit):
+    straight = trained(first, "node-local")  # 10 steps; the resumes run step 10 again from the parts of step 9
+    resumed = trained(then, fit)
+    for rank, row in enumerate(resumed):
+        assert row["losses"][0][0] == 9 and row["losses"] == straight[rank]["losses"][9:], row
+        assert row["audit"]["status"] == "exact", row["audit"]
+        assert row["shards_read"] == {f"shards/rank-{rank:05d}.safetensors": shard_sizes(
+            runs / fit / "rank0" / "step=000000009")[f"shards/rank-{rank:05d}.safetensors"]}, row  # its own only
+    final = load_file(runs / "node-local" / "final.safetensors")
+    assert_same_tensors(load_file(runs / fit / "final.safetensors"), final)
+
+
+def test_a_node_local_part_missing_on_rank_1_is_the_same_error_on_every_rank(runs, then):
+    rows = then.rows("node-local-wiped")  # rank 1's disk emptied: every rank comes out with one error, no hang
+    assert not then.hung and then.rows("node-local-damaged")  # the job went on to the next scenarios
+    zero, one = runs / "node-local-wiped" / "rank0", runs / "node-local-wiped" / "rank1"
+    error = rows[0]["error"]
+    assert [r["error"] for r in rows] == [error, error], rows
+    assert error.startswith(f"IncompleteCheckpointError: {zero / 'step=000000010'}: no rank holds "
+                            f"shards/rank-00001.safetensors (rank 1's part: rank 1 lacks it in "
+                            f"{one / 'step=000000010'})"), error
+    assert f"copy every rank's step=000000010 into {zero / 'step=000000010'} on one filesystem" in error
+    assert [r["shards_read"] for r in rows] == [{}, {}]  # nothing reached the model
     # What the error says works: rank 1's part copied into rank 0's checkpoint makes it whole.
-    gathered = runs / "node-local-resume" / "gathered"
+    gathered = runs / "node-local-wiped" / "gathered"
     shutil.copytree(zero / "step=000000010", gathered)
-    shutil.copytree(runs / "node-local-resume" / "rank1" / "step=000000010", gathered, dirs_exist_ok=True)
+    shutil.copytree(runs / "node-local" / "rank1" / "step=000000010", gathered, dirs_exist_ok=True)
     assert load_checkpoint(gathered)["global_step"] == 10
     with pytest.raises(Exception, match="rank-00001"):  # rank 0's alone is incomplete, and says which file
         load_checkpoint(zero / "step=000000010")
+
+
+def test_a_damaged_node_local_shard_of_rank_1_is_the_same_error_on_every_rank(runs, then):
+    rows = then.rows("node-local-damaged")  # explicit ckpt_path: rank 0's checkpoint; rank 1's shard flipped
+    error = rows[0]["error"]
+    assert [r["error"] for r in rows] == [error, error], rows
+    damaged = runs / "node-local-damaged" / "rank1" / "step=000000010" / "shards" / "rank-00001.safetensors"
+    assert error.startswith("CorruptCheckpointError: rank 1: CorruptCheckpointError: ") and str(damaged) in error
+    assert "mismatch" in error and "node-local parts" in error, error
+    assert list(rows[0]["shards_read"]) == ["shards/rank-00000.safetensors"] and rows[1]["shards_read"] == {}
+    for disk in ("rank0", "rank1"):  # no save after the failed resume
+        assert "step=000000012" not in os.listdir(runs / "node-local-damaged" / disk)
 
 
 def test_on_node_local_disks_async_saves_write_the_same_parts(runs, first):

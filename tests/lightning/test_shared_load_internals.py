@@ -8,10 +8,10 @@ import inspect
 import lightning as L
 import torch.distributed as dist
 from lightning.fabric.utilities import distributed as fabric_distributed
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
-from lightning_ckpt.lightning.internals.strategy import ddp_process_group_now
+from lightning_ckpt.lightning.internals.strategy import ddp_process_group_now, process_group_now
 
 
 def _order(source: str, *needles: str) -> list[int]:
@@ -54,3 +54,17 @@ def test_one_process_makes_no_group_and_routes_nothing():
     trainer = L.Trainer(strategy="ddp", devices=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 1
     assert ddp_process_group_now(trainer) is False and not dist.is_initialized()
+
+
+def test_model_parallel_makes_its_group_in_a_private_step_that_keeps_one_that_exists():
+    # internals.strategy.process_group_now calls ModelParallelStrategy._setup_distributed before Lightning's
+    # setup_environment (which needs the LightningModule connected, for its device mesh) and relies on that
+    # setup_environment calling it again harmlessly: _init_dist_connection returns early once a group exists.
+    setup = inspect.getsource(ModelParallelStrategy.setup_environment)
+    assert _order(setup, "self._setup_distributed()", "self.lightning_module._device_mesh") == sorted(
+        _order(setup, "self._setup_distributed()", "self.lightning_module._device_mesh"))
+    assert "_init_dist_connection(" in inspect.getsource(ModelParallelStrategy._setup_distributed)
+    assert list(inspect.signature(ModelParallelStrategy._setup_distributed).parameters) == ["self"]
+    strategy = ModelParallelStrategy()
+    trainer = L.Trainer(strategy=strategy, devices=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert process_group_now(trainer) is False and not dist.is_initialized()  # one process: no group, no call

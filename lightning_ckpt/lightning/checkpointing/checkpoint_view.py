@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ckpt.lightning.checkpointing.from_modelcheckpoint import newest_stock_ckpt
+from lightning_ckpt.lightning.checkpointing.node_local_resume import part_check_for_last
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import note_remote_last
 from lightning_ckpt.lightning.checkpointing.shared_load import Last, last_on_rank_zero
 from lightning_ckpt.history.manager import CheckpointManager, best_entry, last_entry, latest_entry, ranked_entries
@@ -42,22 +43,23 @@ class ModelCheckpointView:
     _view_cache: tuple[int, dict[str, Any]] | None  # the manager's revision, the answers given at it
     _resolve_dirpath: Callable[[L.Trainer], str]  # the Checkpointer's
     _migrating_from: str | None = None  # the ModelCheckpoint file "last" chose, for the Checkpointer to say so
-    asked_for_last: bool = False  # Lightning asked for "last" (ckpt_path="last") before this fit's setup
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        self.asked_for_last = True  # a resume from "last": node_local_dirpath.py refuses it on node-local parts
-        # Under DDP decided on rank 0 alone, every rank learns it: another node may see nothing of dirpath.
-        paths, self._migrating_from, _ = last_on_rank_zero(trainer, lambda: self._last_here(trainer))
+        # Under DDP and ModelParallelStrategy decided on rank 0 alone, every rank learns it: another node may see
+        # nothing of dirpath; on node-local parts rank 0 checks the files it holds (node_local_resume.py).
+        verifies = part_check_for_last(trainer, self._resolve_dirpath(trainer))
+        paths, self._migrating_from, _ = last_on_rank_zero(trainer, lambda: self._last_here(trainer, verifies))
         return paths
 
-    def _last_here(self, trainer: L.Trainer) -> Last:
+    def _last_here(self, trainer: L.Trainer, verifies: Callable[[str], bool] | None = None) -> Last:
         dirpath = self._resolve_dirpath(trainer)
         manager = self._manager
         if manager is None or manager.run_id is None or not manager.is_at(dirpath):
             store = open_store(dirpath, self._storage_options)
-            entry = latest_entry(store) if self.mirror is None else self._last_with_mirror(store)
+            entry = latest_entry(store, verifies=verifies) if self.mirror is None else self._last_with_mirror(store)
         else:
-            store, entry = manager.store, last_entry(manager.entries, manager.store, manager.run_id, manager.parent)
+            store, entry = manager.store, last_entry(manager.entries, manager.store, manager.run_id, manager.parent,
+                                                     verifies)
         if entry is None:  # none of ours: a ModelCheckpoint's newest .ckpt there, rather than step 0 in silence
             stock = newest_stock_ckpt(dirpath) if remote_scheme(dirpath) is None else None
             return ({str(stock)}, str(stock), stock.stat().st_mtime) if stock is not None else (set(), None, None)

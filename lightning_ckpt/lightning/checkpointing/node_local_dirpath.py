@@ -4,8 +4,8 @@ every checkpoint into its own ``dirpath`` and rank 0 commits (``distributed/node
 (object storage), each rank uploads its own part of each chosen checkpoint and rank 0 the remote manifest once
 every rank reported its part uploaded (``tiers/part_uploads.py``): the mirror holds complete checkpoints.
 
-Not yet: resuming from the parts (each rank verifying and reading its own): refused at setup on every rank,
-naming what works (resume from the mirror's URL, or gather the parts into one directory first).
+A resume reads the parts where they lie, each rank its own (``node_local_resume.py``), or the mirror's
+complete copy from its URL, on any world size.
 """
 
 from __future__ import annotations
@@ -32,22 +32,8 @@ def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *
     ``dirpath`` (its own); ``where`` says what the probe found (rank 0's words). Said once, on rank 0.
 
     Raises:
-        ValueError: on every rank, when any rank resumes (``ckpt_path``: not supported on node-local parts yet), or
-            with a ``Mirror`` some rank cannot upload to (a local path: not every node's).
+        ValueError: on every rank, with a ``Mirror`` some rank cannot upload to (a local path: not every node's).
     """
-    # Lightning chooses "last" on each rank alone, before setup (rank 0 finds one, the others none of theirs),
-    # and sets ckpt_path after setup: a resume is known here by the Checkpointer having been asked for "last".
-    asked = [getattr(c, "asked_for_last", False) for c in trainer.callbacks]
-    for callback in trainer.callbacks:
-        if getattr(callback, "asked_for_last", False):
-            callback.asked_for_last = False  # answered: a later fit asks again
-    resuming = [rank for rank, yes in enumerate(agree.gather(any(asked) or trainer.ckpt_path is not None)) if yes]
-    if resuming:
-        raise ValueError(f"{where}. Resuming a sharded checkpoint from node-local parts is not supported yet "
-                         f"(rank(s) {resuming} asked to resume): copy each rank's part of the checkpoint "
-                         "(its directory of the same name, in that rank's dirpath) into rank 0's checkpoint "
-                         "directory, which then verifies whole, onto a filesystem every node mounts, and resume "
-                         "from there")
     if mirror is not None:
         all_ranks(agree, lambda: check_mirror_for_parts(mirror, where))
     _OWN_ROOTS[trainer.strategy] = dirpath
@@ -60,7 +46,8 @@ def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *
                        "its manifest once every rank's part is up: the mirror holds complete checkpoints")
     elif trainer.is_global_zero:
         warnings.warn(f"{where}: no complete copy of any checkpoint exists (each node holds its part only); "
-                      "use a filesystem every node mounts or a URL dirpath for checkpoints a resume can read",
+                      "a resume needs every rank's node with its disk: add mirror=Mirror(url) for complete copies, "
+                      "or use a filesystem every node mounts or a URL dirpath",
                       CheckpointWarning, stacklevel=3)
 
 

@@ -25,10 +25,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lightning_ckpt.distributed.sharded import checkpoint_is_sharded, load_sharded, save_sharded
+from lightning_ckpt.distributed.sharded import checkpoint_is_sharded, save_sharded
 from lightning_ckpt.distributed.node_local import save_sharded_parts
 from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.lightning.checkpointing.node_local_dirpath import own_root
+from lightning_ckpt.lightning.checkpointing.node_local_resume import sharded_loader
 from lightning_ckpt.lightning.checkpointing.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.lightning.checkpointing.trainer_io import StrategyAgree
 from lightning_ckpt.lightning.internals.strategy import LoadCheckpoint, SaveCheckpoint, route_checkpoint_methods
@@ -136,8 +137,9 @@ def _load_into_strategy(trainer: L.Trainer, path: str, *, allow_pickle: bool,
     into: dict[str, Any] = {_K_STATE_DICT: get_model_state_dict(model)}
     if optimizers:  # none in validate/test: their shards are not read
         into[_K_OPTIMIZERS] = [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]
-    checkpoint = load_sharded(path, into, agree=StrategyAgree(trainer), allow_pickle=allow_pickle,
-                              storage_options=storage_options)
+    agree = StrategyAgree(trainer)
+    load = sharded_loader(strategy, path, agree)  # node-local parts: each rank reads its own
+    checkpoint = load(path, into, agree=agree, allow_pickle=allow_pickle, storage_options=storage_options)
     saved_optimizers = checkpoint.get(_K_OPTIMIZERS, [])
     if optimizers and len(saved_optimizers) != len(optimizers):
         raise CheckpointError(f"{path}: holds {len(saved_optimizers)} optimizer states, the model configures "

@@ -5,8 +5,9 @@ Under DDP rank 0 writes every checkpoint, on its own node when each node has a d
 ``shared_dirpath``). So at a resume:
 
 - ``ckpt_path="last"`` is decided on rank 0 alone (the ``Checkpointer``'s one decision, in ``checkpoint_view``)
-  and every rank learns it (:func:`last_on_rank_zero`): a rank that sees nothing of ``dirpath`` resumes from the
-  same checkpoint, and a URL ``dirpath`` is listed and verified once, not once per rank;
+  and every rank learns it (:func:`last_on_rank_zero`; under ModelParallelStrategy too, where a node-local
+  ``dirpath`` holds each rank's part only): a rank that sees nothing of ``dirpath`` resumes from the same
+  checkpoint, and a URL ``dirpath`` is listed and verified once, not once per rank;
 - the strategy's ``load_checkpoint`` (:func:`route_loads`): when every rank holds the very checkpoint rank 0
   reads (a local directory whose manifest is byte for byte rank 0's), each rank reads its own copy (on one
   machine, 4x faster than a broadcast: ``benchmarks/bench_shared_load.py``); otherwise (a rank without it, a
@@ -33,7 +34,8 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE
 from lightning_ckpt.lightning.checkpointing.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import note_remote_last
 from lightning_ckpt.lightning.checkpointing.sharded_io import BackgroundShardedWrites, route_if_sharded
-from lightning_ckpt.lightning.internals.strategy import LoadCheckpoint, ddp_process_group_now, route_checkpoint_methods
+from lightning_ckpt.lightning.internals.strategy import (LoadCheckpoint, ddp_process_group_now, process_group_now,
+                                                        route_checkpoint_methods)
 from lightning_ckpt.store import locate
 from lightning_ckpt.store.fsutil import remote_scheme
 from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES
@@ -55,14 +57,14 @@ def route_loads(trainer: L.Trainer, *, io: SafetensorsCheckpointIO, async_save: 
 
 
 def last_on_rank_zero(trainer: L.Trainer, decide: Callable[[], Last]) -> Last:
-    """``decide``'s answer (what "last" is), decided on rank 0 alone under DDP on several ranks and learnt by every
-    rank (a collective; rank 0's error raises on every rank); elsewhere ``decide``'s own.
+    """``decide``'s answer (what "last" is), decided on rank 0 alone under DDP or ModelParallelStrategy on several
+    ranks and learnt by every rank (a collective; rank 0's error raises on every rank); elsewhere ``decide``'s own.
 
     Lightning then asks each rank's filesystem whether the chosen path exists and when it changed: a rank that
     cannot see it (another node's disk, a URL) is told so by the lookup ``note_remote_last`` answers, with the
     commit time rank 0 read, which every rank then compares alike.
     """
-    if not ddp_process_group_now(trainer):  # before Lightning's setup: the group is made here if need be
+    if not process_group_now(trainer):  # before Lightning's setup: the group is made here if need be
         return decide()
     paths, migrating, committed = decided_on_rank_zero(_world(), decide)
     if committed is not None:

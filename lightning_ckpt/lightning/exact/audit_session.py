@@ -65,9 +65,11 @@ class AuditSession:
     def start_verifying(self, trainer: pl.Trainer, *, audit_dir: str | None, global_step: int, save_id: str,
                         likely_cause: str | None) -> None:
         """A resume from the save ``save_id`` at ``global_step``: compare the replay with its record, read
-        from ``audit_dir`` (as saved) or beside the checkpoint; ``likely_cause`` goes into a mismatch."""
+        from ``audit_dir`` (as saved), beside the checkpoint, or in this rank's own checkpoint directory (on
+        node-local disks each rank's record is on its own node); ``likely_cause`` goes into a mismatch."""
         checkpoint = local_dir(trainer.ckpt_path)
-        directories = [local_dir(audit_dir), None if checkpoint is None else checkpoint.parent]
+        directories = [local_dir(audit_dir), None if checkpoint is None else checkpoint.parent,
+                       audit_directory(trainer, None)]
         paths = list(dict.fromkeys(audit_path(d, trainer.global_rank) for d in directories if d is not None))
         loaded = AuditVerifier.load(paths, global_step=global_step, save_id=save_id, likely_cause=likely_cause)
         if isinstance(loaded, AuditReport):

@@ -1,5 +1,5 @@
-"""The strategy's own ``save_checkpoint``/``load_checkpoint``, replaced on one strategy instance; and a DDP
-strategy's process group, made before Lightning resolves ``ckpt_path="last"``.
+"""The strategy's own ``save_checkpoint``/``load_checkpoint``, replaced on one strategy instance; and a DDP or
+ModelParallelStrategy's process group, made before Lightning resolves ``ckpt_path="last"``.
 
 ModelParallelStrategy (FSDP2, tensor parallel) writes and reads its checkpoints itself, bypassing the
 CheckpointIO a plugin could provide; under DDP every rank reads through the strategy's ``load_checkpoint``.
@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
 _ROUTED = "_lightning_ckpt_sharded_io"  # marks a strategy whose save/load are already replaced
 
@@ -49,4 +49,24 @@ def ddp_process_group_now(trainer: L.Trainer) -> bool:
         return False
     if not dist.is_initialized():
         trainer.strategy.setup_environment()
+    return True
+
+
+def process_group_now(trainer: L.Trainer) -> bool:
+    """Whether ``trainer`` runs DDP or ModelParallelStrategy on several ranks, its process group made now if it
+    has none yet (a collective: every rank makes it); see ``ddp_process_group_now``.
+
+    ``ModelParallelStrategy.setup_environment`` cannot run this early: after making the group it builds the
+    device mesh onto the LightningModule, which Lightning 2.6.6 connects only in ``Trainer._run``. Its private
+    ``_setup_distributed`` is the part that makes the group (through ``_init_dist_connection``, which returns
+    early once a group exists: Lightning's own call later changes nothing); checked with Lightning 2.6.6 by
+    ``tests/lightning/test_shared_load_internals.py``.
+    """
+    if ddp_process_group_now(trainer):
+        return True
+    strategy = trainer.strategy
+    if not isinstance(strategy, ModelParallelStrategy) or trainer.world_size < 2 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        strategy._setup_distributed()  # Lightning 2.6.6 internal: the group alone, no device mesh
     return True
