@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import pytest
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from tiny import TinyModel, tiny_loader
 
@@ -66,3 +67,17 @@ def test_a_renumbered_batch_count_ends_the_resumed_epoch_after_the_batches_left(
     assert renumbered[0] is True
     assert seen.seen == [(0, 5), (0, 6), (0, 7)] + [(1, b) for b in range(8)]
     assert resumed.global_step == 2 + 3 + 8
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(3, 3), (0.5, 4), (1.0, 8), (20, 8)])
+def test_the_epoch_length_at_the_train_loader_seam_is_the_one_lightning_then_trains(
+        tmp_path: Path, limit: int | float, expected: int) -> None:
+    """What ``train_epoch_length`` relies on: at the seam, ``num_training_batches`` is not known yet (inf on a
+    fresh fit) while the combined loader's limits are, and Lightning's epoch is the loader's length capped at them."""
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path, limit_train_batches=limit)
+    at_seam: list[tuple[float, float]] = []
+    fit_loop_seams.patch_fit_loop(trainer, lambda loaders: at_seam.append(
+        (trainer.num_training_batches, fit_loop_seams.train_epoch_length(trainer, loaders[0]))), lambda: None)
+    trainer.fit(TinyModel(), tiny_loader())  # 8 batches
+    assert at_seam == [(float("inf"), expected)] and trainer.num_training_batches == expected

@@ -34,17 +34,23 @@ def test_any_split_trains_every_remaining_sample_once_in_equally_many_batches_pe
     (count,) = counts
     assert count >= 1 and (cap is None or count <= cap)
     assert all(batch for rank in split.batches for batch in rank)  # no empty batch: each rank trains each one
-    # The multiset of the dealt samples is the union's, plus only the repeats the split counts.
-    extra = Counter(dealt) - Counter(union)
-    assert Counter(dealt) - extra == Counter(union) and sum(extra.values()) == split.padded
-    assert split.samples == len(union)
+    # The multiset of the dealt samples is the union's first ones (all but the last `skipped`, which do not fit
+    # the capped batches), plus only the repeats the split counts.
+    kept = union[:len(union) - split.skipped]
+    extra = Counter(dealt) - Counter(kept)
+    assert Counter(dealt) - extra == Counter(kept) and sum(extra.values()) == split.padded
+    assert split.samples == len(kept)
+    if split.skipped:  # only when the cap bites, and then every batch is full
+        assert cap is not None and count == cap and split.padded == 0
+        assert len(kept) == cap * batch_size * world_size < len(union)
+    else:
+        assert len(union) <= (count if cap is None else cap) * batch_size * world_size
     if len(union) >= world_size * count:
         assert split.padded == 0  # repeats only where fewer samples than batches
     for rank in split.batches:
         sizes = [len(batch) for batch in rank]
         assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-        if cap is None:
-            assert max(sizes) <= batch_size
+        assert max(sizes) <= batch_size  # never a batch larger than the loader's (no surprise in GPU memory)
 
 
 def test_two_ranks_to_one_keeps_each_ranks_order_rank_0_first() -> None:
@@ -63,9 +69,11 @@ def test_fewer_samples_than_ranks_pad_from_the_start_and_say_how_many() -> None:
     assert split.batches == [[[9]], [[4]], [[9]]] and split.padded == 1 and split.samples == 2
 
 
-def test_a_split_capped_at_the_epoch_length_makes_larger_batches_rather_than_drop_samples() -> None:
-    split = resize.split_remaining([list(range(10))], 1, 2, max_batches=3)
-    assert split.batches == [[[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]]
+def test_a_split_capped_at_the_epoch_length_deals_full_batches_and_counts_the_samples_that_do_not_fit() -> None:
+    split = resize.split_remaining([list(range(6)), list(range(6, 10))], 1, 2, max_batches=3)
+    assert split.batches == [[[0, 1], [2, 3], [4, 5]]] and (split.samples, split.skipped, split.padded) == (6, 4, 0)
+    split = resize.split_remaining([list(range(10))], 2, 2, max_batches=2)  # the union's first 2 x 2 x 2 samples
+    assert split.batches == [[[0, 2], [4, 6]], [[1, 3], [5, 7]]] and split.skipped == 2
 
 
 @pytest.mark.parametrize("bad", [(0, 4, None), (2, 0, None), (2, 4, 0)])
@@ -144,22 +152,76 @@ def test_the_saving_world_size_resumes_at_its_position_unless_the_epoch_was_deal
     assert (position, mine, reports) == (DataPosition(1, 9), [[5]], [])
 
 
-@pytest.mark.parametrize("state", [
-    {"indices": torch.tensor([1, 2, 3]), "sizes": torch.tensor([2])},
-    {"indices": torch.tensor([1.0, 2.0]), "sizes": torch.tensor([2])},
-    {"indices": torch.tensor([-1, 2]), "sizes": torch.tensor([2])},
-    {"indices": [1, 2], "sizes": [2]},
-    "not a mapping",
+def test_a_dealt_epoch_resumed_under_a_smaller_limit_trains_what_fits_and_warns_of_the_rest() -> None:
+    sampler = _sampler(0, 1)
+    sampler.resume_at(DataPosition(1, 6), [[3, 4], [5, 6], [7]])
+    dealt = {resize.K_REMAINING: resize.remaining_state(sampler, DataPosition(1, 7), float("inf"))}
+    plan = resize.Reposition.of(1, 7, 3, [dealt], "ckpt", same_world=True)
+    assert plan is not None
+    # Its 2 batches left are the last 2 of any epoch at least that long (the count is renumbered to match).
+    assert plan.place(0, 1, sampler, torch.utils.data.DataLoader(range(40)), 8) == (DataPosition(1, 6), [[5, 6], [7]], [])
+    with pytest.warns(UserWarning, match="1 sample left of epoch 1 in ckpt is not trained: the epoch has 1 batch left"):
+        placed = plan.place(0, 1, sampler, torch.utils.data.DataLoader(range(40)), 1)  # limit_train_batches=1
+    assert placed == (DataPosition(1, 0), [[5, 6]], [])
+
+
+def test_a_resume_on_another_world_size_under_a_limit_deals_full_batches_up_to_it_and_says_what_it_skips() -> None:
+    old = [_sampler(r, 2) for r in range(2)]  # 5 batches of 4 per rank; 3 left on each after batch 2
+    states = [{resize.K_REMAINING: resize.remaining_state(s, DataPosition(1, 2), float("inf"))} for s in old]
+    plan = resize.Reposition.of(1, 2, 4, states, "ckpt", same_world=False)
+    assert plan is not None
+    new = _sampler(0, 1)
+    with pytest.warns(UserWarning, match="8 samples left of epoch 1 in ckpt are not trained: the epoch has 4 batches"):
+        position, mine, reports = plan.place(0, 1, new, torch.utils.data.DataLoader(range(40)), 4)
+    left = [b for s in old for b in s.epoch_batches(1)[2:]]
+    assert position == DataPosition(1, 0) and mine == left[:4]  # 4 batches of batch_size, in the saved order
+    (report,) = reports
+    assert report.message.startswith(
+        "world size 2 -> 1: data position carried over (of the 24 samples left of epoch 1, 16 dealt over 1 rank, 4 "
+        "batches each, and 8 skipped: the epoch has no more batches left (limit_train_batches applied), of at most "
+        "batch_size samples; none repeated); ")
+
+
+def test_a_dealt_epoch_saved_with_unequal_batch_counts_is_refused_on_every_rank() -> None:
+    plan = resize.Reposition(1, 3, [[[0, 1], [2]], [[3, 4]]], "ckpt")
+    for rank in range(2):
+        with pytest.raises(ValueError, match=r"the ranks of ckpt saved \[2, 1\] dealt batches"):
+            plan.place(rank, 2, _sampler(rank, 2), torch.utils.data.DataLoader(range(40)), 5)
+
+
+@pytest.mark.parametrize(("state", "key"), [
+    ({"indices": torch.tensor([1, 2, 3]), "sizes": torch.tensor([2])}, "sizes"),
+    ({"indices": torch.tensor([1.0, 2.0]), "sizes": torch.tensor([2])}, "indices"),
+    ({"indices": torch.tensor([1 + 0j, 2 + 0j]), "sizes": torch.tensor([2])}, "indices"),
+    ({"indices": torch.tensor([1, 2], dtype=torch.int16), "sizes": torch.tensor([2])}, "indices"),
+    ({"indices": torch.tensor([[1, 2]]), "sizes": torch.tensor([2])}, "indices"),
+    ({"indices": torch.tensor([1]), "sizes": torch.tensor([True])}, "sizes"),
+    ({"indices": torch.tensor([-1, 2]), "sizes": torch.tensor([2])}, "indices"),
+    ({"indices": torch.tensor([], dtype=torch.int32), "sizes": torch.zeros(10**6, dtype=torch.int64)}, "sizes"),
+    ({"indices": torch.tensor([1, 2]), "sizes": torch.tensor([3, -1])}, "sizes"),
+    ({"indices": [1, 2], "sizes": [2]}, "indices"),
 ])
-def test_a_malformed_saved_remaining_is_refused_naming_the_checkpoint(state: object) -> None:
-    with pytest.raises(ValueError, match="the remaining samples saved in ckpt/step=3 .rank 1. are malformed"):
+def test_a_malformed_saved_remaining_is_refused_naming_the_checkpoint_and_its_key(state: object, key: str) -> None:
+    with pytest.raises(ValueError, match=f"the remaining samples saved in ckpt/step=3 .rank 1. are malformed: "
+                                         f"'remaining.{key}' must be"):
         resize.saved_batches(state, "ckpt/step=3 (rank 1)")
+    with pytest.raises(ValueError, match="'remaining' must be a mapping, got str"):
+        resize.saved_batches("not a mapping", "ckpt")
 
 
 def test_a_saved_index_past_the_dataset_is_refused() -> None:
     with pytest.raises(ValueError, match="holds sample index 40, but the train dataset has 40 samples"):
         resize.check_indices([[1, 40]], 40, "ckpt")
     resize.check_indices([[1, 39]], 40, "ckpt")
+
+
+def test_every_new_rank_refuses_an_index_past_the_dataset_even_one_dealt_to_another_rank() -> None:
+    """A dataset that shrank: the index past it is dealt to rank 1 only; rank 0 must not go on alone (a hang)."""
+    plan = resize.Reposition(1, 3, [[[0, 1], [2, 39]]], "ckpt")  # dealt over 2 ranks: [0, 2] and [1, 39]
+    for rank in range(2):
+        sampler = _sampler(rank, 2, n=39, batch_size=2)
+        with pytest.raises(ValueError, match="ckpt holds sample index 39, but the train dataset has 39 samples"):
+            plan.place(rank, 2, sampler, torch.utils.data.DataLoader(range(39)), len(sampler))
 
 
 def test_a_new_ranks_streams_are_derived_from_the_order_seed_the_step_and_the_rank() -> None:

@@ -4,8 +4,8 @@ And ExactResume on another world size (2 -> 1, 1 -> 2): the interrupted epoch tr
 
 One 2-rank job (tests/scripts/rollback_ddp.py) runs every scenario, each a fit in its own directory;
 each test reads its scenario's rows. The 1-rank fits of the resize tests run in this process: one before
-the job (whose checkpoint a 2-rank scenario resumes), two after (resuming a 2-rank scenario's, then that
-resume's own checkpoint).
+the job (whose checkpoint a 2-rank scenario resumes), three after (resuming a 2-rank scenario's, once more
+under limit_train_batches, then the first resume's own checkpoint).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ SCENARIOS = {
     "two-ranks": {"scenario": "resize", "max_epochs": 2, "every_n_steps": 3},  # saves at step 3, mid-epoch 0
     "one-to-two": {"scenario": "resize", "max_epochs": 2, "every_n_steps": 5},  # resumes one rank's step 5
 }
-ONE_RANK_FIT_S = 60  # each of the three 1-rank fits in this process (about 5 s alone)
-pytestmark = pytest.mark.timeout(pytest_timeout_s(len(SCENARIOS)) + 3 * ONE_RANK_FIT_S)
+ONE_RANK_FIT_S = 60  # each of the four 1-rank fits in this process (about 5 s alone)
+pytestmark = pytest.mark.timeout(pytest_timeout_s(len(SCENARIOS)) + 4 * ONE_RANK_FIT_S)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,13 @@ def two_to_one(root: Path, job: Job) -> dict[str, Any]:
     """1 rank resuming the 2-rank scenario's step 3 (each rank trained 3 of its 6 batches of epoch 0)."""
     return resize_fit(str(root / "two-to-one"), max_epochs=2, every_n_steps=5, devices=1,
                       ckpt_path=str(root / "two-ranks" / "step=000000003"))
+
+
+@pytest.fixture(scope="module")
+def two_to_one_limited(root: Path, job: Job) -> dict[str, Any]:
+    """The same resume with limit_train_batches=0.75: the 1-rank epoch has 9 of the loader's 12 batches."""
+    return resize_fit(str(root / "two-to-one-limited"), max_epochs=2, every_n_steps=5, devices=1,
+                      ckpt_path=str(root / "two-ranks" / "step=000000003"), limit_train_batches=0.75)
 
 
 def test_a_bad_batch_on_one_rank_rolls_every_rank_back_to_the_same_checkpoint(job: Job) -> None:
@@ -130,6 +137,21 @@ def test_a_two_rank_checkpoint_resumed_on_one_rank_trains_the_rest_of_the_epoch_
         "world size 2 -> 1: data position carried over (the 24 samples left of epoch 0 dealt over 1 rank, 6 batches "
         "each: no sample repeated or skipped); per-rank RNG of rank 0 carried over, of rank 1 dropped; " + RESIZE_TAIL)}
     assert len(two_to_one["warned"]) == 1 and "the world size changed from 2 to 1 ranks" in two_to_one["warned"][0]
+
+
+def test_a_resume_on_another_world_size_ends_the_dealt_epoch_at_the_limit_of_batches(
+        job: Job, two_to_one_limited: dict[str, Any]) -> None:
+    run = two_to_one_limited
+    assert run["error"] is None and run["num_training_batches"] == 9, run["error"]  # 0.75 of 12 batches
+    saved = job.rows("two-ranks")
+    left = [b["ids"] for rank in saved for b in rank["batches"] if b["epoch"] == 0 and b["step"] > 3]
+    # The 6 batches left are the last 6 of the limited epoch's 9 (not of the loader's 12): all trained.
+    assert [(b["batch_idx"], b["ids"]) for b in run["batches"] if b["epoch"] == 0] == list(zip(range(3, 9), left))
+    assert [b["batch_idx"] for b in run["batches"] if b["epoch"] == 1] == list(range(9))
+    assert run["step"] == 3 + 6 + 9
+    assert run["audit"] == {"status": "resized", "message": (
+        "world size 2 -> 1: data position carried over (the 24 samples left of epoch 0 dealt over 1 rank, 6 batches "
+        "each: no sample repeated or skipped); per-rank RNG of rank 0 carried over, of rank 1 dropped; " + RESIZE_TAIL)}
 
 
 def test_a_one_rank_checkpoint_resumed_on_two_ranks_trains_the_rest_of_the_epoch_once(

@@ -58,13 +58,13 @@ class SampleLog(L.Callback):
 
 
 def resize_fit(dirpath: str, max_epochs: int, every_n_steps: int, ckpt_path: str | None = None,
-               devices: int = 2) -> dict[str, Any]:
+               devices: int = 2, limit_train_batches: int | float | None = None) -> dict[str, Any]:
     L.seed_everything(0)
     checkpointer, log = Checkpointer(dirpath, every_n_steps=every_n_steps, keep_last=20), SampleLog()
     ddp = {"strategy": "ddp"} if devices > 1 else {}
     trainer = L.Trainer(max_epochs=max_epochs, devices=devices, accelerator="cpu", callbacks=[checkpointer, log],
                         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        **ddp)
+                        limit_train_batches=limit_train_batches, **ddp)
     loader = DataLoader(PoisonedData(47), batch_size=4, shuffle=True)  # on 2 ranks: 24 each, one sample twice
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -75,6 +75,7 @@ def resize_fit(dirpath: str, max_epochs: int, every_n_steps: int, ckpt_path: str
     exact = next(c for c in trainer.callbacks if isinstance(c, ExactResume))
     audit = exact.last_audit
     return {"error": None, "step": trainer.global_step, "batches": log.batches, "world_size": trainer.world_size,
+            "num_training_batches": trainer.num_training_batches,
             "audit": None if audit is None else {"status": audit.status, "message": audit.message},
             "warned": [str(w.message) for w in caught if "ExactResume" in str(w.message)]}
 

@@ -343,7 +343,7 @@ class ExactResume(Callback):
             batches = None
             if plan is not None:  # the rest of the epoch as the saving ranks left it, dealt over this world size
                 position, batches, reports = plan.place(trainer.global_rank, trainer.world_size, sampler, loader,
-                                                        trainer.num_training_batches)
+                                                        fit_loop_seams.train_epoch_length(trainer, loader))
                 if not fit_loop_seams.renumber_epoch_batches(trainer, position.batch):
                     raise RuntimeError(f"ExactResume: {fit_loop_seams.NO_BATCH_COUNT}")
                 for report in reports:  # on another world size: what differs from an uninterrupted run

@@ -10,11 +10,16 @@ start where it stopped, as before. A resume on another world size cannot: the sa
    ``DistributedSampler`` deals an epoch), so the shares differ by at most one sample;
 3. every new rank trains the same number of batches, ``ceil(largest share / batch_size)``, so no rank
    waits in a collective for a batch another rank never trains: each share is cut into that many
-   batches whose sizes differ by at most one, larger first (capped at the new epoch's length in
-   batches, where batches then hold more than ``batch_size``: no sample is dropped);
+   batches whose sizes differ by at most one, larger first;
 4. only where a share has fewer samples than batches (fewer samples left than ranks, or
    ``batch_size=1`` with a share one short) is it padded, with samples repeated from the start of the
-   union as ``DistributedSampler`` pads an epoch; the split counts them (``padded``) and the resume says so.
+   union as ``DistributedSampler`` pads an epoch; the split counts them (``padded``) and the resume says so;
+5. where that is more batches than the new epoch has left (its length as Lightning trains it,
+   ``limit_train_batches`` applied), only the union's first ``batches left x batch_size x world_size``
+   samples are dealt: a batch never holds more than ``batch_size`` samples (no surprise in memory or
+   in the optimisation), and the epoch ends where its limit ends it, as a limit ends every epoch before
+   its last samples. The split counts the samples not dealt (``skipped``), the audit's report and a
+   warning say so.
 
 The rest of the epoch is then trained as batches ``epoch_len - n .. epoch_len - 1`` of the new ranks'
 epoch (Lightning's batch counter is renumbered to match), and the next epochs are the new world size's own.
@@ -27,10 +32,11 @@ here imports Lightning.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.utils.data import DataLoader
@@ -55,9 +61,11 @@ class Split:
 
     batches: list[list[list[int]]]
     padded: int  # samples repeated to give every rank its batches (0 unless fewer samples than batches)
+    skipped: int = 0  # samples left out: past the batches the epoch has left (under a limit_train_batches)
 
     @property
     def samples(self) -> int:
+        """The samples dealt (each once; the padding not counted)."""
         return sum(len(batch) for rank in self.batches for batch in rank) - self.padded
 
 
@@ -70,16 +78,16 @@ def split_remaining(remaining: Sequence[Sequence[int]], world_size: int, batch_s
     union = [int(i) for rank in remaining for i in rank]
     if not union:
         return Split([[] for _ in range(world_size)], 0)
+    fit = len(union) if max_batches is None else min(len(union), max_batches * batch_size * world_size)
+    skipped, union = len(union) - fit, union[:fit]
     shares = [union[r::world_size] for r in range(world_size)]
-    count = -(-len(shares[0]) // batch_size)  # the first share is a largest one
-    if max_batches is not None:
-        count = min(count, max_batches)
+    count = -(-len(shares[0]) // batch_size)  # the first share is a largest one (at most max_batches batches)
     padded = 0
     for share in shares:
         while len(share) < count:
             share.append(union[padded % len(union)])
             padded += 1
-    return Split([cut(share, count) for share in shares], padded)
+    return Split([cut(share, count) for share in shares], padded, skipped)
 
 
 def cut(share: Sequence[int], count: int) -> list[list[int]]:
@@ -123,20 +131,41 @@ def remaining_state(sampler: ResumableBatchSampler | None, position: DataPositio
 
 
 def saved_batches(state: Any, where: str) -> list[list[int]]:
-    """A rank's remaining batches from its saved state, checked (it was read from disk)."""
-    indices, sizes = (state.get(K_INDICES), state.get(K_SIZES)) if isinstance(state, Mapping) else (None, None)
-    if not (isinstance(indices, torch.Tensor) and isinstance(sizes, torch.Tensor) and indices.dim() == sizes.dim() == 1
-            and not indices.is_floating_point() and not sizes.is_floating_point()
-            and bool((sizes >= 0).all()) and int(sizes.sum()) == indices.numel()
-            and (indices.numel() == 0 or int(indices.min()) >= 0)):
-        raise ValueError(f"ExactResume: the remaining samples saved in {where} are malformed (expected two 1-d "
-                         "integer tensors, the batch sizes summing to the number of indices); the checkpoint is "
-                         "damaged or not written by lightning-ckpt: resume from another one")
+    """A rank's remaining batches from its saved state, checked (it was read from disk).
+
+    Each saved batch holds at least one sample (a batch sampler's batches do; :func:`remaining_state`
+    leaves out the empty positions of a rollback's skips), so there are at most as many batches as
+    samples; the indices themselves are checked against the dataset by :func:`check_indices`."""
+    if not isinstance(state, Mapping):
+        _malformed(where, K_REMAINING, f"a mapping, got {type(state).__name__}")
+    indices, sizes = _index_tensor(state, K_INDICES, where), _index_tensor(state, K_SIZES, where)
+    if indices.numel() and int(indices.min()) < 0:
+        _malformed(where, K_INDICES, f"sample indices of at least 0, got {int(indices.min())}")
+    if sizes.numel() and int(sizes.min()) < 1:
+        _malformed(where, K_SIZES, f"batch sizes of at least 1, got {int(sizes.min())}")
+    if sizes.numel() > indices.numel() or int(sizes.sum()) != indices.numel():
+        _malformed(where, K_SIZES, f"batch sizes summing to the {indices.numel()} saved indices, got "
+                                   f"{sizes.numel()} summing to {int(sizes.sum())}")
     flat, out, start = indices.tolist(), [], 0
     for size in sizes.tolist():
         out.append(flat[start:start + size])
         start += size
     return out
+
+
+def _index_tensor(state: Mapping[str, Any], key: str, where: str) -> torch.Tensor:
+    value = state.get(key)
+    if not (isinstance(value, torch.Tensor) and value.dim() == 1 and value.dtype in (torch.int32, torch.int64)):
+        got = (f"a {value.dim()}-d {value.dtype} tensor" if isinstance(value, torch.Tensor)
+               else type(value).__name__)
+        _malformed(where, key, f"a 1-d int32 or int64 tensor, got {got}")
+    return value
+
+
+def _malformed(where: str, key: str, expected: str) -> NoReturn:
+    name = key if key == K_REMAINING else f"{K_REMAINING}.{key}"
+    raise ValueError(f"ExactResume: the remaining samples saved in {where} are malformed: '{name}' must be "
+                     f"{expected}; the checkpoint is damaged or not written by lightning-ckpt: resume from another one")
 
 
 def check_indices(batches: Iterable[Sequence[int]], dataset_len: int | None, where: str) -> None:
@@ -171,17 +200,32 @@ class Reposition:
 
     def place(self, rank: int, world_size: int, sampler: ResumableBatchSampler, loader: DataLoader,
               epoch_len: float) -> tuple[DataPosition, list[list[int]], list[AuditReport]]:
-        """Where this rank resumes, the batches it trains there to the epoch's end, and the audit's report."""
+        """Where this rank resumes, the batches it trains there to the epoch's end, and the audit's report.
+
+        ``epoch_len``: the batches Lightning trains per epoch on this rank (``limit_train_batches`` applied;
+        from the train-loader seam, where ``num_training_batches`` is not known yet). Every rank checks
+        the saved samples of all saving ranks (the same on every rank), so all raise or none does."""
         length = len(sampler) if epoch_len == float("inf") else int(epoch_len)
+        check_indices((batch for batches in self.remaining for batch in batches), _dataset_len(loader), self.where)
         split = None
-        if world_size == len(self.remaining):
+        if world_size == len(self.remaining):  # a dealt epoch, resumed on the world size it was dealt on
+            counts = [len(batches) for batches in self.remaining]
+            if len(set(counts)) > 1:  # a dealt epoch gives every rank as many batches: else a rank would wait
+                raise ValueError(f"ExactResume: the ranks of {self.where} saved {counts} dealt batches, where a dealt "
+                                 "epoch has as many on every rank; the checkpoint is damaged: resume from another one")
             mine = self.remaining[rank][:length]
+            skipped = sum(len(b) for batches in self.remaining for b in batches[length:])
         else:
             union = [[i for batch in batches for i in batch] for batches in self.remaining]
             batch_size = sampler.batch_size or max((len(b) for r in self.remaining for b in r), default=1)
             split = split_remaining(union, world_size, batch_size, max(length, 1))
-            mine = split.batches[rank]
-        check_indices(mine, _dataset_len(loader), self.where)
+            mine, skipped = split.batches[rank], split.skipped
+        if skipped and rank == 0:
+            warnings.warn(f"ExactResume: {skipped} sample{'' if skipped == 1 else 's'} left of epoch {self.epoch} in "
+                          f"{self.where} {'is' if skipped == 1 else 'are'} not trained: "
+                          f"the epoch has {len(mine)} batch{'' if len(mine) == 1 else 'es'} left (limit_train_batches "
+                          "applied), which they do not "
+                          "fit in; batches hold at most their batch_size samples", stacklevel=3)
         reports = [] if split is None else [AuditReport(RESIZED, self.global_step, 0, describe(
             len(self.remaining), world_size, self.epoch, split, True))]
         return DataPosition(self.epoch, length - len(mine)), mine, reports
@@ -238,10 +282,16 @@ def describe(old: int, new: int, epoch: int, split: Split | None, mid_epoch: boo
     elif split is None:
         data = f"data position carried over (saved at an epoch's end: epoch {epoch} starts as on any world size)"
     else:
-        per_rank = len(split.batches[0])
+        per_rank, ranks = len(split.batches[0]), f"{new} rank{'' if new == 1 else 's'}"
+        batches = f"{per_rank} batch{'' if per_rank == 1 else 'es'} each"
         repeated = (f"no sample skipped, {split.padded} repeated to give every rank {per_rank} batches" if split.padded
                     else "no sample repeated or skipped")
-        data = (f"data position carried over (the {split.samples} samples left of epoch {epoch} dealt over {new} "
-                f"rank{'' if new == 1 else 's'}, {per_rank} batch{'' if per_rank == 1 else 'es'} each: {repeated})")
+        data = (f"data position carried over (the {split.samples} samples left of epoch {epoch} dealt over {ranks}, "
+                f"{batches}: {repeated})")
+        if split.skipped:  # no padding then: every share fills its batches
+            data = (f"data position carried over (of the {split.samples + split.skipped} samples left of epoch "
+                    f"{epoch}, {split.samples} dealt over {ranks}, {batches}, and {split.skipped} skipped: the epoch "
+                    "has no more batches left (limit_train_batches applied), of at most batch_size samples; none "
+                    "repeated)")
     return (f"world size {old} -> {new}: {data}; {rng_text(old, new)}; the interrupted epoch's per-rank metric, "
             "logged and accumulated-gradient states are not carried over; bit-exactness not expected")

@@ -168,3 +168,29 @@ def renumber_epoch_batches(trainer: pl.Trainer, done: int) -> bool:
     for counter in _COUNTERS:
         setattr(current, counter, getattr(current, counter) + shift)
     return True
+
+
+NO_EPOCH_LENGTH = ("this Lightning version keeps the train loaders' batch limits where ExactResume does not look, so the "
+                   "rest of an epoch cannot be dealt over its batches; resume on the saving world size, or from a "
+                   "checkpoint saved at an epoch end")
+
+
+def train_epoch_length(trainer: pl.Trainer, loader: object) -> float:
+    """The batches of ``loader`` (the one train loader) that the fit loop trains per epoch, from the train-loader
+    seam of :func:`patch_fit_loop` on, where ``trainer.num_training_batches`` does not know it yet.
+
+    ``num_training_batches`` is ``_FitLoop.max_batches``, which ``_FitLoop.setup_data`` sets only after that
+    seam (on a fresh fit it is still ``inf`` there). Just before the seam, ``setup_data`` sets the limit of each
+    train loader on its ``CombinedLoader``: ``limit_train_batches`` (or ``overfit_batches``) applied to the
+    loader's length by Lightning's ``_parse_num_batches``. ``max_batches`` is then that combined loader's length:
+    for one loader, its length capped at that limit, which is what this returns. Raises if this Lightning keeps
+    the limits elsewhere. Checked with Lightning 2.6.6.
+    """
+    limits = getattr(getattr(trainer.fit_loop, "_combined_loader", None), "limits", None)
+    if not (isinstance(limits, list) and len(limits) == 1 and isinstance(limits[0], (int, float))):
+        raise RuntimeError(f"ExactResume: {NO_EPOCH_LENGTH}")
+    try:
+        length: float = len(loader)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError):
+        length = float("inf")
+    return min(length, limits[0])
