@@ -4,6 +4,7 @@ test fails loudly when a release moves one."""
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
 import lightning as L
 import torch.distributed as dist
@@ -54,3 +55,17 @@ def test_one_process_makes_no_group_and_routes_nothing():
     trainer = L.Trainer(strategy="ddp", devices=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 1
     assert ddp_process_group_now(trainer) is False and not dist.is_initialized()
+
+
+def test_strategies_built_on_ddp_whose_load_is_collective_are_not_routed():
+    # DeepSpeedStrategy and XLAStrategy subclass DDPStrategy, but each rank loads its own part collectively:
+    # rank 0 alone reading would leave the others waiting. Built without __init__ (deepspeed, torch_xla absent).
+    from lightning.pytorch import strategies
+
+    subclasses = {name for name, cls in vars(strategies).items()
+                  if isinstance(cls, type) and issubclass(cls, DDPStrategy) and cls is not DDPStrategy}
+    assert {"DeepSpeedStrategy", "XLAStrategy"} <= subclasses  # a release adding one: check how it loads
+    for name in sorted(subclasses):
+        trainer = SimpleNamespace(strategy=object.__new__(getattr(strategies, name)), world_size=2)
+        assert ddp_process_group_now(trainer) is False, name
+    assert not dist.is_initialized()
