@@ -69,3 +69,18 @@ def test_strategies_built_on_ddp_whose_load_is_collective_are_not_routed():
         trainer = SimpleNamespace(strategy=object.__new__(getattr(strategies, name)), world_size=2)
         assert ddp_process_group_now(trainer) is False, name
     assert not dist.is_initialized()
+
+
+def test_every_rank_resolves_best_through_the_connectors_parse_ckpt_path_reading_best_model_path():
+    # shared_load pins rank 0's "best" on every rank around _parse_ckpt_path (internals.connector.wrap_ckpt_path_parse),
+    # which _select_ckpt_path calls on the instance, its first two arguments positional; None means "best" after a fit.
+    assert list(inspect.signature(_CheckpointConnector._parse_ckpt_path).parameters)[:3] == ["self", "state_fn",
+                                                                                                "ckpt_path"]
+    select = inspect.getsource(_CheckpointConnector._select_ckpt_path)
+    assert "self._parse_ckpt_path(\n                state_fn,\n                ckpt_path," in select
+    parse = inspect.getsource(_CheckpointConnector._parse_ckpt_path)
+    assert 'ckpt_path = "best"' in parse and "self.trainer.checkpoint_callback.best_model_path" in parse
+    for impl in (L.Trainer._fit_impl, L.Trainer._validate_impl, L.Trainer._test_impl, L.Trainer._predict_impl):
+        assert "self._checkpoint_connector._select_ckpt_path(" in inspect.getsource(impl), impl
+    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    assert callable(trainer._checkpoint_connector._parse_ckpt_path)
