@@ -292,11 +292,12 @@ def test_a_ddp_resume_from_a_bucket_reads_the_checkpoint_from_the_server_once_pe
 
 
 def test_validate_best_after_a_fit_loads_rank_0s_best_on_every_rank(runs: Runs, first: Job) -> None:
-    """Each rank its own disk: rank 1 sees no checkpoint, yet validate(ckpt_path="best") loads rank 0's "best"
-    (decided there, read there, sent to rank 1) on both ranks, with its weights."""
+    """Each rank its own disk: rank 1 sees no checkpoint, yet validate(ckpt_path="best") and then test() load rank
+    0's "best" (decided there, read there, sent to rank 1) on both ranks, with its weights."""
     zero, one = trained(first, "node-disks-best")
     assert zero["best"] and one["best"] == "", (zero, one)  # rank 1's own view of its empty directory
     assert zero["validated"] == one["validated"] == zero["best"]
+    assert zero["tested"] == one["tested"] == zero["best"]  # trainer.test() after a fit: "best" by default
     best = Path(zero["best"])
     saved = load_checkpoint(best if best.is_absolute() else runs.root / "node-disks-best" / "node0" / best)
     assert zero["validated_weights"] == one["validated_weights"] == weights_digest(saved["state_dict"])

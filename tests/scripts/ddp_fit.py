@@ -5,7 +5,8 @@ one fit per scenario. A scenario's arguments are ``fit``'s; each rank's row says
 ENOSPC inside the store's real write, for that scenario only. ``node_disks=True``: each rank works in a directory
 of its own (``<dirpath>/node<rank>``) with the relative ``dirpath="ckpts"``, so that one path names another
 directory on each rank, as one path on nodes with disks of their own does (rank 1's is empty: rank 0 writes). ``mlflow=URI``: an ``MLFlowLogger(log_model="all")``
-on that file store. ``validate_best=True``: after the fit, ``trainer.validate(ckpt_path="best")``. ``backbone=True``: an nn.Module among the
+on that file store. ``validate_best=True``: after the fit, ``trainer.validate(ckpt_path="best")``, then ``trainer.test()``
+(which loads "best" by default). ``backbone=True``: an nn.Module among the
 hyper-parameters, which no checkpoint can store without pickle.
 """
 
@@ -92,6 +93,8 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: i
                 trainer.validate(model, tiny_loader(seed=1), ckpt_path="best", verbose=False)
                 validated = {"validated": os.fspath(trainer.ckpt_path), "validated_weights": weights_digest(
                     model.state_dict())}
+                trainer.test(dataloaders=tiny_loader(seed=1), verbose=False)  # no ckpt_path: "best", by default
+                validated["tested"] = os.fspath(trainer.ckpt_path)
         except Exception as err:  # noqa: BLE001 - what the user sees, for the test to check
             return {"error": error_text(err, 2000), "steps": len(model.losses)}
     warned = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
