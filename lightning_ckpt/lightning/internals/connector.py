@@ -2,7 +2,8 @@
 asks about each candidate, and where every rank turns ``ckpt_path="best"`` into a path.
 
 Checked with Lightning 2.6.6; ``tests/lightning/test_lineage.py`` (the state) and
-``tests/lightning/test_dirpath_urls.py`` (the lookup) fail loudly when a release moves one.
+``tests/lightning/test_dirpath_urls.py`` (the lookup) and ``tests/lightning/test_shared_load_internals.py`` (the
+resolution of "best") fail loudly when a release moves one.
 """
 
 from __future__ import annotations
