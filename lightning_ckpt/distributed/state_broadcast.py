@@ -9,6 +9,12 @@ buffers that never come. ``broadcast_object_list`` pickles in memory between thi
 it carries is the structure rank 0 has already decoded (and verified) from the checkpoint, never bytes
 read from storage, which are unpickled nowhere.
 
+Only plain tensors travel as bytes (strided, not quantized, not on the meta device): any other (sparse,
+quantized with its scale and zero point, meta) stays in the structure and is pickled with it. Rank 0 takes
+every tensor's bytes and checks that the structure pickles before anything is sent, so a state that cannot
+travel is rank 0's error on every rank. Dicts (``defaultdict`` and ``OrderedDict`` too), lists, tuples and
+named tuples come back of their own type.
+
 A tensor that appears several times in the state (tied weights) is sent once and is one tensor on every
 rank; views of one storage that are distinct tensors arrive as separate tensors. Every rank but the
 source gets contiguous CPU tensors of the source's dtypes and shapes, equal bit for bit; the source keeps
@@ -22,6 +28,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import pickle
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -51,21 +60,35 @@ def broadcast_state(read: Callable[[], Any], *, group: Any = None, bucket_bytes:
         raise ValueError(f"bucket_bytes={bucket_bytes}: a positive number of bytes")
     agree = GroupAgree(group if group is not None else dist.group.WORLD)
     tensors: list[torch.Tensor] = []
+    views: list[torch.Tensor] = []
 
     def structure() -> tuple[Any, list[tuple[torch.dtype, tuple[int, ...]]]]:
+        # Everything that can fail on rank 0 happens here, where its error reaches every rank.
         state = read()
-        return _hollow(state, tensors, {}), [(t.dtype, tuple(t.shape)) for t in tensors]
+        skeleton = _hollow(state, tensors, {})
+        views.extend(_bytes_of(t, source=True) for t in tensors)
+        pickle.dumps(skeleton)  # what broadcast_object_list does next, past the point an error reaches all
+        return skeleton, [(t.dtype, tuple(t.shape)) for t in tensors]
 
     skeleton, specs = decided_on_rank_zero(agree, structure)
     if not agree.is_rank_zero:
         tensors = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
-    _send_bytes(tensors, agree.is_rank_zero, group, bucket_bytes)
+        views = [_bytes_of(t, source=False) for t in tensors]
+    _send_bytes(views, agree.is_rank_zero, group, bucket_bytes)
     return _filled(skeleton, tensors)
+
+
+def _travels_as_bytes(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements are all its bytes say of it: strided, not quantized (a scale and a zero
+    point besides), not on the meta device (no bytes at all)."""
+    return tensor.layout == torch.strided and not tensor.is_quantized and not tensor.is_meta
 
 
 def _hollow(value: Any, tensors: list[torch.Tensor], seen: dict[int, int]) -> Any:
     """``value`` with each tensor replaced by its slot (appended to ``tensors``, once per tensor object)."""
     if isinstance(value, torch.Tensor):
+        if not _travels_as_bytes(value):
+            return value  # pickled with the structure
         if id(value) not in seen:
             seen[id(value)] = len(tensors)
             tensors.append(value)
@@ -83,23 +106,25 @@ def _rebuilt(value: Any, each: Callable[[Any], Any]) -> Any:
     """A dict, list or tuple (of its own type) with ``each`` applied to its items; anything else as it is."""
     if isinstance(value, dict):
         items = {key: each(item) for key, item in value.items()}
-        return items if type(value) is dict else type(value)(items)
+        if type(value) is dict:
+            return items
+        if isinstance(value, defaultdict):  # its first argument is its default factory
+            return type(value)(value.default_factory, items)
+        return type(value)(items)
     if isinstance(value, list):
         return [each(item) for item in value]
     if isinstance(value, tuple):
         items = [each(item) for item in value]
         if type(value) is tuple:
             return tuple(items)
-        try:
-            return type(value)(items)
-        except TypeError:  # a named tuple takes its fields one by one
+        if hasattr(type(value), "_fields"):  # a named tuple takes its fields one by one
             return type(value)(*items)
+        return type(value)(items)
     return value
 
 
-def _send_bytes(tensors: list[torch.Tensor], source: bool, group: Any, bucket_bytes: int) -> None:
-    """Every tensor's bytes from rank 0 of ``group`` into the others' ``tensors``, a bucket at a time."""
-    views = [_bytes_of(t, source) for t in tensors]
+def _send_bytes(views: list[torch.Tensor], source: bool, group: Any, bucket_bytes: int) -> None:
+    """Rank 0's ``views`` (each a tensor's bytes) into the other ranks' ``views``, a bucket at a time."""
     total = sum(v.numel() for v in views)
     if total == 0:
         return
@@ -123,7 +148,7 @@ def _bytes_of(tensor: torch.Tensor, source: bool) -> torch.Tensor:
     a view of the receiving tensor elsewhere (allocated contiguous here)."""
     flat = tensor.detach()
     if source:
-        flat = flat.cpu().contiguous()
+        flat = flat.resolve_conj().resolve_neg().cpu().contiguous()
     return flat.reshape(-1).view(torch.uint8)
 
 

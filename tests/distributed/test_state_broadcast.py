@@ -18,6 +18,9 @@ SCENARIOS = {
     "big-one-bucket": {"kind": "big"},
     "tied": {"kind": "tied"},
     "error": {"kind": "error"},
+    "odd": {"kind": "odd"},
+    "containers": {"kind": "containers"},
+    "unpicklable": {"kind": "unpicklable"},
     "after-error": {"kind": "dtypes", "bucket_bytes": 7},  # the ranks are still in step: no buffer was left behind
 }
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(SCENARIOS)))
@@ -28,7 +31,8 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Job:
     return run_job(SCRIPT, SCENARIOS, tmp_path_factory.mktemp("state_broadcast"))
 
 
-@pytest.mark.parametrize("name", ["dtypes", "empty", "noncontig", "big", "big-one-bucket", "tied", "after-error"])
+@pytest.mark.parametrize("name", ["dtypes", "empty", "noncontig", "big", "big-one-bucket", "tied", "odd", "containers",
+                                  "after-error"])
 def test_rank_1_holds_what_rank_0_read_bit_for_bit(job: Job, name: str) -> None:
     zero, one = job.rows(name)
     assert zero["error"] is one["error"] is None, (zero, one)
@@ -52,3 +56,29 @@ def test_rank_0s_read_error_is_the_same_error_on_both_ranks(job: Job) -> None:
     assert zero["error"].startswith("CorruptCheckpointError: /ckpt/step=000000004/model.safetensors")
     assert one["error"].startswith("CorruptCheckpointError: rank 0: CorruptCheckpointError: /ckpt/step=000000004")
     job.assert_ended()
+
+
+def test_sparse_quantized_and_meta_tensors_arrive_whole_beside_plain_ones(job: Job) -> None:
+    """Their bytes alone are not them (a sparse tensor's indices, a quantized one's scale and zero point, a meta
+    tensor has none): rank 1 gets each as rank 0 read it, and the plain tensor beside them bit for bit."""
+    zero, one = job.rows("odd")
+    leaves = one["leaves"]
+    assert leaves["/sparse"][2] == "torch.sparse_coo" and leaves["/meta"] == ["torch.float32", [2, 3], "meta"]
+    assert leaves["/q"][0] == "torch.qint8" and leaves["/q"][3:] == [0.05 * 7, 7]  # rank 0's seed, not rank 1's
+    assert one["tied"] is True
+
+
+def test_containers_come_back_of_their_own_type(job: Job) -> None:
+    zero, one = job.rows("containers")
+    assert one["types"] == {"one": "One", "two": "Two", "dd": "defaultdict", "od": "OrderedDict", "size": "Size"}
+    leaves = one["leaves"]
+    assert leaves["/one:One"] == 1 and leaves["/one/0"][:2] == ["torch.float32", [2]]  # One(x=t), not One(x=[t])
+    assert leaves["/dd:defaultdict"] == "<class 'list'>" and leaves["/od:OrderedDict"] == "None"
+    assert list(k for k in leaves if k.startswith("/od/")) == ["/od/z", "/od/a"]
+    assert one["tied"] is True
+
+
+def test_a_state_rank_0_cannot_send_is_an_error_on_every_rank(job: Job) -> None:
+    zero, one = job.rows("unpicklable")  # no hang, no "Connection closed": rank 1 learns rank 0's error
+    assert "pickle" in zero["error"] and "lambda" in zero["error"], zero
+    assert one["error"].startswith("CheckpointError: rank 0: ") and "lambda" in one["error"], one

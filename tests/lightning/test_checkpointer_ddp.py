@@ -26,7 +26,7 @@ from lightning_ckpt.store.ledger import LEDGER_FILE
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
 # Those that train to the end first: a scenario that failed to stay collective ends the job, not the others.
 FIRST = ("save", "mirror", "s3", "warn", "raise", "async-raise", "held", "logged", "node-local", "node-disks",
-         "node-disks-full", "s3-once")
+         "node-disks-full", "s3-once", "node-disks-best")
 RESUMED = ("save", "s3", "node-disks", "node-disks-damaged", "node-disks-bad-path", "s3-once")
 SLACK = 256 * 2**10  # what a resume reads besides the checkpoint's files: listings, ledger, manifests, headers
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(RESUMED)))
@@ -56,6 +56,8 @@ class Runs:
             "node-disks-full": {"dirpath": self.root / "node-disks-full", "max_steps": 8, "node_disks": True},
             "s3-once": {"dirpath": self.s3.url("once"), "max_steps": 4, "hidden": 1024,  # 24 MiB with AdamW
                         "storage_options": self.options},
+            "node-disks-best": {"dirpath": self.root / "node-disks-best", "max_steps": 8, "node_disks": True,
+                                "validate_best": True},
         }
         assert tuple(scenarios) == FIRST  # the names its timeout counts
         lock = LocalStore(self.root / "held").lock()  # another live run writes there
@@ -287,3 +289,15 @@ def test_a_ddp_resume_from_a_bucket_reads_the_checkpoint_from_the_server_once_pe
     saved = load_checkpoint(f"s3://{last}", storage_options=runs.s3.options)
     assert zero["restored"] == one["restored"] == weights_digest(saved["state_dict"])
     assert zero["first_step"] == one["first_step"] == 4
+
+
+def test_validate_best_after_a_fit_loads_rank_0s_best_on_every_rank(runs: Runs, first: Job) -> None:
+    """Each rank its own disk: rank 1 sees no checkpoint, yet validate(ckpt_path="best") and then test() load rank
+    0's "best" (decided there, read there, sent to rank 1) on both ranks, with its weights."""
+    zero, one = trained(first, "node-disks-best")
+    assert zero["best"] and one["best"] == "", (zero, one)  # rank 1's own view of its empty directory
+    assert zero["validated"] == one["validated"] == zero["best"]
+    assert zero["tested"] == one["tested"] == zero["best"]  # trainer.test() after a fit: "best" by default
+    best = Path(zero["best"])
+    saved = load_checkpoint(best if best.is_absolute() else runs.root / "node-disks-best" / "node0" / best)
+    assert zero["validated_weights"] == one["validated_weights"] == weights_digest(saved["state_dict"])

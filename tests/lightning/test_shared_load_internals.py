@@ -4,6 +4,7 @@ test fails loudly when a release moves one."""
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
 import lightning as L
 import torch.distributed as dist
@@ -68,3 +69,32 @@ def test_model_parallel_makes_its_group_in_a_private_step_that_keeps_one_that_ex
     strategy = ModelParallelStrategy()
     trainer = L.Trainer(strategy=strategy, devices=1, accelerator="cpu", logger=False, enable_progress_bar=False)
     assert process_group_now(trainer) is False and not dist.is_initialized()  # one process: no group, no call
+
+
+def test_strategies_built_on_ddp_whose_load_is_collective_are_not_routed():
+    # DeepSpeedStrategy and XLAStrategy subclass DDPStrategy, but each rank loads its own part collectively:
+    # rank 0 alone reading would leave the others waiting. Built without __init__ (deepspeed, torch_xla absent).
+    from lightning.pytorch import strategies
+
+    subclasses = {name for name, cls in vars(strategies).items()
+                  if isinstance(cls, type) and issubclass(cls, DDPStrategy) and cls is not DDPStrategy}
+    assert {"DeepSpeedStrategy", "XLAStrategy"} <= subclasses  # a release adding one: check how it loads
+    for name in sorted(subclasses):
+        trainer = SimpleNamespace(strategy=object.__new__(getattr(strategies, name)), world_size=2)
+        assert ddp_process_group_now(trainer) is False, name
+    assert not dist.is_initialized()
+
+
+def test_every_rank_resolves_best_through_the_connectors_parse_ckpt_path_reading_best_model_path():
+    # shared_load pins rank 0's "best" on every rank around _parse_ckpt_path (internals.connector.wrap_ckpt_path_parse),
+    # which _select_ckpt_path calls on the instance, its first two arguments positional; None means "best" after a fit.
+    assert list(inspect.signature(_CheckpointConnector._parse_ckpt_path).parameters)[:3] == ["self", "state_fn",
+                                                                                                "ckpt_path"]
+    select = inspect.getsource(_CheckpointConnector._select_ckpt_path)
+    assert "self._parse_ckpt_path(\n                state_fn,\n                ckpt_path," in select
+    parse = inspect.getsource(_CheckpointConnector._parse_ckpt_path)
+    assert 'ckpt_path = "best"' in parse and "self.trainer.checkpoint_callback.best_model_path" in parse
+    for impl in (L.Trainer._fit_impl, L.Trainer._validate_impl, L.Trainer._test_impl, L.Trainer._predict_impl):
+        assert "self._checkpoint_connector._select_ckpt_path(" in inspect.getsource(impl), impl
+    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    assert callable(trainer._checkpoint_connector._parse_ckpt_path)

@@ -5,7 +5,8 @@ one fit per scenario. A scenario's arguments are ``fit``'s; each rank's row says
 ENOSPC inside the store's real write, for that scenario only. ``node_disks=True``: each rank works in a directory
 of its own (``<dirpath>/node<rank>``) with the relative ``dirpath="ckpts"``, so that one path names another
 directory on each rank, as one path on nodes with disks of their own does (rank 1's is empty: rank 0 writes). ``mlflow=URI``: an ``MLFlowLogger(log_model="all")``
-on that file store. ``backbone=True``: an nn.Module among the
+on that file store. ``validate_best=True``: after the fit, ``trainer.validate(ckpt_path="best")``, then ``trainer.test()``
+(which loads "best" by default). ``backbone=True``: an nn.Module among the
 hyper-parameters, which no checkpoint can store without pickle.
 """
 
@@ -54,14 +55,15 @@ def save_fails_at(step: int | None) -> Iterator[None]:
 def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: int | None = None,
         on_save_error: str = "raise", mirror: str | None = None, async_save: bool = False,
         storage_options: str | None = None, backbone: bool = False, mlflow: str | None = None,
-        node_local: bool = False, node_disks: bool = False, hidden: int = 16, views: bool = True) -> dict[str, Any]:
+        node_local: bool = False, node_disks: bool = False, hidden: int = 16, views: bool = True,
+        validate_best: bool = False) -> dict[str, Any]:
     if node_disks:
         home = os.getcwd()
         os.makedirs(os.path.join(dirpath, f"node{rank()}"), exist_ok=True)
         os.chdir(os.path.join(dirpath, f"node{rank()}"))
         try:
             return fit("ckpts", max_steps, ckpt_path, fail_step, on_save_error, mirror, async_save, storage_options,
-                       backbone, mlflow, hidden=hidden, views=views)
+                       backbone, mlflow, hidden=hidden, views=views, validate_best=validate_best)
         finally:
             os.chdir(home)
     L.seed_everything(0)
@@ -87,9 +89,16 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: i
         warnings.simplefilter("always", CheckpointWarning)
         try:
             trainer.fit(model, tiny_loader(shuffle=True), tiny_loader(seed=1), ckpt_path=ckpt_path)
+            if validate_best:  # every rank loads rank 0's "best", which rank 1 may not see
+                trainer.validate(model, tiny_loader(seed=1), ckpt_path="best", verbose=False)
+                validated = {"validated": os.fspath(trainer.ckpt_path), "validated_weights": weights_digest(
+                    model.state_dict())}
+                trainer.test(dataloaders=tiny_loader(seed=1), verbose=False)  # no ckpt_path: "best", by default
+                validated["tested"] = os.fspath(trainer.ckpt_path)
         except Exception as err:  # noqa: BLE001 - what the user sees, for the test to check
             return {"error": error_text(err, 2000), "steps": len(model.losses)}
     warned = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    extra = validated if validate_best else {}
     if not views:  # "best" and "last" verify their checkpoint: a read the scenario does not count on
         return {"step": trainer.global_step, "first_step": model.losses[0][0], "restored": restored.digest,
                 "ckpt_path": restored.ckpt_path}
@@ -97,7 +106,7 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: i
             "run_id": ckpt.state_dict()["run_id"], "warned": warned, "first_step": model.losses[0][0],
             "tiers": {e.name: e.tiers for e in ckpt._manager.entries},  # this rank's view of the ledger
             "uploaded": uploaded(logger) if logger and trainer.is_global_zero else None,
-            "losses": model.losses, "restored": restored.digest, "ckpt_path": restored.ckpt_path}
+            "losses": model.losses, "restored": restored.digest, "ckpt_path": restored.ckpt_path, **extra}
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -43,6 +43,7 @@ class ModelCheckpointView:
     _view_cache: tuple[int, dict[str, Any]] | None  # the manager's revision, the answers given at it
     _resolve_dirpath: Callable[[L.Trainer], str]  # the Checkpointer's
     _migrating_from: str | None = None  # the ModelCheckpoint file "last" chose, for the Checkpointer to say so
+    _best_pinned: str | None = None  # rank 0's "best" while Lightning resolves ckpt_path="best" (shared_load)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         # Under DDP and ModelParallelStrategy decided on rank 0 alone, every rank learns it: another node may see
@@ -81,8 +82,14 @@ class ModelCheckpointView:
         """Every monitored metric and its mode, in order (``{}`` without a monitor); the first is ``monitor``."""
         return dict(self._retention.monitors)
 
+    def pin_best(self, path: str | None) -> None:
+        """``best_model_path`` is ``path`` (rank 0's, under DDP) until pinned again with None."""
+        self._best_pinned = path
+
     @property
     def best_model_path(self) -> str:
+        if self._best_pinned is not None:
+            return self._best_pinned
         if self._best_override is not None:
             return self._best_override
         entry = self._best_entry()

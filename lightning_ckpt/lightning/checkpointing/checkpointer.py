@@ -188,7 +188,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         io = ensure_safetensors_io(trainer, self.allow_pickle)
         if self._storage_options is not None:  # the plugin (and a sharded save) write and read under dirpath with them
             io.add_remote_options(self.dirpath, self._storage_options)
-        self._sharded = route_loads(trainer, io=io, async_save=self.async_save and stage == "fit")
+        self._sharded = route_loads(trainer, io=io, async_save=self.async_save and stage == "fit", view=self)
         if stage != "fit":  # "best"/"last" stay this run's after a fit; else the newest branch's
             self._reader().refresh()
             return

@@ -8,6 +8,9 @@ Under DDP rank 0 writes every checkpoint, on its own node when each node has a d
   and every rank learns it (:func:`last_on_rank_zero`; under ModelParallelStrategy too, where a node-local
   ``dirpath`` holds each rank's part only): a rank that sees nothing of ``dirpath`` resumes from the same
   checkpoint, and a URL ``dirpath`` is listed and verified once, not once per rank;
+- ``ckpt_path="best"`` (and ``None``, "best" after a fit) likewise: rank 0's "best", pinned on every rank's
+  ``Checkpointer`` while Lightning resolves it (:func:`route_loads`), from the Checkpointer's setup on (a fresh
+  Trainer's first ``test(ckpt_path="best")`` still decides on each rank);
 - the strategy's ``load_checkpoint`` (:func:`route_loads`): when every rank holds the very checkpoint rank 0
   reads (a local directory whose manifest is byte for byte rank 0's), each rank reads its own copy (on one
   machine, 4x faster than a broadcast: ``benchmarks/bench_shared_load.py``); otherwise (a rank without it, a
@@ -34,6 +37,7 @@ from lightning_ckpt.format.manifest import MANIFEST_FILE
 from lightning_ckpt.lightning.checkpointing.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.lightning.checkpointing.remote_dirpath import note_remote_last
 from lightning_ckpt.lightning.checkpointing.sharded_io import BackgroundShardedWrites, route_if_sharded
+from lightning_ckpt.lightning.internals.connector import wrap_ckpt_path_parse
 from lightning_ckpt.lightning.internals.strategy import (LoadCheckpoint, ddp_process_group_now, process_group_now,
                                                         route_checkpoint_methods)
 from lightning_ckpt.store import locate
@@ -45,15 +49,32 @@ from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES
 Last = tuple[set[str], str | None, float | None]
 
 
-def route_loads(trainer: L.Trainer, *, io: SafetensorsCheckpointIO, async_save: bool
+def route_loads(trainer: L.Trainer, *, io: SafetensorsCheckpointIO, async_save: bool, view: Any = None
                 ) -> BackgroundShardedWrites | None:
     """Route the Trainer's resumes: sharded under ModelParallelStrategy (``sharded_io.route_if_sharded``, whose
     result this returns), read once and broadcast under DDP on several ranks where needed; else as Lightning does.
-    A collective at setup under ModelParallelStrategy with ``async_save`` (see ``route_if_sharded``)."""
+    A collective at setup under ModelParallelStrategy with ``async_save`` (see ``route_if_sharded``). Under DDP,
+    ``view`` (the ``Checkpointer``) answers rank 0's "best" on every rank whenever Lightning resolves
+    ``ckpt_path="best"`` from then on (:func:`_best_on_rank_zero`)."""
     sharded = route_if_sharded(trainer, io=io, async_save=async_save)
     if sharded is None and ddp_process_group_now(trainer):
         route_checkpoint_methods(trainer.strategy, partial(_ddp_load, trainer.strategy))
+        if view is not None:
+            wrap_ckpt_path_parse(trainer, partial(_best_on_rank_zero, trainer, view))
     return sharded
+
+
+def _best_on_rank_zero(trainer: L.Trainer, view: Any, parse: Callable[[], Any], ckpt_path: Any) -> Any:
+    """Lightning's ``parse()`` of ``ckpt_path``, ``view``'s "best" being rank 0's on every rank meanwhile (another
+    node may see nothing of ``dirpath``). A collective for "best" and None when ``view`` is the Trainer's first
+    ModelCheckpoint (the one Lightning asks)."""
+    if ckpt_path not in ("best", None) or trainer.checkpoint_callback is not view or not dist.is_initialized():
+        return parse()
+    view.pin_best(decided_on_rank_zero(_world(), lambda: view.best_model_path))
+    try:
+        return parse()
+    finally:
+        view.pin_best(None)
 
 
 def last_on_rank_zero(trainer: L.Trainer, decide: Callable[[], Last]) -> Last:

@@ -1,8 +1,9 @@
-"""Lightning's checkpoint connector: the full state a save writes, and the lookup ``ckpt_path="last"``
-asks about each candidate.
+"""Lightning's checkpoint connector: the full state a save writes, the lookup ``ckpt_path="last"``
+asks about each candidate, and where every rank turns ``ckpt_path="best"`` into a path.
 
 Checked with Lightning 2.6.6; ``tests/lightning/test_lineage.py`` (the state) and
-``tests/lightning/test_dirpath_urls.py`` (the lookup) fail loudly when a release moves one.
+``tests/lightning/test_dirpath_urls.py`` (the lookup) and ``tests/lightning/test_shared_load_internals.py`` (the
+resolution of "best") fail loudly when a release moves one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import lightning as L
 from lightning_ckpt.errors import CheckpointError
 
 _LOOKUP_ATTR = "get_filesystem"
+_PARSE_WRAPPED = "_lightning_ckpt_parse_wrapped"  # marks a connector whose _parse_ckpt_path is wrapped
 
 
 def dump_checkpoint(trainer: L.Trainer) -> dict[str, Any]:
@@ -48,3 +50,21 @@ def _connector_module() -> ModuleType:
             "ckpt_path=lightning_ckpt.latest_checkpoint(url, storage_options=...) instead, and report it to lightning-ckpt."
         )
     return checkpoint_connector
+
+
+def wrap_ckpt_path_parse(trainer: L.Trainer, around: Callable[[Callable[[], Any], Any], Any]) -> None:
+    """Make ``trainer`` resolve every ``ckpt_path=`` as ``around(parse, ckpt_path)``, ``parse()`` being Lightning's
+    own resolution of it (once per Trainer; a second call does nothing)."""
+    # Lightning 2.6.6: every rank's fit/validate/test/predict turns ckpt_path ("best", "last", None: "best" after
+    # a fit) into a path in _CheckpointConnector._parse_ckpt_path (from _select_ckpt_path, on the instance),
+    # reading trainer.checkpoint_callback.best_model_path for "best"; no public seam runs before it.
+    connector = trainer._checkpoint_connector
+    if getattr(connector, _PARSE_WRAPPED, False):
+        return
+    own = connector._parse_ckpt_path
+
+    def parse(state_fn: Any, ckpt_path: Any, *args: Any, **kwargs: Any) -> Any:
+        return around(lambda: own(state_fn, ckpt_path, *args, **kwargs), ckpt_path)
+
+    connector._parse_ckpt_path = parse  # type: ignore[method-assign]
+    setattr(connector, _PARSE_WRAPPED, True)

@@ -36,8 +36,8 @@ def route_checkpoint_methods(strategy: Strategy,
 
 
 def ddp_process_group_now(trainer: L.Trainer) -> bool:
-    """Whether ``trainer`` runs DDP on several ranks, its process group made now if it has none yet (a
-    collective: every rank makes it).
+    """Whether ``trainer`` runs Lightning's own ``DDPStrategy`` (not a subclass) on several ranks, its process
+    group made now if it has none yet (a collective: every rank makes it).
 
     Lightning 2.6.6 resolves ``ckpt_path="last"`` (``_CheckpointConnector._parse_ckpt_path``, asking each
     ``ModelCheckpoint._find_last_checkpoints``) before ``Trainer._run`` calls ``strategy.setup_environment()``,
@@ -45,7 +45,9 @@ def ddp_process_group_now(trainer: L.Trainer) -> bool:
     makes it through ``_init_dist_connection``, which returns early once a group exists, so Lightning's own
     call later changes nothing.
     """
-    if not isinstance(trainer.strategy, DDPStrategy) or trainer.world_size < 2 or not dist.is_available():
+    # DDPStrategy itself only: its subclasses (DeepSpeedStrategy, XLAStrategy) load collectively, every rank
+    # reading its part; routing their load to rank 0 alone would hang the others.
+    if type(trainer.strategy) is not DDPStrategy or trainer.world_size < 2 or not dist.is_available():
         return False
     if not dist.is_initialized():
         trainer.strategy.setup_environment()
