@@ -9,9 +9,6 @@ in the ledger and lets the local retention delete a checkpoint once its upload c
 from __future__ import annotations
 
 import os
-import queue
-import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, replace
@@ -29,6 +26,7 @@ from lightning_ckpt.store.fsutil import is_read_only_url, read_only_message
 from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, READ_CHUNK
 from lightning_ckpt.store.local import LocalStore
 from lightning_ckpt.store.ledger import MIRROR_TIER, Entry
+from lightning_ckpt.tiers.worker import JobWorker
 
 MAX_BACKOFF = 60.0  # seconds: a long outage is retried about once a minute until the retries run out
 UPLOADED = "uploaded"
@@ -206,56 +204,28 @@ class Uploader:
                  sleep: Callable[[float], object] | None = None) -> None:
         self.source, self.mirror, self.run_id = source, mirror, run_id
         self.target = target if target is not None else mirror.open()
-        self._closed = threading.Event()
-        self._sleep = sleep if sleep is not None else self._closed.wait
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._lock = threading.Condition()
-        self._pending: list[str] = []
-        self._events: list[UploadEvent] = []
-        self._thread = threading.Thread(target=self._run, name="lightning-ckpt-mirror", daemon=True)
-        self._thread.start()
+        self._worker = JobWorker("lightning-ckpt-mirror")
+        self._sleep = sleep if sleep is not None else self._worker.sleep
 
     def submit(self, name: str) -> None:
         """Queue a committed checkpoint for upload; returns at once."""
-        with self._lock:
-            self._pending.append(name)
-        self._queue.put(name)
+        self._worker.submit(name, lambda: self._upload(name))
 
     def pending(self) -> frozenset[str]:
         """Checkpoints queued or uploading: the local retention must not delete them yet."""
-        with self._lock:
-            return frozenset(self._pending)
+        return self._worker.pending()
 
     def events(self) -> list[UploadEvent]:
         """What happened since the last call, in order."""
-        with self._lock:
-            events, self._events = self._events, []
-        return events
+        return self._worker.events()
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until every queued upload committed or was given up; False if ``timeout`` ran out first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while self._pending:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._lock.wait(left)
-        return True
+        return self._worker.wait(timeout)
 
     def close(self) -> None:
         """Stop after the upload in flight; what is still queued is not uploaded (it stays local)."""
-        self._closed.set()
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while (name := self._queue.get()) is not None:
-            if not self._closed.is_set():
-                self._upload(name)
-            with self._lock:
-                self._pending.remove(name)
-                self._lock.notify_all()
+        self._worker.close()
 
     def _upload(self, name: str) -> None:
         attempt = 1
@@ -266,7 +236,7 @@ class Uploader:
             except Exception as err:  # noqa: BLE001 - an upload failure must never reach training
                 message = f"{type(err).__name__}: {err}"
                 damaged = isinstance(err, CheckpointError) and not isinstance(err, OSError)  # retrying cannot help
-                if damaged or attempt > self.mirror.retries or self._closed.is_set():
+                if damaged or attempt > self.mirror.retries or self._worker.closed:
                     self._report(UploadEvent(name, FAILED, message, attempt))
                     return
                 self._report(UploadEvent(name, RETRYING, message, attempt))
@@ -280,8 +250,7 @@ class Uploader:
             self._report(UploadEvent(name, NOT_PRUNED, f"{type(err).__name__}: {err}", attempt))
 
     def _report(self, event: UploadEvent) -> None:
-        with self._lock:
-            self._events.append(event)
+        self._worker.report(event)
 
 
 class Tiering:

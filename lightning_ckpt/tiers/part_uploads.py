@@ -18,13 +18,10 @@ the checkpoint, and every other rank keeps its part of what rank 0 keeps.
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, missing_manifest
@@ -34,6 +31,7 @@ from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, READ_CHUNK
 from lightning_ckpt.store.fsutil import remote_scheme
 from lightning_ckpt.store.remote import FsspecStore
 from lightning_ckpt.tiers.mirror import FAILED, NOT_PRUNED, REMOVED, RETRYING, UPLOADED, Mirror, prune_remote
+from lightning_ckpt.tiers.worker import JobWorker
 
 SEALED = "sealed"  # rank 0 uploaded the manifest: the checkpoint is mirrored
 _WHOLE = (UPLOADED, FAILED)  # a rank's last word on its part of a checkpoint
@@ -89,7 +87,7 @@ class PartTiering:
         self.mirror, self.source, self.rank, self.world_size, self.clock = mirror, source, rank, world_size, clock
         self.target: FsspecStore = mirror.open()  # checked at setup (check_mirror_for_parts)
         self.run_id = run_id
-        self._worker = _Worker(rank)
+        self._worker = JobWorker(f"lightning-ckpt-mirror-part-{rank}")
         self._saves = 0
         self._finals: dict[str, bool] = {}  # committed here, not settled yet: whether it was the final save
         self._words: dict[str, dict[int, PartEvent]] = {}  # every rank's last word on each chosen checkpoint
@@ -276,69 +274,6 @@ def _chunks(store: LocalStore, name: str, file: str) -> Iterator[bytes]:
     with opened[0] as f:
         while chunk := f.read(READ_CHUNK):
             yield chunk
-
-
-class _Worker:
-    """One thread running a rank's jobs in order; each job returns events, reported at the next exchange."""
-
-    def __init__(self, rank: int) -> None:
-        self._queue: queue.Queue[tuple[str, Callable[[], Any]] | None] = queue.Queue()
-        self._lock = threading.Condition()
-        self._pending: list[str] = []
-        self._events: list[PartEvent] = []
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lightning-ckpt-mirror-part-{rank}", daemon=True)
-        self._thread.start()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def sleep(self, seconds: float) -> None:
-        self._closed.wait(seconds)  # returns early once closed
-
-    def submit(self, name: str, job: Callable[[], Any]) -> None:
-        with self._lock:
-            self._pending.append(name)
-        self._queue.put((name, job))
-
-    def pending(self) -> frozenset[str]:
-        with self._lock:
-            return frozenset(self._pending)
-
-    def report(self, event: PartEvent) -> None:
-        with self._lock:
-            self._events.append(event)
-
-    def events(self) -> list[PartEvent]:
-        with self._lock:
-            events, self._events = self._events, []
-        return events
-
-    def wait(self, timeout: float | None) -> bool:
-        """Wait until every queued job ran; False if ``timeout`` ran out first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while self._pending:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._lock.wait(left)
-        return True
-
-    def close(self) -> None:
-        self._closed.set()
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            name, job = item
-            events = job() if not self._closed.is_set() else []
-            with self._lock:
-                self._events.extend(events or [])
-                self._pending.remove(name)
-                self._lock.notify_all()
 
 
 def _warning(mirror: Mirror, event: PartEvent) -> str:
