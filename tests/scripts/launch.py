@@ -191,3 +191,14 @@ def serve(run: Callable[..., dict[str, Any]]) -> None:
             row = {"error": error_text(err)}
         _write(out / name / f"rank{me}.json", json.dumps({"rank": me, "error": None, **row}))
     _write(out / f"rank{me}.at", DONE)
+
+
+def serve_in_gloo_group(run: Callable[..., dict[str, Any]]) -> None:
+    """The main of a rank that makes its own process group (gloo; no Lightning): :func:`serve` inside it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank(), world_size=world_size())
+    try:
+        serve(run)
+    finally:
+        dist.destroy_process_group()

@@ -11,7 +11,7 @@ from typing import Any
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import rank, serve, world_size  # noqa: E402
+from launch import rank, serve_in_gloo_group  # noqa: E402
 
 from lightning_ckpt.distributed.agree import GroupAgree  # noqa: E402
 from lightning_ckpt.lightning.checkpointing.shared_dirpath import ranks_sharing_a_directory  # noqa: E402
@@ -24,8 +24,4 @@ def run(dirs: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    dist.init_process_group("gloo", rank=rank(), world_size=world_size())
-    try:
-        serve(run)
-    finally:
-        dist.destroy_process_group()
+    serve_in_gloo_group(run)

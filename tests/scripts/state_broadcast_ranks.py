@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import rank, serve, world_size  # noqa: E402
+from launch import rank, serve_in_gloo_group  # noqa: E402
 
 from lightning_ckpt.distributed.state_broadcast import broadcast_state  # noqa: E402
 from lightning_ckpt.errors import CorruptCheckpointError  # noqa: E402
@@ -112,8 +111,4 @@ def run(kind: str, bucket_bytes: int = 64 * 2**20) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    dist.init_process_group("gloo", rank=rank(), world_size=world_size())
-    try:
-        serve(run)
-    finally:
-        dist.destroy_process_group()
+    serve_in_gloo_group(run)
