@@ -10,7 +10,9 @@ own shard file; every other rank's directory of the same name holds that rank's 
    headers of the rank holding each file;
 3. DCP's load planner says which files each rank needs (the same world size and sharding: its own); the plans
    are gathered, and a file some rank needs but does not hold (a wiped disk, another world size whose plan needs
-   another node's file) is one error on every rank, naming the rank and the file (:func:`_fallback`);
+   another node's file) is one error on every rank, naming the rank and the file; with a complete copy
+   elsewhere (a ``Mirror``'s, ``elsewhere``) every rank loads that copy instead, when it is this checkpoint byte
+   for byte (:func:`_fallback`);
 4. each rank streams the files it needs from its own disk into its DTensors, verified against the manifest (size
    first, checksum at the end: ``shard_stream.StreamedShardReader``); a listed file no plan needs is verified by
    the rank holding it; rank 0 reads and verifies the files that are not shards and sends their bytes to every
@@ -28,7 +30,8 @@ import re
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NoReturn, TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -37,11 +40,12 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from lightning_ckpt.distributed.agree import Agree, decided_on_rank_zero, failure_of, with_rank
 from lightning_ckpt.distributed.shard_reader import check_keys, files_to_read, read_shard_headers, shard_metadata
 from lightning_ckpt.distributed.shard_stream import StreamedShardReader
-from lightning_ckpt.distributed.sharded import _NO_PROCESS_GROUP_WARNING, _dcp_errors, _in_shards, collect_dtensors
+from lightning_ckpt.distributed.sharded import (_NO_PROCESS_GROUP_WARNING, _dcp_errors, _in_shards, collect_dtensors,
+                                               load_sharded)
 from lightning_ckpt.distributed.state_broadcast import broadcast_state
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, IncompleteCheckpointError
 from lightning_ckpt.format import decode_state, device_from_map_location
-from lightning_ckpt.store import LocalStore, locate, read_manifest
+from lightning_ckpt.store import LocalStore, locate, open_store, read_manifest
 from lightning_ckpt.store.reading import check_listed, read_listed
 
 T = TypeVar("T")
@@ -50,7 +54,8 @@ _WRITER = re.compile(r"shards/rank-(\d{5})\.safetensors")  # the shard file rank
 
 def load_sharded_parts(path: str | os.PathLike, into: Mapping[str, Any], *, own_root: str | os.PathLike,
                        agree: Agree, allow_pickle: bool = False, map_location: Any = None,
-                       storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                       storage_options: Mapping[str, Any] | None = None,
+                       elsewhere: tuple[str, Mapping[str, Any] | None] | None = None) -> dict[str, Any]:
     """Load a sharded checkpoint saved as node-local parts into a live sharded state; collective.
 
     Args:
@@ -58,15 +63,20 @@ def load_sharded_parts(path: str | os.PathLike, into: Mapping[str, Any], *, own_
         into: as for :func:`~lightning_ckpt.distributed.sharded.load_sharded`.
         own_root: this rank's own ``dirpath``, holding its part of the checkpoint (rank 0's: ``path``'s parent).
         storage_options: unused (node-local parts are local files); accepted as ``load_sharded`` does.
+        elsewhere: where a complete copy of the checkpoints may be (a ``Mirror``'s URL and its storage options):
+            when the parts cannot make this checkpoint whole, its copy there of the same name is loaded instead,
+            on every rank, if its manifest is this checkpoint's (the same files, sizes and checksums).
 
     Returns:
         The whole checkpoint dict, as ``load_sharded`` returns it.
 
     Raises:
         IncompleteCheckpointError, CorruptCheckpointError, StorageError, CheckpointError: the same, word for word,
-            on every rank, when any rank lacks or cannot verify a file it needs (naming the rank and the file).
+            on every rank, when any rank lacks or cannot verify a file it needs (naming the rank and the file) and
+            no copy ``elsewhere`` replaces the parts.
     """
     del storage_options
+    load_copy = partial(load_sharded, into=into, agree=agree, allow_pickle=allow_pickle, map_location=map_location)
 
     def look_up() -> tuple[str, Any, str]:
         store, name = locate(path)
@@ -87,7 +97,7 @@ def load_sharded_parts(path: str | os.PathLike, into: Mapping[str, Any], *, own_
     except CheckpointError as err:  # the same on every rank
         if type(err) is CheckpointError:  # not a file missing, unreadable or failing its check: no copy helps
             raise
-        _fallback(err, where, name)
+        return _fallback(err, agree, where, name, manifest, elsewhere, load_copy)
     # Rank 0's verified bytes of the files that are not shards, to every rank (tensors in buckets, not pickled);
     # each rank decodes them around its own DTensors, as a load from a shared filesystem does.
     sent = broadcast_state(lambda: {file: _as_tensor(data) for file, data in got["files"].items()})
@@ -145,14 +155,36 @@ def _plan_and_read(agree: Agree, store: LocalStore, name: str, manifest: Any, wh
     return saved
 
 
-def _fallback(error: CheckpointError, where: str, name: str) -> NoReturn:
-    """Where a checkpoint the ranks' parts cannot make whole (a rank lacks or cannot verify a file it needs) is
-    looked for elsewhere: called on every rank alike, with the same error. The place a ``Mirror``'s complete copy
-    plugs in (each rank fetching the files it needs from it); today it raises the error, saying what to do."""
-    raise type(error)(f"{error}. This checkpoint lies in node-local parts (each rank's in the directory {name} of "
-                      f"its own dirpath): copy every rank's {name} into {where} on one filesystem and resume from "
-                      "that path, or resume from an older checkpoint; for checkpoints any node can resume, save to "
-                      "a filesystem every node mounts or to a URL dirpath") from error
+def _fallback(error: CheckpointError, agree: Agree, where: str, name: str, manifest: Any,
+              elsewhere: tuple[str, Mapping[str, Any] | None] | None, load_copy: Callable[..., dict[str, Any]]
+              ) -> dict[str, Any]:
+    """When the ranks' parts cannot make the checkpoint whole (a rank lacks or cannot verify a file it needs; every
+    rank alike, with the same ``error``): its complete copy ``elsewhere`` (a ``Mirror``'s, the same name there),
+    loaded by every rank, if rank 0 finds its manifest to list the same files, sizes and checksums as this one's
+    (this very checkpoint, not another run's of the same name); else ``error``, saying what to do."""
+    advice = (f"copy every rank's {name} into {where} on one filesystem and resume from that path, or resume from "
+              "an older checkpoint; for checkpoints any node can resume, save to a filesystem every node mounts, to "
+              "a URL dirpath, or add mirror=Mirror(url)")
+    if elsewhere is None:
+        raise type(error)(f"{error}. This checkpoint lies in node-local parts (each rank's in the directory {name} "
+                          f"of its own dirpath): {advice}") from error
+    root, options = elsewhere
+    copy = open_store(root, options)
+
+    def same_copy() -> str | None:  # why the copy cannot stand in, or None
+        try:
+            theirs = read_manifest(copy, name)
+        except CheckpointError as err:
+            return f"the mirror holds no copy of it ({err})"
+        return None if dict(theirs.files) == dict(manifest.files) else f"{copy.location(name)} is another checkpoint"
+
+    unusable = decided_on_rank_zero(agree, same_copy)
+    if unusable is not None:
+        raise type(error)(f"{error}; {unusable}. This checkpoint lies in node-local parts: {advice}") from error
+    if agree.is_rank_zero:
+        warnings.warn(f"{error}; every rank loads the mirror's complete copy {copy.location(name)} instead",
+                      CheckpointWarning, stacklevel=4)
+    return load_copy(copy.location(name), storage_options=options)
 
 
 def part_verifies(store: LocalStore) -> Callable[[str], bool]:

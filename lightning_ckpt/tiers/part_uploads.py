@@ -27,7 +27,9 @@ from lightning_ckpt.errors import CheckpointError, CheckpointWarning, CorruptChe
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, missing_manifest
 from lightning_ckpt.store.ledger import MIRROR_TIER, Entry
 from lightning_ckpt.store.local import LocalStore
-from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, READ_CHUNK
+from lightning_ckpt.history.manager import latest_entry, manifest_entries
+from lightning_ckpt.store import list_checkpoints
+from lightning_ckpt.store.reading import MAX_MANIFEST_BYTES, READ_CHUNK, verify
 from lightning_ckpt.store.fsutil import remote_scheme
 from lightning_ckpt.store.remote import FsspecStore
 from lightning_ckpt.tiers.mirror import FAILED, NOT_PRUNED, REMOVED, RETRYING, UPLOADED, Mirror, prune_remote
@@ -252,6 +254,35 @@ class PartTiering:
         except Exception as err:  # noqa: BLE001 - runs again after the next upload
             events.append(PartEvent(name, NOT_PRUNED, self.rank, f"{type(err).__name__}: {err}"))
         return events
+
+
+def last_of_parts_across_tiers(local: LocalStore, mirror: Mirror, verifies: Callable[[str], bool]
+                               ) -> tuple[Entry | None, str | None]:
+    """``ckpt_path="last"`` on node-local disks with a ``Mirror``, on rank 0: "last" (``lineage.last_of``) among
+    rank 0's checkpoints and the mirror's, as ``mirror.last_across_tiers`` decides it for whole checkpoints. A
+    local one is checked by ``verifies`` (the files rank 0 holds); one only the mirror holds (rank 0's disk is
+    new or was wiped), or whose local part is damaged, is verified where it lies, and then resumed from there:
+    nothing is downloaded onto rank 0's disk, each rank reads the files it needs from the mirror.
+
+    Returns:
+        "Last", and its URL on the mirror when it is to be resumed from the mirror (None when from the parts).
+    """
+    remote = mirror.open()
+    chosen: dict[str, str] = {}
+
+    def from_mirror(name: str) -> bool:
+        try:
+            verify(remote, name)
+        except CheckpointError as err:
+            if isinstance(err, OSError):  # the connection: not the checkpoint's fault
+                raise
+            warnings.warn(f"skipping damaged remote checkpoint: {err}", CheckpointWarning, stacklevel=4)
+            return False
+        chosen[name] = remote.location(name)
+        return True
+
+    entry = latest_entry(local, manifest_entries(list_checkpoints(remote)), from_mirror, verifies=verifies)
+    return entry, chosen.get(entry.name) if entry is not None else None
 
 
 def _own_files(store: LocalStore, name: str) -> list[str]:

@@ -38,7 +38,8 @@ FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "no
          "async-fail-warn", "async-fail-raise", "async-copy-fail", "crash")
 ONE_RANK = ("single", "2to1", "url-2to1", "node-local-mirror-2to1")
 THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "node-local-resume",
-        "node-local-explicit", "node-local-wiped", "node-local-damaged", "node-local-mirror-resume", "killed")
+        "node-local-explicit", "node-local-wiped", "node-local-damaged", "node-local-mirror-resume",
+        "node-local-mirror-wiped", "node-local-mirror-new-node", "killed")
 LAST = ("async-killed",)  # a rank killed in a background save ends a job of its own
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(ONE_RANK), len(THEN), len(LAST)))
 
@@ -149,18 +150,24 @@ class Runs:
                                     "ckpt_path": node_local["explicit"],
                                     "out": self / "node-local-explicit" / "final.safetensors"},
             "node-local-wiped": {"dirpath": self / "node-local-wiped", "max_steps": 12, "ckpt_path": "last",
-                                 "node_local": True},
+                                 "node_local": True, "mirror_args": self.mirror("node-local-wiped")},  # empty
             "node-local-damaged": {"dirpath": self / "node-local-damaged", "max_steps": 12, "node_local": True,
                                    "ckpt_path": node_local["damaged"]},
             "node-local-mirror-resume": {**self.url("node-local-mirror-resume"), "max_steps": 8,
                                          "ckpt_path": f"{self.s3.url('node-local-mirror')}/step=000000006",
                                          "out": self / "url-resume" / "mirror-final.safetensors"},
+            # Copies of the mirrored node-local run without step 10: rank 1's disk wiped, then rank 0's gone.
+            **{fit: {"dirpath": self / fit, "max_steps": 10, "ckpt_path": "last", "node_local": True,
+                     "mirror_args": self.mirror(fit), "out": self / fit / "final.safetensors"}
+               for fit in ("node-local-mirror-wiped", "node-local-mirror-new-node")},
             "killed": {"dirpath": self / "killed" / "c", "max_steps": 8, "kill_rank_in_save": 6},
         }, THEN)
 
     def node_local_copies(self) -> dict[str, Path]:
         """Copies of the node-local run's two disks: without step 10 (to resume from step 9), with rank 1's disk
-        wiped, with one flipped byte in rank 1's shard of step 10; rank 0's checkpoint paths to resume from."""
+        wiped, with one flipped byte in rank 1's shard of step 10; rank 0's checkpoint paths to resume from. Copies
+        of the mirrored node-local run's disks and mirror without step 10, one with rank 1's disk wiped, one without
+        rank 0's directory (a new node)."""
         ten = "step=000000010"
         if (self / "node-local").exists():
             for fit in ("node-local-resume", "node-local-explicit", "node-local-wiped", "node-local-damaged"):
@@ -171,6 +178,16 @@ class Runs:
             shutil.rmtree(self / "node-local-wiped" / "rank1")
             (self / "node-local-wiped" / "rank1").mkdir()
             flip_byte(self / "node-local-damaged" / "rank1" / ten / "shards" / "rank-00001.safetensors", -1)
+        fs, mirrored = self.s3.fs(), self.s3.url("node-local-mirror")
+        if (self / "node-local-mirror").exists() and fs.exists(f"{mirrored}/{ten}/{MANIFEST_FILE}"):
+            for fit, lost in (("node-local-mirror-wiped", "rank1"), ("node-local-mirror-new-node", "rank0")):
+                shutil.copytree(self / "node-local-mirror", self / fit)
+                fs.copy(mirrored, self.s3.url(fit), recursive=True)
+                fs.rm(f"{self.s3.url(fit)}/{ten}", recursive=True)
+                for disk in ("rank0", "rank1"):
+                    shutil.rmtree(self / fit / disk / ten)
+                shutil.rmtree(self / fit / lost)
+            (self / "node-local-mirror-wiped" / "rank1").mkdir()  # a new disk, empty; rank 0's new node has none
         return {"explicit": self / "node-local-explicit" / "rank0" / "step=000000009",
                 "damaged": self / "node-local-damaged" / "rank0" / ten}
 
@@ -490,6 +507,7 @@ def test_a_node_local_part_missing_on_rank_1_is_the_same_error_on_every_rank(run
                             f"shards/rank-00001.safetensors (rank 1's part: rank 1 lacks it in "
                             f"{one / 'step=000000010'})"), error
     assert f"copy every rank's step=000000010 into {zero / 'step=000000010'} on one filesystem" in error
+    assert f"; the mirror holds no copy of it (" in error  # its Mirror is empty
     assert [r["shards_read"] for r in rows] == [{}, {}]  # nothing reached the model
     # What the error says works: rank 1's part copied into rank 0's checkpoint makes it whole.
     gathered = runs / "node-local-wiped" / "gathered"
@@ -598,6 +616,36 @@ def test_a_mirrored_node_local_checkpoint_resumes_from_its_url_bit_exact_on_two_
     trained(one_rank, "node-local-mirror-2to1")  # resharded onto one rank: what it restored is the checkpoint
     expected = full_expected(f"{runs.s3.url('node-local-mirror')}/step=000000006", runs.s3.options)
     assert_same_tensors(load_file(runs / "url-2to1" / "mirror-start.safetensors"), expected)
+
+
+@pytest.mark.parametrize("fit", ["node-local-mirror-wiped", "node-local-mirror-new-node"])
+def test_a_node_that_lost_its_disk_resumes_last_from_the_mirror_bit_exact(runs, first, then, fit):
+    # Rank 1's disk wiped: "last" is rank 0's step 9, whose parts cannot be made whole: every rank loads the
+    # mirror's copy instead. Rank 0's directory gone (a new node): "last" is the mirror's step 9, resumed there.
+    straight = trained(first, "node-local-mirror")  # 10 steps; the resumes run step 10 again from step 9
+    resumed = trained(then, fit)
+    copy = f"{runs.s3.url(fit)}/step=000000009"
+    audits = ["exact", "not_audited" if fit == "node-local-mirror-wiped" else "exact"]
+    for rank, row in enumerate(resumed):
+        assert row["losses"][0][0] == 9 and row["losses"] == straight[rank]["losses"][9:], row
+        # Rank 1's record for ExactResume's audit lies on its own disk (rank 0's in the checkpoint): gone with
+        # it, and said so.
+        assert row["audit"]["status"] == audits[rank], row["audit"]
+        own = f"shards/rank-{rank:05d}.safetensors"
+        assert list(row["shards_read"]) == [own], row  # from the mirror: each rank its own file only
+    fallback = [[w for w in r["warned"] if "loads the mirror's complete copy" in w] for r in resumed]
+    if fit == "node-local-mirror-wiped":
+        one = runs / fit / "rank1" / "step=000000009"
+        assert [len(w) for w in fallback] == [1, 0], resumed  # said once, on rank 0
+        assert fallback[0][0].startswith(f"{runs / fit / 'rank0' / 'step=000000009'}: no rank holds "
+                                         f"shards/rank-00001.safetensors (rank 1's part: rank 1 lacks it in {one})")
+        assert fallback[0][0].endswith(f"every rank loads the mirror's complete copy {copy} instead")
+    else:
+        assert fallback == [[], []]  # "last" was the mirror's: nothing failed over
+    assert_same_tensors(load_file(runs / fit / "final.safetensors"), load_file(runs / "node-local" / "final.safetensors"))
+    for disk in ("rank0", "rank1"):  # training went on saving parts on both disks: the final save of step 10
+        assert (runs / fit / disk / "step=000000010").is_dir()
+    assert latest_checkpoint(runs.s3.url(fit), storage_options=runs.s3.options) == f"{runs.s3.url(fit)}/step=000000010"
 
 
 def shard_sizes(checkpoint: Path) -> dict[str, int]:

@@ -17,6 +17,7 @@ from lightning_ckpt.lightning.checkpointing.remote_dirpath import note_remote_la
 from lightning_ckpt.lightning.checkpointing.shared_load import Last, last_on_rank_zero
 from lightning_ckpt.history.manager import CheckpointManager, best_entry, last_entry, latest_entry, ranked_entries
 from lightning_ckpt.tiers.mirror import last_across_tiers
+from lightning_ckpt.tiers.part_uploads import last_of_parts_across_tiers
 from lightning_ckpt.store import Store, open_store
 from lightning_ckpt.store.ledger import Entry
 from lightning_ckpt.store.fsutil import remote_scheme
@@ -48,7 +49,7 @@ class ModelCheckpointView:
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         # Under DDP and ModelParallelStrategy decided on rank 0 alone, every rank learns it: another node may see
         # nothing of dirpath; on node-local parts rank 0 checks the files it holds (node_local_resume.py).
-        verifies = part_check_for_last(trainer, self._resolve_dirpath(trainer))
+        verifies = part_check_for_last(trainer, self._resolve_dirpath(trainer), mirrored=self.mirror is not None)
         paths, self._migrating_from, _ = last_on_rank_zero(trainer, lambda: self._last_here(trainer, verifies))
         return paths
 
@@ -57,7 +58,12 @@ class ModelCheckpointView:
         manager = self._manager
         if manager is None or manager.run_id is None or not manager.is_at(dirpath):
             store = open_store(dirpath, self._storage_options)
-            entry = latest_entry(store, verifies=verifies) if self.mirror is None else self._last_with_mirror(store)
+            entry, url = self._latest_here(store, verifies)
+            if entry is not None and url is not None:  # node-local parts, whole on the mirror only: resumed there
+                rank_zero_info(f"Checkpointer: resuming step {entry.step} from the mirror's complete copy {url} "
+                               "(rank 0's part of it is missing or damaged)")
+                note_remote_last(url, entry.wall_time)
+                return {url}, None, entry.wall_time
         else:
             store, entry = manager.store, last_entry(manager.entries, manager.store, manager.run_id, manager.parent,
                                                      verifies)
@@ -68,6 +74,14 @@ class ModelCheckpointView:
         if remote_scheme(path) is not None:  # Lightning cannot date a prefix: tell it when this one was committed
             note_remote_last(path, entry.wall_time)
         return {path}, None, entry.wall_time
+
+    def _latest_here(self, store: Store, verifies: Callable[[str], bool] | None) -> tuple[Entry | None, str | None]:
+        """"Last" in ``store`` (and the mirror), and the mirror's URL of it when it is resumed from the mirror."""
+        if self.mirror is None:
+            return latest_entry(store, verifies=verifies), None
+        if verifies is not None:  # node-local parts: resumed from the parts, or from the mirror's complete copy
+            return last_of_parts_across_tiers(store, self.mirror, verifies)  # type: ignore[arg-type]
+        return self._last_with_mirror(store), None
 
     def _last_with_mirror(self, store: Store) -> Entry | None:
         """"Last" of both tiers; one only the mirror holds is downloaded first, and the user told so."""

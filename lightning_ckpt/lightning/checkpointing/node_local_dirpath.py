@@ -5,7 +5,8 @@ every checkpoint into its own ``dirpath`` and rank 0 commits (``distributed/node
 every rank reported its part uploaded (``tiers/part_uploads.py``): the mirror holds complete checkpoints.
 
 A resume reads the parts where they lie, each rank its own (``node_local_resume.py``), or the mirror's
-complete copy from its URL, on any world size.
+complete copy from its URL, on any world size: chosen by "last" when rank 0's disk lacks it, or in place of
+parts some rank lacks or cannot verify (a new node with an empty disk).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_ckpt.distributed.agree import Agree, all_ranks
 from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.history.manager import CheckpointManager
+from lightning_ckpt.lightning.checkpointing.checkpoint_io import SafetensorsCheckpointIO
 from lightning_ckpt.tiers.mirror import Mirror
 from lightning_ckpt.tiers.part_uploads import PartTiering, check_mirror_for_parts
 
 _OWN_ROOTS: WeakKeyDictionary[Any, str] = WeakKeyDictionary()  # strategy -> this rank's own dirpath
+_MIRRORS: WeakKeyDictionary[Any, Mirror] = WeakKeyDictionary()  # strategy -> the mirror of its parts
 
 
 def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *, mirror: Mirror | None,
@@ -37,6 +40,13 @@ def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *
     if mirror is not None:
         all_ranks(agree, lambda: check_mirror_for_parts(mirror, where))
     _OWN_ROOTS[trainer.strategy] = dirpath
+    if mirror is not None:  # a resume may read the mirror's copies (node_local_resume.py): with its options
+        _MIRRORS[trainer.strategy] = mirror
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, SafetensorsCheckpointIO):
+            io.add_remote_options(str(mirror.url), mirror.storage_options)
+    else:
+        _MIRRORS.pop(trainer.strategy, None)
     if background is not None:
         background.own_root = dirpath
     rank_zero_info(f"{where}: each rank writes its own part of every sharded checkpoint into its own dirpath, "
@@ -54,6 +64,11 @@ def use_node_local(trainer: L.Trainer, agree: Agree, where: str, dirpath: str, *
 def own_root(strategy: Any) -> str | None:
     """This rank's own dirpath when its sharded checkpoints are node-local parts, else None."""
     return _OWN_ROOTS.get(strategy)
+
+
+def mirror_of_parts(strategy: Any) -> Mirror | None:
+    """The ``Mirror`` holding complete copies of the node-local parts ``strategy``'s ranks write, or None."""
+    return _MIRRORS.get(strategy) if own_root(strategy) is not None else None
 
 
 def part_mirror(agree: Any, mirror: Mirror | None, manager: CheckpointManager) -> PartTiering | None:

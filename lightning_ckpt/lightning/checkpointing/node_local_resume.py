@@ -23,23 +23,30 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning_ckpt.distributed.agree import Agree, GroupAgree, decided_on_rank_zero
 from lightning_ckpt.distributed.node_local_load import load_sharded_parts, part_verifies
 from lightning_ckpt.distributed.sharded import load_sharded
-from lightning_ckpt.lightning.checkpointing.node_local_dirpath import own_root
+from lightning_ckpt.lightning.checkpointing.node_local_dirpath import mirror_of_parts, own_root
 from lightning_ckpt.lightning.checkpointing.shared_dirpath import unseeing_ranks
 from lightning_ckpt.lightning.internals.strategy import process_group_now
 from lightning_ckpt.store import LocalStore
 from lightning_ckpt.store.fsutil import remote_scheme
 
 
-def part_check_for_last(trainer: L.Trainer, dirpath: str) -> Callable[[str], bool] | None:
+def part_check_for_last(trainer: L.Trainer, dirpath: str, *, mirrored: bool = False) -> Callable[[str], bool] | None:
     """How rank 0 checks a candidate for ``ckpt_path="last"`` when the ranks do not share ``dirpath`` under
     ModelParallelStrategy (its own part: ``part_verifies``); None elsewhere (every file is verified). A collective
-    under ModelParallelStrategy on several ranks with a local ``dirpath`` (the process group is made now)."""
+    under ModelParallelStrategy on several ranks with a local ``dirpath`` (the process group is made now).
+    ``mirrored``: the Checkpointer has a ``Mirror``, so rank 0 makes a ``dirpath`` it lacks (a new node's disk):
+    the mirror may hold "last", and whether the ranks share ``dirpath`` decides how it is resumed."""
     if not isinstance(trainer.strategy, ModelParallelStrategy) or remote_scheme(dirpath) is not None:
         return None
     if not process_group_now(trainer):
         return None
     agree = GroupAgree(dist.group.WORLD)
-    if not decided_on_rank_zero(agree, lambda: Path(dirpath).is_dir()):
+    def probed() -> bool:
+        if mirrored:
+            Path(dirpath).mkdir(parents=True, exist_ok=True)
+        return Path(dirpath).is_dir()
+
+    if not decided_on_rank_zero(agree, probed):
         return None  # nothing to resume from, and no directory to probe
     blind, _ = unseeing_ranks(agree, Path(dirpath))
     return part_verifies(LocalStore(dirpath)) if blind else None
@@ -47,10 +54,13 @@ def part_check_for_last(trainer: L.Trainer, dirpath: str) -> Callable[[str], boo
 
 def sharded_loader(strategy: Any, path: str, agree: Agree) -> Callable[..., dict[str, Any]]:
     """``load_sharded``, or ``load_sharded_parts`` for a checkpoint in rank 0's own ``dirpath`` when the
-    checkpoints are node-local parts (rank 0 decides; a collective then)."""
+    checkpoints are node-local parts (rank 0 decides; a collective then), falling back to the ``Mirror``'s
+    complete copy where the parts cannot make the checkpoint whole."""
     root = own_root(strategy)
     if root is None:
         return load_sharded
     if not decided_on_rank_zero(agree, lambda: Path(path).parent.resolve() == Path(root).resolve()):
         return load_sharded  # a whole checkpoint elsewhere (gathered parts): every rank reads what it needs there
-    return partial(load_sharded_parts, own_root=root)
+    mirror = mirror_of_parts(strategy)
+    elsewhere = (str(mirror.url), dict(mirror.storage_options) or None) if mirror is not None else None
+    return partial(load_sharded_parts, own_root=root, elsewhere=elsewhere)
