@@ -35,9 +35,11 @@ _ALIGN = 8
 
 @dataclass(frozen=True)
 class Blob:
-    """The bytes of one file, as buffers that are written in order without joining them."""
+    """The bytes of one file, as buffers that are written in order without joining them; ``digest``: their
+    checksum when it is known before the write (a file named by its content, ``format/shared.py``)."""
 
     chunks: Sequence[Buffer]
+    digest: str | None = None
 
     @property
     def size(self) -> int:

@@ -29,6 +29,7 @@ from lightning_ckpt.errors import CorruptCheckpointError, UnsupportedTypeError
 from lightning_ckpt.format.blob import SUPPORTED_DTYPES, Blob, Buffer, safetensors_blob
 from lightning_ckpt.format.codec import Decoder, Encoder, describe_path
 from lightning_ckpt.format.safetensors_view import load_tensors
+from lightning_ckpt.format.shared import META_EXTERNAL, shared_blob
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -51,6 +52,9 @@ class _TensorTable:
     files: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     aliases: dict[str, dict[str, str]] = field(default_factory=dict)
     sharded: dict[str, torch.Tensor] | None = None  # when collecting DTensors: their key -> the DTensor
+    share_min_bytes: int | None = None  # incremental: tensors this large go to files of their own (format/shared.py)
+    blobs: dict[str, Blob] = field(default_factory=dict)  # those files
+    external: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> its keys in those files -> the file
     _seen: dict[tuple, str] = field(default_factory=dict)
 
     def add(self, path: tuple, tensor: torch.Tensor) -> str:
@@ -76,8 +80,22 @@ class _TensorTable:
             self.aliases.setdefault(file, {})[key] = first
             return first
         table[key] = _standalone(tensor)
+        if self.share_min_bytes is not None and tensor.nbytes >= self.share_min_bytes:
+            ref = self._share(file, key, table)
         self._seen[identity] = ref
         return ref
+
+    def _share(self, file: str, key: str, table: dict[str, torch.Tensor]) -> str:
+        """Move ``file``'s tensor ``key`` to a file of its own, named by its content; its reference there. The
+        same key and bytes twice in one state (in two files) stay in their files: one shared file each would
+        load as one tensor, tying two that were not tied."""
+        name, blob = shared_blob(key, table[key])
+        if name in self.blobs:
+            return f"{file}{_REF_SEP}{key}"
+        del table[key]
+        self.blobs[name] = blob
+        self.external.setdefault(file, {})[key] = name
+        return f"{name}{_REF_SEP}{key}"
 
 
 def _check_storable(path: tuple, tensor: torch.Tensor) -> None:
@@ -135,7 +153,8 @@ def _standalone(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def encode_state(state: Mapping[str, Any], *, allow_pickle: bool = False,
-                 sharded: dict[str, torch.Tensor] | None = None) -> dict[str, Blob]:
+                 sharded: dict[str, torch.Tensor] | None = None, share_min_bytes: int | None = None
+                 ) -> dict[str, Blob]:
     """Turn a checkpoint dict into the bytes of its files (manifest excluded).
 
     Args:
@@ -143,6 +162,8 @@ def encode_state(state: Mapping[str, Any], *, allow_pickle: bool = False,
         allow_pickle: pickle leaves of unsupported types instead of refusing them.
         sharded: collect the DTensors here (key -> DTensor) instead of refusing them; ``state.json``
             refers to each by its key, and the caller writes them (``lightning_ckpt.distributed``).
+        share_min_bytes: an incremental checkpoint's: every tensor of at least this many bytes goes to a
+            file of its own named by its content, ``blobs/<digest>.safetensors`` (``format/shared.py``).
 
     Returns:
         File name -> its bytes, for every file of the checkpoint but the manifest. The safetensors
@@ -152,14 +173,17 @@ def encode_state(state: Mapping[str, Any], *, allow_pickle: bool = False,
     Raises:
         UnsupportedTypeError: a leaf cannot be stored without pickling (the message names its key path).
     """
-    table = _TensorTable(sharded=sharded)
+    table = _TensorTable(sharded=sharded, share_min_bytes=share_min_bytes)
     encoder = Encoder(sink=table.add, allow_pickle=allow_pickle)
     skeleton = encoder.encode(dict(state) if type(state) is not dict else state)
     doc = {_K_SKELETON: skeleton, _K_PICKLED: encoder.pickled_paths}
     files = {STATE_FILE: Blob([json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()])}
     for name, tensors in table.files.items():
-        files[name] = safetensors_blob(tensors, {_META_ALIASES: json.dumps(table.aliases.get(name, {}))})
-    return files
+        metadata = {_META_ALIASES: json.dumps(table.aliases.get(name, {}))}
+        if name in table.external:
+            metadata[META_EXTERNAL] = json.dumps(table.external[name], sort_keys=True)
+        files[name] = safetensors_blob(tensors, metadata)
+    return {**files, **table.blobs}
 
 
 def check_encodable(state: Mapping[str, Any], *, allow_pickle: bool = False) -> None:

@@ -22,6 +22,7 @@ from lightning_ckpt.format.single_file import (
     encode_single_file,
     is_single_file_name,
 )
+from lightning_ckpt.format.shared import DEFAULT_SHARE_MIN_BYTES
 from lightning_ckpt.format.provenance import library_versions, manifest_fields
 from lightning_ckpt.format.torchfile_magic import is_torch_file
 from lightning_ckpt.store import locate, read_manifest, read_verified, verify
@@ -29,7 +30,7 @@ from lightning_ckpt.store.fsutil import atomic_file, local_path, open_regular, r
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_pickle: bool = False,
                     run_id: str | None = None, meta: Mapping[str, Any] | None = None,
-                    storage_options: Mapping[str, Any] | None = None) -> Manifest:
+                    storage_options: Mapping[str, Any] | None = None, incremental: bool = False) -> Manifest:
     """Save a state (e.g. a Lightning checkpoint dict) as a checkpoint directory, atomically.
 
     Args:
@@ -40,6 +41,9 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_
         run_id: the run lineage this checkpoint belongs to.
         meta: small JSON facts to record in the manifest (metrics, the save's reason).
         storage_options: for a URL, the fsspec filesystem's options (endpoint, credentials, ...).
+        incremental: store every tensor of at least 64 KiB in a file of its own named by its content
+            (``blobs/<digest>.safetensors``); in a local directory, such a file that another checkpoint there
+            holds is hard-linked instead of written (docs/FORMAT.md, "Incremental checkpoints").
 
     Returns:
         The committed manifest.
@@ -55,7 +59,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, *, allow_
             "checkpoint directory (the whole state: weights, optimizer, RNG). Name the directory without "
             ".safetensors; for the weights alone as one file, use safetensors.torch.save_file(model.state_dict(), "
             "path), or trainer.save_checkpoint(path) under Lightning.")
-    files = encode_state(state, allow_pickle=allow_pickle)
+    files = encode_state(state, allow_pickle=allow_pickle, share_min_bytes=DEFAULT_SHARE_MIN_BYTES if incremental else None)
     return commit_encoded(files, state, path, run_id=run_id, meta=meta, storage_options=storage_options)
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from lightning_ckpt.errors import CheckpointError, StorageError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
-from lightning_ckpt.store import direct
+from lightning_ckpt.store import direct, shared_files
 from lightning_ckpt.store.base import LocalFiles
 from lightning_ckpt.store.dirlock import DirectoryLock
 from lightning_ckpt.store.reading import verify
@@ -77,9 +77,10 @@ class LocalStore(LocalFiles):
         Raises:
             StorageError: a write failed (disk full, permissions); nothing is left behind.
         """
-        self._check_free_space(name, sum(blob.size for blob in files.values()))
+        linked = shared_files.linkable(self.root, files)  # an incremental one's unchanged tensors: linked
+        self._check_free_space(name, sum(blob.size for file, blob in files.items() if file not in linked))
         folders = sorted({file.rpartition("/")[0] for file in files} - {""})  # a sharded one's shards/
-        return self.commit_staged(self.stage(name, folders=folders), name, files, seal)
+        return self.commit_staged(self.stage(name, folders=folders), name, files, seal, linked=linked)
 
     def stage(self, name: str, *, folders: Sequence[str] = ()) -> str:
         """A new hidden directory (with ``folders`` in it) to write checkpoint ``name`` into.
@@ -109,19 +110,21 @@ class LocalStore(LocalFiles):
 
     def commit_staged(self, staged: str, name: str, files: Mapping[str, Blob],
                       seal: Callable[[dict[str, FileEntry]], bytes],
-                      written: Mapping[str, FileEntry] | None = None) -> dict[str, FileEntry]:
+                      written: Mapping[str, FileEntry] | None = None,
+                      linked: Mapping[str, Path] | None = None) -> dict[str, FileEntry]:
         """Write ``files`` into the staged directory, then the manifest, and move it into place.
 
         Args:
             written: files other processes already wrote (and fsynced) there, with the size and
                 checksum each took while writing; the manifest lists them with ``files``.
+            linked: shared files of ``files`` to hard-link from another checkpoint (``shared_files.py``).
 
         Raises:
             StorageError: a write failed; the staged directory is removed, older checkpoints are untouched.
         """
         tmp = Path(staged)
         try:
-            entries = {**(written or {}), **{file: self._write_file(tmp / file, blob.chunks)
+            entries = {**(written or {}), **{file: self._put(tmp / file, blob, (linked or {}).get(file))
                                               for file, blob in files.items()}}
             # The manifest is written last: a directory without one is a save that never finished.
             self._write_file(tmp / MANIFEST_FILE, [seal(entries)])
@@ -184,6 +187,15 @@ class LocalStore(LocalFiles):
             tmp.unlink(missing_ok=True)
             raise StorageError(err.errno, f"{self.root / file}: could not update it ({err}); the checkpoints are "
                                "safe, and the ledger is rebuilt from their manifests on the next start") from err
+
+    def _put(self, path: Path, blob: Blob, source: Path | None) -> FileEntry:
+        """One file of a save: linked from ``source`` (a shared file, named by its checksum), else written."""
+        if source is not None and blob.digest is not None and shared_files.link(source, path):
+            return FileEntry(size=blob.size, digest=blob.digest)
+        entry = self._write_file(path, blob.chunks)
+        if blob.digest is not None and entry.digest != blob.digest:  # its tensor changed while it was saved
+            raise OSError(errno.EIO, f"{path.name}: its bytes changed while they were written")
+        return entry
 
     def _write_file(self, path: Path, chunks: Sequence[Buffer]) -> FileEntry:
         """Write, checksum and fsync one file in one pass (a seam: fault-injection tests override it).

@@ -50,11 +50,14 @@ class SafetensorsCheckpointIO(CheckpointIO):
         remote_options: for paths that are fsspec URLs (``s3://...``), the filesystem's options
             (endpoint, credentials, ...); never logged or written.
         async_save: write in the background (see above).
+        incremental: every tensor of at least 64 KiB in a file of its own, named by its content; in a local
+            directory such a file that a sibling checkpoint holds (unchanged since) is hard-linked, not written
+            (``Checkpointer(incremental=True)`` sets it; with ``ModelCheckpoint`` it works the same).
     """
 
     def __init__(self, *, allow_pickle: bool = False, remote_options: Mapping[str, Any] | None = None,
-                 async_save: bool = False) -> None:
-        self.allow_pickle, self.async_save = allow_pickle, async_save
+                 async_save: bool = False, incremental: bool = False) -> None:
+        self.allow_pickle, self.async_save, self.incremental = allow_pickle, async_save, incremental
         self._remote_options = dict(remote_options) if remote_options else None
         self._prefix_options: dict[str, Mapping[str, Any]] = {}  # see add_remote_options
         self._stager = Stager()
@@ -108,7 +111,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
             save_weights_file(state, path)
             return
         engine.save_checkpoint(state, path, allow_pickle=self.allow_pickle, storage_options=self.options_for(path),
-                               **options)
+                               incremental=self.incremental, **options)
 
     def wait(self) -> None:
         """Wait until the save in flight (if any) is committed, then delete what was asked meanwhile.

@@ -17,8 +17,8 @@ from lightning_ckpt.saving.async_saves import AsyncSavePipeline
 from lightning_ckpt.errors import CheckpointWarning
 from lightning_ckpt.lightning.checkpointing.checkpoint_view import ModelCheckpointView
 from lightning_ckpt.lightning.checkpointing.companions import ensure_exact_resume
-from lightning_ckpt.lightning.checkpointing.from_modelcheckpoint import migration_note
 from lightning_ckpt.lightning.checkpointing.hparams_check import check_hparams_storable
+from lightning_ckpt.lightning.checkpointing.lineage_start import start_lineage
 from lightning_ckpt.lightning.checkpointing.logger_uploads import LoggerUploads, settings
 from lightning_ckpt.lightning.checkpointing.metric_origin import MetricOrigin
 from lightning_ckpt.lightning.preemption import SignalFlag, finish_preemption, stop_training_now
@@ -30,7 +30,6 @@ from lightning_ckpt.lightning.checkpointing.trainer_io import (StrategyAgree, en
                                                                log_save_figures, snapshot, write)
 from lightning_ckpt.history.manager import CheckpointManager, new_run_id
 from lightning_ckpt.tiers.mirror import Mirror
-from lightning_ckpt.distributed.agree import decided_on_rank_zero
 from lightning_ckpt.saving.pipeline import SaveOutcome, SavePipeline
 from lightning_ckpt.policy import RetentionConfig, SaveSchedule
 from lightning_ckpt.store.base import Lock
@@ -98,6 +97,10 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
             the optimizer changes them in place between steps; ``"eager"`` copies everything at once.
         storage_options: for a URL ``dirpath``, the fsspec filesystem's options (endpoint,
             credentials, ...); never logged or written.
+        incremental: write only the tensors whose bytes changed since a checkpoint in ``dirpath``: every
+            tensor of at least 64 KiB is a file of its own named by its content, and one that a kept
+            checkpoint holds is hard-linked; each checkpoint still reads as complete, and deleting one frees
+            only bytes no other links (docs/CHECKPOINTER.md). Not under ModelParallelStrategy (refused).
     """
 
     clock = staticmethod(time.monotonic)  # a seam: tests set an instance attribute instead of sleeping
@@ -127,6 +130,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         when_busy: Literal["wait", "skip"] = "wait",
         staging: Literal["overlapped", "eager"] = "overlapped",
         storage_options: Mapping[str, Any] | None = None,
+        incremental: bool = False,
     ) -> None:
         # ModelCheckpoint.__init__ is deliberately not called: we subclass it only so that Lightning
         # treats this callback as one (ckpt_path="last" asks ModelCheckpoint instances, loggers read
@@ -146,7 +150,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         self.on_save_error, self.preemption_exit_code = on_save_error, preemption_exit_code
         self.async_save, self.when_busy, self.staging = async_save, when_busy, staging
         self._preemption = SignalFlag(preemption_signals)
-        self.allow_pickle = allow_pickle
+        self.allow_pickle, self.incremental = allow_pickle, incremental
         if mirror is not None and not isinstance(mirror, Mirror):
             raise TypeError(f"mirror={mirror!r}; pass mirror=Mirror('s3://bucket/run', every_n_saves=..., keep_last=...)")
         self.mirror = mirror
@@ -185,7 +189,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self._resolve_dirpath(trainer)
-        io = ensure_safetensors_io(trainer, self.allow_pickle)
+        io = ensure_safetensors_io(trainer, self.allow_pickle, incremental=self.incremental)
         if self._storage_options is not None:  # the plugin (and a sharded save) write and read under dirpath with them
             io.add_remote_options(self.dirpath, self._storage_options)
         self._sharded = route_loads(trainer, io=io, async_save=self.async_save and stage == "fit", view=self)
@@ -206,7 +210,7 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
             ensure_exact_resume(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start_lineage(trainer)
+        start_lineage(trainer, self._manager, self._inherited_run_id, self._migrating_from, self.dirpath)
         self._start_time, self._last_step_seen = self.clock(), trainer.global_step
         # Installed after Lightning's own handlers, in their place until our teardown: Lightning would
         # stop at the end of the batch the signal arrives in, before (or without) our save.
@@ -349,27 +353,6 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         self._lock = self._manager.store.lock()
         self._manager.store.clean_leftovers()
         return new_run_id()
-
-    def _start_lineage(self, trainer: L.Trainer) -> None:
-        """Rank 0 decides this run's lineage, every rank learns it: a resume from the checkpoint
-        "last" would pick continues that run; from any other, a new branch starts (lineage.py); from a
-        file no run of ours wrote (a ModelCheckpoint's ``.ckpt``), a new run grown from it."""
-        manager = self._manager
-
-        def decide() -> tuple[str | None, str | None, bool]:
-            path = trainer.ckpt_path
-            inherited = (self._inherited_run_id or manager.run_id_recorded_at(path)) if path else None
-            resumed = manager.resumed_name(path) if path else None
-            branched = manager.start_run(inherited, resumed, trainer.global_step, fresh=manager.run_id)
-            return manager.run_id, manager.parent, branched
-
-        manager.run_id, manager.parent, branched = decided_on_rank_zero(StrategyAgree(trainer), decide)
-        if trainer.ckpt_path is not None and os.fspath(trainer.ckpt_path) == self._migrating_from:
-            rank_zero_info(migration_note(self.dirpath, trainer.ckpt_path, trainer.global_step))
-        elif branched:
-            rank_zero_info(f"Checkpointer: {manager.parent} is not the newest checkpoint in {self.dirpath}: this run "
-                           f"goes on as a new branch ({manager.run_id}); 'last' follows it, the newer checkpoints "
-                           "of the run it left are kept but never 'last' again")
 
     def _save(self, trainer: L.Trainer, reason: str) -> None:
         step = trainer.global_step

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 import torch.distributed as dist
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -92,12 +93,26 @@ def from_rank_zero(trainer: L.Trainer, value: T) -> T:
     return trainer.strategy.broadcast(value, src=0) if trainer.world_size > 1 else value
 
 
-def ensure_safetensors_io(trainer: L.Trainer, allow_pickle: bool) -> SafetensorsCheckpointIO:
-    """The Trainer's SafetensorsCheckpointIO, installed in place of the default CheckpointIO if need be.
+def ensure_safetensors_io(trainer: L.Trainer, allow_pickle: bool, *, incremental: bool = False
+                          ) -> SafetensorsCheckpointIO:
+    """The Trainer's SafetensorsCheckpointIO, installed in place of the default CheckpointIO if need be;
+    ``incremental``: its saves are incremental from now on.
 
     Raises:
-        ValueError: another CheckpointIO, an async one, or one without the ``allow_pickle`` asked for.
+        ValueError: another CheckpointIO, an async one, or one without the ``allow_pickle`` asked for; incremental
+            saves under ModelParallelStrategy.
     """
+    if incremental and isinstance(trainer.strategy, ModelParallelStrategy):
+        raise ValueError("Checkpointer(incremental=True) under ModelParallelStrategy: each rank's shard file is "
+                         "written whole by torch.distributed.checkpoint, which cannot refer to bytes an earlier "
+                         "checkpoint holds, so nothing would be shared; use incremental=False for sharded training "
+                         "(DDP and single-device training support it)")
+    io = _safetensors_io(trainer, allow_pickle)
+    io.incremental = io.incremental or incremental
+    return io
+
+
+def _safetensors_io(trainer: L.Trainer, allow_pickle: bool) -> SafetensorsCheckpointIO:
     io = trainer.strategy.checkpoint_io
     if isinstance(io, SafetensorsCheckpointIO) and io.async_save:
         raise ValueError("Checkpointer records a save once it is committed, but SafetensorsCheckpointIO(async_save="

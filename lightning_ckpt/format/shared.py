@@ -1,0 +1,44 @@
+"""Incremental checkpoints: each large tensor in a file of its own, named by its content.
+
+With ``encode_state(..., share_min_bytes=N)`` every tensor of at least N bytes is written as a one-tensor
+safetensors file ``blobs/<digest>.safetensors`` (the key the tensor has in its usual file), whose name is the
+checksum of the file's bytes (``xxh3_128``, the manifest's), computed while encoding. ``state.json`` refers to the
+tensor there (``blobs/<digest>.safetensors:<key>``), and its usual file (``model.safetensors``, ...) lists it in
+its header's ``__metadata__["external"]`` (``{key: file}``), so the weights load with stock safetensors code.
+
+The same tensor with the same bytes in the next checkpoint gets the same name: the store links that file from a
+checkpoint holding it instead of writing it again (``store/shared_files.py``). Detection is by content only,
+never by ``requires_grad`` or the optimizer: a "frozen" tensor changed in place gets another name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_ckpt.format.blob import Blob, safetensors_blob
+from lightning_ckpt.format.manifest import new_hasher
+
+SHARED_FOLDER = "blobs"
+META_EXTERNAL = "external"  # a file's header: its keys stored in blobs/ files -> those files
+DEFAULT_SHARE_MIN_BYTES = 1 << 16  # smaller tensors stay in their usual file: a file each would cost more
+
+
+def shared_blob(key: str, tensor: torch.Tensor) -> tuple[str, Blob]:
+    """The one-tensor file of ``tensor`` (contiguous, on the CPU) under ``key``: its name in the checkpoint
+    (``blobs/<digest>.safetensors``) and its bytes, with their checksum (one pass over the tensor's bytes)."""
+    blob = safetensors_blob({key: tensor}, {})
+    hasher = new_hasher()
+    for chunk in blob.chunks:
+        hasher.update(chunk)
+    digest = hasher.hexdigest()
+    return shared_name(digest), Blob(blob.chunks, digest=digest)
+
+
+def shared_name(digest: str) -> str:
+    """The name in a checkpoint of the shared file whose bytes have checksum ``digest``."""
+    return f"{SHARED_FOLDER}/{digest}.safetensors"
+
+
+def is_shared(file: str) -> bool:
+    """Whether ``file`` (a name a manifest lists) is a shared, content-named file."""
+    return file.startswith(f"{SHARED_FOLDER}/")
