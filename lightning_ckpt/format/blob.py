@@ -13,7 +13,7 @@ import json
 import struct
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import safetensors.torch
 import torch
@@ -39,7 +39,7 @@ class Blob:
     checksum when it is known before the write (a file named by its content, ``format/shared.py``)."""
 
     chunks: Sequence[Buffer]
-    digest: str | None = None
+    digest: str | None = field(default=None, kw_only=True)
 
     @property
     def size(self) -> int:

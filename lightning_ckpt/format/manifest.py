@@ -62,6 +62,14 @@ def new_hasher() -> Any:
     return xxhash.xxh3_128()
 
 
+SHARED_FOLDER = "blobs"  # incremental checkpoints: files named by their content (format/shared.py)
+
+
+def is_shared(file: str) -> bool:
+    """Whether ``file`` (a name a manifest lists) is a shared, content-named file of an incremental checkpoint."""
+    return file.startswith(f"{SHARED_FOLDER}/")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FileEntry:
     """One file of a checkpoint as the manifest records it."""

@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 
 from lightning_ckpt.format.blob import Blob, safetensors_blob
-from lightning_ckpt.format.manifest import new_hasher
-
-SHARED_FOLDER = "blobs"
+from lightning_ckpt.format.manifest import SHARED_FOLDER, is_shared, new_hasher
 META_EXTERNAL = "external"  # a file's header: its keys stored in blobs/ files -> those files
 DEFAULT_SHARE_MIN_BYTES = 1 << 16  # smaller tensors stay in their usual file: a file each would cost more
 
@@ -39,6 +37,4 @@ def shared_name(digest: str) -> str:
     return f"{SHARED_FOLDER}/{digest}.safetensors"
 
 
-def is_shared(file: str) -> bool:
-    """Whether ``file`` (a name a manifest lists) is a shared, content-named file."""
-    return file.startswith(f"{SHARED_FOLDER}/")
+__all__ = ["DEFAULT_SHARE_MIN_BYTES", "META_EXTERNAL", "SHARED_FOLDER", "is_shared", "shared_blob", "shared_name"]

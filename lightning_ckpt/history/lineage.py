@@ -139,4 +139,4 @@ def to_record(entry: Entry) -> Record:
     """The retention record of a ledger entry, ranked only by the metrics of its own state."""
     return Record(name=entry.name, step=entry.step, epoch=entry.epoch, wall_time=entry.wall_time,
                   metrics=entry.own_metrics(), size=entry.size, verified=entry.status == COMMITTED,
-                  reason=entry.reason)
+                  reason=entry.reason, shared=entry.shared)

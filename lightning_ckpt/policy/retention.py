@@ -32,10 +32,12 @@ class Record:
     size: int = 0
     verified: bool = True
     reason: str = ""
+    shared: Mapping[str, int] = field(default_factory=dict, hash=False)  # of ``size``: files other records may hold
 
     def __post_init__(self) -> None:
-        # A copy, so a caller mutating its own dict cannot change a frozen record.
+        # Copies, so a caller mutating its own dict cannot change a frozen record.
         object.__setattr__(self, "metrics", dict(self.metrics))
+        object.__setattr__(self, "shared", dict(self.shared))
 
     def metric(self, monitor: str) -> float | None:
         """The value of ``monitor`` as a float, or None when it is missing or NaN (such never rank)."""
@@ -227,7 +229,8 @@ def checkpoints_to_delete(
     Args:
         records: the committed checkpoints, in any order; names must be unique.
         rules: the keep rules (``RetentionConfig.rules()`` builds them from user options).
-        max_total_bytes: the disk budget, or None for none.
+        max_total_bytes: the disk budget, or None for none; a file several records share (``Record.shared``)
+            counts once.
 
     Returns:
         A ``RetentionPlan``.
@@ -264,8 +267,15 @@ def checkpoints_to_delete(
     )
 
 
+def _on_disk(records: list[Record]) -> int:
+    """The bytes ``records`` take together: a shared file (an incremental checkpoint's, named by its content)
+    counted once, however many of them hold it."""
+    shared = {file: size for r in records for file, size in r.shared.items()}
+    return sum(r.size - sum(r.shared.values()) for r in records) + sum(shared.values())
+
+
 def _fit_budget(kept: list[Record], protected: set[str], budget: int) -> tuple[dict[str, str], tuple[str, ...]]:
-    total = sum(r.size for r in kept)
+    total, left = _on_disk(kept), list(kept)
     reasons: dict[str, str] = {}
     for r in sorted(kept, key=_age):
         if total <= budget:
@@ -275,7 +285,8 @@ def _fit_budget(kept: list[Record], protected: set[str], budget: int) -> tuple[d
                 f"disk budget: kept checkpoints take {total} bytes > max_total_bytes={budget}; "
                 "the oldest not protected by newest-verified, top_k or milestones go first"
             )
-            total -= r.size
+            left.remove(r)
+            total = _on_disk(left)
     if total <= budget:
         return reasons, ()
     return reasons, (

@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
-from lightning_ckpt.format.manifest import Manifest
+from lightning_ckpt.format.manifest import Manifest, is_shared
 from lightning_ckpt.store.committed import list_checkpoints
 from lightning_ckpt.store.base import Store
 
@@ -97,6 +97,9 @@ class Entry:
     figures: dict[str, float] = field(default_factory=dict)  # FIG_* keys; empty for saves recorded from manifests
     # One record per rollback that restored this checkpoint (ROLLBACK_* keys); empty in older ledgers.
     rollbacks: list[dict[str, int | float | str | list[int] | list[list[int]]]] = field(default_factory=list)
+    # An incremental checkpoint's shared files (named by their content) and their sizes: each counted once in a
+    # disk budget, however many checkpoints hold it. Empty for others and in older ledgers.
+    shared: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_manifest(cls, name: str, m: Manifest) -> Entry:
@@ -104,7 +107,8 @@ class Entry:
         return cls(name=name, step=m.step or 0, epoch=m.epoch, wall_time=m.created, run_id=m.run_id,
                    reason=str(m.meta.get(META_REASON, "")), metrics=clean_metrics(m.meta.get(META_METRICS) or {}),
                    metric_steps=clean_steps(m.meta.get(META_METRIC_STEPS)), size=m.total_bytes,
-                   parent=_str_or_none(m.meta.get(META_PARENT)), monitors=clean_modes(m.meta.get(META_MONITORS)))
+                   parent=_str_or_none(m.meta.get(META_PARENT)), monitors=clean_modes(m.meta.get(META_MONITORS)),
+                   shared={file: e.size for file, e in m.files.items() if is_shared(file)})
 
     def own_metrics(self) -> dict[str, float]:
         """The metric values computed for this checkpoint's own state: the only ones that rank it.

@@ -27,8 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_ckpt.format.manifest import MANIFEST_FILE
-from lightning_ckpt.format.shared import is_shared
+from lightning_ckpt.format.manifest import MANIFEST_FILE, is_shared
 
 if TYPE_CHECKING:
     from lightning_ckpt.format.blob import Blob

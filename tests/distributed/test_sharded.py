@@ -36,7 +36,7 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_fit.py"
 FIRST = ("straight", "mirror", "fail-warn", "fail-raise", "url", "url-fail", "node-local", "node-local-fail",
          "node-local-async", "node-local-mirror", "node-local-mirror-async", "node-local-mirror-fail", "async", "async-eager",
          "async-fail-warn", "async-fail-raise", "async-copy-fail", "crash")
-ONE_RANK = ("single", "2to1", "url-2to1", "node-local-mirror-2to1")
+ONE_RANK = ("single", "2to1", "url-2to1", "node-local-mirror-2to1", "incremental")
 THEN = ("resume", "1to2", "mirror-resume", "url-resume", "damaged", "async-resume", "node-local-resume",
         "node-local-explicit", "node-local-wiped", "node-local-damaged", "node-local-mirror-resume",
         "node-local-mirror-wiped", "node-local-mirror-new-node", "killed")
@@ -111,6 +111,7 @@ class Runs:
             "node-local-mirror-2to1": {**self.url("node-local-mirror-2to1"), "max_steps": 7,
                                        "ckpt_path": f"{self.s3.url('node-local-mirror')}/step=000000006",
                                        "dump_start": self / "url-2to1" / "mirror-start.safetensors"},
+            "incremental": {"dirpath": self / "incremental", "max_steps": 3, "incremental": True},
         }, ONE_RANK, ranks=1)
 
     def then(self) -> Job:
@@ -356,6 +357,13 @@ def test_a_mirrored_sharded_checkpoint_resumes_on_an_empty_directory(runs, first
     assert cli("verify", mirrored).returncode == 0
     resumed = trained(then, "mirror-resume")  # on a copy of the mirror: downloaded, then resharded
     assert [r["losses"][0][0] for r in resumed] == [6, 6]
+
+
+def test_incremental_saves_are_refused_under_model_parallel_saying_why(runs, one_rank):
+    (row,) = one_rank.rows("incremental")
+    assert row["error"].startswith("ValueError: Checkpointer(incremental=True) under ModelParallelStrategy: each "
+                                   "rank's shard file is written whole by torch.distributed.checkpoint"), row
+    assert not (runs / "incremental").exists() or not os.listdir(runs / "incremental")  # nothing was saved
 
 
 def test_the_one_rank_job_ends_without_a_hang(one_rank):

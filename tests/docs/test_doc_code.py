@@ -468,10 +468,19 @@ def one_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "step=000000002"
 
 
-def test_formats_tree_names_the_files_a_checkpoint_holds(one_checkpoint: Path) -> None:
-    (tree,) = [b for b in blocks(page("FORMAT.md")) if b.lang == "text"]
+def test_formats_trees_name_the_files_a_checkpoint_holds(one_checkpoint: Path, tmp_path: Path) -> None:
+    from lightning_ckpt import save_checkpoint
+
+    tree, incremental = [b for b in blocks(page("FORMAT.md")) if b.lang == "text"]
     listed = re.findall(r"^  (\S+)", tree.code, re.M)
     assert sorted(listed) == sorted(p.name for p in one_checkpoint.iterdir())
+    big = torch.zeros(128, 128)  # 64 KiB: a file of its own
+    save_checkpoint({"state_dict": {"backbone.0.weight": big, "head.bias": torch.zeros(4)},
+                     "optimizer_states": [{"state": {0: {"exp_avg": big + 1}}}], "extra": torch.zeros(2)},
+                    tmp_path / "inc", incremental=True)
+    listed = re.findall(r"^  (\S+)", incremental.code, re.M)
+    assert sorted({name.split("/")[0] for name in listed}) == sorted(p.name for p in (tmp_path / "inc").iterdir())
+    assert len(list((tmp_path / "inc" / "blobs").iterdir())) == 2
 
 
 def test_formats_manifest_has_the_keys_of_a_real_one(one_checkpoint: Path) -> None:

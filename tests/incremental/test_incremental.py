@@ -127,3 +127,16 @@ def test_damaged_shared_bytes_fail_every_checkpoint_that_links_them_and_last_pas
     verify_checkpoint(dirpath / "step=000000002")
     with pytest.warns(CheckpointWarning, match="skipping damaged checkpoint"):
         assert latest_checkpoint(dirpath) == str(dirpath / "step=000000002")
+
+
+def test_the_disk_budget_counts_shared_bytes_once(tmp_path):
+    dirpath = tmp_path / "c"
+    fit(dirpath, incremental=True, max_total_bytes=300_000)  # 4 checkpoints of ~140 KB, ~130 KB of it shared
+    names = steps(dirpath)
+    sizes = [sum(entry["size"] for entry in listed(dirpath / name).values()) for name in names]
+    backbone = sum(listed(dirpath / names[0])[file]["size"] for file in shared_files(dirpath / names[0]))
+    assert sum(sizes) > 300_000 >= sum(sizes) - 3 * backbone  # over the budget only if counted 4 times
+    assert names == [f"step={s:09d}" for s in (2, 4, 6, 8)]  # so nothing was deleted
+    own = sizes[-1] - backbone  # what each checkpoint holds alone, within a few bytes (~10 KB)
+    fit(tmp_path / "tight", incremental=True, max_total_bytes=backbone + 2 * own + 1024)
+    assert steps(tmp_path / "tight") == ["step=000000006", "step=000000008"]  # the two newest fit, not three

@@ -26,7 +26,7 @@ from lightning_ckpt.store.ledger import LEDGER_FILE
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_fit.py"
 # Those that train to the end first: a scenario that failed to stay collective ends the job, not the others.
 FIRST = ("save", "mirror", "s3", "warn", "raise", "async-raise", "held", "logged", "node-local", "node-disks",
-         "node-disks-full", "s3-once", "node-disks-best")
+         "node-disks-full", "s3-once", "node-disks-best", "incremental")
 RESUMED = ("save", "s3", "node-disks", "node-disks-damaged", "node-disks-bad-path", "s3-once")
 SLACK = 256 * 2**10  # what a resume reads besides the checkpoint's files: listings, ledger, manifests, headers
 pytestmark = pytest.mark.timeout(pytest_timeout_s(len(FIRST), len(RESUMED)))
@@ -58,6 +58,7 @@ class Runs:
                         "storage_options": self.options},
             "node-disks-best": {"dirpath": self.root / "node-disks-best", "max_steps": 8, "node_disks": True,
                                 "validate_best": True},
+            "incremental": {"dirpath": self.root / "incremental", "max_steps": 10, "incremental": True, "frozen": 256},
         }
         assert tuple(scenarios) == FIRST  # the names its timeout counts
         lock = LocalStore(self.root / "held").lock()  # another live run writes there
@@ -301,3 +302,21 @@ def test_validate_best_after_a_fit_loads_rank_0s_best_on_every_rank(runs: Runs, 
     best = Path(zero["best"])
     saved = load_checkpoint(best if best.is_absolute() else runs.root / "node-disks-best" / "node0" / best)
     assert zero["validated_weights"] == one["validated_weights"] == weights_digest(saved["state_dict"])
+
+
+def test_incremental_saves_under_ddp_link_the_unchanged_frozen_layer(runs: Runs, first: Job) -> None:
+    rows = trained(first, "incremental")
+    assert [r["step"] for r in rows] == [10, 10] and rows[0]["last"] == rows[1]["last"]
+    root = runs.root / "incremental"
+    kept = sorted(p for p in root.iterdir() if p.name.startswith("step="))
+    assert len(kept) >= 2
+    inodes = set()
+    for checkpoint in kept:
+        state = load_checkpoint(checkpoint)  # verified, whole
+        files = json.loads((checkpoint / "manifest.json").read_text())["files"]
+        shared = [f for f in files if f.startswith("blobs/")]
+        frozen = [f for f in shared if "frozen.weight" in (checkpoint / f).read_bytes()[:200].decode(errors="ignore")]
+        assert len(frozen) == 1, shared  # the 256 KiB frozen weight in a file of its own
+        inodes.add(os.stat(checkpoint / frozen[0]).st_ino)
+        assert state["state_dict"]["frozen.weight"].shape == (256, 256)
+    assert len(inodes) == 1  # written by the first save, linked by every later one

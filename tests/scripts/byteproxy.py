@@ -2,7 +2,8 @@
 
 Put between a client and a real server (moto's S3, ``http.server``), it answers on :attr:`port` and forwards
 each connection to the server's port, both ways, untouched; :attr:`received` is the number of bytes the
-clients received (bodies and headers), whatever the client library does with them.
+clients received (bodies and headers), whatever the client library does with them, and :attr:`sent` the number
+they sent (uploads).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ class ByteProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
-        self.received = 0
+        self.received = self.sent = 0
         self._open: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def reset(self) -> None:
         with self._lock:
-            self.received = 0
+            self.received = self.sent = 0
 
     def close(self) -> None:
         self._listener.close()
@@ -50,9 +51,11 @@ class ByteProxy:
         try:
             while data := source.recv(1 << 20):
                 sink.sendall(data)
-                if counted:
-                    with self._lock:
+                with self._lock:
+                    if counted:
                         self.received += len(data)
+                    else:
+                        self.sent += len(data)
         except OSError:
             pass
         finally:

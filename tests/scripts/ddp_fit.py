@@ -7,7 +7,8 @@ of its own (``<dirpath>/node<rank>``) with the relative ``dirpath="ckpts"``, so 
 directory on each rank, as one path on nodes with disks of their own does (rank 1's is empty: rank 0 writes). ``mlflow=URI``: an ``MLFlowLogger(log_model="all")``
 on that file store. ``validate_best=True``: after the fit, ``trainer.validate(ckpt_path="best")``, then ``trainer.test()``
 (which loads "best" by default). ``backbone=True``: an nn.Module among the
-hyper-parameters, which no checkpoint can store without pickle.
+hyper-parameters, which no checkpoint can store without pickle. ``incremental=True``: the Checkpointer's;
+``frozen=N``: the model gets a frozen N x N layer that the forward does not use.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: i
         on_save_error: str = "raise", mirror: str | None = None, async_save: bool = False,
         storage_options: str | None = None, backbone: bool = False, mlflow: str | None = None,
         node_local: bool = False, node_disks: bool = False, hidden: int = 16, views: bool = True,
-        validate_best: bool = False) -> dict[str, Any]:
+        validate_best: bool = False, incremental: bool = False, frozen: int = 0) -> dict[str, Any]:
     if node_disks:
         home = os.getcwd()
         os.makedirs(os.path.join(dirpath, f"node{rank()}"), exist_ok=True)
@@ -77,7 +78,8 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: i
         logger = MLFlowLogger(tracking_uri=mlflow, log_model="all")
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, monitor="val_loss", top_k=1,
                         on_save_error=on_save_error, mirror=Mirror(mirror) if mirror else None, async_save=async_save,
-                        storage_options=json.loads(storage_options) if storage_options else None)
+                        storage_options=json.loads(storage_options) if storage_options else None,
+                        incremental=incremental)
     restored = Restored()
     trainer = L.Trainer(max_steps=max_steps, strategy="ddp", devices=2, accelerator="cpu", callbacks=[ckpt, restored],
                         logger=logger, enable_progress_bar=False, enable_model_summary=False, val_check_interval=4,
@@ -85,6 +87,8 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, fail_step: i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's own "attribute is an nn.Module" advice
         model = TinyModel(backbone=torch.nn.Linear(2, 2)) if backbone else TinyModel(hidden=hidden)
+    if frozen:  # unchanged from save to save
+        model.frozen = torch.nn.Linear(frozen, frozen, bias=False).requires_grad_(False)
     with warnings.catch_warnings(record=True) as caught, save_fails_at(fail_step):
         warnings.simplefilter("always", CheckpointWarning)
         try:

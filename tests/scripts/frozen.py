@@ -12,12 +12,13 @@ WIDTH = 128  # 128 x 128 float32 = 64 KiB: the smallest tensor an incremental sa
 
 class FrozenBackbone(L.LightningModule):
     """Two frozen 128 x 128 layers, a trained 128 -> 4 head; AdamW on the head only. ``change_at``: at that
-    step the "frozen" first layer is changed in place (no gradient, not in the optimizer), as user code might."""
+    step the "frozen" first layer is changed in place (no gradient, not in the optimizer), as user code might.
+    ``width``: the backbone's hidden width (its two weights are 128 x ``width`` each)."""
 
-    def __init__(self, change_at: int | None = None) -> None:
+    def __init__(self, change_at: int | None = None, width: int = WIDTH) -> None:
         super().__init__()
-        self.backbone = torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH, bias=False), torch.nn.ReLU(),
-                                            torch.nn.Linear(WIDTH, WIDTH, bias=False), torch.nn.ReLU())
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(WIDTH, width, bias=False), torch.nn.ReLU(),
+                                            torch.nn.Linear(width, WIDTH, bias=False), torch.nn.ReLU())
         self.backbone.requires_grad_(False)
         self.head = torch.nn.Linear(WIDTH, 4)
         self.change_at = change_at

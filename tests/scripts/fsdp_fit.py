@@ -14,7 +14,8 @@ file for the save at STEP fails (the store's upload seam raises ConnectionError)
 ``mirror_args``: the Mirror's arguments (``url``, ``storage_options``, ``retries``, ...) instead of ``mirror``'s path.
 ``async_save=True``: the Checkpointer saves in the background (``staging``: "overlapped" or "eager"); the seams
 above then meet the save on the background worker. ``fail_deferred_copy=STEP``: rank 1's deferred (overlapped)
-copy of the save at STEP fails on its worker, before any rank writes.
+copy of the save at STEP fails on its worker, before any rank writes. ``incremental=True``: the Checkpointer's
+(refused under ModelParallelStrategy).
 Every row holds the batches the rank trained (``batches``: epoch, batch index, step after it, the ids of its
 samples in ``tiny_loader``'s dataset) and ExactResume's audit report (``audit``). Every row says which shard files the rank's loads read in full (``shards_read``: file -> bytes, through
 the module's ``read_listed`` or, for a local checkpoint, its ``StreamedShardReader``) and checked for nobody
@@ -184,7 +185,8 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: in
         mirror: str | None = None, dump_start: str | None = None, out: str | None = None,
         storage_options: dict[str, Any] | None = None, fail_upload: int | None = None,
         node_local: bool = False, async_save: bool = False, staging: str = "overlapped",
-        fail_deferred_copy: int | None = None, mirror_args: dict[str, Any] | None = None) -> dict[str, Any]:
+        fail_deferred_copy: int | None = None, mirror_args: dict[str, Any] | None = None,
+        incremental: bool = False) -> dict[str, Any]:
     L.seed_everything(0)
     if node_local:  # each rank its own directory, as on nodes with disks of their own
         dirpath = os.path.join(dirpath, f"rank{rank()}")
@@ -192,7 +194,7 @@ def fit(dirpath: str, max_steps: int, ckpt_path: str | None = None, crash_at: in
     ckpt = Checkpointer(dirpath, every_n_steps=3, keep_last=2, on_save_error=on_save_error,
                         mirror=Mirror(mirror) if mirror else Mirror(**mirror_args) if mirror_args else None,
                         storage_options=storage_options,
-                        async_save=async_save, staging=staging)
+                        async_save=async_save, staging=staging, incremental=incremental)
     ids = SampleIds()
     strategy = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1)
     # A ckpt_path at another URL than dirpath is read with the plugin's remote_options (the same bucket here).

@@ -68,7 +68,8 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         mode: ``"min"`` (default) or ``"max"``: which ``monitor`` values are better (one metric only).
         top_k: keep the K best by ``monitor``, by each of its metrics (default 1 with a monitor, else 0).
         keep_every_n_steps: keep checkpoints at multiples of this step forever (milestones).
-        max_total_bytes: disk budget: delete the oldest unprotected checkpoints beyond it.
+        max_total_bytes: disk budget: delete the oldest unprotected checkpoints beyond it (bytes that
+            incremental checkpoints share count once).
         save_on_train_end: save the final state when training ends (unless that step is saved).
         exact_resume: add :class:`~lightning_ckpt.ExactResume` (RNG, data position, metrics) if
             the Trainer does not have it already.
