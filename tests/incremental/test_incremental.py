@@ -52,19 +52,22 @@ def shared_files(checkpoint: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
-    """The same 8 steps saved every 2 steps, incrementally and in full."""
+    """The same 8 steps saved every 2 steps, incrementally (and in the background) and in full."""
     root = tmp_path_factory.mktemp("incremental")
     fit(root / "inc", incremental=True)
+    fit(root / "inc-async", incremental=True, async_save=True)
     fit(root / "full", incremental=False)
     return root / "inc", root / "full"
 
 
-def test_every_incremental_checkpoint_loads_bit_identical_to_a_full_save(runs):
-    inc, full = runs
+@pytest.mark.parametrize("fit_name", ["inc", "inc-async"])
+def test_every_incremental_checkpoint_loads_bit_identical_to_a_full_save(runs, fit_name):
+    inc, full = runs[0].parent / fit_name, runs[1]
     assert steps(inc) == steps(full) == [f"step={s:09d}" for s in (2, 4, 6, 8)]
     for name in steps(inc):
         verify_checkpoint(inc / name)
         assert_same(loaded(inc / name), loaded(full / name))
+    assert len({os.stat(inc / name / shared_files(inc / name)[0]).st_ino for name in steps(inc)}) == 1
 
 
 def test_the_frozen_backbone_is_written_once_and_linked_by_every_later_checkpoint(runs):
