@@ -65,9 +65,18 @@ def new_hasher() -> Any:
 SHARED_FOLDER = "blobs"  # incremental checkpoints: files named by their content (format/shared.py)
 
 
+_SHARED_NAME = re.compile(rf"{SHARED_FOLDER}/([0-9a-f]{{32}})\.safetensors")
+
+
 def is_shared(file: str) -> bool:
     """Whether ``file`` (a name a manifest lists) is a shared, content-named file of an incremental checkpoint."""
     return file.startswith(f"{SHARED_FOLDER}/")
+
+
+def shared_digest(file: str) -> str | None:
+    """The checksum a shared file's name says (``blobs/<digest>.safetensors``), or None for any other name."""
+    match = _SHARED_NAME.fullmatch(file)
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True, kw_only=True)

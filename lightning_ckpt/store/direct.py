@@ -29,7 +29,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from lightning_ckpt.format.manifest import FileEntry, new_hasher
+from lightning_ckpt.format.manifest import FileEntry
+from lightning_ckpt.store.fsutil import hasher_for
 
 ALIGN = 4096  # the largest logical block size of common disks; a page, so mmap's buffer is aligned
 BOUNCE = 8 * 2**20  # one write: large enough for the disk's bandwidth, small enough to stay in cache
@@ -71,7 +72,7 @@ def write_file(path: Path, chunks: Sequence) -> FileEntry | None:
     writer: _DirectFile | None = None
     try:
         writer = _DirectFile(fd, path)
-        hasher = new_hasher()
+        hasher = hasher_for(chunks)
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
             for at in range(0, view.nbytes, BOUNCE):

@@ -11,9 +11,9 @@ import os
 import re
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from lightning_ckpt.errors import CorruptCheckpointError, StorageError
 from lightning_ckpt.format.manifest import FileEntry, new_hasher
@@ -23,6 +23,8 @@ FILE_SCHEME = "file"
 READ_ONLY_SCHEMES = frozenset({"http", "https"})  # a web server: checkpoints are read there by URL, never written
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # "s3://", "gs://", "memory://", ...
 _SYNC_FILE_RANGE_WRITE = 2
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 # A slice small enough to hash while it is in cache and to hand to the disk early, large enough
 # that system calls cost nothing next to the copy.
 WRITE_SLICE = 8 * 2**20
@@ -178,3 +180,47 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """
     if _sync_file_range is not None and length:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap two directories atomically with Linux's renameat2(RENAME_EXCHANGE).
+
+    Hand-written because neither the standard library nor a maintained package exposes it; returns
+    False where the call or the flag is unavailable, and the caller falls back to two renames.
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+class Hashed(list):  # type: ignore[type-arg]
+    """A file's chunks whose checksum was taken from these very bytes already (an incremental checkpoint's shared
+    file, hashed to name it): a write then hashes them no second time."""
+
+    def __init__(self, chunks: Iterable[Any], digest: str) -> None:
+        super().__init__(chunks)
+        self.digest = digest
+
+
+def hasher_for(chunks: Iterable[Any]) -> Any:
+    """The hasher a write of ``chunks`` updates as it goes: a real one, or for :class:`Hashed` chunks one that
+    gives their known checksum (the copy the write makes is of the bytes that were hashed)."""
+    return _Known(chunks.digest) if isinstance(chunks, Hashed) else new_hasher()
+
+
+class _Known:
+    def __init__(self, digest: str) -> None:
+        self._digest = digest
+
+    def update(self, _data: Any) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self._digest

@@ -8,7 +8,6 @@ are removed by :meth:`LocalStore.clean_leftovers`.
 
 from __future__ import annotations
 
-import ctypes
 import io
 import errno
 import os
@@ -19,19 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning_ckpt.errors import CheckpointError, StorageError
-from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
+from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry
 from lightning_ckpt.store import direct, shared_files
 from lightning_ckpt.store.base import LocalFiles
 from lightning_ckpt.store.dirlock import DirectoryLock
 from lightning_ckpt.store.reading import verify
-from lightning_ckpt.store.fsutil import (
-    TMP_PREFIX,
-    WRITE_SLICE,
-    fsync_dir,
-    local_path,
-    open_regular,
-    start_writeback,
-)
+from lightning_ckpt.store.fsutil import TMP_PREFIX, WRITE_SLICE, Hashed, fsync_dir, hasher_for, local_path, open_regular
+from lightning_ckpt.store.fsutil import exchange_dirs as _exchange  # a module global: tests replace it
+from lightning_ckpt.store.fsutil import start_writeback
 
 if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
     from lightning_ckpt.format.blob import Blob, Buffer
@@ -43,8 +37,6 @@ DELETING_PREFIX = ".deleting-"  # being deleted, perhaps half-removed: removed, 
 # Earlier development builds used one prefix for both "parked" and "being deleted"; see _restorable.
 LEGACY_TRASH_PREFIX = ".trash-"
 LEFTOVER_PREFIXES = (TMP_PREFIX, PARKED_PREFIX, DELETING_PREFIX, LEGACY_TRASH_PREFIX)
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
 
 
 class LocalStore(LocalFiles):
@@ -189,13 +181,11 @@ class LocalStore(LocalFiles):
                                "safe, and the ledger is rebuilt from their manifests on the next start") from err
 
     def _put(self, path: Path, blob: Blob, source: Path | None) -> FileEntry:
-        """One file of a save: linked from ``source`` (a shared file, named by its checksum), else written."""
-        if source is not None and blob.digest is not None and shared_files.link(source, path):
-            return FileEntry(size=blob.size, digest=blob.digest)
-        entry = self._write_file(path, blob.chunks)
-        if blob.digest is not None and entry.digest != blob.digest:  # its tensor changed while it was saved
-            raise OSError(errno.EIO, f"{path.name}: its bytes changed while they were written")
-        return entry
+        """One file of a save: linked from ``source`` (a shared file: its name says its checksum), else written
+        (hashed while written, unless its checksum was taken from these bytes already: ``Hashed``)."""
+        if source is not None and shared_files.link(source, path):
+            return FileEntry(size=blob.size, digest=shared_files.digest_of(source))
+        return self._write_file(path, Hashed(blob.chunks, blob.digest) if blob.digest else blob.chunks)
 
     def _write_file(self, path: Path, chunks: Sequence[Buffer]) -> FileEntry:
         """Write, checksum and fsync one file in one pass (a seam: fault-injection tests override it).
@@ -207,7 +197,7 @@ class LocalStore(LocalFiles):
         """
         if direct.wanted() and (entry := direct.write_file(path, chunks)) is not None:
             return entry
-        hasher, size = new_hasher(), 0
+        hasher, size = hasher_for(chunks), 0
         with open(path, "wb", buffering=0) as f:
             for chunk in chunks:
                 whole = memoryview(chunk).cast("B")
@@ -379,21 +369,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically with Linux's renameat2(RENAME_EXCHANGE).
-
-    Hand-written because neither the standard library nor a maintained package exposes it; returns
-    False where the call or the flag is unavailable, and the caller falls back to two renames.
-    """
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))

@@ -26,8 +26,8 @@ import fsspec.asyn
 from fsspec.asyn import sync
 
 from lightning_ckpt.errors import CheckpointError, StorageError
-from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
-from lightning_ckpt.store.fsutil import TMP_PREFIX
+from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry
+from lightning_ckpt.store.fsutil import TMP_PREFIX, hasher_for
 from lightning_ckpt.store.remote_staging import INCOMPLETE_MARKER, StagedUploads
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ class FsspecStore(StagedUploads):
     def _put(self, path: str, chunks: Iterable[Buffer]) -> FileEntry:
         """Upload one file, streamed (a large one goes up in parts, never joined in memory), and
         checksummed in the same pass."""
-        hasher, size = new_hasher(), 0
+        hasher, size = hasher_for(chunks), 0
         with self._fs.open(path, "wb") as f:
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")

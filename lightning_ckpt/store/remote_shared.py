@@ -15,16 +15,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from lightning_ckpt.format.manifest import MANIFEST_FILE, is_shared
+from lightning_ckpt.format.manifest import MANIFEST_FILE, shared_digest
 
 if TYPE_CHECKING:
     from lightning_ckpt.format.blob import Blob
 
 
 def copyable(fs: Any, root: str, files: Mapping[str, Blob]) -> dict[str, str]:
-    """The shared files of ``files`` (their checksum known) that a committed checkpoint under ``root`` holds, each
-    with that object's path (of the right size); one listing of ``root``."""
-    wanted = {file: blob.size for file, blob in files.items() if is_shared(file) and blob.digest is not None}
+    """The shared files of ``files`` that a committed checkpoint under ``root`` holds, each with that object's path
+    (of the right size); one listing of ``root``."""
+    wanted = {file: blob.size for file, blob in files.items() if shared_digest(file) is not None}
     if not wanted:
         return {}
     fs.invalidate_cache(root)

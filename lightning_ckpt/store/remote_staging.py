@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry
+from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, shared_digest
+from lightning_ckpt.store.fsutil import Hashed
 from lightning_ckpt.store.remote_shared import copyable
 
 INCOMPLETE_MARKER = ".incomplete"  # in a prefix being written or deleted; gone once the save committed
@@ -83,7 +84,7 @@ class StagedUploads:
         with self._storage_errors(name, "save failed, nothing was committed"):
             try:
                 sources = copyable(self._fs, self._root, files)  # an incremental one's unchanged tensors
-                entries = {**(written or {}), **{file: self._copy_or_put(f"{staged}/{file}", blob, sources.get(file))
+                entries = {**(written or {}), **{file: self._copy_or_put(staged, file, blob, sources.get(file))
                                                   for file, blob in files.items()}}
                 self._put(f"{staged}/{MANIFEST_FILE}", [seal(entries)])  # the commit
             except BaseException:
@@ -92,19 +93,17 @@ class StagedUploads:
         self._drop_marker(staged)
         return entries
 
-    def _copy_or_put(self, path: str, blob: Blob, source: str | None) -> FileEntry:
-        """One file of a save: a server-side copy of ``source`` (a shared file, named by its checksum), else an
-        upload, whose checksum must then be the one the name says."""
-        if source is not None and blob.digest is not None:
+    def _copy_or_put(self, staged: str, file: str, blob: Blob, source: str | None) -> FileEntry:
+        """One file of a save: a server-side copy of ``source`` (a shared file: its name says its checksum), else an
+        upload (hashed while sent, unless its checksum was taken from these bytes already: ``Hashed``)."""
+        path = f"{staged}/{file}"
+        if source is not None:
             try:
                 self._fs.copy(source, path)
-                return FileEntry(size=blob.size, digest=blob.digest)
+                return FileEntry(size=blob.size, digest=shared_digest(file))
             except Exception:  # noqa: BLE001 - each backend raises its own types; the upload below decides
                 pass
-        entry = self._put(path, blob.chunks)
-        if blob.digest is not None and entry.digest != blob.digest:
-            raise OSError(f"{path}: its bytes changed while they were uploaded")
-        return entry
+        return self._put(path, Hashed(blob.chunks, blob.digest) if blob.digest else blob.chunks)
 
     def discard_staged(self, staged: str) -> None:
         """Remove a staged prefix that will not be committed (best effort: its marker lets

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_ckpt.format.manifest import MANIFEST_FILE, is_shared
+from lightning_ckpt.format.manifest import SHARED_FOLDER, MANIFEST_FILE, shared_digest
 
 if TYPE_CHECKING:
     from lightning_ckpt.format.blob import Blob
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 def linkable(root: Path, files: Mapping[str, Blob]) -> dict[str, Path]:
     """The shared files of ``files`` that a committed checkpoint in ``root`` holds, each with that file (a regular
     file of the right size; the newest checkpoint's first)."""
-    wanted = {file: blob.size for file, blob in files.items() if is_shared(file) and blob.digest is not None}
+    wanted = {file: blob.size for file, blob in files.items() if shared_digest(file) is not None}
     if not wanted or not root.is_dir():
         return {}
     found: dict[str, Path] = {}
@@ -60,6 +60,11 @@ def link(source: Path, target: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def digest_of(source: Path) -> str | None:
+    """The checksum a shared file's name says (the manifest of the checkpoint it is linked into records it)."""
+    return shared_digest(f"{SHARED_FOLDER}/{source.name}")
 
 
 def _committed_newest_first(root: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.format.blob import Blob
-from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, is_shared, missing_manifest
+from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, Manifest, missing_manifest
 from lightning_ckpt.history.manager import latest_entry, manifest_entries
 from lightning_ckpt.policy import Record, RetentionConfig
 from lightning_ckpt.store import Store, list_checkpoints, open_store, read_verified
@@ -111,14 +111,13 @@ def copy_checkpoint(source: Store, target: Store, name: str) -> None:
         raise missing_manifest(source.location(name))
     manifest = Manifest.from_bytes(manifest_bytes, source.location(name))  # also checks its own digest
     if isinstance(source, LocalStore):
-        files: dict[str, Blob] = {file: _Streamed(_FileChunks(source, name, file, entry.size), entry.size,
-                                                  digest=_shared_digest(file, entry))
+        files: dict[str, Blob] = {file: _Streamed(_FileChunks(source, name, file, entry.size), entry.size)
                                   for file, entry in manifest.files.items()}
     else:
         verified, data = read_verified(source, name)
         if verified != manifest:
             raise CheckpointError(f"{source.location(name)}: its manifest changed while it was read; copy it again")
-        files = {file: Blob([chunk], digest=_shared_digest(file, manifest.files[file])) for file, chunk in data.items()}
+        files = {file: Blob([chunk]) for file, chunk in data.items()}
 
     def seal(written: dict[str, FileEntry]) -> bytes:
         if written != dict(manifest.files):  # the bytes sent are the bytes verified, or nothing commits
@@ -127,11 +126,6 @@ def copy_checkpoint(source: Store, target: Store, name: str) -> None:
         return manifest_bytes
 
     target.write(name, files, seal)
-
-
-def _shared_digest(file: str, entry: FileEntry) -> str | None:
-    """A shared file's checksum (its name says it): the target may then copy it from a checkpoint it holds."""
-    return entry.digest if is_shared(file) else None
 
 
 @dataclass(frozen=True)
