@@ -11,7 +11,8 @@ sigterm_in (send itself SIGTERM in that callback hook, e.g. "on_validation_start
 sigterm_at or later), report (write there, however the script ends: the Trainer's status, each
 logger finalize status, the steps validations ended at, whether LightningModule.on_train_end ran
 and ``Checkpointer.preempted``), kill_mid_delete (the
-first checkpoint removal deletes one file, then the process SIGKILLs itself).
+first checkpoint removal deletes one file, then the process SIGKILLs itself), freeze (names of TinyModel layers
+never trained: no gradient, so AdamW leaves them as they are, and an incremental checkpoint shares them).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def main(opts: dict) -> None:
                         enable_progress_bar=False, enable_model_summary=False,
                         val_check_interval=opts.get("val_every"), limit_val_batches=2, num_sanity_val_steps=0)
     model = (ReportingModel if opts.get("report") else TinyModel)(hidden=opts.get("hidden", 16))
+    for layer in opts.get("freeze", ()):
+        getattr(model, layer).requires_grad_(False)
     try:
         trainer.fit(model, tiny_loader(shuffle=True), tiny_loader(seed=1), ckpt_path=opts.get("ckpt_path"))
     finally:
