@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +26,7 @@ MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a larger one is 
 # it is still in cache.
 READ_CHUNK = 8 * 2**20
 READ_THREADS = min(4, os.cpu_count() or 1)
+OPEN_AHEAD = 8  # files a local read keeps open and in flight beyond the one it hashes
 
 
 def read_manifest(store: Store, name: str) -> Manifest:
@@ -74,7 +76,7 @@ def read_verified(store: Store, name: str, *, only: Callable[[str], bool] | None
         return manifest, {file: kept[file] if file in kept else fetched[file] for file in wanted}
     if not isinstance(store, LocalFiles):
         return manifest, _read_remote(store, name, wanted, manifest, where, keep=True)
-    return manifest, {file: _read_file(store, name, file, manifest, where) for file in wanted}
+    return manifest, _read_files(store, name, wanted, manifest, where)
 
 
 def read_listed(store: Store, name: str, manifest: Manifest, *, only: Callable[[str], bool] | None = None
@@ -132,26 +134,93 @@ def verify(store: Store, name: str, *, keep: bool = False) -> Manifest:
     return manifest
 
 
-def _read_file(store: LocalFiles, name: str, file: str, manifest: Manifest, where: str, *,
-               into: memoryview | None = None) -> memoryview:
-    """One file's verified bytes: in a new buffer of the file's size, or streamed through ``into``."""
+def _read_file(store: LocalFiles, name: str, file: str, manifest: Manifest, where: str, *, into: memoryview) -> None:
+    """Check one file against the manifest, streamed through ``into`` (nothing is kept)."""
     opened = store.open(name, file)
     if opened is None:
         manifest.check_size(file, None, where)  # raises: missing
     f, size = opened  # type: ignore[misc]  # None was refused above
     hasher = new_hasher()
     with f:  # closed on every path, the refusals below included
-        # The real size is checked before anything is allocated: a claim in the manifest is not trusted.
-        manifest.check_size(file, size, where)
-        if into is None:
-            buffer = uninitialized(size)
-            done = _read_parallel(f.fileno(), buffer, hasher)
-        else:
-            buffer, done = into, _read_through(f.fileno(), size, into, hasher)
+        manifest.check_size(file, size, where)  # before anything is read: a claim in the manifest is not trusted
+        done = _read_through(f.fileno(), size, into, hasher)
         extra = len(os.pread(f.fileno(), 1, done)) if done == size else 0  # it grew since it was opened
     manifest.check_size(file, done + extra, where)
     manifest.check_digest(file, hasher.hexdigest(), where)
-    return buffer
+
+
+def _read_files(store: LocalFiles, name: str, files: list[str], manifest: Manifest, where: str
+                ) -> dict[str, memoryview]:
+    """Several files' verified bytes, each in a new buffer of its size, read by one pool of threads.
+
+    A read is a copy out of the page cache that releases the GIL, so a few threads copy chunks (of this file
+    and the next ones) while this thread hashes the finished ones in order (the hash holds the GIL). One pool
+    for all files: an incremental checkpoint has a file per large tensor, and a pool per file left reading and
+    hashing taking turns. At most ``OPEN_AHEAD`` files are open at once."""
+    out: dict[str, memoryview] = {}
+    ahead: deque[_Reading] = deque()
+    pool = ThreadPoolExecutor(READ_THREADS)
+    try:
+        for file in files:
+            ahead.append(_Reading.start(store, name, file, manifest, where, pool))
+            while len(ahead) > OPEN_AHEAD:
+                reading = ahead.popleft()
+                out[reading.file] = reading.finish(manifest, where)
+        while ahead:
+            reading = ahead.popleft()
+            out[reading.file] = reading.finish(manifest, where)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # no read runs on a descriptor once it is closed
+        for reading in ahead:
+            reading.f.close()
+    return out
+
+
+class _Reading:
+    """One file being read by the pool: open, its real size checked against the manifest, its chunks asked for."""
+
+    def __init__(self, file: str, f: Any, size: int, pool: ThreadPoolExecutor) -> None:
+        self.file, self.f, self.size = file, f, size
+        self.buffer = uninitialized(size)
+        self.spans = [(at, min(READ_CHUNK, size - at)) for at in range(0, size, READ_CHUNK)]
+        self.pending = [pool.submit(_pread_full, f.fileno(), self.buffer[at:at + n], at) for at, n in self.spans]
+
+    @classmethod
+    def start(cls, store: LocalFiles, name: str, file: str, manifest: Manifest, where: str,
+              pool: ThreadPoolExecutor) -> _Reading:
+        opened = store.open(name, file)
+        if opened is None:
+            manifest.check_size(file, None, where)  # raises: missing
+        f, size = opened  # type: ignore[misc]  # None was refused above
+        try:
+            manifest.check_size(file, size, where)  # before anything is allocated: a claim is not trusted
+            return cls(file, f, size, pool)
+        except BaseException:
+            f.close()
+            raise
+
+    def finish(self, manifest: Manifest, where: str) -> memoryview:
+        """The verified bytes, hashed in order as the chunks arrive (fewer: it shrank; one more: it grew)."""
+        hasher, done, extra = new_hasher(), 0, 0
+        with self.f:
+            try:
+                for (at, n), future in zip(self.spans, self.pending):
+                    got = future.result()
+                    hasher.update(self.buffer[at:at + got])
+                    done += got
+                    if got < n:
+                        break
+                else:
+                    extra = len(os.pread(self.f.fileno(), 1, done)) if done == self.size else 0
+            finally:  # no read of this file may still run once its descriptor is closed
+                for rest in self.pending:
+                    rest.cancel()
+                for rest in self.pending:
+                    if not rest.cancelled():
+                        rest.exception()
+        manifest.check_size(self.file, done + extra, where)
+        manifest.check_digest(self.file, hasher.hexdigest(), where)
+        return self.buffer
 
 
 def uninitialized(size: int) -> memoryview:
@@ -226,27 +295,6 @@ class _Fill:
         self.manifest.check_size(self.file, self.done if self.begun else None, self.where)
         self.manifest.check_digest(self.file, self.hasher.hexdigest(), self.where)
         return self.buffer
-
-
-def _read_parallel(fd: int, buffer: memoryview, hasher: Any) -> int:
-    """Fill ``buffer`` from the file, hashing it in order; returns the bytes read (fewer: it shrank).
-
-    A read is a copy out of the page cache that releases the GIL, so a few threads copy chunks at
-    once while this thread hashes the finished ones in order (the hash holds the GIL).
-    """
-    spans = [(at, min(READ_CHUNK, buffer.nbytes - at)) for at in range(0, buffer.nbytes, READ_CHUNK)]
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        pending = [pool.submit(_pread_full, fd, buffer[at:at + n], at) for at, n in spans]
-        done = 0
-        for (at, n), future in zip(spans, pending):
-            got = future.result()
-            hasher.update(buffer[at:at + got])
-            done += got
-            if got < n:
-                for rest in pending:
-                    rest.cancel()
-                break
-    return done
 
 
 def _read_through(fd: int, size: int, chunk: memoryview, hasher: Any) -> int:
