@@ -19,8 +19,10 @@ from typing import Any
 from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
 from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR
+from lightning_ckpt.format.shared import META_EXTERNAL, is_shared
 from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.base import Store
+from lightning_ckpt.store.disk_usage import DiskUsage, disk_usage
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
 from lightning_ckpt.store.local import LocalStore
 
@@ -57,7 +59,8 @@ class TensorInfo:
 
 @dataclass
 class Inspection:
-    """What a checkpoint holds."""
+    """What a checkpoint holds; ``disk``: for one of ours in a local directory, the bytes it owns and those it shares
+    with other checkpoints by hard links (``store/disk_usage.py``), else None."""
 
     path: str
     kind: str
@@ -66,6 +69,7 @@ class Inspection:
     versions: dict[str, str] = field(default_factory=dict)
     step: int | None = None
     epoch: int | None = None
+    disk: DiskUsage | None = None
 
     def group_bytes(self) -> dict[str, int]:
         return {g: sum(t.nbytes for t in ts) for g, ts in self.groups.items()}
@@ -153,18 +157,40 @@ def _ours(store: Store, name: str) -> Inspection:
     def header(file: str) -> tuple[list[TensorInfo], dict[str, str]]:
         return _header_infos(store, name, file, manifest.files[file].size)
 
+    def add(file: str, group: str) -> dict[str, str]:
+        infos, metadata = header(file)
+        found.groups[group] += [i for i in infos if not i.name.startswith("__")]
+        return metadata
+
     shards = [file for file in manifest.files if file.startswith(SHARDS_DIR + "/")]
-    for file in manifest.files:
-        if file.endswith(".safetensors") and file not in shards:
-            infos, _ = header(file)
-            found.groups[_GROUP_OF_FILE.get(file, OTHER)] += [i for i in infos if not i.name.startswith("__")]
+    blobs = [file for file in manifest.files if is_shared(file)]  # an incremental one's large tensors
+    owner: dict[str, str] = {}  # each of those files -> the file whose header lists it (format/shared.py)
+    for file in [f for f in manifest.files if f.endswith(".safetensors") and f not in shards and f not in blobs]:
+        metadata = add(file, _GROUP_OF_FILE.get(file, OTHER))
+        owner |= dict.fromkeys(_external(metadata, f"{found.path}/{file}").values(), file)
+    for file in blobs:  # in the group of the file that lists it
+        add(file, _GROUP_OF_FILE.get(owner.get(file, file), OTHER))
     for info in _sharded_infos(found.path, shards, header):
         group, _, key = info.name.partition("/")
         group = _GROUP_OF_KEY.get(group, OTHER)
         found.groups[group].append(TensorInfo(key if group == MODEL else info.name, info.dtype, info.shape,
                                               info.nbytes))
     found.hyper_parameters = _our_hparams(store, name, manifest.files.get(STATE_FILE))
+    if isinstance(store, LocalStore):  # hard links are a local directory's; a URL's are not known
+        found.disk = disk_usage(store.location(name), manifest)
     return found
+
+
+def _external(metadata: dict[str, str], where: str) -> dict[str, str]:
+    """A header's map of its keys stored in shared files (``format/shared.py``): key -> file."""
+    try:
+        external = json.loads(metadata.get(META_EXTERNAL, "{}"))
+        if not isinstance(external, dict) or not all(isinstance(v, str) for v in external.values()):
+            raise ValueError("not a mapping of file names")
+    except ValueError as err:
+        raise CorruptCheckpointError(f"{where}: unreadable __metadata__[{META_EXTERNAL!r}] ({err}); run "
+                                     "'lightning-ckpt verify' on its checkpoint") from err
+    return external
 
 
 def _header_infos(store: Store, name: str, file: str, size: int) -> tuple[list[TensorInfo], dict[str, str]]:

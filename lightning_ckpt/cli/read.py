@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,6 +16,9 @@ from lightning_ckpt.cli.output import JSON_OPTION, emit_json, emit_table, num, s
 from lightning_ckpt.errors import NotACheckpointError
 from lightning_ckpt.policy.retention import RetentionConfig
 from lightning_ckpt.store.fsutil import remote_scheme
+
+if TYPE_CHECKING:
+    from lightning_ckpt.store.disk_usage import DiskUsage
 
 EXIT_DAMAGED = 1
 def _rows(path: str | Path, **kw: object) -> list[Row]:
@@ -57,7 +60,8 @@ def _flags(row: Row) -> str:
 def list_(path: str, check: bool, monitor: str | None, mode: str | None, keep_last: int | None, top_k: int,
           options: dict[str, Any] | None, as_json: bool) -> None:
     """Every checkpoint in PATH (a directory, one checkpoint, or an fsspec URL), by step: epoch, time, size, status, metrics,
-    which is last / best, and, given retention options, which rule keeps it (per run lineage).
+    which is last / best, and, given retention options, which rule keeps it (per run lineage). Where checkpoints
+    share files by hard links (incremental saves), "owned": the bytes that deleting each would free.
 
     \b
     Example:
@@ -69,12 +73,15 @@ def list_(path: str, check: bool, monitor: str | None, mode: str | None, keep_la
     rows = _rows(path, check=check, retention=retention, monitor=monitor, mode=mode, storage_options=options)
     if as_json:
         return emit_json([asdict(r) for r in rows])
-    columns = ["name", "step", "epoch", "time", "size", "status", "flags", "tiers", "run", "metrics"]
+    # "owned" only where checkpoints share files (hard links: incremental saves); elsewhere it is "size" again
+    shares = any(r.owned is not None and r.owned != r.size for r in rows)
+    columns = ["name", "step", "epoch", "time", "size", *(["owned"] if shares else []), "status", "flags", "tiers",
+               "run", "metrics"]
     columns += ["kept by"] if retention else []
     table = []
     for r in rows:
-        cells = [r.name, num(r.step), num(r.epoch), when(r.created), size(r.size), _status(r), _flags(r),
-                 ",".join(r.tiers), r.run_id or "-", _metrics(r)]
+        cells = [r.name, num(r.step), num(r.epoch), when(r.created), size(r.size), *([size(r.owned)] if shares else []),
+                 _status(r), _flags(r), ",".join(r.tiers), r.run_id or "-", _metrics(r)]
         table.append(cells + ([", ".join(r.kept_by or ()) or "(would be pruned)"] if retention else []))
     emit_table(columns, table)
 
@@ -123,7 +130,9 @@ def inspect(path: str, every: bool, allow_pickle: bool, options: dict[str, Any] 
     """What is inside a checkpoint: tensors by group (model weights, optimizer state, other) with
     dtypes, shapes and bytes, hyper-parameters and library versions. Reads our checkpoints (also at an
     fsspec URL: headers only), Lightning .ckpt files (weights_only=True), plain .safetensors files and
-    DCP / FSDP directories (their metadata only; global shapes).
+    DCP / FSDP directories (their metadata only; global shapes). For our checkpoint in a local directory,
+    "disk": the bytes of its files it owns (deleting it frees them) and those it shares by hard links
+    (an incremental checkpoint's unchanged tensors, with the other checkpoints here).
 
     \b
     Example:
@@ -131,7 +140,7 @@ def inspect(path: str, every: bool, allow_pickle: bool, options: dict[str, Any] 
       lightning-ckpt inspect s3://bucket/run/step=000001000
       lightning-ckpt inspect checkpoints/epoch=1-step=600.ckpt/     # a DCP directory
     """
-    from lightning_ckpt.inspection import inspect_checkpoint
+    from lightning_ckpt.inspection import KIND_OURS, inspect_checkpoint
 
     where = path if remote_scheme(path) is not None else PATH.convert(path, None, None)  # a local PATH must exist
     found = inspect_checkpoint(where, allow_pickle=allow_pickle, storage_options=options)
@@ -143,6 +152,8 @@ def inspect(path: str, every: bool, allow_pickle: bool, options: dict[str, Any] 
               for g, ts in found.groups.items()]
     count = sum(map(len, found.groups.values()))
     emit_table(["group", "tensors", "dtypes", "bytes"], [*totals, ["total", str(count), "", size(found.total_bytes)]])
+    if found.kind == KIND_OURS:
+        click.echo(_disk(found.disk))
     if every:
         emit_table(["group", "tensor", "dtype", "shape", "bytes"], [
             [g, t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar", str(t.nbytes)]
@@ -151,6 +162,18 @@ def inspect(path: str, every: bool, allow_pickle: bool, options: dict[str, Any] 
         click.echo(f"{title}:" + ("" if values else " -"))
         for key, value in values.items():
             click.echo(f"  {key}: {value!r}" if not isinstance(value, str) else f"  {key}: {value}")
+
+
+def _disk(disk: DiskUsage | None) -> str:
+    """How a checkpoint's files are held: ``bytes = owned + shared`` and where the shared ones are linked."""
+    if disk is None:
+        return "disk: n/a at a URL (owned and shared bytes are counted for a checkpoint in a local directory)"
+    n, outside = len(disk.shared_with), size(disk.linked_outside_bytes)
+    where = [f"with {n} other checkpoint{'' if n == 1 else 's'} here"] if n else []
+    where += [f"{outside} of it also outside them" if n else f"{outside} of it outside the checkpoints here"
+              ] if disk.linked_outside_bytes else []
+    return (f"disk: {size(disk.bytes)} = {size(disk.owned_bytes)} owned (deleting this checkpoint frees it) + "
+            f"{size(disk.shared_bytes)} shared" + (f" (hard links: {'; '.join(where)})" if where else ""))
 
 
 @main.command()

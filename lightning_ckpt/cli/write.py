@@ -73,17 +73,21 @@ def convert(src: Path, dst: Path, allow_pickle: bool, force: bool) -> None:
 
     \b
       a Lightning .ckpt file          -> a lightning-ckpt checkpoint, or .safetensors
-      a lightning-ckpt checkpoint     -> a Lightning .ckpt file, or .safetensors
+      a lightning-ckpt checkpoint     -> a Lightning .ckpt file, or .safetensors, or a self-contained copy
       a DCP / FSDP directory          -> one consolidated lightning-ckpt checkpoint, or .safetensors
       a DeepSpeed ZeRO 2/3 checkpoint -> .safetensors of fp32 weights (needs deepspeed and --allow-pickle)
 
-    An existing DST is refused unless --force. .ckpt and DCP sources stream with bounded memory
-    (about a tensor or a few chunks); the result appears whole or not at all.
+    A lightning-ckpt checkpoint to another checkpoint name is a self-contained copy: every file
+    copied, none hard-linked to SRC or to the checkpoints beside it (an incremental checkpoint's
+    shared files), each checked against SRC's checksums. An existing DST is refused unless --force.
+    .ckpt and DCP sources stream with bounded memory (about a tensor or a few chunks); the result
+    appears whole or not at all.
 
     \b
     Example:
       lightning-ckpt convert epoch=3.ckpt checkpoints/step=000004000     # .ckpt -> ours
       lightning-ckpt convert checkpoints/step=000004000 back.ckpt        # ours -> .ckpt
+      lightning-ckpt convert checkpoints/step=000004000 alone/step=000004000   # a self-contained copy
       lightning-ckpt convert fsdp/epoch=3-step=4000.ckpt/ checkpoints/step=000004000
       lightning-ckpt convert fsdp/epoch=3-step=4000.ckpt/ model.safetensors
     """
@@ -105,7 +109,7 @@ Way = Callable[[Path, Path, Progress, bool], str]
 # What each kind of source converts to, by the kind of output DST's name chooses.
 _DIRECTORY = "a lightning-ckpt checkpoint (a DST name not ending .ckpt)"
 _TARGETS = {
-    "ours": "a Lightning .ckpt file or a .safetensors file",
+    "ours": f"a Lightning .ckpt file, a .safetensors file or {_DIRECTORY}: a self-contained copy",
     "ckpt": f"{_DIRECTORY} or a .safetensors file",
     "dcp": f"{_DIRECTORY}, which converts on to a .ckpt, or a .safetensors file",
     "deepspeed": "a .safetensors file",
@@ -157,6 +161,16 @@ def _ours_to_safetensors(src: Path, dst: Path, advance: Progress, allow_pickle: 
     return f"wrote {dst} ({os.path.getsize(dst)} bytes, {written} tensors): the model weights"
 
 
+def _ours_to_ours(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
+    from lightning_ckpt.store import locate
+    from lightning_ckpt.tiers.mirror import copy_checkpoint
+
+    (source, name), (target, target_name) = locate(src), locate(dst, writing=True)
+    manifest = copy_checkpoint(source, target, name, target_name=target_name, progress=advance)
+    return (f"wrote {dst} ({manifest.total_bytes} bytes, {len(manifest.files)} files): a self-contained copy of "
+            f"{src} (no file hard-linked), checked against its checksums")
+
+
 def _ckpt_to_ours(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> str:
     from lightning_ckpt.convert.lightning import ckpt_to_ours
 
@@ -199,6 +213,7 @@ def _deepspeed(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -> s
 
 _WAYS: dict[tuple[str, str], Way] = {
     ("ours", ".ckpt"): _ours_to_ckpt, ("ours", ".safetensors"): _ours_to_safetensors,
+    ("ours", "checkpoint"): _ours_to_ours,
     ("ckpt", "checkpoint"): _ckpt_to_ours, ("ckpt", ".safetensors"): _ckpt_to_safetensors,
     ("dcp", "checkpoint"): _dcp_to_ours, ("dcp", ".safetensors"): _dcp_to_safetensors,
     ("deepspeed", ".safetensors"): _deepspeed,

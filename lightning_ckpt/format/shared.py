@@ -13,10 +13,15 @@ never by ``requires_grad`` or the optimizer: a "frozen" tensor changed in place 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from lightning_ckpt.format.blob import Blob, safetensors_blob
 from lightning_ckpt.format.manifest import SHARED_FOLDER, is_shared, new_hasher
+
+if TYPE_CHECKING:  # blob imports torch; the store and the CLI read these names without it
+    import torch
+
+    from lightning_ckpt.format.blob import Blob
+
 META_EXTERNAL = "external"  # a file's header: its keys stored in blobs/ files -> those files
 DEFAULT_SHARE_MIN_BYTES = 1 << 16  # smaller tensors stay in their usual file: a file each would cost more
 
@@ -24,6 +29,8 @@ DEFAULT_SHARE_MIN_BYTES = 1 << 16  # smaller tensors stay in their usual file: a
 def shared_blob(key: str, tensor: torch.Tensor) -> tuple[str, Blob]:
     """The one-tensor file of ``tensor`` (contiguous, on the CPU) under ``key``: its name in the checkpoint
     (``blobs/<digest>.safetensors``) and its bytes, with their checksum (one pass over the tensor's bytes)."""
+    from lightning_ckpt.format.blob import Blob, safetensors_blob
+
     blob = safetensors_blob({key: tensor}, {})
     hasher = new_hasher()
     for chunk in blob.chunks:

@@ -18,6 +18,7 @@ from lightning_ckpt.history.lineage import best_of, last_of, to_record
 from lightning_ckpt.policy.explain import kept_by
 from lightning_ckpt.policy.retention import RetentionConfig
 from lightning_ckpt.store import LocalStore, Store, list_checkpoints, locate, open_store, read_manifest, verify
+from lightning_ckpt.store.disk_usage import owned_bytes
 from lightning_ckpt.store.ledger import COMMITTED, LOCAL_TIER, Entry, Ledger
 from lightning_ckpt.store.fsutil import local_path, remote_scheme
 
@@ -47,6 +48,7 @@ class Row:
     metrics: dict[str, float | None] = field(default_factory=dict)
     metric_steps: dict[str, int] = field(default_factory=dict)  # where a value came from; none: its own step
     size: int | None = None
+    owned: int | None = None  # a local one's files with no hard link outside it: what deleting it frees (disk_usage)
     tiers: tuple[str, ...] = (TIER_LOCAL,)  # where it was listed, then the other tiers the ledger names
     status: str = OK
     checked: str = CHECKED_SIZES  # what "ok" rests on: sizes, the manifest only (a URL), or checksums
@@ -135,6 +137,7 @@ def _row(store: Store, name: str, check: bool, manifest: Manifest | None = None,
             verify(store, name)
         elif isinstance(store, LocalStore):  # a remote object's size costs a request: --verify checks it
             check_sizes(where, manifest)
+        owned = owned_bytes(where, manifest) if isinstance(store, LocalStore) else None
     except CheckpointError as err:
         m = manifest
         return Row(name=name, path=where, step=m and m.step, epoch=m and m.epoch, run_id=m and m.run_id,
@@ -145,7 +148,7 @@ def _row(store: Store, name: str, check: bool, manifest: Manifest | None = None,
     tiers = tuple(tier if t == LOCAL_TIER else t for t in entry.tiers)
     return Row(name=name, path=where, step=manifest.step, epoch=manifest.epoch, created=manifest.created,
                run_id=manifest.run_id, parent=entry.parent, metrics=dict(entry.metrics),
-               metric_steps=dict(entry.metric_steps), size=manifest.total_bytes, tiers=tiers,
+               metric_steps=dict(entry.metric_steps), size=manifest.total_bytes, owned=owned, tiers=tiers,
                status=VERIFIED if check else OK, checked=checked), entry
 
 

@@ -94,14 +94,19 @@ class UploadEvent:
     attempt: int = 1
 
 
-def copy_checkpoint(source: Store, target: Store, name: str) -> None:
-    """Copy a committed checkpoint to another store, committing it there by the same rule: the
-    manifest last, and only if every file's bytes as written there match the source manifest's size
-    and checksum (a damaged or changing source is never committed; what was written is removed).
+def copy_checkpoint(source: Store, target: Store, name: str, *, target_name: str | None = None,
+                    progress: Callable[[int], None] | None = None) -> Manifest:
+    """Copy a committed checkpoint to another store (as ``target_name``, default its own name), committing it
+    there by the same rule: the manifest last, and only if every file's bytes as written there match the source
+    manifest's size and checksum (a damaged or changing source is never committed; what was written is removed).
+    Every file is written, none hard-linked (``progress``: given the bytes of each chunk read from a local source).
 
     From a local store (an upload) the files stream through in chunks: the memory used is a
     chunk's, not the checkpoint's. From a remote one (a download) every file is fetched once, verified
     while it arrives, into a buffer of its size, before any is written: the checkpoint's size in memory.
+
+    Returns:
+        The manifest, the source's and the copy's.
 
     Raises:
         CheckpointError: the source is missing or damaged; StorageError: the target refused.
@@ -111,8 +116,8 @@ def copy_checkpoint(source: Store, target: Store, name: str) -> None:
         raise missing_manifest(source.location(name))
     manifest = Manifest.from_bytes(manifest_bytes, source.location(name))  # also checks its own digest
     if isinstance(source, LocalStore):
-        files: dict[str, Blob] = {file: _Streamed(_FileChunks(source, name, file, entry.size), entry.size)
-                                  for file, entry in manifest.files.items()}
+        files: dict[str, Blob] = {file: _Streamed(_FileChunks(source, name, file, entry.size, progress),
+                                                  claimed=entry.size) for file, entry in manifest.files.items()}
     else:
         verified, data = read_verified(source, name)
         if verified != manifest:
@@ -122,10 +127,12 @@ def copy_checkpoint(source: Store, target: Store, name: str) -> None:
     def seal(written: dict[str, FileEntry]) -> bytes:
         if written != dict(manifest.files):  # the bytes sent are the bytes verified, or nothing commits
             raise CorruptCheckpointError(f"{source.location(name)}: its files do not match its manifest (checked "
-                                         f"while copying them to {target.location(name)}); nothing was copied")
+                                         f"while copying them to {target.location(target_name or name)}); nothing was "
+                                         "copied")
         return manifest_bytes
 
-    target.write(name, files, seal)
+    target.write(target_name or name, files, seal)
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -149,12 +156,15 @@ class _FileChunks(Sequence[bytes]):
     name: str
     file: str
     claimed: int
+    progress: Callable[[int], None] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         with _open(self.store, self.name, self.file) as f:
             left = self.claimed + 1
             while left > 0 and (chunk := f.read(min(READ_CHUNK, left))):
                 left -= len(chunk)
+                if self.progress is not None:
+                    self.progress(len(chunk))
                 yield chunk
 
     def __len__(self) -> int:

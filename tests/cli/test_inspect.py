@@ -61,7 +61,10 @@ def test_inspect_a_url_reads_headers_only_and_says_what_a_local_inspect_says(tra
     assert result.returncode == 0, result.stderr
     remote, here = json.loads(result.stdout), _inspect(local)
     assert remote.pop("path") == url and here.pop("path") == str(local)
+    assert remote.pop("disk") is None and here.pop("disk")["shared_bytes"] == 0  # hard links: a local directory's
     assert remote == here
+    text = run("inspect", url, "--storage-options", options)
+    assert text.returncode == 0 and "\ndisk: n/a at a URL (" in text.stdout, text.stderr
     data = bytearray(local.joinpath(MODEL_FILE).read_bytes())
     data[:8] = (2**40).to_bytes(8, "little")  # a header "longer" than the file
     s3.fs().pipe(f"{url}/{MODEL_FILE}", bytes(data))
