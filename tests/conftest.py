@@ -3,42 +3,17 @@
 from __future__ import annotations
 
 import gc
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
+from same_state import assert_same  # noqa: E402  (tests import it by name; conftest is not importable as one)
 from tiny import TinyModel, tiny_loader  # noqa: E402  (shared with the subprocess scripts)
 
-__all__ = ["TinyModel", "tiny_loader"]
-
-
-def assert_same(a: object, b: object, path: str = "checkpoint") -> None:
-    """Bit-exact and type-exact equality of two nested states."""
-    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)}"
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(), b.nan_to_num())), path
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), f"{path}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), f"{path}: _metadata differs"
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), path
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+__all__ = ["TinyModel", "assert_same", "tiny_loader"]
 
 
 @pytest.fixture

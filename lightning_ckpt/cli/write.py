@@ -166,7 +166,7 @@ def _ours_to_ours(src: Path, dst: Path, advance: Progress, allow_pickle: bool) -
     from lightning_ckpt.tiers.mirror import copy_checkpoint
 
     (source, name), (target, target_name) = locate(src), locate(dst, writing=True)
-    manifest = copy_checkpoint(source, target, name, target_name=target_name, progress=advance)
+    manifest = copy_checkpoint(source, target, name, target_name=target_name, progress=advance, self_contained=True)
     return (f"wrote {dst} ({manifest.total_bytes} bytes, {len(manifest.files)} files): a self-contained copy of "
             f"{src} (no file hard-linked), checked against its checksums")
 

@@ -22,8 +22,10 @@ import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, StorageError, UnsafeCheckpointError
 from lightning_ckpt.format.manifest import SHARDS_DIR
+from lightning_ckpt.format.shared import META_EXTERNAL
 from lightning_ckpt.format.state import MODEL_FILE, STATE_FILE, decode_state
 from lightning_ckpt.store import locate, read_manifest
+from lightning_ckpt.store.reading import read_listed
 from lightning_ckpt.store.fsutil import TMP_PREFIX, fsync_dir, local_path
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -58,22 +60,44 @@ def model_weights(src: str | os.PathLike) -> dict[str, torch.Tensor]:
     data = store.read(name, MODEL_FILE, manifest.files[MODEL_FILE].size + 1)
     manifest.check_file(MODEL_FILE, data, where)
     tensors = safetensors.torch.load(data)
-    aliases = _aliases(data, where)
+    aliases, external = _header_map(data, _K_ALIASES, where), _header_map(data, META_EXTERNAL, where)
+    tensors.update(_external_tensors(store, name, manifest, external, where))  # an incremental one's large ones
     for key, ref in aliases.items():
         file, _, first = ref.partition(_REF_SEP)
-        if file == MODEL_FILE and first in tensors:
+        if (file == MODEL_FILE or file in external.values()) and first in tensors:
             tensors[key] = tensors[first].clone()
     return tensors
 
 
-def _aliases(data: bytes, where: str) -> dict[str, str]:
+def _external_tensors(store: Any, name: str, manifest: Any, external: Mapping[str, str], where: str
+                      ) -> dict[str, torch.Tensor]:
+    """The weights ``model.safetensors`` keeps in files of their own (``{key: file}``), each file verified."""
+    unlisted = sorted({file for file in external.values() if file not in manifest.files})
+    if unlisted:
+        raise CorruptCheckpointError(f"{where}/{MODEL_FILE}: its header names {unlisted[0]}, which the manifest does "
+                                     "not list")
+    files = read_listed(store, name, manifest, only=set(external.values()).__contains__) if external else {}
+    out = {}
+    for key, file in external.items():
+        loaded = safetensors.torch.load(bytes(files[file]))
+        if key not in loaded:
+            raise CorruptCheckpointError(f"{where}/{file}: holds no tensor {key!r} (named by {MODEL_FILE}'s header)")
+        out[key] = loaded[key]
+    return out
+
+
+def _header_map(data: bytes, entry: str, where: str) -> dict[str, str]:
+    """A JSON map in the ``__metadata__`` of ``model.safetensors`` (``aliases``, ``external``), ``{}`` if absent."""
     # The header of bytes already verified in memory: safe_open would re-read the file from disk.
     header_len = int.from_bytes(data[:8], "little")
     try:
         meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-        return json.loads(meta.get(_K_ALIASES) or "{}")
+        found = json.loads(meta.get(entry) or "{}")
     except (ValueError, AttributeError) as err:
         raise CorruptCheckpointError(f"{where}/{MODEL_FILE}: unreadable header ({err})") from err
+    if not isinstance(found, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
+        raise CorruptCheckpointError(f"{where}/{MODEL_FILE}: its header's {entry!r} is not a map of names")
+    return found
 
 
 @dataclass

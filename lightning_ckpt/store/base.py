@@ -31,9 +31,10 @@ class Store(Protocol):
         ...
 
     def write(self, name: str, files: Mapping[str, Blob],
-              seal: Callable[[dict[str, FileEntry]], bytes]) -> dict[str, FileEntry]:
+              seal: Callable[[dict[str, FileEntry]], bytes], *, share: bool = True) -> dict[str, FileEntry]:
         """Commit a checkpoint: every file first, then the manifest ``seal`` makes of their sizes and
-        checksums (taken while writing), last. Returns what ``seal`` was given."""
+        checksums (taken while writing), last. Returns what ``seal`` was given. ``share``: a shared file
+        (``blobs/``) another checkpoint here holds is linked or copied by the storage, not written."""
         ...
 
     def replace_file(self, file: str, data: bytes) -> None:

@@ -63,7 +63,7 @@ class HttpStore(FsspecStore):
     def clean_leftovers(self) -> NoReturn:
         raise StorageError(read_only_message(self.url))
 
-    def write(self, name: str, files: Any, seal: Any) -> NoReturn:
+    def write(self, name: str, files: Any, seal: Any, *, share: bool = True) -> NoReturn:
         raise StorageError(read_only_message(self.location(name)))
 
     def replace_file(self, file: str, data: bytes) -> NoReturn:

@@ -54,7 +54,7 @@ class LocalStore(LocalFiles):
         return str(self.root / name)
 
     def write(self, name: str, files: Mapping[str, Blob],
-              seal: Callable[[dict[str, FileEntry]], bytes]) -> dict[str, FileEntry]:
+              seal: Callable[[dict[str, FileEntry]], bytes], *, share: bool = True) -> dict[str, FileEntry]:
         """Commit a checkpoint atomically, replacing one of the same name only once the new one is whole.
 
         Args:
@@ -62,6 +62,8 @@ class LocalStore(LocalFiles):
             files: every file but the manifest.
             seal: given each written file's size and checksum (taken while writing it), returns
                 the manifest's bytes, which are written last.
+            share: hard-link a shared file (``blobs/``) that a committed checkpoint here holds (False: a
+                self-contained copy, every file written).
 
         Returns:
             What ``seal`` was given.
@@ -69,7 +71,7 @@ class LocalStore(LocalFiles):
         Raises:
             StorageError: a write failed (disk full, permissions); nothing is left behind.
         """
-        linked = shared_files.linkable(self.root, files)  # an incremental one's unchanged tensors: linked
+        linked = shared_files.linkable(self.root, files) if share else {}  # an incremental one's unchanged tensors
         self._check_free_space(name, sum(blob.size for file, blob in files.items() if file not in linked))
         folders = sorted({file.rpartition("/")[0] for file in files} - {""})  # a sharded one's shards/
         return self.commit_staged(self.stage(name, folders=folders), name, files, seal, linked=linked)

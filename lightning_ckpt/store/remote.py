@@ -71,7 +71,7 @@ class FsspecStore(StagedUploads):
         return f"{self.url}/{name}"
 
     def write(self, name: str, files: Mapping[str, Blob],
-              seal: Callable[[dict[str, FileEntry]], bytes]) -> dict[str, FileEntry]:
+              seal: Callable[[dict[str, FileEntry]], bytes], *, share: bool = True) -> dict[str, FileEntry]:
         """Upload a checkpoint: the data files first, the manifest last (its commit).
 
         A checkpoint of the same name is removed first: without a rename there is no moment where
@@ -90,7 +90,9 @@ class FsspecStore(StagedUploads):
             StorageError: an upload failed; nothing was committed (what was uploaded is removed,
                 or left marked for :meth:`clean_leftovers` if the backend is unreachable).
         """
-        return self.commit_staged(self.stage(name), name, files, seal)  # one process: stage, upload, commit
+        # One process: stage, upload, commit. A copy the storage makes of a shared file is an object of its own:
+        # every checkpoint here is self-contained whatever ``share`` says.
+        return self.commit_staged(self.stage(name), name, files, seal)
 
     def replace_file(self, file: str, data: bytes) -> None:
         """Replace a small file in the root (the ledger) so that a reader sees the old or the new bytes.

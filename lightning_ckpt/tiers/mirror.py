@@ -95,11 +95,13 @@ class UploadEvent:
 
 
 def copy_checkpoint(source: Store, target: Store, name: str, *, target_name: str | None = None,
-                    progress: Callable[[int], None] | None = None) -> Manifest:
+                    progress: Callable[[int], None] | None = None, self_contained: bool = False) -> Manifest:
     """Copy a committed checkpoint to another store (as ``target_name``, default its own name), committing it
     there by the same rule: the manifest last, and only if every file's bytes as written there match the source
     manifest's size and checksum (a damaged or changing source is never committed; what was written is removed).
-    Every file is written, none hard-linked (``progress``: given the bytes of each chunk read from a local source).
+    ``progress``: given the bytes of each chunk read from a local source. A shared file (an incremental
+    checkpoint's ``blobs/``) that a checkpoint of the target holds is hard-linked there (a local target) or copied
+    by the storage (object storage) instead of sent, unless ``self_contained`` (a local copy sharing no file).
 
     From a local store (an upload) the files stream through in chunks: the memory used is a
     chunk's, not the checkpoint's. From a remote one (a download) every file is fetched once, verified
@@ -131,7 +133,7 @@ def copy_checkpoint(source: Store, target: Store, name: str, *, target_name: str
                                          "copied")
         return manifest_bytes
 
-    target.write(target_name or name, files, seal)
+    target.write(target_name or name, files, seal, share=not self_contained)
     return manifest
 
 

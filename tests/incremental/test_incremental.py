@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import assert_same
+from same_state import assert_same
 from frozen import FrozenBackbone, frozen_loader
 from lightning_ckpt import Checkpointer, CheckpointWarning, latest_checkpoint, load_checkpoint, verify_checkpoint
 from lightning_ckpt.errors import CorruptCheckpointError
@@ -143,3 +143,16 @@ def test_the_disk_budget_counts_shared_bytes_once(tmp_path):
     own = sizes[-1] - backbone  # what each checkpoint holds alone, within a few bytes (~10 KB)
     fit(tmp_path / "tight", incremental=True, max_total_bytes=backbone + 2 * own + 1024)
     assert steps(tmp_path / "tight") == ["step=000000006", "step=000000008"]  # the two newest fit, not three
+
+
+def test_the_weights_alone_and_a_hugging_face_export_hold_every_tensor(runs, tmp_path):
+    from lightning_ckpt.convert.hf import export_hf
+    from lightning_ckpt.convert.single_file import ours_to_safetensors
+
+    inc, full = runs
+    expected = load_file(full / "step=000000008" / MODEL_FILE)
+    assert ours_to_safetensors(inc / "step=000000008", tmp_path / "weights.safetensors") == len(expected)
+    assert_same(dict(sorted(load_file(tmp_path / "weights.safetensors").items())), dict(sorted(expected.items())))
+    export_hf(inc / "step=000000008", tmp_path / "hf")
+    exported = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert sorted(exported) == sorted(expected)  # the backbone's weights, kept in blobs/, included

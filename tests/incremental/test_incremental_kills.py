@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 
 from childproc import run_fit, start_fit, wait_ready
-from conftest import assert_same
+from same_state import assert_same
 from lightning_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
 from lightning_ckpt.format import MODEL_FILE, encode_state
 from lightning_ckpt.format.shared import DEFAULT_SHARE_MIN_BYTES, SHARED_FOLDER, is_shared

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 
 from byteproxy import ByteProxy
-from conftest import assert_same
+from same_state import assert_same
 from frozen import FrozenBackbone, frozen_loader
 from lightning_ckpt import Checkpointer, Mirror, latest_checkpoint, load_checkpoint, verify_checkpoint
 
