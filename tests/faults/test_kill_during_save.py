@@ -13,11 +13,10 @@ from __future__ import annotations
 import collections
 import os
 import random
-import time
 
 import pytest
 
-from childproc import run_fit, start_fit, wait_ready
+from childproc import fit_and_kill, run_fit
 from lightning_ckpt import latest_checkpoint, load_checkpoint
 from lightning_ckpt.store import LocalStore, list_checkpoints
 from lightning_ckpt.store.local import DELETING_PREFIX, LEFTOVER_PREFIXES, PARKED_PREFIX
@@ -36,30 +35,14 @@ def _where_killed(root) -> str:
     return "between saves"
 
 
-def _wait_for_a_save_in_flight(root, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(n.startswith(".tmp-step") for n in os.listdir(root)):
-            return
-        time.sleep(0.0005)
-
-
 def kill_rounds(tmp_path, kills: int, seed: int, hidden: int = 256, **checkpointer) -> collections.Counter:
     rng = random.Random(seed)
     root = tmp_path / "c"
-    opts = {"dirpath": root, "hidden": hidden, "ready_after": 2,
+    opts = {"hidden": hidden, "ready_after": 2,
             "checkpointer": {"every_n_steps": 1, "keep_last": 2, "exact_resume": False, **checkpointer}}
     seen, newest_step = collections.Counter(), 0
     for round_ in range(kills):
-        child = start_fit(max_steps=10**6, ckpt_path="last" if newest_step else None, **opts)
-        wait_ready(child)
-        if round_ % 2:
-            _wait_for_a_save_in_flight(root)
-            time.sleep(rng.uniform(0.0, 0.01))
-        else:
-            time.sleep(rng.uniform(0.0, 0.3))
-        child.kill()
-        child.wait()
+        fit_and_kill(rng, round_, root, resume=bool(newest_step), **opts)
         seen[_where_killed(root)] += 1
         context = f"seed={seed} round={round_}"
         listed = list_checkpoints(LocalStore(root), check=True)
@@ -71,7 +54,7 @@ def kill_rounds(tmp_path, kills: int, seed: int, hidden: int = 256, **checkpoint
         state = load_checkpoint(latest)
         assert state["global_step"] >= newest_step, f"{context}: progress went backwards"
         newest_step = state["global_step"]
-    finished = run_fit(max_steps=newest_step + 3, ckpt_path="last", **opts)
+    finished = run_fit(max_steps=newest_step + 3, ckpt_path="last", dirpath=root, **opts)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert not [n for n in os.listdir(root) if n.startswith(LEFTOVER_PREFIXES)], "leftovers were not cleaned"
     assert load_checkpoint(latest_checkpoint(root))["global_step"] == newest_step + 3

@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 
-from childproc import run_fit, start_fit, wait_ready
+from childproc import fit_and_kill, run_fit
 from same_state import assert_same
 from lightning_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
 from lightning_ckpt.format import MODEL_FILE, encode_state
@@ -299,12 +298,6 @@ def test_a_shared_files_bytes_are_freed_with_the_last_checkpoint_that_links_it_a
     assert _allocated(root) == 0
 
 
-def _wait_for_a_save_in_flight(root: Path, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not any(n.startswith(".tmp-step") for n in os.listdir(root)):
-        time.sleep(0.0005)
-
-
 def _frozen_file(checkpoint: Path) -> Path:
     """The shared file of the frozen layer's weight (256 x 256 float32: 256 KiB), from the weights' external map."""
     with safe_open(checkpoint / MODEL_FILE, framework="pt") as f:
@@ -319,19 +312,11 @@ def test_a_training_run_saving_incrementally_every_step_killed_again_and_again_r
     flight: in its links, writes, commit, or the deletion keep_last=2 makes after it."""
     rng = random.Random(SEED)
     root = tmp_path / "c"
-    opts = {"dirpath": root, "hidden": 256, "freeze": ["mid"], "ready_after": 2,
+    opts = {"hidden": 256, "freeze": ["mid"], "ready_after": 2,
             "checkpointer": {"every_n_steps": 1, "keep_last": 2, "exact_resume": False, "incremental": True}}
     newest_step, frozen_inode = 0, None
     for round_ in range(4):
-        child = start_fit(max_steps=10**6, ckpt_path="last" if newest_step else None, **opts)
-        wait_ready(child)
-        if round_ % 2:
-            _wait_for_a_save_in_flight(root)
-            time.sleep(rng.uniform(0.0, 0.01))
-        else:
-            time.sleep(rng.uniform(0.0, 0.3))
-        child.kill()
-        child.wait()
+        fit_and_kill(rng, round_, root, resume=bool(newest_step), **opts)
         context = f"seed={SEED} round={round_}"
         listed = list_checkpoints(LocalStore(root), check=True)
         assert listed and all(x.error is None for x in listed), f"{context}: {listed}"
@@ -342,7 +327,7 @@ def test_a_training_run_saving_incrementally_every_step_killed_again_and_again_r
         inodes = {os.stat(_frozen_file(root / x.name)).st_ino for x in listed}
         assert len(inodes) == 1 and inodes == {frozen_inode or min(inodes)}, f"{context}: the frozen weight was copied"
         frozen_inode = min(inodes)
-    finished = run_fit(max_steps=newest_step + 3, ckpt_path="last", **opts)
+    finished = run_fit(max_steps=newest_step + 3, ckpt_path="last", dirpath=root, **opts)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert not [n for n in os.listdir(root) if n.startswith(LEFTOVER_PREFIXES)], "leftovers were not cleaned"
     listed = list_checkpoints(LocalStore(root), check=True)

@@ -16,12 +16,14 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import os
+import random
 import runpy
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import IO
@@ -171,6 +173,28 @@ def wait_ready(proc: Child | subprocess.Popen) -> int:
         proc.wait()
         raise AssertionError(f"child never got ready: {line!r}\n{stderr_of(proc)}")
     return int(line.split()[1])
+
+
+def wait_for_a_save_in_flight(root: Path, timeout: float = 30.0) -> None:
+    """Until a save is being written in ``root`` (its staged ``.tmp-step...`` directory exists), at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not any(n.startswith(".tmp-step") for n in os.listdir(root)):
+        time.sleep(0.0005)
+
+
+def fit_and_kill(rng: random.Random, round_: int, root: Path, *, resume: bool, **opts) -> None:
+    """Start a training process (``fit.py``'s ``opts``; ``resume``: from "last") and SIGKILL it once it is ready:
+    on odd rounds within 10 ms of a save's start (while it writes, commits or retains), on even ones at a random
+    moment of the next 0.3 s. Returns once it is dead."""
+    child = start_fit(max_steps=10**6, ckpt_path="last" if resume else None, dirpath=root, **opts)
+    wait_ready(child)
+    if round_ % 2:
+        wait_for_a_save_in_flight(root)
+        time.sleep(rng.uniform(0.0, 0.01))
+    else:
+        time.sleep(rng.uniform(0.0, 0.3))
+    child.kill()
+    child.wait()
 
 
 def run_script(script: Path, *args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
