@@ -169,22 +169,23 @@ def _fallback(error: CheckpointError, agree: Agree, where: str, name: str, manif
         raise type(error)(f"{error}. This checkpoint lies in node-local parts (each rank's in the directory {name} "
                           f"of its own dirpath): {advice}") from error
     root, options = elsewhere
-    copy = open_store(root, options)
 
-    def same_copy() -> str | None:  # why the copy cannot stand in, or None
+    def same_copy() -> tuple[str | None, str]:  # on rank 0: why the copy cannot stand in (or None), and where it is
+        copy = open_store(root, options)
         try:
             theirs = read_manifest(copy, name)
         except CheckpointError as err:
-            return f"the mirror holds no copy of it ({err})"
-        return None if dict(theirs.files) == dict(manifest.files) else f"{copy.location(name)} is another checkpoint"
+            return f"the mirror holds no copy of it ({err})", copy.location(name)
+        same = dict(theirs.files) == dict(manifest.files)
+        return (None if same else f"{copy.location(name)} is another checkpoint"), copy.location(name)
 
-    unusable = decided_on_rank_zero(agree, same_copy)
+    unusable, url = decided_on_rank_zero(agree, same_copy)
     if unusable is not None:
         raise type(error)(f"{error}; {unusable}. This checkpoint lies in node-local parts: {advice}") from error
     if agree.is_rank_zero:
-        warnings.warn(f"{error}; every rank loads the mirror's complete copy {copy.location(name)} instead",
-                      CheckpointWarning, stacklevel=4)
-    return load_copy(copy.location(name), storage_options=options)
+        warnings.warn(f"{error}; every rank loads the mirror's complete copy {url} instead", CheckpointWarning,
+                      stacklevel=4)
+    return load_copy(url, storage_options=options)
 
 
 def part_verifies(store: LocalStore) -> Callable[[str], bool]:

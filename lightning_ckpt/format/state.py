@@ -56,6 +56,7 @@ class _TensorTable:
     blobs: dict[str, Blob] = field(default_factory=dict)  # those files
     external: dict[str, dict[str, str]] = field(default_factory=dict)  # file -> its keys in those files -> the file
     _seen: dict[tuple, str] = field(default_factory=dict)
+    _used: dict[str, set[str]] = field(default_factory=dict)  # file -> every key given out (stored, moved, aliases)
 
     def add(self, path: tuple, tensor: torch.Tensor) -> str:
         if self.sharded is not None and is_dtensor(tensor):
@@ -66,8 +67,9 @@ class _TensorTable:
             return f"{SHARDED_REF}{_REF_SEP}{key}"
         _check_storable(path, tensor)
         file = _FILE_FOR_TOP_KEY.get(path[0], EXTRA_TENSORS_FILE) if path else EXTRA_TENSORS_FILE
-        table = self.files.setdefault(file, {})
-        key = _unique_key(table, _tensor_key(path, file))
+        table, used = self.files.setdefault(file, {}), self._used.setdefault(file, set())
+        key = _unique_key(used, _tensor_key(path, file))
+        used.add(key)
         ref = f"{file}{_REF_SEP}{key}"
         # An empty tensor holds no values to share, and every empty storage has data pointer 0:
         # tracking them would tie distinct empty tensors together (safetensors skips them too).
@@ -134,9 +136,9 @@ def _tensor_key(path: tuple, file: str) -> str:
     return ".".join(str(part) for part in path)
 
 
-def _unique_key(table: Mapping[str, Any], key: str) -> str:
+def _unique_key(used: set[str], key: str) -> str:
     candidate, n = key, 1
-    while candidate in table:
+    while candidate in used:
         n += 1
         candidate = f"{key}#{n}"
     return candidate

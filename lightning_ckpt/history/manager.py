@@ -219,6 +219,8 @@ class CheckpointManager:
             held: checkpoints not to delete yet (an upload of theirs is pending); a later prune deletes them.
         """
         own = [to_record(e) for e in self.entries if e.status == COMMITTED and e.run_id == self.run_id]
+        if not isinstance(self.store, LocalStore):  # object storage holds a copy of a shared file per checkpoint
+            own = [replace(r, shared={}) for r in own]
         plan = self.retention.plan(own)
         for record in plan.delete:
             if record.name in held:
@@ -230,8 +232,8 @@ class CheckpointManager:
         return plan
 
     def _mark_deleted(self, name: str, why: str) -> None:
-        self.entries = [replace(e, status=DELETED, deleted_reason=why, tiers=[t for t in e.tiers if t != LOCAL_TIER])
-                        if e.name == name else e for e in self.entries]
+        self.entries = [replace(e, status=DELETED, deleted_reason=why, tiers=[t for t in e.tiers if t != LOCAL_TIER],
+                                shared={}) if e.name == name else e for e in self.entries]
 
     def commit_ledger(self) -> None:
         self.ledger.save(self.entries)

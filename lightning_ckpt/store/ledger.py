@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
-from lightning_ckpt.format.manifest import Manifest, is_shared
+from lightning_ckpt.format.manifest import Manifest, shared_digest
 from lightning_ckpt.store.committed import list_checkpoints
 from lightning_ckpt.store.base import Store
 
@@ -108,7 +108,7 @@ class Entry:
                    reason=str(m.meta.get(META_REASON, "")), metrics=clean_metrics(m.meta.get(META_METRICS) or {}),
                    metric_steps=clean_steps(m.meta.get(META_METRIC_STEPS)), size=m.total_bytes,
                    parent=_str_or_none(m.meta.get(META_PARENT)), monitors=clean_modes(m.meta.get(META_MONITORS)),
-                   shared={file: e.size for file, e in m.files.items() if is_shared(file)})
+                   shared={file: e.size for file, e in m.files.items() if shared_digest(file)})
 
     def own_metrics(self) -> dict[str, float]:
         """The metric values computed for this checkpoint's own state: the only ones that rank it.
@@ -165,7 +165,7 @@ class Ledger:
         on_disk = {x.name: x for x in list_checkpoints(self.store) if x.manifest is not None}
         for name, entry in entries.items():
             if entry.status == COMMITTED and name not in on_disk:
-                entries[name] = replace(entry, status=DELETED, deleted_reason="missing on disk",
+                entries[name] = replace(entry, status=DELETED, deleted_reason="missing on disk", shared={},
                                         tiers=[t for t in entry.tiers if t != LOCAL_TIER])
         for name, listed in on_disk.items():
             if name not in entries or entries[name].status != COMMITTED:

@@ -71,7 +71,7 @@ class LocalStore(LocalFiles):
         Raises:
             StorageError: a write failed (disk full, permissions); nothing is left behind.
         """
-        linked = shared_files.linkable(self.root, files) if share else {}  # an incremental one's unchanged tensors
+        linked = shared_files.linkable(self, self.root, files) if share else {}  # an incremental one's unchanged tensors
         self._check_free_space(name, sum(blob.size for file, blob in files.items() if file not in linked))
         folders = sorted({file.rpartition("/")[0] for file in files} - {""})  # a sharded one's shards/
         return self.commit_staged(self.stage(name, folders=folders), name, files, seal, linked=linked)
@@ -187,7 +187,11 @@ class LocalStore(LocalFiles):
         (hashed while written, unless its checksum was taken from these bytes already: ``Hashed``)."""
         if source is not None and shared_files.link(source, path):
             return FileEntry(size=blob.size, digest=shared_files.digest_of(source))
-        return self._write_file(path, Hashed(blob.chunks, blob.digest) if blob.digest else blob.chunks)
+        if blob.digest is None:
+            return self._write_file(path, blob.chunks)
+        entry = self._write_file(path, Hashed(blob.chunks, blob.digest))
+        shared_files.written(path, blob.digest)  # a later save links it without reading it
+        return entry
 
     def _write_file(self, path: Path, chunks: Sequence[Buffer]) -> FileEntry:
         """Write, checksum and fsync one file in one pass (a seam: fault-injection tests override it).

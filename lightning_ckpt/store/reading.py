@@ -12,7 +12,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,13 @@ class _Reading:
         self.file, self.f, self.size = file, f, size
         self.buffer = uninitialized(size)
         self.spans = [(at, min(READ_CHUNK, size - at)) for at in range(0, size, READ_CHUNK)]
-        self.pending = [pool.submit(_pread_full, f.fileno(), self.buffer[at:at + n], at) for at, n in self.spans]
+        self.pending: list[Future[int]] = []
+        try:
+            for at, n in self.spans:
+                self.pending.append(pool.submit(_pread_full, f.fileno(), self.buffer[at:at + n], at))
+        except BaseException:
+            self._settle()  # the caller closes the file: no read of it may still run
+            raise
 
     @classmethod
     def start(cls, store: LocalFiles, name: str, file: str, manifest: Manifest, where: str,
@@ -199,6 +205,14 @@ class _Reading:
             f.close()
             raise
 
+    def _settle(self) -> None:
+        """Cancel the reads not started, wait for those running."""
+        for rest in self.pending:
+            rest.cancel()
+        for rest in self.pending:
+            if not rest.cancelled():
+                rest.exception()
+
     def finish(self, manifest: Manifest, where: str) -> memoryview:
         """The verified bytes, hashed in order as the chunks arrive (fewer: it shrank; one more: it grew)."""
         hasher, done, extra = new_hasher(), 0, 0
@@ -213,11 +227,7 @@ class _Reading:
                 else:
                     extra = len(os.pread(self.f.fileno(), 1, done)) if done == self.size else 0
             finally:  # no read of this file may still run once its descriptor is closed
-                for rest in self.pending:
-                    rest.cancel()
-                for rest in self.pending:
-                    if not rest.cancelled():
-                        rest.exception()
+                self._settle()
         manifest.check_size(self.file, done + extra, where)
         manifest.check_digest(self.file, hasher.hexdigest(), where)
         return self.buffer

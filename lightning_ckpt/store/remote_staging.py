@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, shared_digest
+from lightning_ckpt.format.manifest import MANIFEST_FILE, FileEntry, new_hasher
 from lightning_ckpt.store.fsutil import Hashed
 from lightning_ckpt.store.remote_shared import copyable
 
@@ -94,15 +94,18 @@ class StagedUploads:
         return entries
 
     def _copy_or_put(self, staged: str, file: str, blob: Blob, source: str | None) -> FileEntry:
-        """One file of a save: a server-side copy of ``source`` (a shared file: its name says its checksum), else an
-        upload (hashed while sent, unless its checksum was taken from these bytes already: ``Hashed``)."""
+        """One file of a save: a server-side copy of ``source`` (a shared file of the same name: the same bytes, as
+        uploaded and checked then), else an upload (hashed while sent, unless its checksum was taken from these
+        bytes already: ``Hashed``). The entry of a copy is that of ``blob``'s own bytes, hashed here without
+        sending them when not known (a mirror's upload: the local file is checked as if it were sent)."""
         path = f"{staged}/{file}"
         if source is not None:
             try:
                 self._fs.copy(source, path)
-                return FileEntry(size=blob.size, digest=shared_digest(file))
             except Exception:  # noqa: BLE001 - each backend raises its own types; the upload below decides
                 pass
+            else:
+                return FileEntry(size=blob.size, digest=blob.digest) if blob.digest else _entry_of(blob.chunks)
         return self._put(path, Hashed(blob.chunks, blob.digest) if blob.digest else blob.chunks)
 
     def discard_staged(self, staged: str) -> None:
@@ -110,3 +113,13 @@ class StagedUploads:
         ``clean_leftovers`` remove what stays)."""
         self._try_remove(staged)
 
+
+
+def _entry_of(chunks: Iterable[Buffer]) -> FileEntry:
+    """The size and checksum of ``chunks`` (read, not sent)."""
+    hasher, size = new_hasher(), 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        hasher.update(view)
+        size += view.nbytes
+    return FileEntry(size=size, digest=hasher.hexdigest())

@@ -1,8 +1,9 @@
 """Incremental checkpoints in a local directory: a shared file another checkpoint holds is hard-linked, not written.
 
-A shared file (``blobs/<digest>.safetensors``, ``format/shared.py``) is named by its content, so the file of that
-name in any committed checkpoint of the same directory holds the same bytes. A save links it into the new
-checkpoint's staged directory (``os.link``) instead of writing it; the filesystem counts the links, so:
+A shared file (``blobs/<digest>.safetensors``, ``format/shared.py``) is named by its content. A save links the
+file of that name from one of the newest committed checkpoints of the same directory into the new checkpoint's
+staged directory (``os.link``) instead of writing it, where that checkpoint's manifest lists it with the same
+size and checksum; the filesystem counts the links, so:
 
 - every checkpoint directory is whole on its own (stock tools, ``cp -r``, ``verify``, ``convert`` read it as any);
 - deleting a checkpoint removes its links only: bytes a kept checkpoint links stay, and bytes no checkpoint links
@@ -12,68 +13,142 @@ checkpoint's staged directory (``os.link``) instead of writing it; the filesyste
   directory, manifest last, rename): the links are made before the manifest, and a staged directory that never
   got its manifest is removed with its links.
 
-Why hand-written: no library links files by content into a directory committed atomically. A link is refused
-(another filesystem, a link count at its limit, a filesystem without hard links): the file is written instead.
-The source's size is checked before it is linked (a shorter file of that name is damage, and is not linked); its
-bytes are not read (that would cost what the link saves): a damaged shared file fails ``verify`` in every
-checkpoint that links it, and "last" passes over each.
+A file is linked only once its bytes were checked in this process: hashed the first time it is a candidate, or
+written by this process (its checksum then known); the check holds while the file's identity (device, inode,
+size, modification time) does, so a save links without reading anything once the frozen files were checked,
+and a file changed in place (a new modification time) is checked again. A file that fails its check is not
+linked: the save writes the bytes it holds in memory, and later saves link that good copy. (Damage that leaves
+the modification time, bit rot, is found by ``verify`` and by the load of "last", which passes over it.)
+
+Why hand-written: no library links files by content into a directory committed atomically. Where the file
+system refuses a link (a file system without hard links, a link count at its limit) the file is written, and
+a ``CheckpointWarning`` says so once per directory.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_ckpt.format.manifest import SHARED_FOLDER, MANIFEST_FILE, shared_digest
+from lightning_ckpt.errors import CheckpointError, CheckpointWarning
+from lightning_ckpt.format.manifest import MANIFEST_FILE, new_hasher, shared_digest
+from lightning_ckpt.store.reading import READ_CHUNK, read_manifest
 
 if TYPE_CHECKING:
     from lightning_ckpt.format.blob import Blob
+    from lightning_ckpt.store.base import Store
+
+SOURCES = 3  # the newest committed checkpoints a save links from (the previous save's is normally the first)
+_CHECKED: dict[tuple[int, int, int, int], str] = {}  # a file's identity -> its checksum, as hashed or written
+_WARNED: set[str] = set()  # directories whose file system refused a link
+_LOCK = threading.Lock()
+_REFUSALS = frozenset({errno.EPERM, errno.EMLINK, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
 
-def linkable(root: Path, files: Mapping[str, Blob]) -> dict[str, Path]:
-    """The shared files of ``files`` that a committed checkpoint in ``root`` holds, each with that file (a regular
-    file of the right size; the newest checkpoint's first)."""
+def linkable(store: Store, root: Path, files: Mapping[str, Blob]) -> dict[str, Path]:
+    """The shared files of ``files`` to link, each from a checkpoint among the newest ``SOURCES`` committed in
+    ``store`` (the local directory ``root``) whose manifest lists it with the same size and checksum, and whose
+    bytes match (checked once per process, see the module's docstring)."""
     wanted = {file: blob.size for file, blob in files.items() if shared_digest(file) is not None}
-    if not wanted or not root.is_dir():
+    if not wanted:
         return {}
     found: dict[str, Path] = {}
-    for checkpoint in _committed_newest_first(root):
+    for source in _newest_committed(root)[:SOURCES]:
+        try:
+            listed = read_manifest(store, source).files
+        except CheckpointError:  # damaged: not a source
+            continue
         for file in wanted.keys() - found.keys():
-            try:
-                info = os.lstat(checkpoint / file)
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode) and info.st_size == wanted[file]:
-                found[file] = checkpoint / file
-        if len(found) == len(wanted):
-            break
+            entry = listed.get(file)
+            path = root / source / file
+            if entry is not None and entry.size == wanted[file] and entry.digest == shared_digest(file) \
+                    and _sound(path, entry.digest, entry.size):
+                found[file] = path
     return found
 
 
 def link(source: Path, target: Path) -> bool:
-    """Link ``source`` as ``target``; False where the filesystem refuses (then the caller writes the file)."""
+    """Link ``source`` as ``target``; False where the file system refuses (then the caller writes the file)."""
     try:
         os.link(source, target)
-    except OSError:
+    except OSError as err:
+        if err.errno not in _REFUSALS:  # the source went meanwhile (a deletion): nothing to say
+            return False
+        directory = str(source.parents[2])
+        with _LOCK:
+            first = directory not in _WARNED
+            _WARNED.add(directory)
+        if first:
+            warnings.warn(f"{directory}: the file system refused a hard link ({err}); incremental checkpoints there "
+                          "write the files they cannot link in full", CheckpointWarning, stacklevel=4)
         return False
     return True
 
 
+def written(path: Path, digest: str) -> None:
+    """``path`` was just written by this process with checksum ``digest``: a later save may link it unread."""
+    identity = _identity(os.stat(path))
+    with _LOCK:
+        _CHECKED[identity] = digest
+
+
 def digest_of(source: Path) -> str | None:
     """The checksum a shared file's name says (the manifest of the checkpoint it is linked into records it)."""
-    return shared_digest(f"{SHARED_FOLDER}/{source.name}")
+    return shared_digest(f"{source.parent.name}/{source.name}")
 
 
-def _committed_newest_first(root: Path) -> list[Path]:
+def _sound(path: Path, digest: str, size: int) -> bool:
+    """Whether ``path`` is a regular file of ``size`` bytes hashing to ``digest`` (hashed once per identity)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+        return False
+    identity = _identity(info)
+    with _LOCK:
+        known = _CHECKED.get(identity)
+    if known is None:
+        known = _hash(path, size)
+        if known is None:
+            return False
+        with _LOCK:
+            _CHECKED[identity] = known
+    return known == digest
+
+
+def _hash(path: Path, size: int) -> str | None:
+    hasher, done = new_hasher(), 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while done <= size and (chunk := f.read(READ_CHUNK)):
+                hasher.update(chunk)
+                done += len(chunk)
+    except OSError:
+        return None
+    return hasher.hexdigest() if done == size else None
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    # Not the change time: every link made changes it.
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _newest_committed(root: Path) -> list[str]:
     found = []
+    if not root.is_dir():
+        return []
     for entry in os.scandir(root):
         if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
             continue
         try:
-            found.append((os.stat(Path(entry.path, MANIFEST_FILE)).st_mtime, entry.name))
+            found.append((os.stat(Path(entry.path, MANIFEST_FILE)).st_mtime_ns, entry.name))
         except OSError:  # no manifest: not a committed checkpoint
             continue
-    return [root / name for _, name in sorted(found, reverse=True)]
+    return [name for _, name in sorted(found, reverse=True)]

@@ -100,8 +100,10 @@ def copy_checkpoint(source: Store, target: Store, name: str, *, target_name: str
     there by the same rule: the manifest last, and only if every file's bytes as written there match the source
     manifest's size and checksum (a damaged or changing source is never committed; what was written is removed).
     ``progress``: given the bytes of each chunk read from a local source. A shared file (an incremental
-    checkpoint's ``blobs/``) that a checkpoint of the target holds is hard-linked there (a local target) or copied
-    by the storage (object storage) instead of sent, unless ``self_contained`` (a local copy sharing no file).
+    checkpoint's ``blobs/``) that a checkpoint of the target holds is hard-linked there (a local target: once
+    that file's bytes were checked, ``store/shared_files.py``) or copied by the storage (object storage: the
+    source's bytes are still read and checked here, only not sent), unless ``self_contained`` (a local copy
+    sharing no file).
 
     From a local store (an upload) the files stream through in chunks: the memory used is a
     chunk's, not the checkpoint's. From a remote one (a download) every file is fetched once, verified

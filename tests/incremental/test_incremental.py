@@ -9,12 +9,14 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from same_state import assert_same
 from frozen import FrozenBackbone, frozen_loader
-from lightning_ckpt import Checkpointer, CheckpointWarning, latest_checkpoint, load_checkpoint, verify_checkpoint
+from lightning_ckpt import (Checkpointer, CheckpointWarning, latest_checkpoint, load_checkpoint, save_checkpoint,
+                           verify_checkpoint)
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.format import MODEL_FILE
 from lightning_ckpt.format.manifest import MANIFEST_FILE
@@ -156,3 +158,32 @@ def test_the_weights_alone_and_a_hugging_face_export_hold_every_tensor(runs, tmp
     export_hf(inc / "step=000000008", tmp_path / "hf")
     exported = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
     assert sorted(exported) == sorted(expected)  # the backbone's weights, kept in blobs/, included
+
+
+def test_one_checkpointers_incremental_saves_leave_another_checkpointers_whole(tmp_path):
+    L.seed_everything(0)
+    ckpts = [Checkpointer(tmp_path / "inc", every_n_steps=2, incremental=True, exact_resume=False),
+             Checkpointer(tmp_path / "full", every_n_steps=2, exact_resume=False)]
+    trainer = L.Trainer(max_steps=4, callbacks=ckpts, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(FrozenBackbone(), frozen_loader())
+    trainer.save_checkpoint(tmp_path / "manual")  # the plugin's own saves: not incremental either
+    assert [len(shared_files(tmp_path / "inc" / name)) for name in steps(tmp_path / "inc")] == [2, 2]
+    assert [shared_files(tmp_path / "full" / name) for name in steps(tmp_path / "full")] == [[], []]
+    assert shared_files(tmp_path / "manual") == []
+
+
+def test_a_shared_file_changed_in_place_is_not_linked_again(tmp_path):
+    state = {"state_dict": {"frozen": torch.ones(128, 128), "head": torch.zeros(4)}}
+    save_checkpoint(state, tmp_path / "c" / "a", incremental=True)
+    (file,) = shared_files(tmp_path / "c" / "a")
+    with open(tmp_path / "c" / "a" / file, "r+b") as f:  # damage in place: the one copy on disk
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    save_checkpoint(state, tmp_path / "c" / "b", incremental=True)  # the same bytes in memory: written afresh
+    verify_checkpoint(tmp_path / "c" / "b")
+    assert os.stat(tmp_path / "c" / "b" / file).st_nlink == 1
+    with pytest.raises(CorruptCheckpointError):
+        verify_checkpoint(tmp_path / "c" / "a")
+    save_checkpoint(state, tmp_path / "c" / "c", incremental=True)  # links the good copy
+    assert os.stat(tmp_path / "c" / "c" / file).st_ino == os.stat(tmp_path / "c" / "b" / file).st_ino

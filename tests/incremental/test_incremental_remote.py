@@ -8,11 +8,14 @@ import json
 
 import lightning as L
 import pytest
+import torch
 
 from byteproxy import ByteProxy
 from same_state import assert_same
 from frozen import FrozenBackbone, frozen_loader
-from lightning_ckpt import Checkpointer, Mirror, latest_checkpoint, load_checkpoint, verify_checkpoint
+from lightning_ckpt import (Checkpointer, CheckpointWarning, Mirror, latest_checkpoint, load_checkpoint,
+                           save_checkpoint, verify_checkpoint)
+from lightning_ckpt.errors import CorruptCheckpointError
 
 WIDTH = 1024  # the backbone: two 128 x 1024 float32 weights, 512 KiB each; the rest is a few KiB
 
@@ -77,3 +80,45 @@ def test_a_resume_from_the_incremental_mirror_on_an_empty_disk_is_exact(s3, tmp_
     shared = [f for f in json.loads((new / "step=000000010" / "manifest.json").read_text())["files"]
               if f.startswith("blobs/")]
     assert shared and all((new / "step=000000010" / f).stat().st_nlink >= 2 for f in shared)
+
+
+def test_a_damaged_shared_file_is_restored_from_the_mirror_not_linked_again(s3, tmp_path):
+    url, local = s3.url("repair"), tmp_path / "local"
+    fit(local, incremental=True, mirror=Mirror(url, storage_options=s3.options))
+    last = local / "step=000000008"
+    files = json.loads((last / "manifest.json").read_text())["files"]
+    shared = next(f for f in files if f.startswith("blobs/"))
+    with open(last / shared, "r+b") as f:  # the one local copy, linked by every local checkpoint
+        f.seek(-1, 2)
+        flipped = f.read(1)[0] ^ 0x01
+        f.seek(-1, 2)
+        f.write(bytes([flipped]))
+    with pytest.raises(CorruptCheckpointError):
+        verify_checkpoint(last)
+    with pytest.warns(CheckpointWarning, match="skipping damaged checkpoint"):  # the mirror's copy replaces it
+        resumed = fit(local, max_steps=10, ckpt_path="last", incremental=True,
+                      mirror=Mirror(url, storage_options=s3.options))
+    assert resumed.global_step == 10
+    verify_checkpoint(local / "step=000000008")  # whole again: its shared files written from the mirror's bytes
+    verify_checkpoint(local / "step=000000010")
+
+
+def test_a_mirror_upload_checks_the_local_bytes_of_what_the_storage_copies(tmp_path):
+    from lightning_ckpt.store import LocalStore, open_store
+    from lightning_ckpt.tiers.mirror import copy_checkpoint
+
+    state = {"state_dict": {"frozen": torch.ones(128, 128), "head": torch.zeros(4)}}
+    local, remote = LocalStore(tmp_path / "c"), open_store(f"memory://{tmp_path.name}/mirror")
+    for name in ("a", "b"):
+        save_checkpoint(state, tmp_path / "c" / name, incremental=True)
+    copy_checkpoint(local, remote, "a")
+    (shared,) = [f for f in json.loads((tmp_path / "c" / "b" / "manifest.json").read_text())["files"]
+                 if f.startswith("blobs/")]
+    with open(tmp_path / "c" / "b" / shared, "r+b") as f:  # damaged locally; the mirror's copy of a is good
+        f.seek(-1, 2)
+        flipped = f.read(1)[0] ^ 0x01
+        f.seek(-1, 2)
+        f.write(bytes([flipped]))
+    with pytest.raises(CorruptCheckpointError, match="do not match its manifest"):
+        copy_checkpoint(local, remote, "b")  # the storage would copy a's object: the local file is checked all the same
+    assert remote.names() == ["a"]

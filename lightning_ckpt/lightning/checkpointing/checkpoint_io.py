@@ -22,7 +22,7 @@ from lightning_ckpt.saving.staging import Stager
 from lightning_ckpt.store import locate
 from lightning_ckpt.store.fsutil import is_read_only_url, remote_scheme
 
-_OPTION_KEYS = frozenset({"run_id", "meta"})
+_OPTION_KEYS = frozenset({"run_id", "meta", "incremental"})  # "incremental": this save's, over the plugin's
 # Lightning's TorchCheckpointIO words a missing ckpt_path so; users and their tooling grep for it.
 NOT_FOUND_PREFIX = "Checkpoint file not found"
 
@@ -51,8 +51,9 @@ class SafetensorsCheckpointIO(CheckpointIO):
             (endpoint, credentials, ...); never logged or written.
         async_save: write in the background (see above).
         incremental: every tensor of at least 64 KiB in a file of its own, named by its content; in a local
-            directory such a file that a sibling checkpoint holds (unchanged since) is hard-linked, not written
-            (``Checkpointer(incremental=True)`` sets it; with ``ModelCheckpoint`` it works the same).
+            directory such a file that a sibling checkpoint holds (unchanged since) is hard-linked, not written:
+            for ``ModelCheckpoint`` and ``trainer.save_checkpoint`` (a ``Checkpointer`` says it for its own saves,
+            ``Checkpointer(incremental=True)``). Moot under ModelParallelStrategy, which writes without a CheckpointIO.
     """
 
     def __init__(self, *, allow_pickle: bool = False, remote_options: Mapping[str, Any] | None = None,
@@ -110,8 +111,10 @@ class SafetensorsCheckpointIO(CheckpointIO):
         if is_single_file_name(os.fspath(path)):
             save_weights_file(state, path)
             return
+        options = dict(options)
+        incremental = bool(options.pop("incremental", self.incremental))
         engine.save_checkpoint(state, path, allow_pickle=self.allow_pickle, storage_options=self.options_for(path),
-                               incremental=self.incremental, **options)
+                               incremental=incremental, **options)
 
     def wait(self) -> None:
         """Wait until the save in flight (if any) is committed, then delete what was asked meanwhile.

@@ -359,9 +359,9 @@ class Checkpointer(ModelCheckpointView, ModelCheckpoint):
         step = trainer.global_step
         if reason in (TRAIN_END, PREEMPTED):  # never skipped: wait for the save in flight
             self.settle_saves(trainer)
+        writer = self._sharded.write if self._sharded else partial(write, trainer, incremental=self.incremental)
         outcome = self._pipeline.save(step, reason=reason, metrics=self._origin.at_save(step, trainer.callback_metrics),
-                                      snapshot=partial(snapshot, trainer),
-                                      write=self._sharded.write if self._sharded else partial(write, trainer),
+                                      snapshot=partial(snapshot, trainer), write=writer,
                                       final=reason in (TRAIN_END, PREEMPTED))
         committed = self._after_save(trainer, outcome)  # async: the previous save's, settled now
         if committed if not self.async_save else self._pipeline.last_started == step:

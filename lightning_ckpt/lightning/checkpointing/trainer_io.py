@@ -69,10 +69,13 @@ def snapshot(trainer: L.Trainer) -> dict[str, Any]:
     return dump_checkpoint(trainer)
 
 
-def write(trainer: L.Trainer, state: Mapping[str, Any], path: str, options: Mapping[str, Any]) -> None:
-    """The strategy's write (rank 0 under DDP), through the Trainer's CheckpointIO, without its barrier."""
+def write(trainer: L.Trainer, state: Mapping[str, Any], path: str, options: Mapping[str, Any], *,
+          incremental: bool = False) -> None:
+    """The strategy's write (rank 0 under DDP), through the Trainer's CheckpointIO, without its barrier;
+    ``incremental``: this save's (``SafetensorsCheckpointIO`` takes it among its options)."""
+    options = {**options, "incremental": True} if incremental else dict(options)
     with trainer.profiler.profile("save_checkpoint"):
-        trainer.strategy.save_checkpoint(dict(state), path, storage_options=dict(options))
+        trainer.strategy.save_checkpoint(dict(state), path, storage_options=options)
 
 
 def log_save_figures(trainer: L.Trainer, entry: Entry | None) -> None:
@@ -96,7 +99,7 @@ def from_rank_zero(trainer: L.Trainer, value: T) -> T:
 def ensure_safetensors_io(trainer: L.Trainer, allow_pickle: bool, *, incremental: bool = False
                           ) -> SafetensorsCheckpointIO:
     """The Trainer's SafetensorsCheckpointIO, installed in place of the default CheckpointIO if need be;
-    ``incremental``: its saves are incremental from now on.
+    ``incremental``: the Checkpointer's saves are (refused under ModelParallelStrategy).
 
     Raises:
         ValueError: another CheckpointIO, an async one, or one without the ``allow_pickle`` asked for; incremental
@@ -107,12 +110,6 @@ def ensure_safetensors_io(trainer: L.Trainer, allow_pickle: bool, *, incremental
                          "written whole by torch.distributed.checkpoint, which cannot refer to bytes an earlier "
                          "checkpoint holds, so nothing would be shared; use incremental=False for sharded training "
                          "(DDP and single-device training support it)")
-    io = _safetensors_io(trainer, allow_pickle)
-    io.incremental = io.incremental or incremental
-    return io
-
-
-def _safetensors_io(trainer: L.Trainer, allow_pickle: bool) -> SafetensorsCheckpointIO:
     io = trainer.strategy.checkpoint_io
     if isinstance(io, SafetensorsCheckpointIO) and io.async_save:
         raise ValueError("Checkpointer records a save once it is committed, but SafetensorsCheckpointIO(async_save="
