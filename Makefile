@@ -45,7 +45,8 @@ fuzz: install
 # bench.py: save and load alone (BENCH_ARGS), writes benchmarks/RESULTS.md; bench_loop.py: what checkpointing adds
 # to `trainer.fit` (LOOP_ARGS, e.g. "--json loop.json"), appends its table to that RESULTS.md; bench_remote.py: a
 # restore from S3 (moto on 127.0.0.1) against s3fs reading the files plainly, appended too; bench_incremental.py:
-# incremental saves (frozen layers hard-linked) against full ones of the same states, appended too.
+# incremental saves (frozen layers hard-linked) against full ones of the same states, and their mirror's uploads to S3
+# (moto on 127.0.0.1), appended too.
 bench: install
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_loop.py --append benchmarks/RESULTS.md $(LOOP_ARGS)

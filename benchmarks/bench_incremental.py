@@ -24,11 +24,24 @@ The floor of the bytes ratio: a save must at least write the tensors that change
 parameters and their AdamW state (90% frozen: 0.1 + 2 x 0.1 = 0.3 of the parameters' bytes, against 1.0 + 0.2 = 1.2
 for a full save: 0.25x). It is computed from the state (tensor bytes only) and printed beside each measured ratio.
 
+The mirror: after both saves of a round, each new checkpoint is copied with the mirror's upload
+(``tiers/mirror.py: copy_checkpoint``) from its directory to a remote store of its own, which is then pruned to its
+2 newest checkpoints with the mirror's remote retention (``prune_remote``, keep_last=2; the store's ``delete``). The
+remote is a real S3 server on 127.0.0.1 (moto's ``ThreadedMotoServer`` in a process of its own, reached through
+s3fs), or with ``--mirror memory`` fsspec's ``memory://`` (in this process, in memory: only its bytes mean
+anything, not its times). "Bytes uploaded" by a copy: the bytes passed to ``FsspecStore._put`` (the upload seam,
+counted by a subclass), the manifest and markers included; a shared file an older remote checkpoint holds is copied
+by the storage (``store/remote_staging.py: _copy_or_put``) and sends none (counted apart, as "copied by the
+storage"). The first round's copies (into an empty prefix) are not counted either. The floor of the uploaded-bytes
+ratio is the bytes one's: the tensors that change, against a full save's bytes uploaded. The newest incremental
+remote checkpoint is then loaded once with ``load_checkpoint(url)`` and checked equal to the state saved.
+
 Timings are with a warm page cache (dropping it needs root); every save fsyncs its files and directories (the store
 does) and is durable when it returns.
 
     python benchmarks/bench_incremental.py --mb 256 --repeat 5
     python benchmarks/bench_incremental.py --mb 4 --repeat 1       # a quick check that it runs
+    python benchmarks/bench_incremental.py --mirror memory          # without moto: the mirror's bytes only
 """
 
 from __future__ import annotations
@@ -39,12 +52,16 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,7 +69,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_ckpt.format.manifest import new_hasher  # noqa: E402
 from lightning_ckpt.format.shared import DEFAULT_SHARE_MIN_BYTES, is_shared  # noqa: E402
 from lightning_ckpt.format.state import encode_state  # noqa: E402
+from lightning_ckpt.format.manifest import FileEntry  # noqa: E402
 from lightning_ckpt.saving.engine import load_checkpoint, save_checkpoint  # noqa: E402
+from lightning_ckpt.store.local import LocalStore  # noqa: E402
+from lightning_ckpt.store.remote import FsspecStore  # noqa: E402
+from lightning_ckpt.tiers.mirror import copy_checkpoint, prune_remote  # noqa: E402
 
 MiB = 2**20
 KEEP_LAST = 2
@@ -64,6 +85,24 @@ SCENARIOS = {
     "lora": "every layer frozen, rank-{rank} LoRA adapters trained by AdamW",
     "pretrain": "nothing frozen, AdamW on every parameter",
 }
+MIRRORS = {
+    "moto": "S3 (moto on 127.0.0.1, a process of its own, through s3fs; upload times over loopback, the server on the "
+            "same CPUs)",
+    "memory": "fsspec memory:// (in this process, in memory: only the bytes are meaningful, not the upload times)",
+}
+# Credentials moto accepts (tests/scripts/s3server.py, benchmarks/bench_remote.py), so that nothing reads ~/.aws.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+_S3_SERVER = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
+server.start()
+print("ready", flush=True)
+sys.stdin.read()
+server.stop()
+"""
 
 
 class Net(torch.nn.Module):
@@ -143,6 +182,83 @@ class Training:
         return sum(p.nbytes for p in self.trained) + moments
 
 
+class CountingStore(FsspecStore):
+    """The remote store, counting the bytes its uploads send (``_put``: every file a copy uploads, the manifest and
+    markers included) and the bytes of the shared files the storage copied instead (``_copy_or_put`` sending none)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None) -> None:
+        super().__init__(url, storage_options)
+        self.sent = self.copied = 0
+
+    def _put(self, path: str, chunks: Any) -> FileEntry:
+        entry = super()._put(path, chunks)
+        self.sent += entry.size  # the bytes written to the storage's file object: what crossed to the server
+        return entry
+
+    def _copy_or_put(self, staged: str, file: str, blob: Any, source: str | None) -> FileEntry:
+        sent = self.sent
+        entry = super()._copy_or_put(staged, file, blob, source)
+        if self.sent == sent:  # a server-side copy, not an upload
+            self.copied += entry.size
+        return entry
+
+
+class Remote:
+    """Where the mirrors go: a moto S3 server in a process of its own (``moto``), or fsspec's ``memory://``."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.options, self._server = kind, None, None
+        if kind == "memory":
+            self.base = f"memory://bench-incremental-{uuid.uuid4().hex[:8]}"
+            return
+        import fsspec
+
+        os.environ.update(S3_ENV)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self._server = subprocess.Popen([sys.executable, "-c", _S3_SERVER, str(port)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        try:
+            if self._server.stdout is None or self._server.stdout.readline().strip() != "ready":
+                raise RuntimeError("the moto S3 server did not start (is moto installed? else: --mirror memory)")
+            self.options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "key": "testing",
+                            "secret": "testing"}
+            bucket = f"bench-{uuid.uuid4().hex[:8]}"
+            fsspec.filesystem("s3", skip_instance_cache=True, **self.options).mkdir(bucket)
+        except BaseException:
+            self.close()
+            raise
+        self.base = f"s3://{bucket}"
+
+    def store(self, prefix: str) -> CountingStore:
+        return CountingStore(f"{self.base}/{prefix}", self.options)
+
+    def remove(self, prefix: str) -> None:
+        """Remove what ``prefix`` holds (a setup's mirrors), so that the server's memory does not grow."""
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(f"{self.base}/{prefix}", **(self.options or {}))
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.terminate()  # it holds nothing to keep: no clean stop to wait for
+        try:
+            self._server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._server.kill()
+            self._server.wait()
+        for pipe in (self._server.stdin, self._server.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._server = None
+
+
 def _inodes(root: Path) -> set[tuple[int, int]]:
     found = set()
     for folder, _, files in os.walk(root):
@@ -198,11 +314,21 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
         gc.enable()
 
 
-def run_scenario(scenario: str, args: argparse.Namespace, width: int, root: Path) -> dict:
+def mirror(local: LocalStore, remote: CountingStore, name: str) -> dict:
+    """Copy checkpoint ``name`` as the mirror does, then prune the remote as ``keep_last=2`` would; what it sent."""
+    sent, copied = remote.sent, remote.copied
+    seconds, manifest = timed(lambda: copy_checkpoint(local, remote, name))
+    prune_remote(remote, manifest.run_id, KEEP_LAST)
+    return {"upload_s": seconds, "bytes_uploaded": remote.sent - sent, "bytes_copied_remotely": remote.copied - copied}
+
+
+def run_scenario(scenario: str, args: argparse.Namespace, width: int, root: Path, remote: Remote) -> dict:
     training = Training(scenario, width, args.layers, args.rank)
     dirs = {mode: root / scenario / mode for mode in MODES}
     for d in dirs.values():
         d.mkdir(parents=True)
+    sources = {mode: LocalStore(dirs[mode]) for mode in MODES}
+    remotes = {mode: remote.store(f"{scenario}/{mode}") for mode in MODES}
     saves: dict[str, list[dict]] = {mode: [] for mode in MODES}
     first: dict[str, dict] = {}
     last_written_shared: list[str] = []
@@ -230,18 +356,27 @@ def run_scenario(scenario: str, args: argparse.Namespace, width: int, root: Path
                     last_written_shared = written_shared
             prune(dirs[mode])
         del state
+        for mode in order:  # the mirror, once both saves are done (they stay back to back, as before)
+            row = first[mode] if i == 0 else saves[mode][-1]
+            row.update(mirror(sources[mode], remotes[mode], f"step={training.step:06d}"))
+            names = remotes[mode].names()
+            assert len(names) == min(i + 1, KEEP_LAST) and names[-1] == f"step={training.step:06d}", (mode, names)
 
     # Loads of each directory's newest checkpoint: one untimed (checked against the state), then interleaved.
     state = training.checkpoint()
     newest = {mode: max(p for p in dirs[mode].iterdir() if not p.name.startswith(".")) for mode in MODES}
     loads: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for mode in MODES:
-        loaded = load_checkpoint(newest[mode])
-        assert all(torch.equal(loaded["state_dict"][k], v) for k, v in state["state_dict"].items()), mode
+    mirrored = remotes["incremental"]  # and the newest incremental mirror (unchanged files copied by the storage)
+    checked = {**{mode: (newest[mode], None) for mode in MODES},
+               "incremental mirror": (mirrored.location(mirrored.names()[-1]), remote.options)}
+    for what, (where, options) in checked.items():
+        loaded = load_checkpoint(where, storage_options=options)
+        assert all(torch.equal(loaded["state_dict"][k], v) for k, v in state["state_dict"].items()), what
         saved_opt, loaded_opt = state["optimizer_states"][0]["state"], loaded["optimizer_states"][0]["state"]
-        assert saved_opt.keys() == loaded_opt.keys(), mode
-        assert all(torch.equal(loaded_opt[p][k], v) for p, s in saved_opt.items() for k, v in s.items()), mode
+        assert saved_opt.keys() == loaded_opt.keys(), what
+        assert all(torch.equal(loaded_opt[p][k], v) for p, s in saved_opt.items() for k, v in s.items()), what
         del loaded
+    remote.remove(scenario)
     for i in range(args.repeat):
         for mode in MODES if i % 2 == 0 else tuple(reversed(MODES)):
             seconds, loaded = timed(lambda: load_checkpoint(newest[mode]))
@@ -279,7 +414,9 @@ def run_scenario(scenario: str, args: argparse.Namespace, width: int, root: Path
                         "bytes_linked": statistics.median(r["bytes_linked"] for r in saves[mode]),
                         "write_syscall_bytes": (statistics.median(r["write_syscall_bytes"] for r in saves[mode])
                                                 if saves[mode][0]["write_syscall_bytes"] is not None else None),
-                        "load_s": statistics.median(loads[mode])}
+                        "load_s": statistics.median(loads[mode]),
+                        **{k: statistics.median(r[k] for r in saves[mode])
+                           for k in ("bytes_uploaded", "bytes_copied_remotely", "upload_s")}}
     del state, training
     gc.collect()
     shutil.rmtree(root / scenario, ignore_errors=True)
@@ -316,9 +453,10 @@ def goals(results: dict, rank: int) -> list[dict]:
             r["incremental"]["bytes_written"] / r["adapter_bytes"], 1.2, 1.0)
     if "pretrain" in results:
         add("nothing frozen: save time <= 1.05x a full save", ratio("pretrain", "save_s"), 1.05)
-    # TODO(mirror): Mirror uploads of incremental checkpoints are not implemented yet (a Mirror uploads every file
-    # of a checkpoint); this goal is reported as not measured until they are.
-    add("TODO Mirror: bytes uploaded per save <= 0.15x a full save (not implemented yet)", None, 0.15)
+    if "frozen" in results:
+        floor = results["frozen"]["changing_tensor_bytes"] / results["frozen"]["full"]["bytes_uploaded"]
+        add("frozen 90%: Mirror bytes uploaded per save <= 0.15x a full save", ratio("frozen", "bytes_uploaded"),
+            0.15, floor)
     return rows
 
 
@@ -374,8 +512,23 @@ def table(report: dict) -> str:
         lines.append(f"| {scenario} | {inc['bytes_written'] / full['bytes_written']:.3f}x | "
                      f"{r['changing_tensor_bytes'] / full['bytes_written']:.3f}x | "
                      f"{inc['save_s'] / full['save_s']:.3f}x | {inc['load_s'] / full['load_s']:.3f}x |")
+    lines += ["", f"Mirror: each new checkpoint copied with copy_checkpoint to {MIRRORS[cfg['mirror']]}, remote "
+              f"keep_last={KEEP_LAST} (prune_remote); median of {cfg['repeat']} copies after a first one per prefix. "
+              "Bytes uploaded: passed to FsspecStore._put (files, manifest, markers); copied by the storage: shared "
+              "files an older remote checkpoint held (server-side copy: none of their bytes sent).", "",
+              "| setup | save | bytes uploaded/save | copied by the storage/save | upload (copy_checkpoint) "
+              "| uploaded, incremental vs full | floor |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for scenario, r in results.items():
+        for mode in MODES:
+            m = r[mode]
+            vs = (f"{m['bytes_uploaded'] / r['full']['bytes_uploaded']:.3f}x | "
+                  f"{r['changing_tensor_bytes'] / r['full']['bytes_uploaded']:.3f}x" if mode == "incremental" else
+                  "— | —")
+            lines.append(f"| {scenario} | {mode} | {_mib(m['bytes_uploaded'])} | {_mib(m['bytes_copied_remotely'])} "
+                         f"| {_ms(m['upload_s'])} | {vs} |")
     lines += ["", "Floor: the bytes of the tensors that change between saves (trained parameters, AdamW state), against "
-              "the goal's yardstick (a full save's bytes written; for LoRA, the adapters and their AdamW state).", "",
+              "the goal's yardstick (a full save's bytes written, or uploaded for the Mirror; for LoRA, the adapters "
+              "and their AdamW state).", "",
               "| goal | measured | floor | verdict |", "| --- | ---: | ---: | --- |"]
     for g in report["goals"]:
         measured = "—" if g["measured"] is None else f"{g['measured']:.3f}x"
@@ -407,6 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", default=None,
                         help="where the checkpoints go (default: a temp dir); its disk is measured")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--mirror", choices=list(MIRRORS), default="moto",
+                        help="the mirror's remote: S3 (moto on 127.0.0.1) or fsspec's memory:// (bytes only)")
     parser.add_argument("--json", help="also write the report (every save's figures) to this file")
     parser.add_argument("--append", metavar="FILE",
                         help="append the table as a section of FILE (make bench: RESULTS.md)")
@@ -427,9 +582,13 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(tempfile.mkdtemp(prefix=".bench-incremental-", dir=args.dir))
     results = {}
     try:
-        for scenario in args.scenarios:
-            print(f"... {scenario}", file=sys.stderr, flush=True)
-            results[scenario] = run_scenario(scenario, args, width, root)
+        remote = Remote(args.mirror)
+        try:
+            for scenario in args.scenarios:
+                print(f"... {scenario}", file=sys.stderr, flush=True)
+                results[scenario] = run_scenario(scenario, args, width, root, remote)
+        finally:
+            remote.close()
         info = machine(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -437,6 +596,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"benchmark": "bench_incremental",
               "config": {"mb": args.mb, "layers": args.layers, "width": width, "rank": args.rank,
                          "repeat": args.repeat, "keep_last": KEEP_LAST, "share_min_bytes": DEFAULT_SHARE_MIN_BYTES,
+                         "mirror": args.mirror,
                          "params_mib": params * 4 / MiB, "params": params,
                          "page_cache": "warm (not dropped: needs root)"},
               "machine": info, "loadavg_start": loadavg_start, "loadavg_end": _loadavg(),
