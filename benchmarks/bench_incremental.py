@@ -66,7 +66,6 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_ckpt.format.manifest import new_hasher  # noqa: E402
 from lightning_ckpt.format.shared import DEFAULT_SHARE_MIN_BYTES, is_shared  # noqa: E402
 from lightning_ckpt.format.state import encode_state  # noqa: E402
 from lightning_ckpt.format.manifest import FileEntry  # noqa: E402
@@ -384,21 +383,9 @@ def run_scenario(scenario: str, args: argparse.Namespace, width: int, root: Path
             loads[mode].append(seconds)
 
     # Where an incremental save's time goes, on the last state: the pass that hashes every large tensor to name
-    # it (encode_state), and the second hash of the files it writes (store/local.py: _put -> _write_file).
+    # it (encode_state; the files it then writes are not hashed again).
     encode_s, files = timed(lambda: encode_state(state, share_min_bytes=DEFAULT_SHARE_MIN_BYTES))
-    written_blobs = [files[name] for name in last_written_shared if name in files]
-
-    def rehash() -> int:
-        n = 0
-        for blob in written_blobs:
-            hasher = new_hasher()
-            for chunk in blob.chunks:
-                hasher.update(chunk)
-                n += memoryview(chunk).nbytes
-        return n
-
-    rehash_s, rehashed = timed(rehash)
-    del files, written_blobs
+    del files
     changing, total = training.changing_bytes()
     result = {"description": SCENARIOS[scenario].format(rank=args.rank), "state_tensor_bytes": total,
               "changing_tensor_bytes": changing, "floor_vs_full": changing / total,
@@ -406,8 +393,7 @@ def run_scenario(scenario: str, args: argparse.Namespace, width: int, root: Path
               "trained_params": sum(p.numel() for p in training.trained),
               "params": sum(p.numel() for p in training.net.parameters()),
               "first_save": first, "saves": saves, "load_s": loads,
-              "diagnostics": {"encode_hash_s": encode_s, "rehash_written_s": rehash_s,
-                              "rehash_written_bytes": rehashed, "blobs_written_per_save": len(last_written_shared)}}
+              "diagnostics": {"encode_hash_s": encode_s, "blobs_written_per_save": len(last_written_shared)}}
     for mode in MODES:
         result[mode] = {"save_s": statistics.median(r["save_s"] for r in saves[mode]),
                         "bytes_written": statistics.median(r["bytes_written"] for r in saves[mode]),
@@ -534,17 +520,16 @@ def table(report: dict) -> str:
         measured = "—" if g["measured"] is None else f"{g['measured']:.3f}x"
         floor = "—" if g["floor"] is None else f"{g['floor']:.3f}x"
         lines.append(f"| {g['goal']} | {measured} | {floor} | {g['verdict']} |")
-    lines += ["", "Where an incremental save's time goes (the saves: the medians above; the two hashes: single runs on "
+    lines += ["", "Where an incremental save's time goes (the saves: the medians above; the hash: a single run on "
               "each setup's last state):", "",
               "| setup | full save | incremental save | hash of every tensor >= 64 KiB to name it (encode_state) "
-              "| second hash of the files it wrote (_put) | shared files written/save "
-              "| first save: full, incremental |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| shared files written/save | first save: full, incremental |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for scenario, r in results.items():
         d = r["diagnostics"]
         lines.append(f"| {scenario} | {_ms(r['full']['save_s'])} | {_ms(r['incremental']['save_s'])} | "
-                     f"{_ms(d['encode_hash_s'])} | {_ms(d['rehash_written_s'])} ({_mib(d['rehash_written_bytes'])}) | "
-                     f"{d['blobs_written_per_save']} | {_ms(r['first_save']['full']['save_s'])}, "
+                     f"{_ms(d['encode_hash_s'])} | {d['blobs_written_per_save']} | "
+                     f"{_ms(r['first_save']['full']['save_s'])}, "
                      f"{_ms(r['first_save']['incremental']['save_s'])} |")
     return "\n".join(lines) + "\n"
 
