@@ -10,6 +10,7 @@ import io
 import os
 import re
 import stat
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -224,3 +225,34 @@ class _Known:
 
     def hexdigest(self) -> str:
         return self._digest
+
+
+_DEFERRED = threading.local()  # ``paths``: files written but not yet fsynced, within ``synced_together``
+
+
+@contextlib.contextmanager
+def synced_together() -> Iterator[None]:
+    """The files this thread writes within (``fsync_or_defer``) are fsynced at the end, one after another, rather than
+    each as it is written: a file system's fsync commits its journal, and a commit after the last file covers the
+    others' (a checkpoint of one file per large tensor: one commit, not one each). Nothing is synced on an error
+    (the staged directory is discarded)."""
+    _DEFERRED.paths = []
+    try:
+        yield
+        for path in _DEFERRED.paths:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        _DEFERRED.paths = None
+
+
+def fsync_or_defer(fd: int, path: Path) -> None:
+    """fsync the file just written (open as ``fd``), or within ``synced_together`` leave it to its end."""
+    paths = getattr(_DEFERRED, "paths", None)
+    if paths is None:
+        os.fsync(fd)
+    else:
+        paths.append(path)

@@ -25,7 +25,7 @@ from lightning_ckpt.store.dirlock import DirectoryLock
 from lightning_ckpt.store.reading import verify
 from lightning_ckpt.store.fsutil import TMP_PREFIX, WRITE_SLICE, Hashed, fsync_dir, hasher_for, local_path, open_regular
 from lightning_ckpt.store.fsutil import exchange_dirs as _exchange  # a module global: tests replace it
-from lightning_ckpt.store.fsutil import start_writeback
+from lightning_ckpt.store.fsutil import fsync_or_defer, start_writeback, synced_together
 
 if TYPE_CHECKING:  # blob imports torch; listing and the CLI must not
     from lightning_ckpt.format.blob import Blob, Buffer
@@ -118,8 +118,9 @@ class LocalStore(LocalFiles):
         """
         tmp = Path(staged)
         try:
-            entries = {**(written or {}), **{file: self._put(tmp / file, blob, (linked or {}).get(file))
-                                              for file, blob in files.items()}}
+            with synced_together():  # one fsync each, after the last file: a journal commit shared by them all
+                entries = {**(written or {}), **{file: self._put(tmp / file, blob, (linked or {}).get(file))
+                                                  for file, blob in files.items()}}
             # The manifest is written last: a directory without one is a save that never finished.
             self._write_file(tmp / MANIFEST_FILE, [seal(entries)])
             for folder in {file.rpartition("/")[0] for file in entries} - {""}:
@@ -215,7 +216,7 @@ class LocalStore(LocalFiles):
                         written = f.write(view)
                         view, size = view[written:], size + written
                     start_writeback(f.fileno(), start, size - start)
-            os.fsync(f.fileno())
+            fsync_or_defer(f.fileno(), path)
         return FileEntry(size=size, digest=hasher.hexdigest())
 
     def _check_free_space(self, name: str, needed: int) -> None:

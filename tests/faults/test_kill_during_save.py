@@ -35,14 +35,15 @@ def _where_killed(root) -> str:
     return "between saves"
 
 
-def kill_rounds(tmp_path, kills: int, seed: int, hidden: int = 256, **checkpointer) -> collections.Counter:
+def kill_rounds(tmp_path, kills: int, seed: int, hidden: int = 256, strike_within: float = 0.01,
+                **checkpointer) -> collections.Counter:
     rng = random.Random(seed)
     root = tmp_path / "c"
     opts = {"hidden": hidden, "ready_after": 2,
             "checkpointer": {"every_n_steps": 1, "keep_last": 2, "exact_resume": False, **checkpointer}}
     seen, newest_step = collections.Counter(), 0
     for round_ in range(kills):
-        fit_and_kill(rng, round_, root, resume=bool(newest_step), **opts)
+        fit_and_kill(rng, round_, root, resume=bool(newest_step), strike_within=strike_within, **opts)
         seen[_where_killed(root)] += 1
         context = f"seed={seed} round={round_}"
         listed = list_checkpoints(LocalStore(root), check=True)
@@ -71,7 +72,7 @@ def test_random_kills_during_async_direct_writes(tmp_path):
     land in those writes (hidden=1024: ~24 MiB a save), and what was committed survives whole."""
     if os.major(os.stat(tmp_path).st_dev) == 0:
         pytest.skip(f"{tmp_path}: not on a block device, so async saves write buffered there")
-    seen = kill_rounds(tmp_path, kills=4, seed=SEED + 1, hidden=1024, async_save=True)
+    seen = kill_rounds(tmp_path, kills=4, seed=SEED + 1, hidden=1024, strike_within=0.002, async_save=True)
     assert seen["mid-write"] >= 1, f"no kill landed in a write: {dict(seen)}"
 
 

@@ -182,15 +182,16 @@ def wait_for_a_save_in_flight(root: Path, timeout: float = 30.0) -> None:
         time.sleep(0.0005)
 
 
-def fit_and_kill(rng: random.Random, round_: int, root: Path, *, resume: bool, **opts) -> None:
+def fit_and_kill(rng: random.Random, round_: int, root: Path, *, resume: bool, strike_within: float = 0.01,
+                 **opts) -> None:
     """Start a training process (``fit.py``'s ``opts``; ``resume``: from "last") and SIGKILL it once it is ready:
-    on odd rounds within 10 ms of a save's start (while it writes, commits or retains), on even ones at a random
-    moment of the next 0.3 s. Returns once it is dead."""
+    on odd rounds within ``strike_within`` seconds of a save's start (while it writes, commits or retains), on even
+    ones at a random moment of the next 0.3 s. Returns once it is dead."""
     child = start_fit(max_steps=10**6, ckpt_path="last" if resume else None, dirpath=root, **opts)
     wait_ready(child)
     if round_ % 2:
         wait_for_a_save_in_flight(root)
-        time.sleep(rng.uniform(0.0, 0.01))
+        time.sleep(rng.uniform(0.0, strike_within))
     else:
         time.sleep(rng.uniform(0.0, 0.3))
     child.kill()
