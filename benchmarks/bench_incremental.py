@@ -52,9 +52,7 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,21 +87,6 @@ MIRRORS = {
             "same CPUs)",
     "memory": "fsspec memory:// (in this process, in memory: only the bytes are meaningful, not the upload times)",
 }
-# Credentials moto accepts (tests/scripts/s3server.py, benchmarks/bench_remote.py), so that nothing reads ~/.aws.
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_EC2_METADATA_DISABLED": "true"}
-_S3_SERVER = """
-import logging, sys
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
-server.start()
-print("ready", flush=True)
-sys.stdin.read()
-server.stop()
-"""
-
-
 class Net(torch.nn.Module):
     """``layers`` square linear layers (with bias), each with optional rank-``rank`` adapters (LoRA: ``y = W x + b +
     B A x``, ``B`` starting at zero)."""
@@ -212,17 +195,11 @@ class Remote:
             return
         import fsspec
 
-        os.environ.update(S3_ENV)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self._server = subprocess.Popen([sys.executable, "-c", _S3_SERVER, str(port)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+        from moto_server import MotoServer  # benchmarks/, the script's directory
+
+        self._server = MotoServer()  # RuntimeError without moto: use --mirror memory then
         try:
-            if self._server.stdout is None or self._server.stdout.readline().strip() != "ready":
-                raise RuntimeError("the moto S3 server did not start (is moto installed? else: --mirror memory)")
-            self.options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "key": "testing",
-                            "secret": "testing"}
+            self.options = self._server.options
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
             fsspec.filesystem("s3", skip_instance_cache=True, **self.options).mkdir(bucket)
         except BaseException:
@@ -244,18 +221,9 @@ class Remote:
             pass
 
     def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.terminate()  # it holds nothing to keep: no clean stop to wait for
-        try:
-            self._server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._server.kill()
-            self._server.wait()
-        for pipe in (self._server.stdin, self._server.stdout):
-            if pipe is not None:
-                pipe.close()
-        self._server = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
 
 def _inodes(root: Path) -> set[tuple[int, int]]:

@@ -24,9 +24,7 @@ import ctypes
 import gc
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -36,22 +34,10 @@ from typing import Any
 
 import torch
 
+from moto_server import MotoServer  # benchmarks/, the script's directory
+
 ROWS = ("s3fs floor", "load_checkpoint(url)", "resume-style")
 WIDTH = 512  # each layer: WIDTH x WIDTH float32 = 1 MiB; weights + 2 AdamW moments = 3 MiB per layer
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-       "AWS_EC2_METADATA_DISABLED": "true"}
-_SERVER = """
-import logging, sys
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
-server.start()
-print("ready", flush=True)
-sys.stdin.read()
-server.stop()
-"""
-
-
 def _status(field: str) -> int:
     """A memory figure of this process in bytes (``VmRSS``, ``VmHWM``)."""
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
@@ -113,16 +99,9 @@ def run(mb: int, repeat: int) -> tuple[list[str], dict[str, dict[str, float]]]:
 
     from lightning_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
 
-    os.environ.update(ENV)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-c", _SERVER, str(port)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    server = MotoServer()
     try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}, "key": "testing",
-                   "secret": "testing"}
+        options = server.options
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         fs.mkdir(bucket)
@@ -151,13 +130,7 @@ def run(mb: int, repeat: int) -> tuple[list[str], dict[str, dict[str, float]]]:
                 times[row].append(seconds)
                 peaks[row].append(peak)
     finally:
-        if server.stdin is not None:
-            server.stdin.close()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop()
     floor = statistics.median(times["s3fs floor"])
     figures = {row: {"seconds": statistics.median(times[row]), "ratio": statistics.median(times[row]) / floor,
                      "peak": statistics.median(peaks[row]) / size} for row in ROWS}
