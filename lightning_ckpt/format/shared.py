@@ -6,8 +6,9 @@ checksum of the file's bytes (``xxh3_128``, the manifest's), computed while enco
 tensor there (``blobs/<digest>.safetensors:<key>``), and its usual file (``model.safetensors``, ...) lists it in
 its header's ``__metadata__["external"]`` (``{key: file}``), so the weights load with stock safetensors code.
 
-The same tensor with the same bytes in the next checkpoint gets the same name: the store links that file from a
-checkpoint holding it instead of writing it again (``store/shared_files.py``). Detection is by content only,
+The same tensor (key, dtype, shape and bytes) in the next checkpoint gets the same name: the store links that file
+from a checkpoint holding it instead of writing it again (``store/shared_files.py``), or the object store copies
+it (``store/remote_shared.py``). Detection is by content only,
 never by ``requires_grad`` or the optimizer: a "frozen" tensor changed in place gets another name.
 """
 

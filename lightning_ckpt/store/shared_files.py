@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 SOURCES = 3  # the newest committed checkpoints a save links from (the previous save's is normally the first)
 _CHECKED: dict[tuple[int, int, int, int], str] = {}  # a file's identity -> its checksum, as hashed or written
+_MAX_CHECKED = 1 << 16  # the oldest are forgotten beyond it (a long run writes new files at every save)
 _WARNED: set[str] = set()  # directories whose file system refused a link
 _LOCK = threading.Lock()
 _REFUSALS = frozenset({errno.EPERM, errno.EMLINK, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
@@ -93,9 +94,7 @@ def link(source: Path, target: Path) -> bool:
 
 def written(path: Path, digest: str) -> None:
     """``path`` was just written by this process with checksum ``digest``: a later save may link it unread."""
-    identity = _identity(os.stat(path))
-    with _LOCK:
-        _CHECKED[identity] = digest
+    _remember(_identity(os.stat(path)), digest)
 
 
 def digest_of(source: Path) -> str | None:
@@ -118,9 +117,15 @@ def _sound(path: Path, digest: str, size: int) -> bool:
         known = _hash(path, size)
         if known is None:
             return False
-        with _LOCK:
-            _CHECKED[identity] = known
+        _remember(identity, known)
     return known == digest
+
+
+def _remember(identity: tuple[int, int, int, int], digest: str) -> None:
+    with _LOCK:
+        _CHECKED[identity] = digest
+        while len(_CHECKED) > _MAX_CHECKED:
+            del _CHECKED[next(iter(_CHECKED))]
 
 
 def _hash(path: Path, size: int) -> str | None:
