@@ -19,7 +19,7 @@ from typing import Any
 from lightning_ckpt.convert.dcp_metadata import DCP_METADATA_FILE
 from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError
 from lightning_ckpt.format.manifest import MANIFEST_FILE, SHARDS_DIR
-from lightning_ckpt.format.shared import META_EXTERNAL, is_shared
+from lightning_ckpt.format.shared import META_EXTERNAL, is_shared, names_map
 from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.base import Store
 from lightning_ckpt.store.disk_usage import DiskUsage, disk_usage
@@ -167,7 +167,7 @@ def _ours(store: Store, name: str) -> Inspection:
     owner: dict[str, str] = {}  # each of those files -> the file whose header lists it (format/shared.py)
     for file in [f for f in manifest.files if f.endswith(".safetensors") and f not in shards and f not in blobs]:
         metadata = add(file, _GROUP_OF_FILE.get(file, OTHER))
-        owner |= dict.fromkeys(_external(metadata, f"{found.path}/{file}").values(), file)
+        owner |= dict.fromkeys(names_map(metadata, META_EXTERNAL, f"{found.path}/{file}").values(), file)
     for file in blobs:  # in the group of the file that lists it
         add(file, _GROUP_OF_FILE.get(owner.get(file, file), OTHER))
     for info in _sharded_infos(found.path, shards, header):
@@ -179,18 +179,6 @@ def _ours(store: Store, name: str) -> Inspection:
     if isinstance(store, LocalStore):  # hard links are a local directory's; a URL's are not known
         found.disk = disk_usage(store.location(name), manifest)
     return found
-
-
-def _external(metadata: dict[str, str], where: str) -> dict[str, str]:
-    """A header's map of its keys stored in shared files (``format/shared.py``): key -> file."""
-    try:
-        external = json.loads(metadata.get(META_EXTERNAL, "{}"))
-        if not isinstance(external, dict) or not all(isinstance(v, str) for v in external.values()):
-            raise ValueError("not a mapping of file names")
-    except ValueError as err:
-        raise CorruptCheckpointError(f"{where}: unreadable __metadata__[{META_EXTERNAL!r}] ({err}); run "
-                                     "'lightning-ckpt verify' on its checkpoint") from err
-    return external
 
 
 def _header_infos(store: Store, name: str, file: str, size: int) -> tuple[list[TensorInfo], dict[str, str]]:

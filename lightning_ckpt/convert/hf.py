@@ -22,7 +22,7 @@ import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError, NotACheckpointError, StorageError, UnsafeCheckpointError
 from lightning_ckpt.format.manifest import SHARDS_DIR
-from lightning_ckpt.format.shared import META_EXTERNAL
+from lightning_ckpt.format.shared import META_EXTERNAL, names_map
 from lightning_ckpt.format.state import MODEL_FILE, STATE_FILE, decode_state
 from lightning_ckpt.store import locate, read_manifest
 from lightning_ckpt.store.reading import read_listed
@@ -92,12 +92,9 @@ def _header_map(data: bytes, entry: str, where: str) -> dict[str, str]:
     header_len = int.from_bytes(data[:8], "little")
     try:
         meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-        found = json.loads(meta.get(entry) or "{}")
     except (ValueError, AttributeError) as err:
         raise CorruptCheckpointError(f"{where}/{MODEL_FILE}: unreadable header ({err})") from err
-    if not isinstance(found, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
-        raise CorruptCheckpointError(f"{where}/{MODEL_FILE}: its header's {entry!r} is not a map of names")
-    return found
+    return names_map(meta, entry, f"{where}/{MODEL_FILE}")
 
 
 @dataclass

@@ -14,8 +14,11 @@ never by ``requires_grad`` or the optimizer: a "frozen" tensor changed in place 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.format.manifest import SHARED_FOLDER, is_shared, new_hasher
 
 if TYPE_CHECKING:  # blob imports torch; the store and the CLI read these names without it
@@ -45,4 +48,23 @@ def shared_name(digest: str) -> str:
     return f"{SHARED_FOLDER}/{digest}.safetensors"
 
 
-__all__ = ["DEFAULT_SHARE_MIN_BYTES", "META_EXTERNAL", "SHARED_FOLDER", "is_shared", "shared_blob", "shared_name"]
+def names_map(metadata: Mapping[str, Any], entry: str, where: str) -> dict[str, str]:
+    """A map of names a safetensors header's ``__metadata__`` holds as JSON (``external``: key -> its shared file;
+    ``aliases``: dropped key -> ``file:key``), ``{}`` when absent.
+
+    Raises:
+        CorruptCheckpointError: it is not JSON, or not a map of names (``where``: the file, for the message).
+    """
+    try:
+        found = json.loads(metadata.get(entry) or "{}")
+    except (ValueError, TypeError) as err:
+        raise CorruptCheckpointError(f"{where}: its header's {entry!r} is unreadable ({err}); run "
+                                     "'lightning-ckpt verify' on its checkpoint") from err
+    if not isinstance(found, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
+        raise CorruptCheckpointError(f"{where}: its header's {entry!r} is not a map of names; run "
+                                     "'lightning-ckpt verify' on its checkpoint")
+    return found
+
+
+__all__ = ["DEFAULT_SHARE_MIN_BYTES", "META_EXTERNAL", "SHARED_FOLDER", "is_shared", "names_map", "shared_blob",
+           "shared_name"]

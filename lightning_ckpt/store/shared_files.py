@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWarning
-from lightning_ckpt.format.manifest import MANIFEST_FILE, new_hasher, shared_digest
-from lightning_ckpt.store.reading import READ_CHUNK, read_manifest
+from lightning_ckpt.format.manifest import MANIFEST_FILE, shared_digest
+from lightning_ckpt.store.fsutil import hash_file
+from lightning_ckpt.store.reading import read_manifest
 
 if TYPE_CHECKING:
     from lightning_ckpt.format.blob import Blob
@@ -114,9 +115,13 @@ def _sound(path: Path, digest: str, size: int) -> bool:
     with _LOCK:
         known = _CHECKED.get(identity)
     if known is None:
-        known = _hash(path, size)
-        if known is None:
+        try:
+            entry = hash_file(path)
+        except (OSError, CheckpointError):  # gone meanwhile, or no longer a regular file
             return False
+        if entry.size != size:
+            return False
+        known = entry.digest
         _remember(identity, known)
     return known == digest
 
@@ -126,18 +131,6 @@ def _remember(identity: tuple[int, int, int, int], digest: str) -> None:
         _CHECKED[identity] = digest
         while len(_CHECKED) > _MAX_CHECKED:
             del _CHECKED[next(iter(_CHECKED))]
-
-
-def _hash(path: Path, size: int) -> str | None:
-    hasher, done = new_hasher(), 0
-    try:
-        with open(path, "rb", buffering=0) as f:
-            while done <= size and (chunk := f.read(READ_CHUNK)):
-                hasher.update(chunk)
-                done += len(chunk)
-    except OSError:
-        return None
-    return hasher.hexdigest() if done == size else None
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
